@@ -1,0 +1,1 @@
+"""The `hmd` command line: one console script that dispatches to the packages."""

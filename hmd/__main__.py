@@ -1,0 +1,3 @@
+from hmd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""`hmd`: one console script; each subcommand lives in the package that owns it.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Only the module of the subcommand being run is imported, so `hmd device` never
+imports torch and `hmd --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("models.cli_train", "train the multi-task network (GREAT or a baseline weighting)"),
+    "export": ("models.cli_export", "export a trained model to ONNX (+ manifest, optional INT8)"),
+    "defend": ("models.cli_defend", "train a classifier with an adversarial defence (GREAT+GREACE, FGSM-AT, ...)"),
+    "distill": ("models.cli_distill", "distil a teacher into a student (GREAT, soft targets, none)"),
+    "attack": ("models.cli_attack", "evaluate a model under FGSM/iFGSM/PGD/transfer attacks"),
+    "device": ("device.cli", "run the headset: capture, inference, overlay, hot-swap, journal"),
+    "cloud": ("cloud.cli", "the cloud retraining service (serve, add-device)"),
+    "demo": ("hmd.demo", "the whole loop on this machine, nothing to set up"),
+    "bench": ("hmd.bench", "benchmarks: train | device | cloud | table4 | ... (JSON on stdout)"),
+}
+
+
+from shared.errors import UserError  # noqa: E402  (re-exported for subcommands)
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hmd",
+        description="great-hmd: GREAT-trained multi-task vision for head-mounted displays.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, helptext) in COMMANDS.items():
+        sub.add_parser(name, help=helptext, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _top_parser()
+        if argv and not argv[0].startswith("-"):
+            parser.print_usage(sys.stderr)
+            print(f"hmd: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+            return 2
+        parser.parse_args(argv)  # handles --help / prints usage
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module_name, helptext = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:  # a subcommand whose package is not installed/built yet
+        if exc.name and module_name.startswith(exc.name):
+            print(f"hmd: the '{name}' command is not available in this build ({exc})", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"hmd {name}", description=helptext)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"hmd {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hmd {name}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,193 @@
+"""The multi-task network: a shared residual encoder and four task heads.
+
+Tasks (the paper's CIFAR-10 multi-task set): ``class`` (scene class logits),
+``colour`` (RGB colourisation), ``edges`` (edge map), ``denoised`` (clean gray).
+Input: one noisy gray channel in [0, 1]; the mean/std normalisation lives inside
+the model so every consumer feeds plain [0, 1] pixels. Dense heads are fully
+convolutional: any input whose sides divide by 8.
+
+The encoder's last output ``f`` (B x C x H/8 x W/8) is the shared feature at
+which GREAT's gradient-alignment layers act (in the backward pass only: they are
+not part of this module, so an exported model has no trace of them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+TASKS: tuple[str, ...] = ("class", "colour", "edges", "denoised")
+DENSE_TASKS: tuple[str, ...] = ("colour", "edges", "denoised")
+TASK_CHANNELS = {"colour": 3, "edges": 1, "denoised": 1}
+
+
+@dataclasses.dataclass
+class NetConfig:
+    """Architecture of :class:`MultiTaskNet`; stored in every checkpoint and manifest."""
+
+    num_classes: int = 6
+    width: int = 16  # channels after the stem; the shared feature has 4 * width
+    blocks: tuple[int, int, int] = (1, 1, 1)  # residual blocks per encoder stage
+    decoder_width: int = 32  # channels of the first decoder stage (halved per stage, floor 8)
+    in_channels: int = 1
+    mean: float = 0.5
+    std: float = 0.25
+    activation: str = "relu"  # "relu" or "leaky" (leaky-ReLU 0.2, the paper's aux nets)
+
+    @property
+    def feature_channels(self) -> int:
+        return 4 * self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["blocks"] = list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
+        d = dict(d)
+        if "blocks" in d:
+            d["blocks"] = tuple(d["blocks"])
+        return cls(**d)
+
+
+def make_activation(kind: str) -> nn.Module:
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "leaky":
+        return nn.LeakyReLU(0.2, inplace=True)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+class ResidualBlock(nn.Module):
+    """The ResNet basic block (two 3x3 convs, BN, identity or 1x1 projection skip)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, activation: str = "relu"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = make_activation(activation)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act(out + self.skip(x))
+
+
+class Encoder(nn.Module):
+    """Stem (stride 2) then three residual stages; output stride 8, 4*width channels."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        w, act = cfg.width, cfg.activation
+        self.register_buffer("mean", torch.tensor(cfg.mean), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std), persistent=False)
+        self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w),
+                                  make_activation(act))
+        stages = []
+        cin = w
+        for i, (n, cout) in enumerate(zip(cfg.blocks, (w, 2 * w, 4 * w))):
+            layers = [ResidualBlock(cin, cout, 1 if i == 0 else 2, act)]
+            layers += [ResidualBlock(cout, cout, 1, act) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*layers))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem((x - self.mean) / self.std))
+
+
+class DenseDecoder(nn.Module):
+    """Three x2 upsampling stages, each a conv and a residual block, then a 1x1 output conv."""
+
+    def __init__(self, cin: int, cout: int, width: int, activation: str = "relu"):
+        super().__init__()
+        stages = []
+        c = cin
+        for i in range(3):
+            nxt = max(8, width >> i)
+            stages.append(nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c, nxt, 3, 1, 1, bias=False), nn.BatchNorm2d(nxt), make_activation(activation),
+                ResidualBlock(nxt, nxt, 1, activation),
+            ))
+            c = nxt
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Conv2d(c, cout, 1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.out(self.stages(f)))
+
+
+class ClassHead(nn.Module):
+    """Global average pooling and a linear layer (the ResNet classifier's tail)."""
+
+    def __init__(self, cin: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(f.mean(dim=(2, 3)))
+
+
+class MultiTaskNet(nn.Module):
+    def __init__(self, cfg: NetConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or NetConfig()
+        self.encoder = Encoder(self.cfg)
+        c = self.cfg.feature_channels
+        # ModuleDict keys are "<task>_head": "class" alone is a Python keyword, which breaks
+        # torch.export's generated code.
+        self.heads = nn.ModuleDict({"class_head": ClassHead(c, self.cfg.num_classes)})
+        for task in DENSE_TASKS:
+            self.heads[f"{task}_head"] = DenseDecoder(c, TASK_CHANNELS[task], self.cfg.decoder_width,
+                                                      self.cfg.activation)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def head(self, task: str) -> nn.Module:
+        return self.heads[f"{task}_head"]
+
+    def decode(self, f: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run every head; ``f`` may be one feature or one (detached) copy per task."""
+        if isinstance(f, torch.Tensor):
+            return {t: self.head(t)(f) for t in TASKS}
+        return {t: self.head(t)(f[t]) for t in TASKS}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decode(self.encode(x))
+
+
+class OnnxWrapper(nn.Module):
+    """Tuple outputs in a fixed order, for export: class logits, colour, edges, denoised."""
+
+    OUTPUT_NAMES = ("class_logits", "colour", "edges", "denoised")
+
+    def __init__(self, net: MultiTaskNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor):
+        out = self.net(image)
+        return out["class"], out["colour"], out["edges"], out["denoised"]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
