@@ -1,0 +1,43 @@
+"""`hmd bench WHAT`: benchmarks that print JSON with ratios measured side by side in one run.
+
+Each benchmark lives in the package it measures and exposes ``add_arguments(parser)``
+and ``run(args) -> int``, like a subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "train": ("models.bench", "ms per training step of every method vs equal weighting, memory ratio"),
+    "table4": ("models.table4", "reduced-scale Table 4: all four weighting methods on one budget"),
+    "table1": ("models.tables_robust", "reduced-scale Table 1: the five defence methods on one budget"),
+    "table3": ("models.tables_robust", "reduced-scale Table 3: distillation, dense and sparse"),
+    "device": ("hmd.bench_device", "ONNX Runtime FP32/INT8 vs torch eager, pipeline fps, memory"),
+    "cloud": ("cloud.bench", "upload throughput vs copy, concurrent devices, upload-to-serving time"),
+    "personalise": ("hmd.bench_personalise", "personalisation with GREAT vs equal weighting, same frames and budget"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+
+def run(args: argparse.Namespace) -> int:
+    module_name, helptext = BENCHES[args.what]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"hmd bench {args.what}", description=helptext)
+    if hasattr(module, f"add_arguments_{args.what}"):
+        getattr(module, f"add_arguments_{args.what}")(parser)
+        fn = getattr(module, f"run_{args.what}")
+    else:
+        module.add_arguments(parser)
+        fn = module.run
+    sub = parser.parse_args(args.rest)
+    return int(fn(sub) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(run(argparse.Namespace(what=sys.argv[1], rest=sys.argv[2:])))
