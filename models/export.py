@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import warnings
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,8 +32,10 @@ def _onnx_export(net: MultiTaskNet, path: Path, height: int, width: int) -> None
     example = torch.rand(1, net.cfg.in_channels, height, width)
     # the dynamo exporter prints progress lines; keep them out of our output unless it fails
     buf = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (example,), str(path), input_names=["image"],
                               output_names=list(OnnxWrapper.OUTPUT_NAMES), dynamo=True, external_data=False)
     except Exception:

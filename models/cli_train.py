@@ -1,0 +1,71 @@
+"""`hmd train`: train the multi-task network with a loss-weighting method."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from shared.errors import UserError
+
+
+def add_common_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="synthetic", metavar="SOURCE",
+                        help="synthetic[:N][:WORLD] | cifar10:PATH | images:DIR | video:PATH (default: synthetic)")
+    parser.add_argument("--val-data", default=None, metavar="SOURCE",
+                        help="held-out source (default: the held-out split of --data)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint.pt, metrics.json")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (poly multiplier per epoch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=None, help="input side in pixels, a multiple of 8 "
+                        "(default: 64 for synthetic/images/video, 32 for CIFAR-10)")
+    parser.add_argument("--width", type=int, default=16, help="encoder width (shared feature has 4x this)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.weighting import list_methods
+
+    parser.add_argument("--method", default="great", choices=list_methods(),
+                        help="loss weighting (default: great)")
+    add_common_training_arguments(parser)
+    parser.add_argument("--alpha", type=float, default=0.6, help="GradNorm asymmetry alpha (paper: 0.6 on CIFAR)")
+    parser.add_argument("--gal-lr", type=float, default=1e-4, help="GREAT: Adam lr of the gradient-alignment layers")
+    parser.add_argument("--aux-lr", type=float, default=1e-3, help="GREAT: Adam lr of the auxiliary task classifier")
+    parser.add_argument("--aux-norm", choices=["rms", "none"], default="rms",
+                        help="GREAT: per-sample RMS normalisation of the classifier's input (default rms)")
+    parser.add_argument("--init-from", default=None, metavar="DIR", help="start from this run's weights")
+    parser.add_argument("--defence", default=None, metavar="METHOD",
+                        help="also train the class head with an adversarial defence (e.g. great+ce)")
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    if args.method == "gradnorm":
+        return {"alpha": args.alpha}
+    if args.method == "great":
+        return {"gal_lr": args.gal_lr, "aux_lr": args.aux_lr, "aux_norm": args.aux_norm}
+    return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    if args.epochs < 1:
+        raise UserError("--epochs must be >= 1")
+    if args.batch_size < 2:
+        raise UserError("--batch-size must be >= 2")
+    cfg = TrainConfig(method=args.method, data=args.data, val_data=args.val_data, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
+                      width=args.width, method_options=method_options(args), defence=args.defence,
+                      max_steps_per_epoch=args.max_steps, init_from=args.init_from, threads=args.threads)
+    command = "hmd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    metrics = train(cfg, args.out, resume=args.resume, command=command)
+    f = metrics["final"]
+    ce = f["class_error_pct"]
+    print(f"{args.method}: class error {'n/a' if ce is None else f'{ce:.2f}%'}, RMSE colour "
+          f"{f['rmse_colour']:.4f} edges {f['rmse_edges']:.4f} denoised {f['rmse_denoised']:.4f} "
+          f"-> {args.out}/metrics.json")
+    return 0

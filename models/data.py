@@ -1,0 +1,294 @@
+"""Data sources (``--data SOURCE``) and the paper's task targets.
+
+SOURCE is one of
+  ``synthetic[:N][:WORLD]``  procedurally rendered scenes (default N=2000, world "studio")
+  ``cifar10:PATH``          the standard CIFAR-10 python-pickle batches in a local folder
+  ``images:DIR``            class sub-folders (labelled) or a flat folder (unlabelled frames)
+  ``video:PATH``            frames of a video file (unlabelled)
+
+Every colour frame yields its own dense targets (the paper's CIFAR multi-task
+supplement): the input is the gray frame with salt-and-pepper noise on 4 % of
+the pixels and speckle noise 0.1; targets are the colour frame (colourisation),
+Canny edges with sigma 1 of the colour frame, and the clean gray frame
+(denoising). Unlabelled frames carry label -1: the class loss is masked for them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from shared.errors import UserError
+from shared.manifest import NoiseModel
+from shared.worlds import CLASS_NAMES, DEFAULT_WORLD, WORLDS, render_scene
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+SYNTHETIC_VAL_OFFSET = 10_000_000  # validation scenes use indices far from training ones
+DEFAULT_SYNTHETIC_N = 2000
+VAL_FRACTION = 0.15
+
+
+@dataclasses.dataclass
+class FrameSet:
+    """Colour frames (N x H x W x 3 uint8 RGB) with class labels (-1 = unlabelled)."""
+
+    rgb: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.rgb)
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    def subset(self, idx: np.ndarray) -> "FrameSet":
+        return FrameSet(self.rgb[idx], self.labels[idx], self.class_names, self.source)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+def parse_synthetic(spec: str) -> tuple[int, list[str]]:
+    """``synthetic[:N][:WORLD[+WORLD...]]`` -> (N, worlds). Several worlds alternate scene by scene."""
+    n, worlds = DEFAULT_SYNTHETIC_N, [DEFAULT_WORLD]
+    for part in spec.split(":")[1:]:
+        if not part:
+            continue
+        if part.isdigit():
+            n = int(part)
+            if n < 2:
+                raise UserError(f"synthetic source needs N >= 2, got {n}")
+        elif all(p in WORLDS for p in part.split("+")):
+            worlds = part.split("+")
+        else:
+            raise UserError(f"bad synthetic source {spec!r}: {part!r} is neither a count nor a world "
+                            f"({', '.join(WORLDS)}, or several joined by '+')")
+    return n, worlds
+
+
+def _synthetic(spec: str, split: str, size: int, seed: int) -> FrameSet:
+    n, worlds = parse_synthetic(spec)
+    if split == "val":
+        start, count = SYNTHETIC_VAL_OFFSET, max(64, int(round(n * VAL_FRACTION)))
+    else:
+        start, count = 0, n
+    rgb = np.empty((count, size, size, 3), np.uint8)
+    labels = np.empty(count, np.int64)
+    for i in range(count):
+        rgb[i], labels[i] = render_scene(worlds[i % len(worlds)], seed, start + i, size)
+    return FrameSet(rgb, labels, list(CLASS_NAMES), f"synthetic:{n}:{'+'.join(worlds)}")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="bytes")
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a CIFAR batch"
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
+
+
+def _cifar10(path: str, split: str, size: int | None) -> FrameSet:
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"CIFAR-10 folder not found: {root}")
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = ["test_batch"] if split == "val" else [f"data_batch_{i}" for i in range(1, 6)]
+    files = [root / n for n in names if (root / n).is_file()]
+    if not files:
+        raise UserError(f"{root} has no CIFAR-10 batches ({', '.join(names)}): expected the python-pickle "
+                        f"version (cifar-10-python.tar.gz, extracted)")
+    data, labels = [], []
+    for f in files:
+        d = _unpickle(f)
+        if b"data" not in d or b"labels" not in d:
+            raise UserError(f"{f} is not a CIFAR-10 batch (no data/labels)")
+        arr = np.asarray(d[b"data"], np.uint8)
+        if arr.ndim != 2 or arr.shape[1] != 3072 or len(d[b"labels"]) != len(arr):
+            raise UserError(f"{f} is not a CIFAR-10 batch (data shape {arr.shape})")
+        data.append(arr.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(d[b"labels"])
+    rgb = np.ascontiguousarray(np.concatenate(data))
+    class_names = [f"class{i}" for i in range(10)]
+    meta = root / "batches.meta"
+    if meta.is_file():
+        m = _unpickle(meta)
+        if b"label_names" in m:
+            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in m[b"label_names"]]
+    if size and size != 32:
+        rgb = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in rgb])
+    return FrameSet(rgb, np.asarray(labels, np.int64), class_names, f"cifar10:{path}")
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if im is None:
+        raise UserError(f"cannot read image {path}")
+    return cv2.resize(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _split_mask(keys: list[str], split: str) -> np.ndarray:
+    """Deterministic split by a hash of each item's name: ~15 % validation."""
+    v = np.array([(zlib.crc32(k.encode()) % 1000) < VAL_FRACTION * 1000 for k in keys], bool)
+    if len(keys) >= 2 and (v.all() or not v.any()):  # tiny folders: keep both splits non-empty
+        v[:] = False
+        v[-1] = True
+    return v if split == "val" else ~v
+
+
+def _images(path: str, split: str, size: int) -> FrameSet:
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items: list[tuple[Path, int]] = []
+    class_names: list[str] = []
+    if subdirs:
+        class_names = [d.name for d in subdirs]
+        for ci, d in enumerate(subdirs):
+            items += [(p, ci) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
+    else:
+        items = [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
+    if not items:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {root}")
+    mask = _split_mask([str(p.relative_to(root)) for p, _ in items], split)
+    chosen = [it for it, m in zip(items, mask) if m]
+    rgb = np.stack([_read_image(p, size) for p, _ in chosen]) if chosen else np.zeros((0, size, size, 3), np.uint8)
+    labels = np.array([c for _, c in chosen], np.int64)
+    return FrameSet(rgb, labels, class_names or list(CLASS_NAMES), f"images:{path}")
+
+
+def read_video_frames(path: str, size: int, max_frames: int = 5000, stride: int = 1) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"video not found: {p}")
+    cap = cv2.VideoCapture(str(p))
+    if not cap.isOpened():
+        raise UserError(f"cannot open video {p} (unsupported or corrupt)")
+    frames = []
+    i = 0
+    try:
+        while len(frames) < max_frames:
+            ok, im = cap.read()
+            if not ok:
+                break
+            if i % stride == 0:
+                frames.append(cv2.resize(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), (size, size),
+                                         interpolation=cv2.INTER_AREA))
+            i += 1
+    finally:
+        cap.release()
+    if not frames:
+        raise UserError(f"video {p} has no readable frames")
+    return np.stack(frames)
+
+
+def _video(path: str, split: str, size: int) -> FrameSet:
+    frames = read_video_frames(path, size)
+    val = (np.arange(len(frames)) % 7) == 6  # every 7th frame held out (neighbours are similar)
+    idx = np.nonzero(val if split == "val" else ~val)[0]
+    if len(frames) >= 2 and len(idx) == 0:
+        idx = np.array([len(frames) - 1])
+    return FrameSet(frames[idx], np.full(len(idx), -1, np.int64), list(CLASS_NAMES), f"video:{path}")
+
+
+def load_source(source: str, split: str = "train", size: int | None = None, seed: int = 0) -> FrameSet:
+    """Load ``split`` ("train" or "val") of SOURCE at ``size`` x ``size`` (sides divisible by 8)."""
+    if split not in ("train", "val"):
+        raise ValueError(split)
+    kind, _, rest = source.partition(":")
+    if size is not None and (size < 8 or size % 8):
+        raise UserError(f"image size {size}: must be a positive multiple of 8")
+    if kind == "synthetic":
+        return _synthetic(source, split, size or 64, seed)
+    if kind == "cifar10":
+        if not rest:
+            raise UserError("cifar10 source needs a path: cifar10:PATH")
+        return _cifar10(rest, split, size)
+    if kind == "images":
+        if not rest:
+            raise UserError("images source needs a folder: images:DIR")
+        return _images(rest, split, size or 64)
+    if kind == "video":
+        if not rest:
+            raise UserError("video source needs a file: video:PATH")
+        return _video(rest, split, size or 64)
+    raise UserError(f"unknown data source {source!r}: use synthetic[:N][:WORLD], cifar10:PATH, images:DIR "
+                    f"or video:PATH")
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+def canny_edges(rgb: np.ndarray, sigma: float = 1.0, low: int = 50, high: int = 100) -> np.ndarray:
+    """Canny edges (0/255) of a colour frame after a Gaussian blur with ``sigma`` (the paper's sigma 1)."""
+    blurred = cv2.GaussianBlur(rgb, (0, 0), sigma)
+    return cv2.Canny(blurred, low, high, L2gradient=True)
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> gray uint8 with OpenCV's BT.601 weights (the headset uses the same)."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def corrupt(gray: torch.Tensor, generator: torch.Generator | None = None,
+            noise: NoiseModel | None = None) -> torch.Tensor:
+    """The paper's input noise: speckle (x + x * N(0, s)) then salt-and-pepper on a fraction of pixels."""
+    noise = noise or NoiseModel()
+    x = gray
+    if noise.speckle > 0:
+        x = x + x * torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise.speckle
+    if noise.salt_pepper > 0:
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+        x = torch.where(u < noise.salt_pepper / 2, torch.zeros_like(x), x)
+        x = torch.where((u >= noise.salt_pepper / 2) & (u < noise.salt_pepper), torch.ones_like(x), x)
+    return x.clamp(0.0, 1.0)
+
+
+class TaskData:
+    """A FrameSet turned into tensors: inputs are corrupted per batch, targets are fixed.
+
+    Everything is kept as uint8 tensors (a 2000-frame 64x64 set is ~40 MB) and
+    converted to float per batch.
+    """
+
+    def __init__(self, frames: FrameSet, noise: NoiseModel | None = None):
+        self.frames = frames
+        self.noise = noise or NoiseModel()
+        rgb = frames.rgb
+        self.colour = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
+        self.gray = torch.from_numpy(np.stack([to_gray(im) for im in rgb])[:, None]) if len(rgb) else \
+            torch.zeros((0, 1) + rgb.shape[1:3], dtype=torch.uint8)
+        self.edges = torch.from_numpy(np.stack([canny_edges(im) for im in rgb])[:, None]) if len(rgb) else \
+            torch.zeros_like(self.gray)
+        self.labels = torch.from_numpy(frames.labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.colour.shape[2:])  # type: ignore[return-value]
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None,
+              clean: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        gray = self.gray[idx].float() / 255.0
+        x = gray if clean else corrupt(gray, generator, self.noise)
+        targets = {
+            "class": self.labels[idx],
+            "colour": self.colour[idx].float() / 255.0,
+            "edges": self.edges[idx].float() / 255.0,
+            "denoised": gray,
+        }
+        return x, targets
+
+    def fixed_inputs(self, seed: int = 1234) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The whole set with a fixed noise draw: what evaluation uses, identical across runs."""
+        g = torch.Generator().manual_seed(seed)
+        return self.batch(torch.arange(len(self)), g)
