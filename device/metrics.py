@@ -1,0 +1,62 @@
+"""Per-stage latency bookkeeping for the frame loop, and the summary's percentiles."""
+from __future__ import annotations
+
+import collections
+import resource
+import sys
+import time
+
+import numpy as np
+
+STAGES: tuple[str, ...] = ("capture_wait", "preprocess", "inference", "overlay", "output", "total")
+_KEEP = 100_000  # samples per stage kept for the exit summary (about an hour at 30 fps)
+
+
+def percentiles(samples_ms, ps=(50, 95, 99)) -> dict[str, float]:
+    if len(samples_ms) == 0:
+        return {"n": 0}
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    out = {"n": int(arr.size), "mean": round(float(arr.mean()), 3), "max": round(float(arr.max()), 3)}
+    for p, v in zip(ps, np.percentile(arr, ps)):
+        out[f"p{p}"] = round(float(v), 3)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
+
+
+class StageTimer:
+    """Latency samples per stage: the whole run (for the summary) and a recent window (for the HUD)."""
+
+    def __init__(self, recent: int = 120):
+        self._all: dict[str, list[float]] = {s: [] for s in STAGES}
+        self._recent: collections.deque[float] = collections.deque(maxlen=recent)  # total latency
+        self._frame_times: collections.deque[float] = collections.deque(maxlen=recent)
+
+    def add(self, stage: str, ms: float) -> None:
+        samples = self._all.setdefault(stage, [])
+        if len(samples) < _KEEP:
+            samples.append(ms)
+        if stage == "total":
+            self._recent.append(ms)
+
+    def frame_done(self, now: float | None = None) -> None:
+        self._frame_times.append(time.perf_counter() if now is None else now)
+
+    def fps(self) -> float:
+        if len(self._frame_times) < 2:
+            return 0.0
+        span = self._frame_times[-1] - self._frame_times[0]
+        return (len(self._frame_times) - 1) / span if span > 0 else 0.0
+
+    def recent_p50_p95(self) -> tuple[float, float]:
+        if not self._recent:
+            return 0.0, 0.0
+        p50, p95 = np.percentile(np.fromiter(self._recent, float), (50, 95))
+        return float(p50), float(p95)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {stage: percentiles(samples) for stage, samples in self._all.items()}

@@ -1,0 +1,113 @@
+"""Drawing a prediction over the camera view, and the HUD.
+
+Every mode returns a new BGR uint8 image the size of the camera frame (the input frame is never
+modified: the journal may still be reading it). Model outputs come at model resolution and are
+resized with one ``cv2.resize`` each.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+from device.engine import Prediction
+
+MODES: tuple[str, ...] = ("edges", "colour", "denoised", "side-by-side", "class")
+# keys in the window: 1..5 pick a mode, m cycles, h toggles the HUD, q / Esc quit
+MODE_KEYS = {ord(str(i + 1)): m for i, m in enumerate(MODES)}
+EDGE_COLOUR_BGR = np.array([0, 255, 0], np.float32)  # edges are drawn in green
+HUD_HEIGHT = 18  # pixels of the top band the HUD covers
+
+
+@dataclasses.dataclass
+class HudInfo:
+    fps: float
+    p50_ms: float
+    p95_ms: float
+    version: str
+    mode: str
+    note: str = ""
+
+
+def _up(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _to_u8(img: np.ndarray) -> np.ndarray:
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _gray_bgr(gray01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return cv2.cvtColor(_up(_to_u8(gray01), size), cv2.COLOR_GRAY2BGR)
+
+
+def edges_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    """The camera view with the edge map blended in green, strength = edge probability."""
+    if pred.edges is None:
+        return view_bgr.copy()
+    alpha = _up(np.clip(pred.edges, 0, 1).astype(np.float32), view_bgr.shape[:2])[..., None]
+    out = view_bgr.astype(np.float32) * (1 - alpha) + EDGE_COLOUR_BGR * alpha
+    return (out + 0.5).astype(np.uint8)
+
+
+def colour_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    if pred.colour is None:
+        return view_bgr.copy()
+    return cv2.cvtColor(_up(_to_u8(pred.colour), view_bgr.shape[:2]), cv2.COLOR_RGB2BGR)
+
+
+def denoised_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    if pred.denoised is None:
+        return view_bgr.copy()
+    return _gray_bgr(pred.denoised, view_bgr.shape[:2])
+
+
+def side_by_side(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    """A 2 x 2 grid at the frame's size: view, edges, colour, denoised."""
+    h, w = view_bgr.shape[:2]
+    hh, hw = h // 2, w // 2
+    tiles = [view_bgr, edges_view(view_bgr, pred), colour_view(view_bgr, pred), denoised_view(view_bgr, pred)]
+    out = np.zeros_like(view_bgr)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, 2)
+        out[r * hh:(r + 1) * hh, c * hw:(c + 1) * hw] = cv2.resize(tile, (hw, hh), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def class_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    """The view with the scene class and a confidence bar at the bottom."""
+    out = view_bgr.copy()
+    h, w = out.shape[:2]
+    bar_h = max(14, h // 12)
+    out[h - bar_h:] = (out[h - bar_h:] * 0.35).astype(np.uint8)
+    cv2.rectangle(out, (0, h - bar_h), (int(w * pred.confidence), h - bar_h + 3), (0, 200, 255), -1)
+    cv2.putText(out, f"{pred.class_name} {100 * pred.confidence:.0f}%", (4, h - 4),
+                cv2.FONT_HERSHEY_SIMPLEX, max(0.35, bar_h / 30), (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+RENDERERS = {"edges": edges_view, "colour": colour_view, "denoised": denoised_view,
+             "side-by-side": side_by_side, "class": class_view}
+
+
+def render(frame_rgb: np.ndarray, pred: Prediction | None, mode: str) -> np.ndarray:
+    """The overlaid BGR image for ``mode``; the plain view when there is no prediction."""
+    view = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR)
+    if pred is None:
+        return view
+    return RENDERERS[mode](view, pred)
+
+
+def draw_hud(img_bgr: np.ndarray, hud: HudInfo) -> None:
+    """FPS, latency p50/p95, model version and mode in a dark band on top (in place)."""
+    h, w = img_bgr.shape[:2]
+    band = min(HUD_HEIGHT, h)
+    img_bgr[:band] = (img_bgr[:band] >> 2)  # darken: cheap and keeps the view visible
+    text = f"{hud.fps:4.1f} fps  {hud.p50_ms:.0f}/{hud.p95_ms:.0f} ms p50/p95  {hud.version}  [{hud.mode}]"
+    if hud.note:
+        text += f"  {hud.note}"
+    cv2.putText(img_bgr, text, (3, band - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA)

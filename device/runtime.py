@@ -1,0 +1,268 @@
+"""The headset's frame loop, and the programmatic API others call (the CLI, the demo, sync).
+
+    rt = HeadsetRuntime("synthetic:forest", "model.onnx", RuntimeConfig(max_frames=300, headless=True))
+    ticket = rt.offer_model("new_model_folder/")   # from any thread: verified and warmed in the background
+    summary = rt.run()                             # blocks; returns the summary dict
+
+One frame: take the newest camera frame -> preprocess -> ONNX Runtime -> overlay + HUD ->
+window / recording -> (journal). Models are swapped only between frames (see device.hotswap).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from device import overlay
+from device.capture import CaptureThread, FrameSource, open_source
+from device.engine import InferenceEngine, Prediction, load_model
+from device.hotswap import ModelManager, SwapTicket
+from device.journal import Journal, JournalSampler
+from device.metrics import StageTimer, peak_rss_mb
+from device.output import Recorder, Window, display_available
+from device.store import ModelStore
+from device.watch import FolderWatcher
+from shared.atomic import atomic_write_json
+from shared.errors import UserError
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    mode: str = "edges"  # one of overlay.MODES
+    hud: bool = True
+    headless: bool | None = None  # None: a window when a display is there
+    record: str | None = None  # OUT.mp4
+    max_frames: int | None = None
+    duration: float | None = None  # seconds
+    lockstep: bool = False  # the capture thread waits for the loop: no frame dropped (offline runs)
+    threads: int | None = None  # ONNX Runtime intra-op threads (None: device.engine.default_threads)
+    metrics_path: str | None = None
+    store_dir: str | None = None  # a model store: accepted models are installed, `current` follows swaps
+    watch_dir: str | None = None
+    watch_interval: float = 0.5
+    public_key: bytes | None = None  # trusted Ed25519 key: when set, every model must be signed by it
+    journal_dir: str | None = None
+    journal_mb: float = 64.0
+    journal_every: int = 30
+    journal_scene_threshold: float = 0.12
+    journal_queue: int = 16
+    frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
+
+
+class HeadsetRuntime:
+    def __init__(self, source: FrameSource | str, model: str | os.PathLike | InferenceEngine | None = None,
+                 config: RuntimeConfig | None = None, *,
+                 on_frame: Callable[[int, np.ndarray, Prediction | None], None] | None = None):
+        self.config = cfg = config or RuntimeConfig()
+        if cfg.mode not in overlay.MODES:
+            raise UserError(f"unknown overlay mode {cfg.mode!r} (choose from {', '.join(overlay.MODES)})")
+        self.store = ModelStore(cfg.store_dir) if cfg.store_dir else None
+        if model is None:
+            folder = self.store.current_folder() if self.store else None
+            if folder is None:
+                raise UserError("no model: give --model FILE.onnx (or a --store with a current version)")
+            model = folder
+        if isinstance(model, InferenceEngine):
+            engine = model
+        else:
+            engine = load_model(model, public_key=cfg.public_key, threads=cfg.threads,
+                                cache_dir=self.store.cache_dir if self.store else None)
+        if self.store is not None:
+            folder = self.store.install(engine.onnx_path, engine.manifest)
+            self.store.set_current(engine.version)
+            engine.onnx_path = folder / "model.onnx"
+        self.models = ModelManager(engine, store=self.store, public_key=cfg.public_key, threads=cfg.threads)
+        # the source last: a bad model must not leave a camera open
+        self.source = open_source(source) if isinstance(source, str) else source
+        self.mode = cfg.mode
+        self.hud = cfg.hud
+        self.on_frame = on_frame
+        self.timer = StageTimer()
+        self.frames_shown = 0
+        self.inference_errors = 0
+        self.frames_without_overlay = 0
+        self._stop = threading.Event()
+        self.exit_reason = "not started"
+        self.journal: Journal | None = None
+        self.watcher: FolderWatcher | None = None
+        self.summary: dict | None = None
+
+    # -- API for other threads ---------------------------------------------------------------
+    def offer_model(self, path: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> SwapTicket:
+        """Offer a new model (ONNX file with its manifest beside it, or a model folder) for hot-swap."""
+        return self.models.offer(path, manifest_path)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in overlay.MODES:
+            raise ValueError(mode)
+        self.mode = mode
+
+    @property
+    def model_version(self) -> str:
+        return self.models.active.version
+
+    # -- the frame loop ----------------------------------------------------------------------
+    def _predict(self, image: np.ndarray) -> tuple[Prediction | None, float, float]:
+        engine = self.models.active
+        for _ in range(2):  # a failing new model is rolled back and the same frame rerun on the old
+            t0 = time.perf_counter()
+            try:
+                x = engine.preprocess(image)
+                t1 = time.perf_counter()
+                outs = engine.infer(x)
+                t2 = time.perf_counter()
+                return engine.interpret(outs), (t1 - t0) * 1000, (t2 - t1) * 1000
+            except Exception as exc:
+                self.inference_errors += 1
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                retry = self.models.report_failure(engine, reason)
+                if retry is None:
+                    break
+                engine = retry
+        self.frames_without_overlay += 1
+        return None, 0.0, 0.0
+
+    def _handle_key(self, key: int) -> None:
+        if key in (ord("q"), 27):
+            self.exit_reason = "quit key"
+            self._stop.set()
+        elif key in overlay.MODE_KEYS:
+            self.mode = overlay.MODE_KEYS[key]
+        elif key == ord("m"):
+            self.mode = overlay.MODES[(overlay.MODES.index(self.mode) + 1) % len(overlay.MODES)]
+        elif key == ord("h"):
+            self.hud = not self.hud
+
+    def run(self) -> dict:
+        """Run until --max-frames, --duration, the source's end, a quit key or :meth:`stop`; returns the summary."""
+        cfg = self.config
+        window = None
+        want_window = (not cfg.headless) if cfg.headless is not None else display_available()
+        if want_window:
+            try:
+                window = Window()
+            except Exception as exc:  # no usable GUI backend: carry on headless, and say so
+                print(f"hmd device: no window ({str(exc).splitlines()[0][:120]}); running headless", file=sys.stderr)
+        recorder = Recorder(cfg.record, self.source.fps) if cfg.record else None
+        sampler = None
+        if cfg.journal_dir:
+            self.journal = Journal(cfg.journal_dir, max_bytes=int(cfg.journal_mb * 1024 * 1024),
+                                   queue_size=cfg.journal_queue).start()
+            sampler = JournalSampler(cfg.journal_every, cfg.journal_scene_threshold)
+        if cfg.watch_dir:
+            self.watcher = FolderWatcher(cfg.watch_dir, self.offer_model, cfg.watch_interval).start()
+        capture = CaptureThread(self.source, lockstep=cfg.lockstep).start()
+        self.exit_reason = "stopped"
+        t_start = time.perf_counter()
+        waited_since: float | None = None
+        try:
+            while not self._stop.is_set():
+                if cfg.max_frames is not None and self.frames_shown >= cfg.max_frames:
+                    self.exit_reason = "max frames"
+                    break
+                if cfg.duration is not None and time.perf_counter() - t_start >= cfg.duration:
+                    self.exit_reason = "duration"
+                    break
+                self.models.between_frames()
+                t0 = time.perf_counter()
+                if waited_since is None:
+                    waited_since = t0
+                frame = capture.get(timeout=0.2)
+                if frame is None:
+                    if capture.ended:
+                        self.exit_reason = f"source ended ({capture.end_reason})"
+                        break
+                    if time.perf_counter() - waited_since > cfg.frame_timeout:
+                        self.exit_reason = f"no frame from the source for {cfg.frame_timeout:g} s"
+                        break
+                    continue
+                t1 = time.perf_counter()
+                wait_ms = (t1 - waited_since) * 1000
+                waited_since = None
+                pred, pre_ms, inf_ms = self._predict(frame.image)
+                t2 = time.perf_counter()
+                shown = overlay.render(frame.image, pred, self.mode)
+                if self.hud:
+                    p50, p95 = self.timer.recent_p50_p95()
+                    note = "" if pred is not None else "NO MODEL OUTPUT"
+                    overlay.draw_hud(shown, overlay.HudInfo(self.timer.fps(), p50, p95, self.models.active.version,
+                                                            self.mode, note))
+                t3 = time.perf_counter()
+                if window is not None:
+                    key = window.show(shown)
+                    if key >= 0:
+                        self._handle_key(key)
+                if recorder is not None:
+                    recorder.write(shown)
+                if self.journal is not None and sampler is not None:
+                    why = sampler.reason(frame.image)
+                    if why is not None:
+                        meta = {"frame_index": frame.index, "reason": why, "model_version": self.models.active.version,
+                                "outputs": pred.summary() if pred is not None else None}
+                        self.journal.submit(frame.image, meta)
+                if self.on_frame is not None:
+                    self.on_frame(frame.index, shown, pred)
+                t4 = time.perf_counter()
+                self.frames_shown += 1
+                self.models.frames_shown = self.frames_shown
+                timer = self.timer
+                timer.add("capture_wait", wait_ms)
+                timer.add("preprocess", pre_ms)
+                timer.add("inference", inf_ms)
+                timer.add("overlay", (t3 - t2) * 1000)
+                timer.add("output", (t4 - t3) * 1000)
+                timer.add("total", (t4 - t1) * 1000)
+                timer.frame_done(t4)
+        except KeyboardInterrupt:
+            self.exit_reason = "interrupted"
+        finally:
+            elapsed = time.perf_counter() - t_start
+            capture.stop()
+            if self.watcher is not None:
+                self.watcher.stop()
+            if recorder is not None:
+                recorder.close()
+            if window is not None:
+                window.close()
+            if self.journal is not None:
+                self.journal.close()
+            self.models.close()
+        if self.exit_reason == "stopped" and self._stop.is_set():
+            self.exit_reason = "stopped"
+        self.summary = self._summary(capture, elapsed, window is not None, recorder)
+        if cfg.metrics_path:
+            atomic_write_json(cfg.metrics_path, self.summary)
+        return self.summary
+
+    def _summary(self, capture: CaptureThread, elapsed: float, windowed: bool, recorder: Recorder | None) -> dict:
+        models = self.models.summary()
+        return {
+            "frames_shown": self.frames_shown,
+            "camera_frames_captured": capture.captured,
+            "camera_frames_dropped": capture.dropped,
+            "duration_s": round(elapsed, 3),
+            "fps": round(self.frames_shown / elapsed, 2) if elapsed > 0 else 0.0,
+            "latency_ms": self.timer.summary(),
+            "model_versions": models["versions_used"],
+            "model": models,
+            "inference_errors": self.inference_errors,
+            "frames_without_overlay": self.frames_without_overlay,
+            "source": dict(self.source.info(), end=capture.end_reason if capture.ended else None),
+            "exit_reason": self.exit_reason,
+            "mode": self.mode,
+            "display": "window" if windowed else "headless",
+            "record": {"path": str(recorder.path), "frames": recorder.frames} if recorder else None,
+            "journal": self.journal.stats() if self.journal else None,
+            "watch": {"dir": str(self.watcher.folder), "offered": self.watcher.offered_count} if self.watcher else None,
+            "store": str(self.store.root) if self.store else None,
+            "peak_rss_mb": peak_rss_mb(),
+        }
