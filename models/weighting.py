@@ -414,7 +414,7 @@ class GREAT(WeightingMethod):
         self.gal_optimizer.step()
         self.gals.clamp_()
         logs = {f"loss_{t}": float(v.detach()) for t, v in losses.items()}
-        logs["aux_loss"] = float(aux_loss)
+        logs["aux_loss"] = float(aux_loss.detach())
         logs["aux_acc"] = float((logits.argmax(1) == labels).float().mean())
         logs["gamma_mean"] = float(self.gals.gamma.detach().mean())
         return logs

@@ -1,0 +1,338 @@
+"""Single-task classifiers for the adversarial defence and distillation experiments.
+
+Two architectures, registered by name:
+
+``resnet``  our encoder family (:class:`models.network.Encoder`) plus the ResNet
+            classifier tail (:class:`models.network.ClassHead`); RGB input in [0, 1],
+            normalisation inside the model. The defence's main network, the
+            distillation teacher, and -- with leaky-ReLU 0.2 -- the defence's
+            auxiliary classifier (the paper: "a copy of the main network").
+``cnn5``    the paper's CNN-5 student (supplement, CNN-5+ResNet-18): three 3x3
+            convs (32, 64, 128 channels, the 2nd and 3rd with stride 2), then two
+            linear layers (128, classes); BN + ReLU after every layer but the last.
+            With leaky-ReLU 0.2 it is the distillation's binary discriminator.
+
+Also here: the labelled image tensors these experiments train on, the paper's
+augmentation (flips, crops from a 4-padded image), accuracy, and the classifier
+checkpoint format shared by ``hmd defend``, ``hmd distill`` and ``hmd attack``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from shared.atomic import atomic_write_bytes
+from shared.errors import UserError
+
+from models.data import load_source
+from models.network import ClassHead, Encoder, NetConfig, make_activation
+from models.train import SmoothedValue
+from models.weighting import normalise_per_sample, poly_multiplier  # noqa: F401 (re-exported)
+
+CLASSIFIER_FORMAT = "great-hmd-classifier/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+_ARCHS: dict[str, Callable[[NetConfig], nn.Module]] = {}
+
+
+def register_arch(name: str):
+    def deco(fn):
+        if name in _ARCHS:
+            raise ValueError(f"architecture {name!r} registered twice")
+        _ARCHS[name] = fn
+        return fn
+    return deco
+
+
+def list_archs() -> list[str]:
+    return list(_ARCHS)
+
+
+def create_classifier(arch: str, cfg: NetConfig) -> nn.Module:
+    if arch not in _ARCHS:
+        raise KeyError(f"unknown classifier architecture {arch!r} (choose from {', '.join(_ARCHS)})")
+    model = _ARCHS[arch](cfg)
+    model.arch = arch  # type: ignore[attr-defined]
+    model.cfg = cfg  # type: ignore[attr-defined]
+    return model
+
+
+class Classifier(nn.Module):
+    """Encoder + global-pool linear head: logits for an image batch (B x C x H x W in [0, 1])."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.head = ClassHead(cfg.feature_channels, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class CNN5(nn.Module):
+    """The paper's CNN-5 (3 convs of 32/64/128 channels, strides 1/2/2; linear 128; linear classes).
+
+    ``cfg.width`` is the first conv's channels (paper: 32). The convolutional output is
+    average-pooled to 8 x 8 before flattening -- exactly the paper's 8 x 8 x 128 at 32 x 32
+    input -- so any input size works.
+    """
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, act = cfg.width, cfg.activation
+        self.register_buffer("mean", torch.tensor(cfg.mean), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std), persistent=False)
+        layers: list[nn.Module] = []
+        cin = cfg.in_channels
+        for i, stride in enumerate((1, 2, 2)):
+            cout = w << i
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), make_activation(act)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(8)
+        self.fc1 = nn.Sequential(nn.Linear(cin * 64, 128, bias=False), nn.BatchNorm1d(128), make_activation(act))
+        self.fc2 = nn.Linear(128, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.pool(self.features((x - self.mean) / self.std))
+        return self.fc2(self.fc1(f.flatten(1)))
+
+
+@register_arch("resnet")
+def _resnet(cfg: NetConfig) -> nn.Module:
+    return Classifier(cfg)
+
+
+@register_arch("cnn5")
+def _cnn5(cfg: NetConfig) -> nn.Module:
+    return CNN5(cfg)
+
+
+def aux_copy_config(cfg: NetConfig, num_classes: int | None = None) -> NetConfig:
+    """The auxiliary network's config: same family, leaky-ReLU 0.2, no pixel normalisation
+    (its input is a gradient, normalised per sample by the caller)."""
+    return dataclasses.replace(cfg, activation="leaky", mean=0.0, std=1.0,
+                               num_classes=cfg.num_classes if num_classes is None else num_classes)
+
+
+def set_bn_momentum(model: nn.Module, momentum: float | None) -> dict[nn.Module, float | None]:
+    """Set every BN layer's momentum; returns the old values (momentum 0 freezes running stats)."""
+    old = {}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            old[m] = m.momentum
+            m.momentum = momentum
+    return old
+
+
+class FrozenBatchNormStats:
+    """Context: train-mode forwards that do not move BN running statistics (extra forwards
+    such as adversarial-example generation must not pollute them)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.old: dict[nn.Module, float | None] = {}
+
+    def __enter__(self):
+        self.old = set_bn_momentum(self.model, 0.0)
+        return self
+
+    def __exit__(self, *exc):
+        for m, v in self.old.items():
+            m.momentum = v
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LabelledImages:
+    """Labelled RGB images as tensors: ``x`` float B x 3 x H x W in [0, 1], ``y`` int64."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    class_names: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[-1])
+
+    def subset(self, idx: torch.Tensor | np.ndarray) -> "LabelledImages":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return LabelledImages(self.x[idx], self.y[idx], self.class_names, self.source)
+
+    def fraction(self, frac: float, seed: int = 0) -> "LabelledImages":
+        """A class-stratified random ``frac`` of the set (at least one image per present class)."""
+        if not 0.0 < frac <= 1.0:
+            raise UserError(f"fraction must be in (0, 1], got {frac}")
+        if frac == 1.0:
+            return self
+        g = np.random.default_rng(seed)
+        y = self.y.numpy()
+        keep = []
+        for c in np.unique(y):
+            idx = np.nonzero(y == c)[0]
+            k = max(1, int(round(frac * len(idx))))
+            keep.append(g.choice(idx, k, replace=False))
+        return self.subset(np.sort(np.concatenate(keep)))
+
+
+def load_labelled(source: str, split: str, size: int | None, seed: int = 0,
+                  limit: int | None = None) -> LabelledImages:
+    """``load_source`` restricted to labelled frames, as [0, 1] tensors."""
+    frames = load_source(source, split, size, seed)
+    keep = np.nonzero(frames.labels >= 0)[0]
+    if len(keep) == 0:
+        raise UserError(f"data source {source!r} ({split}) has no labelled frames: classifiers need labels")
+    if limit is not None:
+        keep = keep[:limit]
+    x = torch.from_numpy(np.ascontiguousarray(frames.rgb[keep].transpose(0, 3, 1, 2))).float() / 255.0
+    return LabelledImages(x, torch.from_numpy(frames.labels[keep].astype(np.int64)), list(frames.class_names),
+                          frames.source)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flips and random crops from a ``pad``-padded image (the paper's)."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if pad <= 0:
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    # gather the crops with one indexing op (no Python loop per sample)
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).view(b, 1, h, 1).expand(b, x.shape[1], h, w + 2 * pad)
+    padded = padded.gather(2, rows)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
+    return padded.gather(3, cols).contiguous()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: LabelledImages, batch_size: int = 256) -> float:
+    """Top-1 accuracy in % (eval mode; the model's mode is restored afterwards)."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for s in range(0, len(data), batch_size):
+        correct += int((model(data.x[s:s + batch_size]).argmax(1) == data.y[s:s + batch_size]).sum())
+    model.train(was)
+    return 100.0 * correct / max(1, len(data))
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def save_classifier(out_dir: str | Path, model: nn.Module, **extra: Any) -> Path:
+    """Write ``out_dir/checkpoint.pt`` in the classifier format (arch, config, weights, extra)."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    state = {"format": CLASSIFIER_FORMAT, "task": "classify", "arch": model.arch,  # type: ignore[attr-defined]
+             "config": model.cfg.to_dict(), "model": model.state_dict(), **extra}  # type: ignore[attr-defined]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def read_classifier_checkpoint(run_dir: str | Path, what: str = "model") -> dict[str, Any]:
+    p = Path(run_dir)
+    path = p / CHECKPOINT_NAME if p.is_dir() else p
+    if not path.is_file():
+        raise UserError(f"{what}: no checkpoint at {path} (expected a folder written by `hmd defend` or "
+                        f"`hmd distill`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a checkpoint"
+        raise UserError(f"{what}: {path} is not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{what}: {path} is not a great-hmd checkpoint")
+    if ckpt.get("format") == "great-hmd-checkpoint/1":
+        raise UserError(f"{what}: {path} is a multi-task checkpoint (`hmd train`), not a classifier "
+                        f"(`hmd defend` / `hmd distill`)")
+    if ckpt.get("format") != CLASSIFIER_FORMAT or ckpt.get("task") != "classify":
+        raise UserError(f"{what}: {path} is not a great-hmd classifier checkpoint")
+    if ckpt.get("arch") not in _ARCHS:
+        raise UserError(f"{what}: {path} has architecture {ckpt.get('arch')!r}, not one of {', '.join(_ARCHS)}")
+    return ckpt
+
+
+def classifier_from_checkpoint(ckpt: dict[str, Any], what: str = "model") -> nn.Module:
+    try:
+        model = create_classifier(ckpt["arch"], NetConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise UserError(f"{what}: checkpoint does not match its {ckpt.get('arch')!r} architecture: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_classifier(run_dir: str | Path, what: str = "model") -> tuple[nn.Module, dict[str, Any]]:
+    ckpt = read_classifier_checkpoint(run_dir, what)
+    return classifier_from_checkpoint(ckpt, what), ckpt
+
+
+# --- the shared training loop -------------------------------------------------------------------
+
+def fit(model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+        train_data: LabelledImages, val_data: LabelledImages, *, epochs: int, batch_size: int,
+        optimizers: list[torch.optim.Optimizer], seed: int, tag: str,
+        on_epoch: Callable[[int, int], None] | None = None, augment_data: bool = True,
+        max_steps: int | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Epoch loop: poly lr multiplier on every optimizer, shuffled (augmented) batches,
+    ``step(x, y)`` does forward/backward/optimizer steps and returns logs; held-out accuracy
+    after every epoch. Returns the per-epoch history."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    n = len(train_data)
+    bs = min(batch_size, n)
+    steps = max(1, n // bs)
+    if max_steps:
+        steps = min(steps, max_steps)
+    history = []
+    for epoch in range(epochs):
+        m = poly_multiplier(epoch, epochs)
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g.setdefault("initial_lr", g["lr"]) * m
+        if on_epoch is not None:
+            on_epoch(epoch, epochs)
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        meters: dict[str, SmoothedValue] = {}
+        step_time = SmoothedValue()
+        t0 = time.perf_counter()
+        report_every = max(1, steps // 4)
+        for s in range(steps):
+            ts = time.perf_counter()
+            idx = perm[s * bs:(s + 1) * bs]
+            x = train_data.x[idx]
+            if augment_data:
+                x = augment(x, gen)
+            logs = step(x, train_data.y[idx])
+            for k, v in logs.items():
+                meters.setdefault(k, SmoothedValue()).update(v)
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise RuntimeError(f"training diverged at epoch {epoch + 1} step {s + 1}: {logs}")
+            step_time.update(time.perf_counter() - ts)
+            if (s + 1) % report_every == 0 or s + 1 == steps:
+                eta = step_time.avg * ((steps - s - 1) + steps * (epochs - epoch - 1))
+                shown = " ".join(f"{k}={meters[k].avg:.4f}" for k in sorted(meters))
+                log(f"[{tag}] epoch {epoch + 1}/{epochs} step {s + 1}/{steps} {shown} "
+                    f"{step_time.avg * 1000:.0f}ms/step eta {eta:.0f}s")
+        val_acc = accuracy(model, val_data)
+        history.append({"epoch": epoch + 1, "lr_multiplier": m, "seconds": time.perf_counter() - t0,
+                        "train": {k: v.global_avg for k, v in meters.items()}, "val_accuracy": val_acc})
+        log(f"[{tag}] epoch {epoch + 1}/{epochs} held-out accuracy {val_acc:.2f}%")
+    return history

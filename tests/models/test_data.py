@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from models.data import TaskData, canny_edges, corrupt, load_source, parse_synthetic
+from shared.errors import UserError
+from shared.manifest import NoiseModel
+from shared.worlds import WORLDS, render_scene
+from tests.models.fixtures import write_cifar10, write_image_folder, write_video
+
+
+def test_synthetic_is_deterministic_and_split():
+    a = load_source("synthetic:40", "train", 32, seed=3)
+    b = load_source("synthetic:40", "train", 32, seed=3)
+    c = load_source("synthetic:40", "train", 32, seed=4)
+    v = load_source("synthetic:40", "val", 32, seed=3)
+    assert a.rgb.shape == (40, 32, 32, 3) and np.array_equal(a.rgb, b.rgb) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.rgb, c.rgb)
+    assert len(v) == 64 and not any((v.rgb[0] == x).all() for x in a.rgb)
+    assert set(a.labels.tolist()) <= set(range(6)) and len(set(a.labels.tolist())) >= 4
+
+
+def test_worlds_differ_in_appearance():
+    means = {w: np.mean([render_scene(w, 0, i, 32)[0].reshape(-1, 3).mean(0) for i in range(30)], axis=0)
+             for w in WORLDS}
+    names = list(WORLDS)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            assert np.abs(means[names[i]] - means[names[j]]).max() > 15  # mean colour differs by > 15/255
+
+
+def test_parse_synthetic():
+    assert parse_synthetic("synthetic") == (2000, ["studio"])
+    assert parse_synthetic("synthetic:100:forest") == (100, ["forest"])
+    assert parse_synthetic("synthetic:forest+neon:10") == (10, ["forest", "neon"])
+    with pytest.raises(UserError):
+        parse_synthetic("synthetic:mars")
+
+
+def test_noise_model_matches_the_paper():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((1, 1, 200, 200), 0.5)
+    y = corrupt(x, g, NoiseModel(salt_pepper=0.04, speckle=0.0))
+    assert float((y == 0).float().mean()) == pytest.approx(0.02, abs=0.004)
+    assert float((y == 1).float().mean()) == pytest.approx(0.02, abs=0.004)
+    z = corrupt(x, g, NoiseModel(salt_pepper=0.0, speckle=0.1))
+    assert float((z - 0.5).std()) == pytest.approx(0.05, rel=0.05)  # x * N(0, 0.1) at x = 0.5
+
+
+def test_targets_from_a_colour_frame():
+    fs = load_source("synthetic:8", "train", 32)
+    td = TaskData(fs)
+    x, t = td.batch(torch.arange(4), torch.Generator().manual_seed(0))
+    assert x.shape == (4, 1, 32, 32) and t["colour"].shape == (4, 3, 32, 32)
+    edges = canny_edges(fs.rgb[0])
+    assert set(np.unique(edges).tolist()) <= {0, 255} and edges.any()
+    assert torch.equal(t["edges"][0, 0], torch.from_numpy(edges).float() / 255)
+    assert not torch.equal(x, t["denoised"])  # the input is the corrupted gray frame
+
+
+def test_cifar10_batches(tmp_path):
+    root = write_cifar10(tmp_path / "cifar")
+    tr = load_source(f"cifar10:{root}", "train")
+    va = load_source(f"cifar10:{root}", "val")
+    assert tr.rgb.shape == (40, 32, 32, 3) and len(va) == 20
+    assert tr.class_names == [f"c{i}" for i in range(10)]
+    with pytest.raises(UserError, match="no CIFAR-10 batches"):
+        load_source(f"cifar10:{tmp_path}", "train")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "data_batch_1").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="not a CIFAR-10"):
+        load_source(f"cifar10:{tmp_path / 'bad'}", "train")
+
+
+def test_image_folders_labelled_and_flat(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    tr, va = load_source(f"images:{root}", "train", 32), load_source(f"images:{root}", "val", 32)
+    assert len(tr) + len(va) == 16 and len(va) >= 1 and tr.class_names == ["a", "b"]
+    assert set(tr.labels.tolist()) <= {0, 1}
+    flat = write_image_folder(tmp_path / "flat", flat=True)
+    f = load_source(f"images:{flat}", "train", 32)
+    assert (f.labels == -1).all() and not f.labelled
+
+
+def test_video_frames_are_unlabelled(tmp_path):
+    path = write_video(tmp_path / "v.avi")
+    tr, va = load_source(f"video:{path}", "train", 32), load_source(f"video:{path}", "val", 32)
+    assert len(tr) + len(va) == 24 and len(va) == 3 and (tr.labels == -1).all()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError):
+        load_source(f"video:{bad}", "train", 32)
+
+
+@pytest.mark.parametrize("source", ["nope:1", "images:/does/not/exist", "video:", "synthetic:abc"])
+def test_bad_sources_are_user_errors(source):
+    with pytest.raises(UserError):
+        load_source(source, "train", 32)

@@ -1,0 +1,234 @@
+"""Properties every weighting method must have, and the maths of GREAT, GradNorm, uncertainty."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.network import TASKS, MultiTaskNet, NetConfig
+from models.weighting import (GREAT, GradNorm, GradientAlignmentLayers, UncertaintyWeighting, create_method,
+                              list_methods, per_task_feature_gradients, reverse_gradient, task_losses)
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return MultiTaskNet(NetConfig(num_classes=3, width=4, decoder_width=8))
+
+
+def batch(n=6, size=16, seed=0, labelled=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    if not labelled:
+        labels[:] = -1
+    targets = {"class": labels, "colour": torch.rand(n, 3, size, size, generator=g),
+               "edges": (torch.rand(n, 1, size, size, generator=g) > 0.8).float(),
+               "denoised": x.clone()}
+    return x, targets
+
+
+def grads_of(module):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+def test_registry_lists_the_paper_methods():
+    assert set(list_methods()) == {"equal", "gradnorm", "uncertainty", "great"}
+    with pytest.raises(KeyError):
+        create_method("nope")
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_every_part_for_a_step(name):
+    model = tiny_net()
+    x, targets = batch()
+    method = create_method(name, TASKS)
+    model.train()
+    with torch.no_grad():
+        method.setup(model, model.encode(x[:1]).shape)
+    opt = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    logs = method.step(model, x, targets)
+    assert all(math.isfinite(v) for v in logs.values())
+    assert {f"loss_{t}" for t in TASKS} <= set(logs)
+    # the encoder and every head received a finite, non-zero gradient
+    for part in [model.encoder] + [model.head(t) for t in TASKS]:
+        gs = grads_of(part)
+        assert all(torch.isfinite(g).all() for g in gs)
+        assert sum(float(g.abs().sum()) for g in gs) > 0
+    opt.step()
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    w = method.task_weights()
+    assert set(w) == set(TASKS) and all(v > 0 for v in w.values())
+
+
+def test_unlabelled_batch_trains_dense_tasks_only():
+    model = tiny_net()
+    x, targets = batch(labelled=False)
+    losses = task_losses(model(x), targets)
+    assert set(losses) == {"colour", "edges", "denoised"}
+    method = create_method("great")
+    logs = method.step(model, x, targets)
+    assert "loss_class" not in logs
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.head("class").parameters())
+    assert math.isnan(float(method.normalisers.initial[0]))  # no class normaliser yet
+
+
+def test_gal_is_identity_in_the_forward_pass():
+    model = tiny_net().train()
+    x, targets = batch()
+    f = model.encode(x)
+    assert torch.equal(GradientAlignmentLayers.forward_identity(f), f)
+    # GREAT's per-task decoding on detached copies gives exactly the plain forward's outputs
+    torch.manual_seed(0)
+    plain = {k: v.detach() for k, v in model(x).items()}
+    method = create_method("great")
+    f2 = model.encode(x)
+    copies = {t: f2.detach().requires_grad_(True) for t in TASKS}
+    via_copies = model.decode(copies)
+    for t in TASKS:
+        assert torch.equal(plain[t], via_copies[t].detach())
+    # and the ONNX-exported network has no GAL or aux parameters at all: they live in the method
+    with torch.no_grad():
+        method.setup(model, f.shape)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("gamma" in n or "aux" in n for n in names)
+
+
+def test_great_encoder_receives_exactly_sum_of_gamma_times_task_gradients():
+    model = tiny_net().train()
+    x, targets = batch()
+    method = create_method("great")
+    with torch.no_grad():
+        method.setup(model, model.encode(x[:1]).shape)
+        # non-uniform gammas, so sum_i gamma_i g_i differs from sum_i g_i
+        method.gals.gamma.copy_(0.5 + torch.rand(method.gals.gamma.shape, generator=torch.Generator().manual_seed(3)))
+    gamma = method.gals.gamma.detach().clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad()
+    method.step(model, x, targets)
+    got_encoder = grads_of(model.encoder)
+    got_heads = {t: grads_of(model.head(t)) for t in TASKS}
+    J0 = {t: method.normalisers[t] for t in TASKS}
+
+    # hand computation on a fresh copy of the same weights
+    ref = tiny_net()
+    ref.load_state_dict(state)
+    ref.train()
+    f = ref.encode(x)
+    out = ref.decode(f)
+    losses = task_losses(out, targets)
+    enc_params = list(ref.encoder.parameters())
+    combined = torch.zeros_like(f)
+    plain_sum = torch.zeros_like(f)
+    for i, t in enumerate(TASKS):
+        c = losses[t] / J0[t]
+        (g,) = torch.autograd.grad(c, f, retain_graph=True)
+        combined += gamma[i] * g
+        plain_sum += g
+        expect_head = torch.autograd.grad(c, list(ref.head(t).parameters()), retain_graph=True)
+        for a, b in zip(got_heads[t], expect_head):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    expect = torch.autograd.grad(f, enc_params, grad_outputs=combined, retain_graph=True)
+    for a, b in zip(got_encoder, expect):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    unaligned = torch.autograd.grad(f, enc_params, grad_outputs=plain_sum)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-9) for a, b in zip(got_encoder, unaligned))
+
+
+def test_gal_update_is_the_reverse_of_the_aux_classifier_gradient():
+    model = tiny_net().train()
+    x, targets = batch()
+    method = create_method("great")
+    with torch.no_grad():
+        method.setup(model, model.encode(x[:1]).shape)
+    _, _, grads = per_task_feature_gradients(model, x, targets, lambda t, j: j)
+    gamma = method.gals.gamma
+
+    inp, labels = method.aux_inputs(grads, targets, reverse=False)
+    loss = F.cross_entropy(method.aux(inp), labels)
+    own_gamma, *own_aux = torch.autograd.grad(loss, [gamma] + list(method.aux.parameters()))
+    inp_r, labels_r = method.aux_inputs(grads, targets, reverse=True)
+    loss_r = F.cross_entropy(method.aux(inp_r), labels_r)
+    rev_gamma, *rev_aux = torch.autograd.grad(loss_r, [gamma] + list(method.aux.parameters()))
+    assert float(own_gamma.abs().sum()) > 0
+    torch.testing.assert_close(rev_gamma, -own_gamma)  # GALs ascend C'
+    for a, b in zip(rev_aux, own_aux):  # the classifier itself still descends C'
+        torch.testing.assert_close(a, b)
+    # the class task contributes one aux sample per labelled example, labels are task indices
+    assert sorted(set(labels.tolist())) == [0, 1, 2, 3]
+
+
+def test_gradient_reversal_flips_only_the_sign():
+    x = torch.randn(5, requires_grad=True)
+    (reverse_gradient(x) * torch.arange(5.0)).sum().backward()
+    torch.testing.assert_close(x.grad, -torch.arange(5.0))
+
+
+def test_great_step_moves_gammas_up_the_aux_loss_and_keeps_them_positive():
+    model = tiny_net().train()
+    x, targets = batch()
+    method = GREAT(gal_lr=0.5, gal_floor=0.05)  # a huge lr: some entries would go negative without the clamp
+    method.step(model, x, targets)
+    assert float(method.gals.gamma.min()) >= 0.05 - 1e-7
+    assert not torch.equal(method.gals.gamma.detach(), torch.ones_like(method.gals.gamma))
+
+
+def test_normalisers_are_the_initial_losses():
+    model = tiny_net().train()
+    x, targets = batch()
+    expected = {t: float(v) for t, v in task_losses(model(x), targets).items()}
+    method = create_method("great")
+    method.step(model, x, targets)
+    for t in TASKS:
+        assert float(method.normalisers[t]) == pytest.approx(expected[t], rel=1e-5)
+    first = method.normalisers.initial.clone()
+    method.step(model, *batch(seed=1))  # later batches never move them
+    torch.testing.assert_close(method.normalisers.initial, first)
+
+
+def test_uncertainty_weighting_follows_kendall():
+    m = UncertaintyWeighting()
+    with torch.no_grad():
+        m.log_vars.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
+    losses = {t: torch.tensor(v) for t, v in zip(TASKS, [2.0, 0.5, 0.25, 1.0])}
+    s = [0.0, 1.0, -1.0, 0.5]
+    expect = sum(l / (2 * math.exp(si)) + si / 2 for l, si in zip([2.0, 0.5, 0.25, 1.0], s))
+    assert float(m.weighted_total(losses)) == pytest.approx(expect, rel=1e-6)
+    raw = [1 / (2 * math.exp(si)) for si in s]
+    w = m.task_weights()
+    assert sum(w.values()) == pytest.approx(1.0)
+    for t, r in zip(TASKS, raw):
+        assert w[t] == pytest.approx(r / sum(raw), rel=1e-5)
+
+
+def test_gradnorm_loss_and_weight_update_follow_chen_et_al():
+    m = GradNorm(alpha=0.6)
+    with torch.no_grad():
+        m.weights.copy_(torch.tensor([1.0, 2.0, 0.5, 0.5]))
+    m.normalisers.update({t: torch.tensor(v) for t, v in zip(TASKS, [2.0, 1.0, 1.0, 1.0])})
+    losses = {t: torch.tensor(v) for t, v in zip(TASKS, [1.0, 0.9, 0.5, 0.2])}
+    norms = {t: torch.tensor(v) for t, v in zip(TASKS, [0.3, 0.1, 0.4, 0.2])}
+    # hand computation
+    w = [1.0, 2.0, 0.5, 0.5]
+    G = [wi * n for wi, n in zip(w, [0.3, 0.1, 0.4, 0.2])]
+    Gbar = sum(G) / 4
+    L = [1.0 / 2.0, 0.9, 0.5, 0.2]
+    r = [l / (sum(L) / 4) for l in L]
+    target = [Gbar * ri ** 0.6 for ri in r]
+    expect = sum(abs(g - t) for g, t in zip(G, target))
+    loss = m.gradnorm_loss(losses, norms)
+    assert float(loss) == pytest.approx(expect, rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, m.weights)
+    expect_grad = [math.copysign(n, g - t) for n, g, t in zip([0.3, 0.1, 0.4, 0.2], G, target)]
+    torch.testing.assert_close(grad, torch.tensor(expect_grad), rtol=1e-5, atol=1e-7)
+
+
+def test_gradnorm_step_renormalises_weights_to_the_task_count():
+    model = tiny_net().train()
+    m = create_method("gradnorm", alpha=1.5, weight_lr=0.05)
+    for s in range(3):
+        m.step(model, *batch(seed=s))
+    w = m.weights.detach()
+    assert float(w.sum()) == pytest.approx(len(TASKS), rel=1e-5)
+    assert not torch.allclose(w, torch.ones_like(w))
+    assert float(w.min()) > 0
