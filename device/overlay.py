@@ -84,9 +84,10 @@ def class_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
     h, w = out.shape[:2]
     bar_h = max(14, h // 12)
     out[h - bar_h:] = (out[h - bar_h:] * 0.35).astype(np.uint8)
-    cv2.rectangle(out, (0, h - bar_h), (int(w * pred.confidence), h - bar_h + 3), (0, 200, 255), -1)
-    cv2.putText(out, f"{pred.class_name} {100 * pred.confidence:.0f}%", (4, h - 4),
-                cv2.FONT_HERSHEY_SIMPLEX, max(0.35, bar_h / 30), (255, 255, 255), 1, cv2.LINE_AA)
+    # the confidence bar: the band's top two rows, confidence x width long
+    out[h - bar_h:h - bar_h + 2, :int(round(w * pred.confidence))] = (0, 200, 255)
+    cv2.putText(out, f"{pred.class_name} {100 * pred.confidence:.0f}%", (4, h - 3),
+                cv2.FONT_HERSHEY_SIMPLEX, max(0.3, bar_h / 40), (255, 255, 255), 1, cv2.LINE_AA)
     return out
 
 
