@@ -1,0 +1,85 @@
+"""Content-addressed blob storage for frames, manifests and models.
+
+:class:`BlobStore` is the interface; :class:`LocalBlobStore` keeps ``ROOT/ab/abcdef...`` files
+(the name is the sha256 of the content, so a blob is written once and never changes). An
+S3-compatible store implements the same five methods with object keys of the same names.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from shared.errors import UserError
+from shared.hashing import sha256_file
+
+
+class BlobStore(Protocol):
+    def put_bytes(self, data: bytes) -> str: ...
+    def put_file(self, path: str | os.PathLike, sha256: str | None = None) -> str: ...
+    def exists(self, sha256: str) -> bool: ...
+    def size(self, sha256: str) -> int: ...
+    def open(self, sha256: str) -> BinaryIO: ...
+
+
+class LocalBlobStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / ".tmp"
+        self.tmp.mkdir(exist_ok=True)
+
+    def _path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def _commit(self, tmp: Path, sha256: str) -> str:
+        dest = self._path(sha256)
+        if dest.exists():  # content-addressed: same name, same bytes
+            tmp.unlink(missing_ok=True)
+            return sha256
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(tmp, dest)
+        return sha256
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        if self._path(sha).exists():
+            return sha
+        fd, tmp = tempfile.mkstemp(dir=self.tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return self._commit(Path(tmp), sha)
+
+    def put_file(self, path: str | os.PathLike, sha256: str | None = None) -> str:
+        """Copy a file in (the source is left alone)."""
+        sha = sha256 or sha256_file(path)
+        if self._path(sha).exists():
+            return sha
+        fd, tmp = tempfile.mkstemp(dir=self.tmp)
+        os.close(fd)
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        return self._commit(Path(tmp), sha)
+
+    def exists(self, sha256: str) -> bool:
+        return self._path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        return self._path(sha256).stat().st_size
+
+    def open(self, sha256: str) -> BinaryIO:
+        return open(self._path(sha256), "rb")
+
+
+def open_blob_store(url: str) -> BlobStore:
+    if url.startswith("file://"):
+        return LocalBlobStore(url[len("file://"):])
+    raise UserError(f"blob store {url!r}: only file://PATH is built in (S3 plugs in behind cloud.blobs.BlobStore)")

@@ -1,0 +1,108 @@
+"""Service settings: defaults < environment (``HMD_CLOUD_*``) < command-line flags.
+
+The storage, blob and queue back-ends are named by URL so that PostgreSQL, an S3-compatible
+store or a real job queue become a configuration change: only the embedded ones
+(``sqlite:``, ``file:``, ``db:``) exist today and anything else is refused with a clear error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+
+ENV_PREFIX = "HMD_CLOUD_"
+
+
+@dataclasses.dataclass
+class Settings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None  # default sqlite:///DATA/cloud.sqlite3
+    blob_url: str | None = None  # default file://DATA/blobs
+    queue_url: str = "db:"  # jobs are rows of the metadata database
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_frame_bytes: int = 4 * 1024 * 1024
+    max_frames_per_upload: int = 4096
+    auto_job_frames: int = 64  # a job starts once a device uploaded this many new frames (0: never)
+    job_max_frames: int = 512  # the most recent wearer frames a job trains on
+    frame_size: int | None = None  # frames are resized to this side for training (default: the model's)
+    base_run: Path | None = None  # registered as the base version on first start
+    base_data: str = "synthetic"  # the base training data replayed by personalisation
+    teacher_run: Path | None = None
+    method: str = "great"
+    epochs: int = 3
+    max_steps_per_epoch: int | None = None
+    holdout_fraction: float = 0.2
+    tolerance: float = 0.02
+    seed: int = 0
+    worker: bool = True  # run the job worker in this process
+    runner: str = "cloud.personalisation:personalise_job"  # MODULE:FUNCTION that runs one job
+    sse_keepalive_s: float = 15.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.base_run = Path(self.base_run) if self.base_run else None
+        self.teacher_run = Path(self.teacher_run) if self.teacher_run else None
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'cloud.sqlite3'}"
+
+    @property
+    def blobs_url(self) -> str:
+        return self.blob_url or f"file://{self.data_dir / 'blobs'}"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_sources(cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> "Settings":
+        """Build from the environment and flags (flags win; a flag left at None means 'not given')."""
+        env = os.environ if env is None else env
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for name in types:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = _coerce(name, str(types[name]), raw)
+        for name, value in (flags or {}).items():
+            if name in types and value is not None:
+                values[name] = value
+        if "data_dir" not in values:
+            raise UserError(f"no data dir: give --data-dir DIR or set {ENV_PREFIX}DATA_DIR")
+        s = cls(**values)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.max_upload_bytes < 1024:
+            raise UserError("max_upload_bytes must be at least 1024")
+        if self.auto_job_frames < 0:
+            raise UserError("auto_job_frames must be >= 0")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise UserError("holdout_fraction must be between 0 and 1")
+        if self.epochs < 1:
+            raise UserError("epochs must be >= 1")
+
+
+def _coerce(name: str, typ: str, raw: str) -> Any:
+    try:
+        if "bool" in typ:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "int" in typ and "float" not in typ:
+            return int(raw)
+        if "float" in typ:
+            return float(raw)
+    except ValueError:
+        raise UserError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {typ}") from None
+    return raw

@@ -1,0 +1,148 @@
+"""The job worker: one thread that claims queued jobs and runs them with a :class:`JobRunner`.
+
+Exactly-once completion: a job's result (its state, evaluations and, when accepted, the new
+version and the device's current pointer) is written in one transaction by
+:meth:`Storage.finish_job`. A process that dies before that commit leaves the job ``running``;
+the next start puts it back in the queue and it re-runs from the start, overwriting whatever
+half-made candidate folder the dead attempt left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from cloud.blobs import BlobStore
+from cloud.events import EventBroker
+from cloud.jobqueue import JobQueue
+from cloud.registry import ModelRegistry, model_info
+from cloud.settings import Settings
+from cloud.storage import Job, Storage, Version
+from shared.wire import ModelAvailable
+
+log = logging.getLogger("hmd.cloud.worker")
+LOG_LINES_KEPT = 20
+
+
+class JobInterrupted(Exception):
+    """The worker is stopping: the job goes back to the queue."""
+
+
+@dataclasses.dataclass
+class JobOutcome:
+    accepted: bool
+    reason: str
+    evaluation: dict[str, Any] | None
+    version: Version | None = None
+    candidate_dir: str | None = None
+
+
+@dataclasses.dataclass
+class JobContext:
+    job: Job
+    settings: Settings
+    storage: Storage
+    blobs: BlobStore
+    registry: ModelRegistry
+    progress: Callable[..., None]  # progress(stage, fraction=None, line=None)
+    should_stop: Callable[[], bool]
+
+    @property
+    def candidates_dir(self) -> Path:
+        return self.settings.data_dir / "candidates"
+
+
+class JobRunner(Protocol):
+    def __call__(self, ctx: JobContext) -> JobOutcome: ...
+
+
+class Worker:
+    def __init__(self, settings: Settings, storage: Storage, queue: JobQueue, blobs: BlobStore,
+                 registry: ModelRegistry, broker: EventBroker, runner: JobRunner):
+        self.settings, self.storage, self.queue = settings, storage, queue
+        self.blobs, self.registry, self.broker, self.runner = blobs, registry, broker, runner
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.current_job: str | None = None
+        self.completed = 0
+
+    def start(self) -> None:
+        recovered = self.queue.recover()
+        if recovered:
+            log.warning("re-running %d interrupted job(s): %s", len(recovered), ", ".join(recovered))
+        self._thread = threading.Thread(target=self._loop, name="hmd-cloud-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self.queue.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.queue.claim(timeout=1.0)
+            except Exception:  # a database hiccup must not kill the worker
+                log.exception("claiming a job failed")
+                time.sleep(1.0)
+                continue
+            if job is None:
+                continue
+            self.current_job = job.id
+            try:
+                self.run_job(job)
+            finally:
+                self.current_job = None
+
+    def run_job(self, job: Job) -> None:
+        lines: list[str] = list(job.progress.get("log", []))[-LOG_LINES_KEPT:]
+        state = {"stage": "starting", "fraction": 0.0}
+
+        def progress(stage: str | None = None, fraction: float | None = None, line: str | None = None) -> None:
+            if stage is not None:
+                state["stage"] = stage
+            if fraction is not None:
+                state["fraction"] = round(float(fraction), 4)
+            if line:
+                lines.append(line.rstrip()[:300])
+                del lines[:-LOG_LINES_KEPT]
+            self.storage.update_job(job.id, progress={**state, "attempt": job.attempts, "log": lines})
+
+        ctx = JobContext(job, self.settings, self.storage, self.blobs, self.registry, progress, self._stop.is_set)
+        log.info("job %s (device %d, attempt %d) started", job.id, job.device_id, job.attempts)
+        progress("starting", 0.0)
+        try:
+            outcome = self.runner(ctx)
+            if self._stop.is_set():
+                raise JobInterrupted()
+        except JobInterrupted:
+            self.storage.update_job(job.id, state="queued", progress={"stage": "queued", "note": "service stopped; "
+                                                                       "it re-runs at the next start"})
+            log.info("job %s interrupted by shutdown; queued again", job.id)
+            return
+        except Exception as exc:  # a failed job is recorded, the worker goes on
+            log.error("job %s failed: %s", job.id, traceback.format_exc())
+            progress("failed", None, f"{type(exc).__name__}: {exc}")
+            self.storage.finish_job(job.id, "failed", reason=f"{type(exc).__name__}: {exc}")
+            return
+        state_name = "accepted" if outcome.accepted and outcome.version is not None else "rejected"
+        progress("done", 1.0)
+        self.storage.finish_job(job.id, state_name, version=outcome.version if state_name == "accepted" else None,
+                                evaluation=outcome.evaluation, reason=outcome.reason,
+                                candidate_dir=outcome.candidate_dir)
+        self.completed += 1
+        log.info("job %s %s: %s", job.id, state_name, outcome.reason)
+        if state_name == "accepted":
+            info = model_info(outcome.version)  # type: ignore[arg-type]
+            event = ModelAvailable(version=info.version, sha256=info.sha256, parent_version=info.parent_version,
+                                   manifest_url=info.manifest_url, model_url=info.model_url, job_id=job.id)
+            self.broker.publish(job.device_id, "model_available", event.model_dump())
