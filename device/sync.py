@@ -1,0 +1,466 @@
+"""The headset's sync client: journal uploads out, verified models in.
+
+Two daemon threads, both of which survive any network failure:
+
+* **upload**: sends the journal's not-yet-uploaded batches, oldest first, as upload archives
+  (:func:`shared.wire.build_upload_archive`); a batch is marked uploaded only after the cloud
+  answered 200/201, so it is never sent twice once acknowledged, and a batch sent but not
+  acknowledged (the connection dropped) is recognised by the cloud as a repeat when retried.
+  Failures back off exponentially (with jitter) up to ``backoff_max``; the headset keeps
+  journalling offline and the thread catches up when the cloud is back.
+* **models**: listens to ``GET /v1/events`` (server-sent events) and reconnects with backoff;
+  after ``sse_failures_before_polling`` failed connections in a row it polls
+  ``GET /v1/models/current`` every ``poll_interval`` seconds between further SSE attempts.
+  A ``model_available`` for a version it does not run yet is downloaded (resumable: ``Range``
+  + ``If-Range`` on the ETag), verified (Ed25519 signature of the manifest with the trusted
+  public key, sha256 of the ONNX file) and only then handed to ``offer(folder)`` -- the
+  runtime's verified hot-swap (:meth:`device.hotswap.ModelManager.offer`).
+
+numpy/opencv-free and torch-free: httpx and the shared schemas only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import httpx
+
+from shared.atomic import atomic_write_text
+from shared.errors import UserError
+from shared.hashing import verify as verify_signature
+from shared.manifest import Manifest
+from shared.wire import UPLOAD_CONTENT_TYPE, ModelAvailable, build_upload_archive
+
+
+class ModelVerificationError(UserError):
+    """A downloaded model failed verification (signature, hash, or version); it is never offered."""
+
+
+class PendingBatch(Protocol):
+    first_seq: int
+    last_seq: int
+
+    def load(self) -> list[tuple[dict, bytes]]: ...
+
+
+class JournalLike(Protocol):
+    """What the client needs of :class:`device.journal.Journal`."""
+
+    def pending_batches(self, max_frames: int = 64, max_batches: int | None = None) -> list[Any]: ...
+    def mark_uploaded(self, batch: Any) -> None: ...
+
+
+class Backoff:
+    """Exponential backoff with full jitter: 0..min(max, initial * 2**n) seconds."""
+
+    def __init__(self, initial: float = 1.0, maximum: float = 60.0, rng: random.Random | None = None):
+        self.initial, self.maximum, self.failures = initial, maximum, 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.initial * (2 ** self.failures))
+        self.failures += 1
+        return delay * (0.5 + 0.5 * self._rng.random())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclasses.dataclass
+class SyncStats:
+    uploaded_batches: int = 0
+    uploaded_frames: int = 0
+    duplicate_batches: int = 0
+    refused_batches: int = 0  # the cloud answered 400 (e.g. an unreadable frame on disk): skipped
+    upload_failures: int = 0
+    sse_connects: int = 0
+    sse_failures: int = 0
+    polls: int = 0
+    models_downloaded: int = 0
+    models_offered: int = 0
+    models_rejected: int = 0
+    mode: str = "sse"
+    last_error: str | None = None
+    timeline: list[dict] = dataclasses.field(default_factory=list)  # model events with timestamps
+
+
+def verify_manifest(manifest_bytes: bytes, public_key: bytes, expect_version: str | None = None) -> Manifest:
+    """Parse and check a manifest's Ed25519 signature (and version, when expected)."""
+    try:
+        manifest = Manifest.from_bytes(manifest_bytes)
+    except UserError as exc:
+        raise ModelVerificationError(str(exc)) from None
+    if not manifest.signature:
+        raise ModelVerificationError(f"manifest of {manifest.version} is not signed")
+    if not verify_signature(public_key, manifest.canonical_bytes(), manifest.signature):
+        raise ModelVerificationError(f"manifest of {manifest.version}: the signature does not verify with the "
+                                     "trusted key")
+    if expect_version is not None and manifest.version != expect_version:
+        raise ModelVerificationError(f"asked for version {expect_version}, the signed manifest says {manifest.version}")
+    return manifest
+
+
+def verify_model_folder(folder: str | os.PathLike, public_key: bytes) -> Manifest:
+    """Check a model folder (model.onnx + manifest.json) as the sync client does before offering it."""
+    folder = Path(folder)
+    manifest = verify_manifest((folder / "manifest.json").read_bytes(), public_key)
+    actual = _sha256_file(folder / "model.onnx")
+    if actual != manifest.sha256:
+        raise ModelVerificationError(f"model {manifest.version}: model.onnx sha256 {actual[:12]}... does not match "
+                                     f"the signed manifest ({manifest.sha256[:12]}...)")
+    return manifest
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class SyncClient:
+    """Background sync with the cloud. ``start()`` the threads, ``stop()`` them; every step is
+    also callable directly (:meth:`upload_pending`, :meth:`check_for_model`) for tests and tools.
+
+    ``offer(folder)`` receives a verified model folder (``model.onnx`` + ``manifest.json``);
+    ``current_version()`` tells which version the headset runs, so it is not fetched again.
+    """
+
+    def __init__(self, cloud_url: str, token: str, *, trust_key: bytes, download_dir: str | os.PathLike,
+                 journal: JournalLike | None = None, offer: Callable[[Path], Any] | None = None,
+                 current_version: Callable[[], str | None] | None = None, batch_frames: int = 64,
+                 upload_interval: float = 5.0, poll_interval: float = 30.0, backoff_initial: float = 1.0,
+                 backoff_max: float = 60.0, sse_failures_before_polling: int = 3, timeout: float = 30.0,
+                 http: httpx.Client | None = None, log: Callable[[str], None] | None = None):
+        if len(trust_key) != 32:
+            raise UserError("the trusted public key must be a raw 32-byte Ed25519 key (base64 in the key file)")
+        self.base_url = cloud_url.rstrip("/")
+        self.trust_key = trust_key
+        self.journal, self.offer, self._current_version = journal, offer, current_version
+        self.download_dir = Path(download_dir)
+        self.batch_frames = max(1, batch_frames)
+        self.upload_interval, self.poll_interval = upload_interval, poll_interval
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.sse_failures_before_polling = max(1, sse_failures_before_polling)
+        self.timeout = timeout
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, read=timeout * 2))
+        self._owns_http = http is None
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._log = log or (lambda msg: print(f"hmd device sync: {msg}", file=sys.stderr, flush=True))
+        self.stats = SyncStats()
+        self._stop = threading.Event()
+        self._wake_upload = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._stream: httpx.Response | None = None
+        self._model_lock = threading.Lock()
+        self._handled: set[str] = set()  # sha256s offered or rejected: never fetched again
+        self.offered_versions: list[str] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "SyncClient":
+        self._stop.clear()
+        if self.journal is not None:
+            self._threads.append(threading.Thread(target=self._upload_loop, name="hmd-sync-upload", daemon=True))
+        if self.offer is not None:
+            self._threads.append(threading.Thread(target=self._model_loop, name="hmd-sync-models", daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake_upload.set()
+        stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()  # unblocks the SSE read
+            except Exception:  # noqa: BLE001 - closing from another thread may race; it is best effort
+                pass
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+        if self._owns_http:
+            self._http.close()
+
+    def nudge_upload(self) -> None:
+        """New frames were journalled: upload now instead of at the next interval."""
+        self._wake_upload.set()
+
+    def _error(self, msg: str) -> None:
+        self.stats.last_error = msg
+        self._log(msg)
+
+    # -- uploads ---------------------------------------------------------------------------------
+    def upload_batch(self, batch: PendingBatch) -> dict | None:
+        """Send one batch; returns the cloud's receipt (None if the batch had nothing left to send).
+        Raises httpx errors for network failures and :class:`UploadRefused` for 4xx answers."""
+        frames = batch.load()
+        if not frames:
+            return None
+        body = build_upload_archive(frames, first_seq=batch.first_seq, last_seq=batch.last_seq)
+        r = self._http.post(f"{self.base_url}/v1/uploads", content=body,
+                            headers={**self._headers, "Content-Type": UPLOAD_CONTENT_TYPE})
+        if r.status_code in (200, 201):
+            receipt = r.json()
+            receipt["frames_sent"] = len(frames)
+            return receipt
+        raise UploadRefused(r.status_code, _error_detail(r))
+
+    def upload_pending(self, max_batches: int | None = None) -> int:
+        """Upload pending batches oldest first; returns how many were acknowledged."""
+        assert self.journal is not None
+        done = 0
+        size = self.batch_frames
+        while not self._stop.is_set() and (max_batches is None or done < max_batches):
+            batches = self.journal.pending_batches(max_frames=size, max_batches=1)
+            if not batches:
+                break
+            batch = batches[0]
+            try:
+                receipt = self.upload_batch(batch)
+            except UploadRefused as exc:
+                if exc.status == 413 and size > 1:
+                    size = max(1, size // 2)  # the cloud's limit is lower than our batch: split
+                    continue
+                if exc.status in (400, 413):  # this batch can never be accepted: skip it, keep the rest flowing
+                    self.stats.refused_batches += 1
+                    self._error(f"the cloud refused frames {batch.first_seq}..{batch.last_seq} "
+                                f"({exc.status}: {exc.detail}); skipping them")
+                    self.journal.mark_uploaded(batch)
+                    continue
+                raise
+            self.journal.mark_uploaded(batch)
+            done += 1
+            if receipt is not None:
+                self.stats.uploaded_batches += 1
+                self.stats.uploaded_frames += receipt["frames_sent"]
+                self.stats.duplicate_batches += int(bool(receipt.get("duplicate")))
+        return done
+
+    def _upload_loop(self) -> None:
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
+        while not self._stop.is_set():
+            try:
+                self.upload_pending()
+                backoff.reset()
+                delay = self.upload_interval
+            except (httpx.HTTPError, UploadRefused, OSError) as exc:
+                self.stats.upload_failures += 1
+                delay = backoff.next()
+                self._error(f"upload failed ({_describe(exc)}); retrying in {delay:.1f}s")
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive anything
+                self.stats.upload_failures += 1
+                delay = backoff.next()
+                self._error(f"upload error {type(exc).__name__}: {exc}; retrying in {delay:.1f}s")
+            self._wake_upload.wait(delay)
+            self._wake_upload.clear()
+
+    # -- models ----------------------------------------------------------------------------------
+    def current_version(self) -> str | None:
+        if self._current_version is not None:
+            return self._current_version()
+        return self.offered_versions[-1] if self.offered_versions else None
+
+    def check_for_model(self) -> Path | None:
+        """Poll ``/v1/models/current``; fetch, verify and offer it if it is new. Returns the folder offered."""
+        self.stats.polls += 1
+        r = self._http.get(f"{self.base_url}/v1/models/current", headers=self._headers)
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise UploadRefused(r.status_code, _error_detail(r))
+        info = r.json()
+        return self.handle_model_available(ModelAvailable(
+            version=info["version"], sha256=info["sha256"], parent_version=info.get("parent_version"),
+            manifest_url=info["manifest_url"], model_url=info["model_url"]))
+
+    def handle_model_available(self, event: ModelAvailable) -> Path | None:
+        """Fetch, verify and offer a model unless it is the one running or was handled before."""
+        with self._model_lock:
+            if event.version == self.current_version() or event.sha256 in self._handled:
+                return None
+            self._mark("event", event.version)
+            try:
+                folder = self.fetch(event)
+            except ModelVerificationError as exc:
+                self._handled.add(event.sha256)
+                self.stats.models_rejected += 1
+                self._error(f"model {event.version} rejected: {exc}")
+                return None
+            self._handled.add(event.sha256)
+            if self.offer is not None:
+                self.offer(folder)
+                self.stats.models_offered += 1
+                self.offered_versions.append(event.version)
+                self._mark("offered", event.version)
+                self._log(f"model {event.version} downloaded and verified; offered to the runtime")
+            return folder
+
+    def fetch(self, event: ModelAvailable) -> Path:
+        """Download and verify a version into ``download_dir/<version>/``; returns that folder."""
+        r = self._http.get(self._url(event.manifest_url), headers=self._headers)
+        if r.status_code != 200:
+            raise UploadRefused(r.status_code, _error_detail(r))
+        manifest_bytes = r.content
+        manifest = verify_manifest(manifest_bytes, self.trust_key, expect_version=event.version)
+        if manifest.sha256 != event.sha256:
+            raise ModelVerificationError(f"model {event.version}: the signed manifest's sha256 differs from the "
+                                         "announced one")
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in manifest.version).strip(".") or "model"
+        partial_dir = self.download_dir / ".partial"
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        part = partial_dir / f"{safe}.onnx"
+        self._download(self._url(event.model_url), part, partial_dir / f"{safe}.etag")
+        actual = _sha256_file(part)
+        if actual != manifest.sha256:
+            part.unlink(missing_ok=True)
+            raise ModelVerificationError(f"model {manifest.version}: downloaded model.onnx has sha256 {actual[:12]}..., "
+                                         f"the signed manifest says {manifest.sha256[:12]}...")
+        self.stats.models_downloaded += 1
+        self._mark("downloaded", manifest.version)
+        dest = self.download_dir / safe
+        tmp = Path(tempfile.mkdtemp(dir=self.download_dir, prefix=f".{safe}."))
+        os.replace(part, tmp / "model.onnx")
+        (tmp / "manifest.json").write_bytes(manifest_bytes)  # byte for byte: the signature stays valid
+        (partial_dir / f"{safe}.etag").unlink(missing_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        return dest
+
+    def _download(self, url: str, part: Path, etag_file: Path) -> None:
+        """GET into ``part``, resuming a previous partial download when the ETag still matches."""
+        have = part.stat().st_size if part.exists() else 0
+        etag = etag_file.read_text().strip() if etag_file.exists() else None
+        headers = dict(self._headers)
+        if have and etag:
+            headers["Range"] = f"bytes={have}-"
+            headers["If-Range"] = etag
+        with self._http.stream("GET", url, headers=headers) as r:
+            if r.status_code == 416:  # the partial file is already complete (or bogus): start again
+                part.unlink(missing_ok=True)
+                etag_file.unlink(missing_ok=True)
+                r.close()
+                return self._download(url, part, etag_file) if have else None
+            if r.status_code not in (200, 206):
+                raise UploadRefused(r.status_code, r.read().decode("utf-8", "replace")[:200])
+            if r.headers.get("etag"):
+                atomic_write_text(etag_file, r.headers["etag"])
+            mode = "ab" if r.status_code == 206 else "wb"
+            with open(part, mode) as fh:
+                for block in r.iter_bytes(1 << 16):
+                    fh.write(block)
+        return None
+
+    def _url(self, path: str) -> str:
+        return path if path.startswith("http") else f"{self.base_url}{path}"
+
+    def _mark(self, what: str, version: str) -> None:
+        self.stats.timeline.append({"event": what, "version": version, "t": time.time()})
+
+    def _model_loop(self) -> None:
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
+        failures = 0
+        while not self._stop.is_set():
+            if failures >= self.sse_failures_before_polling:
+                self.stats.mode = "polling"
+                try:
+                    self.check_for_model()
+                except (httpx.HTTPError, UploadRefused, OSError) as exc:
+                    self._error(f"polling for models failed: {_describe(exc)}")
+                if self._stop.wait(self.poll_interval):
+                    return
+            try:
+                self._listen()  # returns when the stream ends
+                failures = 0
+                backoff.reset()
+                delay = backoff.next()
+            except (httpx.HTTPError, UploadRefused, OSError) as exc:
+                if self._stop.is_set():
+                    return
+                failures += 1
+                self.stats.sse_failures += 1
+                delay = backoff.next()
+                self._error(f"event stream failed ({_describe(exc)}); reconnecting in {delay:.1f}s")
+            except Exception as exc:  # noqa: BLE001
+                if self._stop.is_set():
+                    return
+                failures += 1
+                delay = backoff.next()
+                self._error(f"event stream error {type(exc).__name__}: {exc}; reconnecting in {delay:.1f}s")
+            if self._stop.wait(delay):
+                return
+
+    def _listen(self) -> None:
+        timeout = httpx.Timeout(self.timeout, read=max(60.0, self.timeout * 2))
+        with self._http.stream("GET", f"{self.base_url}/v1/events",
+                               headers={**self._headers, "Accept": "text/event-stream"}, timeout=timeout) as r:
+            if r.status_code != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
+                raise UploadRefused(r.status_code, "the event stream is not available")
+            self._stream = r
+            self.stats.sse_connects += 1
+            self.stats.mode = "sse"
+            try:
+                for name, data in parse_sse(r.iter_lines()):
+                    if self._stop.is_set():
+                        return
+                    if name == "model_available":
+                        try:
+                            self.handle_model_available(ModelAvailable.model_validate_json(data))
+                        except (httpx.HTTPError, UploadRefused, OSError) as exc:
+                            self._error(f"fetching a model failed ({_describe(exc)}); the next event or poll "
+                                        "retries")
+                        except ValueError as exc:
+                            self._error(f"bad model_available event: {exc}")
+            finally:
+                self._stream = None
+
+
+class UploadRefused(Exception):
+    """The cloud answered with an error status."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+def parse_sse(lines: Iterable[str]) -> Iterable[tuple[str, str]]:
+    """(event, data) pairs from server-sent-event lines; comments and retry lines are skipped."""
+    event, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+
+
+def _error_detail(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+        return str(body.get("detail") or body)
+    except (ValueError, json.JSONDecodeError):
+        return r.text[:200]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
