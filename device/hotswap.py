@@ -76,6 +76,7 @@ class ModelManager:
         self._lock = threading.Lock()
         self._pending: tuple[InferenceEngine, SwapTicket] | None = None
         self._bad_sha: set[str] = set()
+        self._closed = False
         self._queue: queue.Queue[tuple[str, str | None, SwapTicket] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="model-loader", daemon=True)
         self._worker.start()
@@ -84,10 +85,15 @@ class ModelManager:
     def offer(self, path: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> SwapTicket:
         """Hand over a candidate (an ONNX file with its manifest beside it, or a model folder)."""
         ticket = SwapTicket(str(path))
+        if self._closed:
+            ticket.error = "the runtime has stopped"
+            ticket._verified.set()
+            return ticket
         self._queue.put((str(path), str(manifest_path) if manifest_path else None, ticket))
         return ticket
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._worker.join(timeout=30)
 

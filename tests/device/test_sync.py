@@ -1,0 +1,166 @@
+"""The headset's sync client against a real server (uvicorn on 127.0.0.1, fast fake jobs)."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from cloud.app import create_app
+from cloud.settings import Settings
+from device.journal import Journal
+from device.sync import ModelVerificationError, SyncClient, parse_sse, verify_model_folder
+from shared.worlds import render_scene
+from tests.cloud import fakes
+from tests.cloud.conftest import ThreadedServer, data_dir, free_port, provision, public_key, registry_template, \
+    base_run, wait_for  # noqa: F401  (fixtures)
+
+
+def journal_with_frames(root, n: int, start: int = 0) -> Journal:
+    j = Journal(root).start()
+    for i in range(start, start + n):
+        rgb, _ = render_scene("forest", 3, i, 32)
+        assert j.submit(rgb, {"frame_index": i, "reason": "every-k"})
+        time.sleep(0.002)
+    j.close()
+    return j
+
+
+def client(url, token, data_dir, tmp_path, **kw) -> SyncClient:
+    kw.setdefault("backoff_initial", 0.05)
+    kw.setdefault("backoff_max", 0.2)
+    return SyncClient(url, token, trust_key=public_key(data_dir), download_dir=tmp_path / "downloads",
+                      log=lambda m: None, **kw)
+
+
+def test_uploads_catch_up_after_offline_and_never_resend(data_dir, tmp_path):
+    token = provision(data_dir, "wearer1")
+    journal = journal_with_frames(tmp_path / "journal", 10)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the headset is offline
+    offline = client(dead, token, data_dir, tmp_path, journal=journal, batch_frames=4, timeout=2)
+    with pytest.raises(Exception):
+        offline.upload_pending()
+    assert journal.uploaded_through() == -1
+    offline.start()
+    wait_for(lambda: offline.stats.upload_failures >= 2, what="retries while offline")
+    offline.stop()
+    assert journal.uploaded_through() == -1
+
+    with ThreadedServer(create_app(Settings(data_dir=data_dir, auto_job_frames=0), runner=fakes.accept_job)) as srv:
+        sync = client(srv.url, token, data_dir, tmp_path, journal=journal, batch_frames=4, upload_interval=0.05)
+        sync.start()
+        wait_for(lambda: journal.uploaded_through() == 9, what="the journal to be uploaded")
+        sync.stop()
+        assert sync.stats.uploaded_batches == 3 and sync.stats.uploaded_frames == 10
+        assert not journal.pending_batches()
+        assert sync.upload_pending() == 0  # nothing is sent twice
+        more = journal_with_frames(tmp_path / "journal", 3, start=10)
+        assert client(srv.url, token, data_dir, tmp_path, journal=more).upload_pending() == 1
+    from cloud.storage import SQLiteStorage
+    s = SQLiteStorage(data_dir / "cloud.sqlite3")
+    assert (s.upload_count(), s.frame_count()) == (4, 13)
+    s.close()
+
+
+def test_event_stream_delivers_a_verified_model_to_the_runtime(data_dir, tmp_path):
+    token = provision(data_dir, "wearer1")
+    journal = journal_with_frames(tmp_path / "journal", 6)
+    offered = []
+    settings = Settings(data_dir=data_dir, auto_job_frames=6, sse_keepalive_s=0.5)
+    with ThreadedServer(create_app(settings, runner=fakes.accept_job)) as srv:
+        sync = client(srv.url, token, data_dir, tmp_path, journal=journal, offer=offered.append,
+                      current_version=lambda: offered and json.loads((offered[-1] / "manifest.json").read_text())[
+                          "version"] or "base-v1", upload_interval=0.05)
+        sync.start()
+        wait_for(lambda: offered, timeout=20, what="a model offer")
+        sync.stop()
+    folder = offered[0]
+    m = verify_model_folder(folder, public_key(data_dir))
+    assert m.version.startswith("wearer1-j_") and m.parent_version == "base-v1"
+    assert sync.stats.sse_connects >= 1 and sync.stats.models_offered == 1 and sync.stats.mode == "sse"
+    assert [e["event"] for e in sync.stats.timeline] == ["event", "downloaded", "offered"]
+
+
+def test_polling_fallback_when_events_are_unavailable(data_dir, tmp_path):
+    token = provision(data_dir, "wearer1")
+    offered = []
+    app = create_app(Settings(data_dir=data_dir), runner=fakes.accept_job)
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", "") != "/v1/events"]
+    with ThreadedServer(app) as srv:
+        sync = client(srv.url, token, data_dir, tmp_path, offer=offered.append, current_version=lambda: None,
+                      poll_interval=0.1, sse_failures_before_polling=2)
+        sync.start()
+        wait_for(lambda: offered, timeout=20, what="a model by polling")
+        sync.stop()
+    assert sync.stats.mode == "polling" and sync.stats.polls >= 1
+    assert verify_model_folder(offered[0], public_key(data_dir)).version == "base-v1"
+
+
+def _tamper_blob(data_dir, sha: str, mutate) -> None:
+    path = data_dir / "blobs" / sha[:2] / sha
+    path.chmod(0o644)
+    path.write_bytes(mutate(path.read_bytes()))
+
+
+@pytest.mark.parametrize("what", ["model", "manifest", "signature", "wrong key"])
+def test_tampered_models_are_rejected_by_the_device(data_dir, tmp_path, what):
+    from cloud.storage import SQLiteStorage
+
+    token = provision(data_dir, "wearer1")
+    s = SQLiteStorage(data_dir / "cloud.sqlite3")
+    base = s.version("base-v1")
+    s.close()
+    if what == "model":
+        _tamper_blob(data_dir, base.onnx_sha256, lambda b: b[:-1] + bytes([b[-1] ^ 1]))
+    elif what == "manifest":  # claim other metrics without re-signing
+        _tamper_blob(data_dir, base.manifest_sha256,
+                     lambda b: json.dumps({**json.loads(b), "metrics": {"held_out": {"class_error_pct": 0.0}}}).encode())
+    elif what == "signature":
+        _tamper_blob(data_dir, base.manifest_sha256,
+                     lambda b: json.dumps({**json.loads(b), "signature": "A" * 88}).encode())
+    offered = []
+    with ThreadedServer(create_app(Settings(data_dir=data_dir), runner=fakes.accept_job)) as srv:
+        key = public_key(data_dir) if what != "wrong key" else bytes(32)
+        sync = SyncClient(srv.url, token, trust_key=key if what != "wrong key" else
+                          __import__("shared.hashing", fromlist=["x"]).generate_keypair()[1],
+                          download_dir=tmp_path / "dl", offer=offered.append, current_version=lambda: None,
+                          log=lambda m: None)
+        assert sync.check_for_model() is None
+        sync.stop()
+    assert offered == [] and sync.stats.models_rejected == 1
+    assert not (tmp_path / "dl" / "base-v1").exists()
+
+
+def test_interrupted_download_resumes_with_range(data_dir, tmp_path):
+    token = provision(data_dir, "wearer1")
+    with ThreadedServer(create_app(Settings(data_dir=data_dir), runner=fakes.accept_job)) as srv:
+        import httpx
+        full = httpx.get(f"{srv.url}/v1/models/base-v1/model.onnx", headers={"Authorization": f"Bearer {token}"})
+        partial = tmp_path / "dl" / ".partial"
+        partial.mkdir(parents=True)
+        (partial / "base-v1.onnx").write_bytes(full.content[:5000])  # a download cut off at 5000 bytes
+        (partial / "base-v1.etag").write_text(full.headers["etag"])
+        seen = []
+        sync = SyncClient(srv.url, token, trust_key=public_key(data_dir), download_dir=tmp_path / "dl",
+                          offer=seen.append, current_version=lambda: None, log=lambda m: None)
+        orig = sync._http.stream
+
+        def spy(method, url, headers=None, **kw):
+            seen.append(headers.get("Range"))
+            return orig(method, url, headers=headers, **kw)
+        sync._http.stream = spy
+        folder = sync.check_for_model()
+        sync.stop()
+    assert seen[0] == "bytes=5000-"
+    assert (folder / "model.onnx").read_bytes() == full.content
+    verify_model_folder(folder, public_key(data_dir))
+
+
+def test_verify_model_folder_and_sse_parser(tmp_path):
+    assert list(parse_sse(["retry: 10", "", ": ka", "event: model_available", "data: {\"a\":1}", "", "data: x",
+                           ""])) == [("model_available", '{"a":1}'), ("message", "x")]
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "model.onnx").write_bytes(np.zeros(4).tobytes())
+    with pytest.raises(ModelVerificationError):
+        verify_model_folder(tmp_path, bytes(32))
