@@ -240,7 +240,7 @@ def save_classifier(out_dir: str | Path, model: nn.Module, **extra: Any) -> Path
     """Write ``out_dir/checkpoint.pt`` in the classifier format (arch, config, weights, extra)."""
     path = Path(out_dir) / CHECKPOINT_NAME
     state = {"format": CLASSIFIER_FORMAT, "task": "classify", "arch": model.arch,  # type: ignore[attr-defined]
-             "config": model.cfg.to_dict(), "model": model.state_dict(), **extra}  # type: ignore[attr-defined]
+             "net": model.cfg.to_dict(), "model": model.state_dict(), **extra}  # type: ignore[attr-defined]
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -271,7 +271,7 @@ def read_classifier_checkpoint(run_dir: str | Path, what: str = "model") -> dict
 
 def classifier_from_checkpoint(ckpt: dict[str, Any], what: str = "model") -> nn.Module:
     try:
-        model = create_classifier(ckpt["arch"], NetConfig.from_dict(ckpt["config"]))
+        model = create_classifier(ckpt["arch"], NetConfig.from_dict(ckpt["net"]))
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise UserError(f"{what}: checkpoint does not match its {ckpt.get('arch')!r} architecture: "

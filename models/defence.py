@@ -1,0 +1,310 @@
+"""Adversarial defences by name: ``none``, ``fgsm-at``, ``great``, ``greace``, ``great+ce``.
+
+GREAT / GREACE follow the paper's Algorithm 1:
+
+* masked input gradient g = d J_bar / dx: the cross-entropy's logit gradient masked to
+  the true class, (softmax(a) - onehot(y)) * onehot(y), taken to x per sample with
+  ``torch.autograd.grad(a, x, grad_outputs=..., create_graph=True)``; so
+  g = (p_y - 1) * d a_y / dx (:func:`masked_input_gradient`);
+* an auxiliary classifier A (the main network's family, leaky-ReLU 0.2) classifies g
+  (per-sample RMS-normalised by default: an explicit, recorded choice) into y;
+* ``great``: A descends CE(A(g), y); the main network gets -alpha * dCE(A(g), y)/dtheta
+  through g (double backprop). Both come from ONE backward: g enters A through
+  :func:`scale_gradient` (identity forward, gradient times -alpha);
+* ``greace``: the surrogate beta * sum_{k != y} sg(softmax(a')_k) * a_k (a' = A's logits)
+  is added to the loss: its logit gradient is exactly beta * p'_k on the negative classes
+  (:func:`greace_surrogate`);
+* schedules alpha = alpha_max (1 - m), beta = beta_max (1 - m), m = (1 - e/e_max)^0.9.
+  While alpha = 0 (epoch 0) g is taken without a graph: no double backprop is paid for.
+
+``fgsm-at`` is the paper's adversarial-training baseline: each sample of the batch is
+replaced by its FGSM example (eps 0.2, generated with frozen BN statistics) with
+probability 0.5 and the loss is the batch-mean cross-entropy, i.e. 0.5 (L_clean + L_adv)
+in expectation, at the cost of one extra forward/backward.
+
+A defence is an ``nn.Module`` (the auxiliary classifier and its optimizer state save
+with it). :meth:`Defence.step` fills the main network's ``.grad`` (accumulating) and
+steps the defence's own optimizer; the caller owns the main optimizer.
+:func:`create_class_defence` adapts a defence to the multi-task network's class head
+for ``hmd train --defence``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from shared.errors import UserError
+
+from models.attacks import fgsm_step
+from models.classifier import FrozenBatchNormStats, aux_copy_config, create_classifier, normalise_per_sample
+from models.network import NetConfig
+from models.weighting import poly_multiplier
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+_REGISTRY: dict[str, type["Defence"]] = {}
+
+
+def register_defence(name: str):
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"defence {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def list_defences() -> list[str]:
+    return list(_REGISTRY)
+
+
+def create_defence(name: str, net_cfg: NetConfig, **options: Any) -> "Defence":
+    """A defence for a classifier of architecture ``net_cfg`` (its aux net copies the family)."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown defence {name!r} (choose from {', '.join(_REGISTRY)})")
+    return _REGISTRY[name](net_cfg, **options)
+
+
+# --- the maths ------------------------------------------------------------------------------
+
+def masked_input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+                          create_graph: bool = True) -> torch.Tensor:
+    """g_i = d CE_i / d x_i with the logit gradient masked to the true class: (p_y - 1) d a_y / dx.
+
+    Per sample (sum over the batch, not mean). With ``create_graph`` g is differentiable in the
+    network's parameters (double backprop); the forward graph is always retained.
+    """
+    onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    grad_outputs = (torch.softmax(logits, 1) - onehot) * onehot
+    (g,) = torch.autograd.grad(logits, x, grad_outputs=grad_outputs, create_graph=create_graph,
+                               retain_graph=True)
+    return g
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; the backward multiplies the gradient by ``scale`` (-alpha: reversal)."""
+    if scale == 1.0:
+        return x
+    return x.detach() + scale * (x - x.detach())
+
+
+def greace_surrogate(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mean_i sum_{k != y_i} sg(softmax(a'_i)_k) a_ik: its gradient w.r.t. a_ik is p'_ik / B on the
+    negative classes and 0 on the true class (times beta by the caller)."""
+    p_aux = torch.softmax(aux_logits.detach(), 1)
+    negatives = 1.0 - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return (p_aux * negatives * logits).sum(1).mean()
+
+
+def ramp(max_value: float, epoch: float, epochs: int) -> float:
+    """The paper's schedule max_value * (1 - m): 0 at e = 0, max_value at e = e_max."""
+    return max_value * (1.0 - poly_multiplier(epoch, epochs))
+
+
+# --- defences -------------------------------------------------------------------------------
+
+class Defence(nn.Module):
+    name = "base"
+    uses_aux = False
+
+    def __init__(self, net_cfg: NetConfig, seed: int = 0, **_: Any):
+        # options meant for other defences (the CLI passes one set to all) are ignored
+        super().__init__()
+        self.net_cfg = net_cfg
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch: float, epochs: int) -> None:
+        """Called once per epoch before its first step (schedules, own lr multiplier)."""
+
+    def loss(self, logits_fn: LogitsFn, x: torch.Tensor, y: torch.Tensor,
+             include_ce: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """The main network's training loss (``include_ce=False``: only what the defence adds)."""
+        raise NotImplementedError
+
+    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def train_step(self, logits_fn: LogitsFn, x: torch.Tensor, y: torch.Tensor,
+                   include_ce: bool = True) -> dict[str, float]:
+        """Backward of :meth:`loss` (accumulates into the main grads) and the defence's own steps."""
+        for opt in self._own_optimizers():
+            opt.zero_grad(set_to_none=True)
+        total, logs = self.loss(logits_fn, x, y, include_ce)
+        if total.requires_grad:
+            total.backward()
+        for opt in self._own_optimizers():
+            opt.step()
+        return logs
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self._own_optimizers()]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        for o, s in zip(self._own_optimizers(), state.get("optimizers", [])):
+            o.load_state_dict(s)
+
+
+@register_defence("none")
+class NoDefence(Defence):
+    """Plain cross-entropy: the undefended baseline."""
+
+    def loss(self, logits_fn, x, y, include_ce=True):
+        if not include_ce:
+            return torch.zeros(()), {}
+        ce = F.cross_entropy(logits_fn(x), y)
+        return ce, {"ce": float(ce.detach())}
+
+
+@register_defence("fgsm-at")
+class FGSMAdversarialTraining(Defence):
+    """Clean or FGSM (eps) sample with equal probability, batch-mean CE = 0.5 (L_clean + L_adv).
+
+    In the multi-task hook (``include_ce=False``) the weighting method owns the clean loss, so
+    this adds the CE of the FGSM examples of the whole labelled batch."""
+
+    def __init__(self, net_cfg, seed: int = 0, eps: float = 0.2, **_: Any):
+        super().__init__(net_cfg, seed)
+        self.eps = float(eps)
+
+    def loss(self, logits_fn, x, y, include_ce=True):
+        with FrozenBatchNormStats(_module_of(logits_fn)):
+            x_adv = fgsm_step(logits_fn, x, y, self.eps)
+        if not include_ce:
+            adv = F.cross_entropy(logits_fn(x_adv), y)
+            return adv, {"ce_adv": float(adv.detach())}
+        use_adv = torch.rand(len(y), generator=self.generator) < 0.5
+        x_mix = torch.where(use_adv.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
+        ce = F.cross_entropy(logits_fn(x_mix), y)
+        return ce, {"ce": float(ce.detach()), "adv_fraction": float(use_adv.float().mean())}
+
+
+def _module_of(logits_fn: LogitsFn) -> nn.Module:
+    if isinstance(logits_fn, nn.Module):
+        return logits_fn
+    module = getattr(logits_fn, "module", None)
+    if not isinstance(module, nn.Module):
+        raise TypeError("logits_fn must be an nn.Module or carry one as .module")
+    return module
+
+
+class GradientAdversarialDefence(Defence):
+    """GREAT and/or GREACE (Algorithm 1). Options: ``alpha_max`` (1), ``beta_max`` (2 CIFAR-10,
+    10 SVHN), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
+    "none"), ``aux_width`` (None = the main network's width), ``aux_arch`` ("resnet")."""
+
+    uses_aux = True
+    reversal = True
+    greace = True
+
+    def __init__(self, net_cfg: NetConfig, seed: int = 0, alpha_max: float = 1.0, beta_max: float = 2.0,
+                 aux_lr: float = 1e-3, aux_norm: str = "rms", aux_width: int | None = None,
+                 aux_arch: str = "resnet", **_: Any):
+        super().__init__(net_cfg, seed)
+        if aux_norm not in ("rms", "none"):
+            raise UserError(f"aux_norm must be 'rms' or 'none', got {aux_norm!r}")
+        self.alpha_max = float(alpha_max) if self.reversal else 0.0
+        self.beta_max = float(beta_max) if self.greace else 0.0
+        self.aux_norm = aux_norm
+        aux_cfg = aux_copy_config(net_cfg)
+        if aux_width:
+            aux_cfg = dataclasses.replace(aux_cfg, width=int(aux_width))
+        self.aux = create_classifier(aux_arch, aux_cfg)
+        self.aux_optimizer = torch.optim.Adam(self.aux.parameters(), lr=aux_lr)
+        self.alpha, self.beta = 0.0, 0.0
+
+    def _own_optimizers(self):
+        return [self.aux_optimizer]
+
+    def set_epoch(self, epoch, epochs):
+        m = poly_multiplier(epoch, epochs)
+        for g in self.aux_optimizer.param_groups:  # the aux net follows the main lr policy
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * m
+        self.alpha = ramp(self.alpha_max, epoch, epochs)
+        self.beta = ramp(self.beta_max, epoch, epochs)
+
+    def loss(self, logits_fn, x, y, include_ce=True):
+        x = x.detach().requires_grad_(True)
+        logits = logits_fn(x)
+        double_backprop = self.alpha > 0.0
+        g = masked_input_gradient(logits, x, y, create_graph=double_backprop)
+        if not double_backprop:
+            g = g.detach()
+        aux_in = normalise_per_sample(g) if self.aux_norm == "rms" else g
+        # one aux forward/backward: theta' descends CE(A(g), y); theta gets -alpha * its gradient
+        aux_logits = self.aux(scale_gradient(aux_in, -self.alpha) if double_backprop else aux_in)
+        aux_loss = F.cross_entropy(aux_logits, y)
+        total = aux_loss
+        logs = {"aux_loss": float(aux_loss.detach()),
+                "aux_acc": float((aux_logits.detach().argmax(1) == y).float().mean()),
+                "alpha": self.alpha, "beta": self.beta}
+        if include_ce:
+            ce = F.cross_entropy(logits, y)
+            total = total + ce
+            logs["ce"] = float(ce.detach())
+        if self.beta > 0.0:
+            total = total + self.beta * greace_surrogate(logits, aux_logits, y)
+        return total, logs
+
+
+@register_defence("great")
+class GREAT(GradientAdversarialDefence):
+    reversal, greace = True, False
+
+
+@register_defence("greace")
+class GREACE(GradientAdversarialDefence):
+    reversal, greace = False, True
+
+
+@register_defence("great+ce")
+class GREATPlusCE(GradientAdversarialDefence):
+    reversal, greace = True, True
+
+
+# --- the multi-task hook ---------------------------------------------------------------------
+
+class ClassHeadLogits(nn.Module):
+    """The multi-task network's class logits alone (encoder + class head: no dense decoders)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head("class")(self.model.encode(x))
+
+
+class MultiTaskClassDefence(nn.Module):
+    """``hmd train --defence NAME``: after the weighting method filled the grads, :meth:`step`
+    ADDS the defence's extra contribution for the class head (the reversed aux signal through
+    the masked input gradient, the GREACE surrogate, FGSM examples), on the labelled samples
+    only, and steps the defence's own optimizer. The defence's forward does not move BN
+    running statistics (the weighting method's forward already did, on the same batch)."""
+
+    def __init__(self, defence: Defence):
+        super().__init__()
+        self.defence = defence
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        self.defence.set_epoch(epoch, epochs)
+
+    def step(self, model: nn.Module, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        labels = targets["class"]
+        labelled = labels >= 0
+        if not bool(labelled.any()):
+            return {}
+        logits_fn = ClassHeadLogits(model)
+        with FrozenBatchNormStats(model):
+            logs = self.defence.train_step(logits_fn, x[labelled], labels[labelled], include_ce=False)
+        return {f"defence_{k}": v for k, v in logs.items()}
+
+
+def create_class_defence(name: str, model: nn.Module, **options: Any) -> MultiTaskClassDefence:
+    """The defence ``name`` for the class head of a :class:`models.network.MultiTaskNet`."""
+    cfg = model.cfg
+    return MultiTaskClassDefence(create_defence(name, cfg, **options))

@@ -1,0 +1,192 @@
+"""Knowledge distillation methods by name: ``none``, ``kd``, ``great``.
+
+``none``   the student trained on the labels alone (the paper's "Baseline").
+``kd``     soft targets (Hinton et al.): alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
+           + (1 - alpha) * CE(s, y); the paper's grid: T = 20, alpha 0.1 dense, 0.99 sparse.
+``great``  Algorithm 2: a binary discriminator f (the student's family, leaky-ReLU 0.2)
+           learns teacher input gradients -> 1, student input gradients -> 0; the student
+           minimises (1 - alpha) CE(s, y) and receives the reversed discriminator signal
+           -alpha * d BCE(f(g_s), 0) / dtheta through g_s = dJ(S(x), y)/dx (double
+           backprop); alpha = 0.1. Teacher and student gradients go through the
+           discriminator as ONE batch (BN sees both), g_s through :func:`scale_gradient`
+           so a single backward trains f and sends -alpha times its gradient to the student.
+           Gradients are RMS-normalised per sample by default (``disc_norm``): otherwise the
+           two networks' gradient scales alone would separate them.
+
+A method is an ``nn.Module`` (the discriminator and its optimizer state save with it);
+:meth:`DistillMethod.train_step` fills the student's ``.grad`` and steps its own optimizer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from shared.errors import UserError
+
+from models.classifier import aux_copy_config, create_classifier, normalise_per_sample
+from models.defence import scale_gradient
+from models.network import NetConfig
+
+_REGISTRY: dict[str, type["DistillMethod"]] = {}
+
+PAPER_KD = {"temperature": 20.0, "alpha_dense": 0.1, "alpha_sparse": 0.99}
+PAPER_GREAT_ALPHA = 0.1
+
+
+def register_distill(name: str):
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"distillation method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def list_distill_methods() -> list[str]:
+    return list(_REGISTRY)
+
+
+def create_distill(name: str, student_cfg: NetConfig, teacher: nn.Module, **options: Any) -> "DistillMethod":
+    if name not in _REGISTRY:
+        raise UserError(f"unknown distillation method {name!r} (choose from {', '.join(_REGISTRY)})")
+    return _REGISTRY[name](student_cfg, teacher, **options)
+
+
+# --- the maths ------------------------------------------------------------------------------
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) (batch mean) + (1 - alpha) * CE(s, y)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits.detach() / t, 1),
+                  reduction="batchmean", log_target=True)
+    return alpha * t * t * kl + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+                   create_graph: bool) -> torch.Tensor:
+    """Per-sample d CE(logits_i, y_i) / d x_i (sum over the batch)."""
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x,
+                               create_graph=create_graph, retain_graph=create_graph)
+    return g
+
+
+def discriminator_labels(n_teacher: int, n_student: int) -> torch.Tensor:
+    """Teacher gradients are the 'real' class 1, student gradients 0 (Algorithm 2, line 6)."""
+    return torch.cat([torch.ones(n_teacher), torch.zeros(n_student)])
+
+
+# --- methods --------------------------------------------------------------------------------
+
+class DistillMethod(nn.Module):
+    name = "base"
+
+    def __init__(self, student_cfg: NetConfig, teacher: nn.Module, **_: Any):
+        super().__init__()
+        self.teacher = [teacher.eval()]  # a list: not a submodule, so not in this state_dict
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def teacher_model(self) -> nn.Module:
+        return self.teacher[0]
+
+    def set_epoch(self, epoch: float, epochs: int) -> None:
+        """Per-epoch hook (own lr multiplier)."""
+
+    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def train_step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        for opt in self._own_optimizers():
+            opt.zero_grad(set_to_none=True)
+        total, logs = self.loss(student, x, y)
+        total.backward()
+        for opt in self._own_optimizers():
+            opt.step()
+        return logs
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self._own_optimizers()]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        for o, s in zip(self._own_optimizers(), state.get("optimizers", [])):
+            o.load_state_dict(s)
+
+
+@register_distill("none")
+class NoDistillation(DistillMethod):
+    def loss(self, student, x, y):
+        ce = F.cross_entropy(student(x), y)
+        return ce, {"ce": float(ce.detach())}
+
+
+@register_distill("kd")
+class SoftTargets(DistillMethod):
+    """Options: ``temperature`` (20), ``alpha`` (the KL weight: 0.1 dense, 0.99 sparse)."""
+
+    def __init__(self, student_cfg, teacher, temperature: float = PAPER_KD["temperature"],
+                 alpha: float = PAPER_KD["alpha_dense"], **_: Any):
+        super().__init__(student_cfg, teacher)
+        self.temperature, self.alpha = float(temperature), float(alpha)
+
+    def loss(self, student, x, y):
+        s = student(x)
+        with torch.no_grad():
+            t = self.teacher_model(x)
+        total = kd_loss(s, t, y, self.temperature, self.alpha)
+        return total, {"loss": float(total.detach()), "ce": float(F.cross_entropy(s.detach(), y))}
+
+
+@register_distill("great")
+class GradientAdversarialDistillation(DistillMethod):
+    """Algorithm 2. Options: ``alpha`` (0.1), ``disc_lr`` (Adam 1e-3), ``disc_norm`` ("rms"/"none"),
+    ``disc_arch`` (default: the student's architecture, leaky-ReLU 0.2)."""
+
+    def __init__(self, student_cfg, teacher, alpha: float = PAPER_GREAT_ALPHA, disc_lr: float = 1e-3,
+                 disc_norm: str = "rms", disc_arch: str = "cnn5", **_: Any):
+        super().__init__(student_cfg, teacher)
+        if disc_norm not in ("rms", "none"):
+            raise UserError(f"disc_norm must be 'rms' or 'none', got {disc_norm!r}")
+        self.alpha, self.disc_norm = float(alpha), disc_norm
+        self.discriminator = create_classifier(disc_arch, aux_copy_config(student_cfg, num_classes=1))
+        self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=disc_lr)
+
+    def _own_optimizers(self):
+        return [self.disc_optimizer]
+
+    def set_epoch(self, epoch, epochs):
+        from models.weighting import poly_multiplier
+        m = poly_multiplier(epoch, epochs)
+        for g in self.disc_optimizer.param_groups:
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * m
+
+    def _prep(self, g: torch.Tensor) -> torch.Tensor:
+        return normalise_per_sample(g) if self.disc_norm == "rms" else g
+
+    def loss(self, student, x, y):
+        x = x.detach().requires_grad_(True)
+        s = student(x)
+        ce = F.cross_entropy(s, y)
+        g_s = input_gradient(s, x, y, create_graph=True)
+        with torch.enable_grad():
+            xt = x.detach().requires_grad_(True)
+            g_t = input_gradient(self.teacher_model(xt), xt, y, create_graph=False).detach()
+        d_in = torch.cat([self._prep(g_t), scale_gradient(self._prep(g_s), -self.alpha)])
+        d_logits = self.discriminator(d_in).squeeze(1)
+        labels = discriminator_labels(len(g_t), len(g_s)).to(d_logits.dtype)
+        n = len(g_t)
+        # C' = J(f(g_t), 1) + J(f(g_s), 0)
+        d_loss = (F.binary_cross_entropy_with_logits(d_logits[:n], labels[:n])
+                  + F.binary_cross_entropy_with_logits(d_logits[n:], labels[n:]))
+        total = (1.0 - self.alpha) * ce + d_loss
+        with torch.no_grad():
+            d_acc = float(((d_logits > 0).to(labels.dtype) == labels).float().mean())
+        return total, {"ce": float(ce.detach()), "disc_loss": float(d_loss.detach()), "disc_acc": d_acc}
