@@ -138,8 +138,13 @@ class Journal:
         for p in (self.root / "index").iterdir():
             if p.name.startswith("."):
                 p.unlink(missing_ok=True)
-            else:
-                self._segments[f"index/{p.name}"] = p.stat().st_size
+                continue
+            data = p.read_bytes()
+            if data and not data.endswith(b"\n"):  # a torn last line: cut it, or the next line joins it
+                with open(p, "r+b") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
+                    os.fsync(fh.fileno())
+            self._segments[f"index/{p.name}"] = p.stat().st_size
         self._live = deque((e["seq"], e["bytes"]) for e in entries)
         self._next_seq = max_seq + 1
         self._evict()

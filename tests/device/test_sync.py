@@ -85,8 +85,14 @@ def test_event_stream_delivers_a_verified_model_to_the_runtime(data_dir, tmp_pat
 def test_polling_fallback_when_events_are_unavailable(data_dir, tmp_path):
     token = provision(data_dir, "wearer1")
     offered = []
-    app = create_app(Settings(data_dir=data_dir), runner=fakes.accept_job)
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", "") != "/v1/events"]
+    inner = create_app(Settings(data_dir=data_dir), runner=fakes.accept_job)
+
+    async def app(scope, receive, send):  # a proxy that does not pass event streams
+        if scope["type"] == "http" and scope["path"] == "/v1/events":
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await inner(scope, receive, send)
     with ThreadedServer(app) as srv:
         sync = client(srv.url, token, data_dir, tmp_path, offer=offered.append, current_version=lambda: None,
                       poll_interval=0.1, sse_failures_before_polling=2)
