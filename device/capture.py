@@ -185,6 +185,16 @@ class VideoSource(FrameSource):
         self._cap.release()
 
 
+def _open_camera_quietly(index: int) -> "cv2.VideoCapture":
+    """OpenCV logs several backend warnings for a missing camera; we report it in one line instead."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.VideoCapture(index)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
 class WebcamSource(FrameSource):
     """A camera by index. A camera that drops out is reopened with exponential backoff; after
     ``give_up_s`` without a frame the source ends (reported in the summary)."""
@@ -192,7 +202,7 @@ class WebcamSource(FrameSource):
     def __init__(self, index: int, opener: Callable[[int], "cv2.VideoCapture"] | None = None,
                  backoff: tuple[float, float] = (0.05, 2.0), give_up_s: float = 15.0):
         self.index, self.name, self.fps = index, f"webcam:{index}", 0.0  # the camera paces itself
-        self._open = opener or (lambda i: cv2.VideoCapture(i))
+        self._open = opener or _open_camera_quietly
         self._backoff, self._give_up_s = backoff, give_up_s
         self.reopens = 0
         self._cap = self._open(index)
