@@ -1,0 +1,124 @@
+"""`hmd bench train`: ms per training step of every weighting method on the same network and
+batch, measured round-robin in one run, with ratios to ``equal``; peak step memory of each
+method measured in its own subprocess; data generation speed against training speed."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from models.data import TaskData, load_source
+from models.network import TASKS, MultiTaskNet, NetConfig
+from models.weighting import create_method, list_methods
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (round-robin)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument("--robust", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the defence (great+ce) and GREAT distillation steps")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+
+
+def _setup(method_name: str, args) -> tuple:
+    torch.manual_seed(0)
+    model = MultiTaskNet(NetConfig(width=args.width)).train()
+    data = TaskData(load_source("synthetic:256", "train", args.size))
+    g = torch.Generator().manual_seed(0)
+    x, targets = data.batch(torch.arange(args.batch_size) % len(data), g)
+    method = create_method(method_name, TASKS)
+    with torch.no_grad():
+        method.setup(model, model.encode(x[:1]).shape)
+    opt = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        method.step(model, x, targets)
+        opt.step()
+    return step
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _memory_child(args) -> int:
+    torch.set_num_threads(args.threads)
+    step = _setup(args.memory_child, args)
+    before = _rss_mb()
+    for _ in range(3):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rss_before_mb": before, "peak_rss_mb": peak, "step_mb": peak - before}))
+    return 0
+
+
+def measure_memory(method: str, args) -> dict:
+    cmd = [sys.executable, "-m", "hmd", "bench", "train", "--memory-child", method, "--batch-size",
+           str(args.batch_size), "--size", str(args.size), "--width", str(args.width), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.memory_child:
+        return _memory_child(args)
+    torch.set_num_threads(args.threads)
+    methods = list_methods()
+    steps = {m: _setup(m, args) for m in methods}
+    for m in methods:
+        for _ in range(args.warmup):
+            steps[m]()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.steps):  # round-robin: machine noise hits every method alike
+        for m in methods:
+            t = time.perf_counter()
+            steps[m]()
+            times[m].append(time.perf_counter() - t)
+    ms = {m: 1000 * statistics.median(v) for m, v in times.items()}
+    result: dict = {
+        "benchmark": "train",
+        "config": {"batch_size": args.batch_size, "size": args.size, "width": args.width,
+                   "steps": args.steps, "threads": args.threads},
+        "ms_per_step": ms,
+        "ratios": {f"{m}/equal": ms[m] / ms["equal"] for m in methods if m != "equal"},
+        "targets": {"great/equal": 1.15, "gradnorm/equal": 1.5, "great/equal memory": 1.2},
+    }
+    # data generation must keep up with training
+    t = time.perf_counter()
+    frames = load_source("synthetic:200", "train", args.size)
+    TaskData(frames)
+    gen_ms = 1000 * (time.perf_counter() - t) / len(frames)
+    result["data"] = {"generate_and_targets_ms_per_frame": gen_ms,
+                      "train_ms_per_frame_great": ms["great"] / args.batch_size,
+                      "generation_speed_over_training_speed": (ms["great"] / args.batch_size) / gen_ms}
+    if not args.no_memory:
+        mem = {m: measure_memory(m, args) for m in ("equal", "great")}
+        result["memory"] = mem
+        result["ratios"]["great/equal memory"] = mem["great"]["step_mb"] / max(1e-6, mem["equal"]["step_mb"])
+        result["ratios"]["great/equal peak rss"] = mem["great"]["peak_rss_mb"] / mem["equal"]["peak_rss_mb"]
+    if args.robust:
+        try:
+            from models.bench_robust import robust_step_ratios
+        except ImportError:
+            robust_step_ratios = None
+        if robust_step_ratios is not None:
+            robust = robust_step_ratios(batch_size=args.batch_size, size=32, repeats=args.steps)
+            result["robust"] = robust
+            for k, v in robust.items():
+                if "/" in k:
+                    result["ratios"][k] = v
+    print(json.dumps(result, indent=2))
+    return 0

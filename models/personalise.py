@@ -1,0 +1,165 @@
+"""Personalisation: fine-tune a wearer's current model on their own frames, with GREAT.
+
+The three dense tasks (colour, edges, denoised) are self-supervised from the
+wearer's colour frames; the class task gets targets distilled from a larger
+cloud teacher on those frames (confident predictions only); replay of the base
+training data keeps the model from forgetting. The candidate must pass a gate:
+better on held-out wearer frames, and not worse beyond ``tolerance`` on the
+base validation set. Used by the cloud worker and by on-device retraining.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+
+from shared.atomic import atomic_write_json
+from shared.errors import UserError
+
+from models.data import FrameSet, TaskData, load_source
+from models.train import TrainConfig, evaluate, load_model, train
+
+DENSE_METRICS = ("rmse_colour", "rmse_edges", "rmse_denoised")
+
+
+@dataclasses.dataclass
+class PersonaliseResult:
+    accepted: bool
+    reason: str
+    run_dir: Path
+    evaluation: dict[str, Any]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "reason": self.reason, "run_dir": str(self.run_dir),
+                "evaluation": self.evaluation, "seconds": self.seconds}
+
+
+def wearer_score(before: dict[str, float], after: dict[str, float]) -> float:
+    """Mean relative change of the dense RMSEs (negative = better), plus the class error change
+    in points / 100 where class targets exist."""
+    rel = [after[k] / before[k] - 1.0 for k in DENSE_METRICS if before.get(k)]
+    if before.get("class_error_pct") is not None and after.get("class_error_pct") is not None:
+        rel.append((after["class_error_pct"] - before["class_error_pct"]) / 100.0)
+    return float(np.mean(rel))
+
+
+def base_regressions(before: dict[str, float], after: dict[str, float], tolerance: float) -> list[str]:
+    """Metrics on the base set that got worse beyond tolerance (relative for RMSE, points for class)."""
+    bad = []
+    for k in DENSE_METRICS:
+        if after[k] > before[k] * (1.0 + tolerance):
+            bad.append(f"{k} {before[k]:.4f} -> {after[k]:.4f}")
+    cb, ca = before.get("class_error_pct"), after.get("class_error_pct")
+    if cb is not None and ca is not None and ca > cb + 100.0 * tolerance:
+        bad.append(f"class_error_pct {cb:.1f} -> {ca:.1f}")
+    return bad
+
+
+def gate(evaluation: dict[str, Any], tolerance: float, min_gain: float = 0.0) -> tuple[bool, str]:
+    score = wearer_score(evaluation["wearer"]["before"], evaluation["wearer"]["after"])
+    evaluation["wearer_score"] = score
+    if not score < -min_gain:
+        return False, f"not better on the wearer's frames (mean relative change {score:+.3f})"
+    bad = base_regressions(evaluation["base"]["before"], evaluation["base"]["after"], tolerance)
+    if bad:
+        return False, "worse on the base validation set beyond tolerance: " + "; ".join(bad)
+    return True, f"better on the wearer's frames (mean relative change {score:+.3f}), base set within tolerance"
+
+
+@torch.no_grad()
+def teacher_labels(teacher_run: str | Path, frames: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """The teacher's class on clean gray frames; -1 where its confidence is below ``threshold``."""
+    teacher, ck = load_model(teacher_run)
+    h, w = ck["input_size"]
+    if frames.shape[1:3] != (h, w):
+        raise UserError(f"teacher expects {h}x{w} frames, got {frames.shape[1:3]}")
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])[:, None].astype(np.float32) / 255.0
+    probs = torch.softmax(teacher(torch.from_numpy(gray))["class"], 1)
+    conf, labels = probs.max(1)
+    labels[conf < threshold] = -1
+    return labels.numpy().astype(np.int64)
+
+
+def _resize(frames: np.ndarray, h: int, w: int) -> np.ndarray:
+    if frames.shape[1:3] == (h, w):
+        return frames
+    return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def split_wearer(n: int, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every k-th frame is held out (journalled frames are in time order; neighbours look alike)."""
+    k = max(2, int(round(1.0 / max(1e-6, holdout_fraction))))
+    val = (np.arange(n) % k) == k - 1
+    return np.nonzero(~val)[0], np.nonzero(val)[0]
+
+
+def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | Path, *,
+                base_data: str = "synthetic", teacher_run: str | Path | None = None, method: str = "great",
+                epochs: int = 3, max_steps_per_epoch: int | None = None, holdout_fraction: float = 0.2,
+                tolerance: float = 0.02, seed: int = 0, lr: float = 5e-4, batch_size: int = 32,
+                replay_ratio: float = 1.0, log: Callable[[str], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> PersonaliseResult:
+    """Fine-tune ``base_run`` on ``wearer_frames`` (N x H x W x 3 uint8 RGB) into ``out_dir``."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    base_model, ck = load_model(base_run)
+    h, w = ck["input_size"]
+    frames = np.asarray(wearer_frames)
+    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
+        raise UserError(f"wearer frames must be N x H x W x 3 uint8, got {frames.shape} {frames.dtype}")
+    if len(frames) < 10:
+        raise UserError(f"personalisation needs at least 10 wearer frames, got {len(frames)}")
+    frames = _resize(frames, h, w)
+    tr_idx, va_idx = split_wearer(len(frames), holdout_fraction)
+    class_names = ck["class_names"]
+    if teacher_run is not None:
+        labels = teacher_labels(teacher_run, frames)
+        log(f"teacher {teacher_run}: class targets for {int((labels >= 0).sum())}/{len(labels)} wearer frames")
+    else:
+        labels = np.full(len(frames), -1, np.int64)
+    wearer_train = FrameSet(frames[tr_idx], labels[tr_idx], class_names, "wearer")
+    wearer_val = FrameSet(frames[va_idx], labels[va_idx], class_names, "wearer-holdout")
+
+    base_train = load_source(base_data, "train", h, seed)
+    base_val = TaskData(load_source(base_data, "val", h, seed))
+    rng = np.random.default_rng(seed)
+    n_replay = min(len(base_train), max(1, int(round(len(wearer_train) * replay_ratio))))
+    replay = base_train.subset(rng.choice(len(base_train), n_replay, replace=False))
+    mixed = FrameSet(np.concatenate([wearer_train.rgb, replay.rgb]),
+                     np.concatenate([wearer_train.labels, replay.labels]), class_names,
+                     f"wearer({len(wearer_train)})+replay({n_replay} of {base_train.source})")
+    wearer_val_td = TaskData(wearer_val)
+    before = {"wearer": evaluate(base_model, wearer_val_td), "base": evaluate(base_model, base_val)}
+    log(f"personalise: {len(wearer_train)} wearer frames (+{n_replay} replay), {len(wearer_val)} held out; "
+        f"method {method}, {epochs} epochs")
+
+    arch = base_model.cfg
+    cfg = TrainConfig(method=method, data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                      size=h, width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
+                      max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run))
+    metrics = train(cfg, out, log=log, data=(TaskData(mixed), wearer_val_td, mixed), should_stop=should_stop,
+                    command=f"personalise({base_run})")
+    if metrics["stopped"] or not metrics["history"]:
+        return PersonaliseResult(False, "stopped before an epoch finished", out, {"before": before},
+                                 time.perf_counter() - t0)
+    cand, _ = load_model(out)
+    after = {"wearer": evaluate(cand, wearer_val_td), "base": evaluate(cand, base_val)}
+    evaluation: dict[str, Any] = {
+        "wearer": {"before": before["wearer"], "after": after["wearer"], "frames": len(wearer_val)},
+        "base": {"before": before["base"], "after": after["base"], "frames": len(base_val)},
+        "tolerance": tolerance, "method": method, "teacher": str(teacher_run) if teacher_run else None,
+    }
+    accepted, reason = gate(evaluation, tolerance)
+    result = PersonaliseResult(accepted, reason, out, evaluation, time.perf_counter() - t0)
+    atomic_write_json(out / "personalise.json", result.to_dict())
+    log(f"personalise: {'ACCEPTED' if accepted else 'REJECTED'}: {reason}")
+    return result
