@@ -1,0 +1,84 @@
+"""The window path, under a virtual X server (Debian's xvfb): read the screen's pixels back."""
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.device.conftest import ROOT
+
+pytestmark = pytest.mark.skipif(shutil.which("Xvfb") is None,
+                                reason="Xvfb is not installed (apt-get install xvfb): the window test needs it")
+
+
+def read_xwd(path) -> np.ndarray:
+    """Xvfb's -fbdir screen file (XWD format, 24-bit TrueColor) -> RGB uint8 HxWx3."""
+    data = open(path, "rb").read()
+    fields = struct.unpack(">25I", data[:100])
+    header_size, width, height = fields[0], fields[4], fields[5]
+    byte_order, bpp, bytes_per_line, ncolors = fields[7], fields[11], fields[12], fields[19]
+    masks = fields[14:17]
+    assert bpp == 32, f"expected 32 bits per pixel, got {bpp}"
+    start = header_size + ncolors * 12
+    dtype = "<u4" if byte_order == 0 else ">u4"
+    px = np.frombuffer(data, dtype, count=height * bytes_per_line // 4, offset=start)
+    px = px.reshape(height, bytes_per_line // 4)[:, :width]
+    out = []
+    for mask in masks:
+        shift = (mask & -mask).bit_length() - 1
+        out.append(((px & mask) >> shift).astype(np.uint8))
+    return np.stack(out, axis=-1)
+
+
+def test_window_shows_the_overlay_on_a_display(toy, tmp_path):
+    display = f":{90 + os.getpid() % 9}"
+    fbdir = tmp_path / "fb"
+    fbdir.mkdir()
+    xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "320x240x24", "-fbdir", str(fbdir), "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    device = None
+    try:
+        screen = fbdir / "Xvfb_screen0"
+        for _ in range(100):
+            if screen.exists():
+                break
+            time.sleep(0.05)
+        assert screen.exists(), "Xvfb did not start"
+        images = tmp_path / "images"
+        images.mkdir()
+        cv2.imwrite(str(images / "gray.png"), np.full((120, 160, 3), 64, np.uint8))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), DISPLAY=display, QT_QPA_PLATFORM="xcb")
+        device = subprocess.Popen([sys.executable, "-m", "hmd", "device", "--model", str(toy("win")), "--source",
+                                   f"images:{images}", "--loop", "--fps", "20", "--mode", "colour",
+                                   "--duration", "60"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        # toy colour of gray 64 = RGB (64, 191, 128): wait until the window shows it
+        target = np.array([64, 191, 128])
+        found = 0
+        deadline = time.time() + 30
+        while time.time() < deadline and device.poll() is None:
+            pixels = read_xwd(screen).astype(int)
+            found = int((np.abs(pixels - target).max(axis=2) <= 2).sum())
+            if found >= 100 * 140:  # most of the 160x120 frame below the HUD band
+                break
+            time.sleep(0.2)
+        assert device.poll() is None, device.stderr.read()
+        assert found >= 100 * 140, f"only {found} pixels of the overlay colour on screen"
+        device.send_signal(signal.SIGTERM)  # ends the run cleanly: summary, exit 0
+        out, err = device.communicate(timeout=20)
+        assert device.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["display"] == "window" and summary["frames_shown"] > 0 and summary["mode"] == "colour"
+        assert summary["exit_reason"] == "stopped"
+    finally:
+        if device is not None and device.poll() is None:
+            device.kill()
+        xvfb.terminate()
+        xvfb.wait(10)
