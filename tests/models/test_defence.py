@@ -1,0 +1,175 @@
+"""GREAT / GREACE maths, the defence registry, the multi-task class-head hook and `hmd defend`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from hmd.cli import main
+from models.classifier import create_classifier, load_classifier
+from models.defence import (GradientAdversarialDefence, create_class_defence, create_defence, greace_surrogate,
+                            list_defences, masked_input_gradient, ramp, scale_gradient)
+from models.network import MultiTaskNet, NetConfig
+
+torch.set_num_threads(1)
+TINY = NetConfig(num_classes=3, width=4, blocks=(1, 1, 1), in_channels=3)
+
+
+def tiny_batch(n: int = 4, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_registry_names():
+    assert list_defences() == ["none", "fgsm-at", "great", "greace", "great+ce"]
+
+
+def test_masked_gradient_is_p_y_minus_one_times_logit_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 3)).double()
+    x = torch.rand(5, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    logits = net(x)
+    g = masked_input_gradient(logits, x, y, create_graph=False)
+    p = torch.softmax(logits.detach(), 1)
+    for i in range(5):
+        (da_y,) = torch.autograd.grad(logits[i, y[i]], x, retain_graph=True)
+        torch.testing.assert_close(g[i], (p[i, y[i]] - 1) * da_y[i], rtol=1e-10, atol=1e-12)
+
+
+def test_greace_changes_only_negative_logit_gradients_by_beta_p_aux():
+    torch.manual_seed(0)
+    b, c, beta = 4, 5, 2.5
+    logits = torch.randn(b, c, requires_grad=True)
+    aux_logits = torch.randn(b, c, requires_grad=True)
+    y = torch.tensor([0, 3, 4, 1])
+    (plain,) = torch.autograd.grad(F.cross_entropy(logits, y), logits)
+    (with_greace,) = torch.autograd.grad(F.cross_entropy(logits, y) + beta * greace_surrogate(logits, aux_logits, y),
+                                         logits)
+    expected = beta * torch.softmax(aux_logits.detach(), 1) / b  # the CE is a batch mean
+    expected[torch.arange(b), y] = 0.0
+    torch.testing.assert_close(with_greace - plain, expected)
+    # the surrogate sends nothing into the aux network (sg on p')
+    assert torch.autograd.grad(greace_surrogate(logits, aux_logits, y), aux_logits, allow_unused=True)[0] is None
+
+
+def test_scale_gradient_is_identity_forward_and_scales_backward():
+    x = torch.randn(3, requires_grad=True)
+    out = scale_gradient(x, -0.7)
+    assert torch.equal(out, x)
+    (gx,) = torch.autograd.grad((out * torch.tensor([1.0, 2.0, 3.0])).sum(), x)
+    torch.testing.assert_close(gx, -0.7 * torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_schedules_at_start_and_end():
+    assert ramp(1.0, 0, 10) == 0.0 and ramp(2.0, 10, 10) == pytest.approx(2.0)
+    expect = {"great": (1.0, 0.0), "greace": (0.0, 2.0), "great+ce": (1.0, 2.0)}
+    for name, (a_max, b_max) in expect.items():
+        d = create_defence(name, TINY, alpha_max=1.0, beta_max=2.0)
+        d.set_epoch(0, 10)
+        assert (d.alpha, d.beta) == (0.0, 0.0)
+        d.set_epoch(10, 10)
+        assert d.alpha == pytest.approx(a_max) and d.beta == pytest.approx(b_max)
+        d.set_epoch(5, 10)  # in between: max * (1 - 0.5^0.9)
+        assert d.alpha == pytest.approx(a_max * (1 - 0.5 ** 0.9))
+
+
+def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient():
+    torch.manual_seed(0)
+    model = create_classifier("resnet", TINY).double()
+    d: GradientAdversarialDefence = create_defence("great", TINY, aux_norm="none").double()
+    d.alpha = 0.3
+    x, y = tiny_batch()
+    x = x.double()
+    params = [p for p in model.parameters()]
+    # the defence's contribution alone (no CE), through its own loss
+    total, _ = d.loss(model, x, y, include_ce=False)
+    got = torch.autograd.grad(total, params + list(d.aux.parameters()), allow_unused=True)
+    # by hand: the aux loss on the masked gradient, differentiated through g
+    xr = x.clone().requires_grad_(True)
+    g = masked_input_gradient(model(xr), xr, y, create_graph=True)
+    aux_loss = F.cross_entropy(d.aux(g), y)
+    ref = torch.autograd.grad(aux_loss, params + list(d.aux.parameters()), allow_unused=True)
+    n = len(params)
+    compared = 0
+    for a, r in zip(got[:n], ref[:n]):
+        if r is None or float(r.abs().max()) == 0.0:
+            continue
+        torch.testing.assert_close(a, -0.3 * r)  # main net: -alpha times the aux-loss gradient
+        compared += 1
+    assert compared > 5
+    for a, r in zip(got[n:], ref[n:]):  # aux net: descends its own loss
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("name", list_defences())
+def test_every_defence_trains_a_step(name):
+    torch.manual_seed(0)
+    model = create_classifier("resnet", TINY)
+    d = create_defence(name, TINY)
+    d.set_epoch(1, 2)  # alpha, beta > 0: the double-backprop path
+    x, y = tiny_batch()
+    logs = d.train_step(model, x, y)
+    assert logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert "aux_loss" in logs if d.uses_aux else "aux_loss" not in logs
+    state = d.state_dict()
+    d2 = create_defence(name, TINY)
+    d2.load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", list_defences())
+def test_multitask_hook_accumulates_and_skips_unlabelled(name):
+    torch.manual_seed(0)
+    model = MultiTaskNet(NetConfig(num_classes=3, width=4, decoder_width=8))
+    hook = create_class_defence(name, model)
+    hook.set_epoch(1, 2)
+    x = torch.rand(4, 1, 16, 16)
+    before = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = before[n].clone()
+    running = model.encoder.stem[1].running_mean.clone()
+    assert hook.step(model, x, {"class": torch.full((4,), -1)}) == {}
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+    logs = hook.step(model, x, {"class": torch.tensor([0, -1, 2, 1])})
+    assert torch.equal(model.encoder.stem[1].running_mean, running)  # BN statistics untouched
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.grad, before[n])]
+    if name == "none":
+        assert logs == {} or all(k.startswith("defence_") for k in logs) and not changed
+    else:
+        assert all(k.startswith("defence_") for k in logs) and logs
+        assert any(n.startswith("encoder.") for n in changed) and "heads.class_head.fc.weight" in changed
+        assert not any(n.startswith("heads.colour_head") for n in changed)  # dense heads untouched
+
+
+def test_hmd_train_with_defence(tmp_path):
+    out = tmp_path / "mt"
+    rc = main(["train", "--method", "equal", "--defence", "great+ce", "--data", "synthetic:16", "--size", "16",
+               "--epochs", "2", "--max-steps", "1", "--batch-size", "8", "--width", "4", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "defence_aux_loss" in m["history"][-1]["train"]
+    assert m["history"][-1]["train"]["defence_alpha"] > 0
+
+
+def test_hmd_defend_writes_checkpoint_and_metrics(tmp_path, capsys):
+    out = tmp_path / "d"
+    rc = main(["defend", "--method", "great+ce", "--data", "synthetic:16", "--size", "8", "--epochs", "2",
+               "--width", "4", "--batch-size", "8", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "great+ce" and len(m["history"]) == 2 and m["final_alpha"] > 0
+    model, ckpt = load_classifier(out)
+    assert ckpt["method"] == "great+ce" and model(torch.rand(2, 3, 8, 8)).shape == (2, 6)
+    assert "held-out" in capsys.readouterr().out
+
+
+def test_hmd_defend_bad_input(tmp_path, capsys):
+    rc = main(["defend", "--method", "fgsm-at", "--fgsm-eps", "1.5", "--data", "synthetic:16", "--size", "8",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--fgsm-eps" in capsys.readouterr().err
+    assert main(["defend", "--method", "none", "--size", "12", "--out", str(tmp_path / "y")]) == 2

@@ -1,0 +1,126 @@
+"""Distillation maths (KD loss, discriminator labels, the reversed signal) and `hmd distill`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hmd.cli import main
+from models.classifier import create_classifier, normalise_per_sample
+from models.distill import (create_distill, discriminator_labels, input_gradient, kd_loss,
+                            list_distill_methods)
+from models.network import NetConfig
+
+torch.set_num_threads(1)
+STUDENT = NetConfig(num_classes=3, width=4, in_channels=3)
+TEACHER = NetConfig(num_classes=3, width=4, blocks=(1, 1, 1), in_channels=3)
+
+
+def nets():
+    torch.manual_seed(0)
+    return create_classifier("cnn5", STUDENT).double(), create_classifier("resnet", TEACHER).double()
+
+
+def batch(n=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_kd_loss_against_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1, 2])
+    T, a = 4.0, 0.3
+    pt = torch.softmax(t / T, 1)
+    kl = (pt * (pt.log() - torch.log_softmax(s / T, 1))).sum(1).mean()
+    ce = -torch.log_softmax(s, 1)[torch.arange(2), y].mean()
+    assert float(kd_loss(s, t, y, T, a)) == pytest.approx(float(a * T * T * kl + (1 - a) * ce), rel=1e-6)
+
+
+def test_discriminator_labels_teacher_one_student_zero():
+    assert discriminator_labels(2, 3).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", list_distill_methods())
+def test_every_method_trains_a_step(name):
+    student, teacher = nets()
+    m = create_distill(name, STUDENT, teacher).double()
+    x, y = batch()
+    logs = m.train_step(student, x, y)
+    assert logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
+    assert not any(k.startswith("teacher") for k in m.state_dict())
+
+
+def test_great_distillation_discriminator_and_reversed_signal():
+    student, teacher = nets()
+    alpha = 0.25
+    m = create_distill("great", STUDENT, teacher, alpha=alpha).double()
+    disc = m.discriminator
+    x, y = batch()
+    sp, dp = list(student.parameters()), list(disc.parameters())
+    total, _ = m.loss(student, x, y)
+    got = torch.autograd.grad(total, sp + dp)
+    # by hand, Algorithm 2: C' = BCE(f(g_t), 1) + BCE(f(g_s), 0), one discriminator batch
+    xs = x.clone().requires_grad_(True)
+    logits = student(xs)
+    g_s = input_gradient(logits, xs, y, create_graph=True)
+    xt = x.clone().requires_grad_(True)
+    g_t = input_gradient(teacher(xt), xt, y, create_graph=False)
+    d = disc(torch.cat([normalise_per_sample(g_t), normalise_per_sample(g_s)])).squeeze(1)
+    n = len(y)
+    d_teacher = F.binary_cross_entropy_with_logits(d[:n], torch.ones(n, dtype=d.dtype))
+    d_student = F.binary_cross_entropy_with_logits(d[n:], torch.zeros(n, dtype=d.dtype))
+    ce = F.cross_entropy(logits, y)
+    ref_disc = torch.autograd.grad(d_teacher + d_student, dp, retain_graph=True)
+    # teacher and student gradients share the discriminator's BN batch, so C' as a whole
+    # (not only its student half) depends on theta: the student gets -alpha dC'/dtheta
+    ref_student_adv = torch.autograd.grad(d_teacher + d_student, sp, retain_graph=True, allow_unused=True)
+    ref_ce = torch.autograd.grad(ce, sp)
+    for a, r in zip(got[len(sp):], ref_disc):  # the discriminator descends C'
+        torch.testing.assert_close(a, r)
+    reversed_seen = 0
+    for a, r_adv, r_ce in zip(got[:len(sp)], ref_student_adv, ref_ce):
+        r_adv = torch.zeros_like(a) if r_adv is None else r_adv
+        # the student: (1 - alpha) CE plus -alpha times the discriminator's gradient
+        torch.testing.assert_close(a, (1 - alpha) * r_ce - alpha * r_adv)
+        reversed_seen += int(float(r_adv.abs().max()) > 0)
+    assert reversed_seen > 3
+
+
+def test_hmd_distill_cli_and_bad_input(tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    assert main(["defend", "--method", "none", "--data", "synthetic:24", "--size", "8", "--epochs", "1",
+                 "--width", "4", "--out", str(teacher)]) == 0
+    out = tmp_path / "student"
+    rc = main(["distill", "--teacher", str(teacher), "--method", "great", "--fraction", "0.5",
+               "--data", "synthetic:24", "--epochs", "1", "--width", "4", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["fraction"] == 0.5 and m["train_images"] < 24 and m["config"]["options"]["alpha"] == 0.1
+    kd = tmp_path / "kd"
+    assert main(["distill", "--teacher", str(teacher), "--method", "kd", "--fraction", "0.5",
+                 "--data", "synthetic:24", "--epochs", "1", "--width", "4", "--max-steps", "1",
+                 "--out", str(kd)]) == 0
+    opts = json.loads((kd / "metrics.json").read_text())["config"]["options"]
+    assert opts == {"temperature": 20.0, "alpha": 0.99}  # the paper's sparse-regime defaults
+    capsys.readouterr()
+    for argv, msg in [
+        (["--fraction", "0"], "--fraction"),
+        (["--fraction", "1.5"], "--fraction"),
+        (["--size", "16"], "trained at 8x8"),
+    ]:
+        assert main(["distill", "--teacher", str(teacher), "--method", "kd", "--data", "synthetic:24",
+                     "--out", str(tmp_path / "bad"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1
+    mt = tmp_path / "mt"
+    assert main(["train", "--method", "equal", "--data", "synthetic:16", "--size", "16", "--epochs", "1",
+                 "--max-steps", "1", "--width", "4", "--out", str(mt)]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(mt), "--method", "kd", "--data", "synthetic:24",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "multi-task checkpoint" in capsys.readouterr().err
