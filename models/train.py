@@ -305,3 +305,20 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def slim_checkpoint(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy a run keeping only what inference, export and fine-tuning need (no optimizer,
+    method or RNG state): the form in which models are shipped."""
+    ckpt = read_checkpoint(run_dir)
+    keep = ("format", "arch", "model", "method_name", "epoch", "config", "history", "class_names",
+            "input_size", "source", "parent", "command")
+    slim = {k: ckpt.get(k) for k in keep}
+    slim["slim"] = True
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / CHECKPOINT_NAME, slim)
+    metrics = Path(run_dir) / "metrics.json"
+    if metrics.is_file():
+        (out / "metrics.json").write_text(metrics.read_text())
+    return out

@@ -1,0 +1,158 @@
+"""`hmd bench device`: ONNX Runtime FP32 / INT8 against torch eager, pipeline fps, FLOPs, memory.
+
+Everything in one run, on one freshly exported MultiTaskNet (default 128x128) and the same
+synthetic frames: batch-1 latency of torch eager, ONNX Runtime FP32 and INT8 (the device's
+own loader, device.engine.load_model, with the same thread count as torch); the full headset
+pipeline (`hmd device` in a subprocess, so its memory is the device's, free of torch) over the
+same frames; the model's FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s against an
+estimate of this CPU's peak. JSON on stdout; the command is in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGETS = {"eager/ort-fp32": 1.5, "eager/ort-int8": 2.0, "pipeline-fps/inference-fps": 0.85, "peak_rss_mb": 400}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=128, help="model input side (default 128)")
+    parser.add_argument("--runs", type=int, default=200, help="timed batch-1 runs per backend")
+    parser.add_argument("--frames", type=int, default=300, help="frames through the full pipeline")
+    parser.add_argument("--threads", type=int, help="threads for torch and ONNX Runtime (default: the device's)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _latency(fn, inputs: list, runs: int, warmup: int = 10) -> dict:
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    times = []
+    for i in range(runs):
+        x = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    arr = np.asarray(times)
+    return {"median_ms": round(float(np.median(arr)), 3), "p95_ms": round(float(np.percentile(arr, 95)), 3),
+            "mean_ms": round(float(arr.mean()), 3), "runs": runs}
+
+
+def _cpu_peak_gflops(threads: int) -> dict:
+    """Peak fp32 GFLOP/s estimate: threads x clock x FLOPs/cycle from the SIMD width (2 FMA units)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"estimate_gflops": None, "how": "no /proc/cpuinfo"}
+    flags = set(re.search(r"^flags\s*:\s*(.*)$", info, re.M).group(1).split()) if "flags" in info else set()
+    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)]
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    ghz = max(mhz) / 1000 if mhz else None
+    if "avx512f" in flags:
+        per_cycle, simd = 64, "avx512 (2 FMA x 16 lanes x 2)"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, simd = 32, "avx2+fma (2 FMA x 8 lanes x 2)"
+    else:
+        per_cycle, simd = 8, "sse (4 lanes x 2)"
+    peak = round(threads * ghz * per_cycle, 1) if ghz else None
+    return {"estimate_gflops": peak, "threads": threads, "ghz": ghz, "flops_per_cycle": per_cycle, "simd": simd,
+            "cpu": model.group(1).strip() if model else None}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from device.engine import default_threads, load_model
+    from device.metrics import peak_rss_mb
+    from models.export import export_onnx
+    from models.network import MultiTaskNet, NetConfig
+    from shared.worlds import CLASS_NAMES, render_scene
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    size = args.size
+    rgb = [render_scene("studio", args.seed, i, size)[0] for i in range(32)]
+    gray = np.stack([(np.dot(f.astype(np.float32), [0.299, 0.587, 0.114]) / 255.0)[None] for f in rgb]).astype(np.float32)
+    inputs = [g[None] for g in gray]  # 1 x 1 x H x W each
+
+    net = MultiTaskNet(NetConfig(num_classes=len(CLASS_NAMES))).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        export_onnx(net, tmp / "fp32.onnx", height=size, width=size, class_names=CLASS_NAMES, version="bench-fp32",
+                    parity_frames=gray[:4])
+        export_onnx(net, tmp / "int8.onnx", height=size, width=size, class_names=CLASS_NAMES, version="bench-int8",
+                    parity_frames=gray[:4], calib_frames=gray[:16], int8=True)
+        export_s = time.perf_counter() - t0
+
+        with torch.no_grad():
+            torch_inputs = [torch.from_numpy(x) for x in inputs]
+            eager = _latency(lambda x: net(x), torch_inputs, args.runs)
+            with FlopCounterMode(display=False) as counter:
+                net(torch_inputs[0])
+            flops = int(counter.get_total_flops())
+        fp32 = load_model(tmp / "fp32.onnx", threads=threads)
+        int8 = load_model(tmp / "int8.onnx", threads=threads)
+        ort_fp32 = _latency(fp32.infer, inputs, args.runs)
+        ort_int8 = _latency(int8.infer, inputs, args.runs)
+
+        # the whole headset loop over the same frames, in its own process (no torch in it)
+        frames_dir = tmp / "frames"
+        frames_dir.mkdir()
+        import cv2
+        for i, f in enumerate(rgb):
+            cv2.imwrite(str(frames_dir / f"{i:03d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        metrics = tmp / "pipeline.json"
+        cmd = [sys.executable, "-m", "hmd", "device", "--model", str(tmp / "fp32.onnx"), "--source",
+               f"images:{frames_dir}", "--loop", "--fps", "0", "--lockstep", "--headless", "--mode", "side-by-side",
+               "--max-frames", str(args.frames), "--threads", str(threads), "--metrics", str(metrics)]
+        env = dict(os.environ)
+        env.pop("DISPLAY", None)
+        root = Path(__file__).resolve().parents[1]
+        env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return 1
+        pipe = json.loads(metrics.read_text())
+
+    inference_fps = 1000.0 / ort_fp32["median_ms"]
+    ratios = {
+        "eager/ort-fp32": round(eager["median_ms"] / ort_fp32["median_ms"], 3),
+        "eager/ort-int8": round(eager["median_ms"] / ort_int8["median_ms"], 3),
+        "pipeline-fps/inference-fps": round(pipe["fps"] / inference_fps, 3),
+    }
+    peak = _cpu_peak_gflops(threads)
+    achieved = flops / (ort_fp32["median_ms"] / 1000) / 1e9
+    result = {
+        "command": "hmd bench device " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None
+                                                   and k in ("size", "runs", "frames", "threads", "seed")),
+        "model": {"architecture": net.cfg.to_dict(), "input": [1, 1, size, size],
+                  "parameters": int(sum(p.numel() for p in net.parameters())), "export_s": round(export_s, 1)},
+        "threads": threads,
+        "latency_batch1": {"torch_eager": eager, "ort_fp32": ort_fp32, "ort_int8": ort_int8},
+        "ratios": ratios,
+        "pipeline": {"fps": pipe["fps"], "inference_only_fps": round(inference_fps, 2),
+                     "frames": pipe["frames_shown"], "camera_frames_dropped": pipe["camera_frames_dropped"],
+                     "latency_ms_p50": {k: v.get("p50") for k, v in pipe["latency_ms"].items()},
+                     "command": " ".join(["hmd device"] + cmd[4:])},
+        "flops": {"per_frame_gflop": round(flops / 1e9, 4), "achieved_gflops_ort_fp32": round(achieved, 2),
+                  "cpu_peak": peak,
+                  "fraction_of_peak": round(achieved / peak["estimate_gflops"], 4) if peak.get("estimate_gflops") else None},
+        "peak_rss_mb": pipe["peak_rss_mb"],  # the headset process (onnxruntime, OpenCV, numpy)
+        "bench_process_peak_rss_mb": peak_rss_mb(),  # this process, torch included
+        "targets": TARGETS,
+        "meets_targets": {k: (ratios[k] >= v if k in ratios else pipe["peak_rss_mb"] < v) for k, v in TARGETS.items()},
+    }
+    print(json.dumps(result, indent=2))
+    return 0
