@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-upload-bytes", type=int, default=None, help="upload size limit (default 64 MiB)")
     serve.add_argument("--epochs", type=int, default=None, help="personalisation epochs (default 3)")
     serve.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap personalisation steps (quick runs)")
+    serve.add_argument("--lr", type=float, default=None, help="personalisation learning rate")
+    serve.add_argument("--batch-size", type=int, default=None, help="personalisation batch size")
+    serve.add_argument("--frame-size", type=int, default=None,
+                       help="side wearer frames are resized to for training (default: the model's input)")
     serve.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
     serve.add_argument("--tolerance", type=float, default=None, help="allowed loss on the base set (default 0.02)")
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False, default=None,

@@ -47,10 +47,11 @@ def personalise_job(ctx: JobContext) -> JobOutcome:
             frac = 0.05 + 0.75 * ((e - 1) + st / max(1, ns)) / max(1, ne)
         ctx.progress(None, frac, line)
 
+    optional = {k: v for k, v in (("lr", s.lr), ("batch_size", s.batch_size)) if v is not None}
     res = personalise(ctx.registry.run_dir(base), frames, out_dir, base_data=s.base_data,
                       teacher_run=str(s.teacher_run) if s.teacher_run else None, method=s.method, epochs=s.epochs,
                       max_steps_per_epoch=s.max_steps_per_epoch, holdout_fraction=s.holdout_fraction,
-                      tolerance=s.tolerance, seed=s.seed, log=log_line, should_stop=ctx.should_stop)
+                      tolerance=s.tolerance, seed=s.seed, log=log_line, should_stop=ctx.should_stop, **optional)
     if ctx.should_stop():
         raise JobInterrupted()
     if not res.accepted:

@@ -36,6 +36,8 @@ class Settings:
     method: str = "great"
     epochs: int = 3
     max_steps_per_epoch: int | None = None
+    lr: float | None = None  # personalisation learning rate (None: models.personalise's default)
+    batch_size: int | None = None  # personalisation batch size (None: its default)
     holdout_fraction: float = 0.2
     tolerance: float = 0.02
     seed: int = 0

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from shared.worlds import render_scene
@@ -45,30 +44,37 @@ def tar_of(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+_SESSION: dict[str, Path] = {}  # shared by every module that imports these fixtures (tests/device too)
+
+
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory) -> Path:
-    from models.train import TrainConfig, train
+    if "base_run" not in _SESSION:
+        from models.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("base") / "run"
-    cfg = TrainConfig(data=TINY_BASE["data"], size=TINY_BASE["size"], epochs=TINY_BASE["epochs"],
-                      max_steps_per_epoch=TINY_BASE["max_steps"], width=8, decoder_width=16)
-    train(cfg, out, log=lambda s: None)
-    return out
+        out = tmp_path_factory.mktemp("base") / "run"
+        cfg = TrainConfig(data=TINY_BASE["data"], size=TINY_BASE["size"], epochs=TINY_BASE["epochs"],
+                          max_steps_per_epoch=TINY_BASE["max_steps"], width=8, decoder_width=16)
+        train(cfg, out, log=lambda s: None)
+        _SESSION["base_run"] = out
+    return _SESSION["base_run"]
 
 
 @pytest.fixture(scope="session")
 def registry_template(tmp_path_factory, base_run) -> Path:
     """A data dir with the base version imported (the one ONNX export of the unit tests)."""
-    from cloud.services import Services
-    from cloud.settings import Settings
+    if "template" not in _SESSION:
+        from cloud.services import Services
+        from cloud.settings import Settings
 
-    data = tmp_path_factory.mktemp("template") / "data"
-    services = Services.open(Settings(data_dir=data, worker=False))
-    try:
-        services.registry.import_base(base_run, version="base-v1")
-    finally:
-        services.storage.close()
-    return data
+        data = tmp_path_factory.mktemp("template") / "data"
+        services = Services.open(Settings(data_dir=data, worker=False))
+        try:
+            services.registry.import_base(base_run, version="base-v1")
+        finally:
+            services.storage.close()
+        _SESSION["template"] = data
+    return _SESSION["template"]
 
 
 @pytest.fixture
@@ -133,7 +139,3 @@ def public_key(data: Path) -> bytes:
 
     return read_key(data / "signing.pub")
 
-
-@pytest.fixture
-def frames_array():
-    return np.stack([render_scene("forest", 1, i, 32)[0] for i in range(12)])
