@@ -132,6 +132,20 @@ class ImageFolderSource(FrameSource):
         self.name, self.fps, self.loop = f"images:{folder}", float(fps), loop
         self._i = 0
         self.unreadable = 0
+        # a small looping folder is decoded once and kept, like a camera that hands over raw frames
+        small = loop and sum(p.stat().st_size for p in self.paths) <= self.PRELOAD_BYTES
+        self._decoded: dict[int, np.ndarray | None] | None = {} if small else None
+
+    PRELOAD_BYTES = 32 * 1024 * 1024
+
+    def _decode(self, i: int) -> np.ndarray | None:
+        if self._decoded is not None and i in self._decoded:
+            return self._decoded[i]
+        img = cv2.imread(str(self.paths[i]), cv2.IMREAD_COLOR)
+        img = _to_rgb(img) if img is not None else None
+        if self._decoded is not None:
+            self._decoded[i] = img
+        return img
 
     def read(self) -> np.ndarray:
         for _ in range(len(self.paths)):
@@ -139,11 +153,11 @@ class ImageFolderSource(FrameSource):
                 if not self.loop:
                     raise SourceEnded("end of image folder")
                 self._i = 0
-            path = self.paths[self._i]
+            i = self._i
             self._i += 1
-            img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            img = self._decode(i)
             if img is not None:
-                return _to_rgb(img)
+                return img
             self.unreadable += 1
         raise SourceEnded("no readable image left in the folder")
 

@@ -10,9 +10,13 @@ table; 128x128 MultiTaskNet, 2 shared CPU cores, batch 1, median of 60 runs, 202
     ALL        2         7.3     22.7      9 / 33
     cached optimised model, optimisation off: load 4.2 / 5.2 ms, run 11.2 / 10.5 ms
 
+    thread-pool spinning, ALL, fp32, interleaved A/B with other jobs on the cores (load avg 6):
+    2 threads spinning 52.4 ms, 2 threads not spinning 28.8 ms, 1 thread not spinning 27.4 ms
+
 So: ``ORT_ENABLE_ALL`` (layout-specific NCHWc fusions are where most of the fp32 gain is),
-one inter-op thread, sequential execution, and intra-op threads = min(2, cores) by default
-(``--threads``): on a two-core headset the capture and journal threads need the rest.
+one inter-op thread, sequential execution, intra-op threads = min(2, cores) by default
+(``--threads``), and no spinning: a spinning pool starves the capture, overlay and journal
+threads that share a headset's few cores (and is 1.8x slower when anything else runs).
 The optimised graph is cached per (model sha256, onnxruntime version) when a cache folder
 is given, which halves to quarters the load time of a hot-swap.
 """
@@ -48,6 +52,7 @@ def session_options(threads: int | None = None, optimise: bool = True,
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if optimised_path:

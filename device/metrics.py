@@ -23,7 +23,15 @@ def percentiles(samples_ms, ps=(50, 95, 99)) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size. On Linux VmHWM: ru_maxrss would include the RSS of
+    the parent at fork (it survives execve), which inflates a subprocess's figure."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
 
