@@ -17,6 +17,7 @@ from pathlib import Path
 from cloud.blobs import BlobStore
 from cloud.keys import SigningKey
 from cloud.storage import Storage, Version
+from shared.atomic import atomic_write_bytes
 from shared.errors import UserError
 from shared.manifest import Manifest
 from shared.wire import ModelInfo
@@ -36,6 +37,18 @@ class ModelRegistry:
     def manifest(self, version: Version) -> Manifest:
         with self.blobs.open(version.manifest_sha256) as fh:
             return Manifest.from_bytes(fh.read())
+
+    def write_model_folder(self, version: Version, dest: str | os.PathLike) -> Path:
+        """``dest/model.onnx`` + ``dest/manifest.json`` (signed) of a version; unchanged if already there."""
+        dest = Path(dest)
+        manifest = dest / "manifest.json"
+        if manifest.is_file() and Manifest.load(manifest).sha256 == version.onnx_sha256:
+            return dest
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, sha in (("model.onnx", version.onnx_sha256), ("manifest.json", version.manifest_sha256)):
+            with self.blobs.open(sha) as fh:
+                atomic_write_bytes(dest / name, fh.read())
+        return dest
 
     def build_version(self, run_dir: str | os.PathLike, version: str, *, parent: str | None,
                       device_id: int | None, job_id: str | None = None,

@@ -55,10 +55,14 @@ class Services:
         return services
 
     def ensure_base(self) -> None:
-        """Register ``--base-run`` as the base version on first start."""
+        """Register ``--base-run`` as the base version on first start, and keep a signed copy of the
+        base model in ``DATA/base-model/`` (model.onnx + manifest.json) for provisioning headsets."""
         if self.settings.base_run is not None and self.storage.base_version() is None:
             v = self.registry.import_base(self.settings.base_run)
             log.info("registered base version %s from %s", v.version, self.settings.base_run)
+        base = self.storage.base_version()
+        if base is not None:
+            self.registry.write_model_folder(base, self.settings.data_dir / "base-model")
 
     def start(self) -> None:
         self.ensure_base()

@@ -464,3 +464,31 @@ def _error_detail(r: httpx.Response) -> str:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def start(runtime: Any, cloud_url: str, token: str | None, *, trust_key: bytes | None = None,
+          download_dir: str | os.PathLike | None = None, **options: Any) -> SyncClient:
+    """Start syncing a :class:`device.runtime.HeadsetRuntime` (what ``hmd device --cloud`` calls).
+
+    Uploads its journal (``--journal DIR``; read through its own reader, so the writer thread is
+    not involved), offers verified models to ``runtime.offer_model``. The trusted key defaults to
+    the runtime's ``--trusted-key``; downloads go to ``STORE/downloads`` (``--store``) or a
+    temporary folder."""
+    cfg = runtime.config
+    if not token:
+        raise UserError("--cloud needs --token TOKEN (from `hmd cloud add-device NAME`)")
+    key = trust_key or getattr(cfg, "public_key", None)
+    if not key:
+        raise UserError("--cloud needs --trusted-key FILE (the public key `hmd cloud add-device` printed): "
+                        "models are verified before they are used")
+    if download_dir is None:
+        download_dir = (Path(cfg.store_dir) / "downloads") if getattr(cfg, "store_dir", None) else \
+            Path(tempfile.mkdtemp(prefix="hmd-sync-"))
+    journal = None
+    if getattr(cfg, "journal_dir", None):
+        from device.journal import Journal
+
+        journal = Journal(cfg.journal_dir)
+    client = SyncClient(cloud_url, token, trust_key=key, download_dir=download_dir, journal=journal,
+                        offer=runtime.offer_model, current_version=lambda: runtime.model_version, **options)
+    return client.start()
