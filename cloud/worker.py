@@ -107,15 +107,19 @@ class Worker:
         lines: list[str] = list(job.progress.get("log", []))[-LOG_LINES_KEPT:]
         state = {"stage": "starting", "fraction": 0.0}
 
+        stages: dict[str, float] = {}  # stage -> when it began (the bench splits latency by stage)
+
         def progress(stage: str | None = None, fraction: float | None = None, line: str | None = None) -> None:
             if stage is not None:
                 state["stage"] = stage
+                stages.setdefault(stage, round(time.time(), 3))
             if fraction is not None:
                 state["fraction"] = round(float(fraction), 4)
             if line:
                 lines.append(line.rstrip()[:300])
                 del lines[:-LOG_LINES_KEPT]
-            self.storage.update_job(job.id, progress={**state, "attempt": job.attempts, "log": lines})
+            self.storage.update_job(job.id, progress={**state, "attempt": job.attempts, "stages": stages,
+                                                      "log": lines})
 
         ctx = JobContext(job, self.settings, self.storage, self.blobs, self.registry, progress, self._stop.is_set)
         log.info("job %s (device %d, attempt %d) started", job.id, job.device_id, job.attempts)

@@ -1,0 +1,345 @@
+"""`hmd bench cloud`: the service measured over real HTTP on 127.0.0.1, JSON on stdout.
+
+* ``upload/copy throughput``: one large upload (noise JPEGs, so nothing compresses) through
+  ``POST /v1/uploads`` against a plain copy of the same archive bytes to a file in the same data
+  dir (with fsync, as a durable store must), best of ``--repeats``; ratio = copy time / upload time.
+* the service's memory (RSS of the server process, sampled every 5 ms) before and during that upload.
+* ``--devices`` simulated devices uploading ``--batches`` batches each at once, retrying like the
+  sync client; ``lost_uploads`` = uploads acknowledged or attempted but not stored.
+* the time from the last acknowledged upload of a headset's journal to the new model serving on
+  that headset, split by stage, with a real (tiny) personalisation job.
+
+Everything runs in a temporary folder: a tiny base run is trained, the server is `hmd cloud serve`
+in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upload-mb", type=float, default=48.0, help="size of the large upload (48 MB)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for upload and copy")
+    parser.add_argument("--devices", type=int, default=20, help="simulated devices uploading at once")
+    parser.add_argument("--batches", type=int, default=5, help="batches per simulated device")
+    parser.add_argument("--frames-per-batch", type=int, default=16)
+    parser.add_argument("--journal-frames", type=int, default=40, help="frames the latency headset uploads")
+    parser.add_argument("--skip-latency", action="store_true", help="no training (the slow part)")
+    parser.add_argument("--keep", metavar="DIR", default=None, help="work here and keep it (default: a temp dir)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class _Server:
+    def __init__(self, data_dir: Path, *flags: str):
+        import httpx
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hmd", "cloud", "serve", "--data-dir", str(data_dir),
+                                      "--port", str(self.port), "--log-level", "warning", *flags], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _add_device(data_dir: Path, name: str) -> str:
+    from cloud.keys import new_token, token_sha256
+    from cloud.storage import SQLiteStorage
+
+    s = SQLiteStorage(data_dir / "cloud.sqlite3")
+    try:
+        token = new_token(name)
+        s.add_device(name, token_sha256(token))
+    finally:
+        s.close()
+    return token
+
+
+def _noise_frames(total_bytes: int, seed: int = 0) -> list[tuple[dict, bytes]]:
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    frames, size, i = [], 0, 0
+    while size < total_bytes:
+        img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        data = jpg.tobytes()
+        frames.append(({"seq": i, "width": 640, "height": 480}, data))
+        size += len(data)
+        i += 1
+    return frames
+
+
+def _scene_frames(n: int, start: int, size: int = 64) -> list[tuple[dict, bytes]]:
+    import cv2
+
+    from shared.worlds import render_scene
+
+    out = []
+    for i in range(start, start + n):
+        rgb, _ = render_scene("forest", 5, i, size)
+        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        out.append(({"seq": i, "width": size, "height": size}, jpg.tobytes()))
+    return out
+
+
+def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: float, repeats: int) -> dict:
+    import httpx
+
+    from shared.wire import UPLOAD_CONTENT_TYPE, build_upload_archive
+
+    best_upload, best_copy, rss_peak = float("inf"), float("inf"), 0
+    rss_before = _rss_kb(pid)
+    archive_size = 0
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": UPLOAD_CONTENT_TYPE}
+    with httpx.Client(timeout=300) as http:
+        for r in range(repeats):
+            body = build_upload_archive(_noise_frames(int(upload_mb * 1e6), seed=r))  # new content each time
+            archive_size = len(body)
+            src = data_dir.parent / "archive.tar"
+            src.write_bytes(body)
+            dst = data_dir / "copy.tar"
+            t0 = time.perf_counter()
+            shutil.copyfile(src, dst)
+            with open(dst, "rb") as fh:
+                os.fsync(fh.fileno())
+            best_copy = min(best_copy, time.perf_counter() - t0)
+            dst.unlink()
+
+            stop = threading.Event()
+            peak = [0]
+
+            def sample():
+                while not stop.is_set():
+                    peak[0] = max(peak[0], _rss_kb(pid))
+                    time.sleep(0.005)
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+
+            def stream():  # from the file, in chunks, as a headset would send it
+                with open(src, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        yield block
+            t0 = time.perf_counter()
+            resp = http.post(f"{url}/v1/uploads", content=stream(),
+                             headers={**headers, "Content-Length": str(archive_size)})
+            elapsed = time.perf_counter() - t0
+            stop.set()
+            sampler.join()
+            if resp.status_code != 201:
+                raise RuntimeError(f"large upload failed: {resp.status_code} {resp.text[:200]}")
+            best_upload = min(best_upload, elapsed)
+            rss_peak = max(rss_peak, peak[0])
+            src.unlink()
+    return {"archive_mb": round(archive_size / 1e6, 1), "upload_s": round(best_upload, 3), "copy_s": round(best_copy, 4),
+            "upload_mb_per_s": round(archive_size / 1e6 / best_upload, 1),
+            "copy_mb_per_s": round(archive_size / 1e6 / best_copy, 1),
+            "server_rss_mb": {"before": round(rss_before / 1024, 1), "peak_during_upload": round(rss_peak / 1024, 1),
+                              "growth": round((rss_peak - rss_before) / 1024, 1)},
+            "ratio": best_copy / best_upload}
+
+
+def bench_concurrent(url: str, data_dir: Path, devices: int, batches: int, per_batch: int) -> dict:
+    import httpx
+
+    from cloud.storage import SQLiteStorage
+    from shared.wire import UPLOAD_CONTENT_TYPE, build_upload_archive
+
+    tokens = [_add_device(data_dir, f"sim{i:02d}") for i in range(devices)]
+    bodies = [[build_upload_archive(_scene_frames(per_batch, (d * batches + b) * per_batch))
+               for b in range(batches)] for d in range(devices)]
+    acked: list[int] = [0] * devices
+    retries = [0]
+    errors: list[str] = []
+
+    def device(i: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            for body in bodies[i]:
+                for attempt in range(8):
+                    try:
+                        r = http.post(f"{url}/v1/uploads", content=body, headers={
+                            "Authorization": f"Bearer {tokens[i]}", "Content-Type": UPLOAD_CONTENT_TYPE})
+                        if r.status_code in (200, 201):
+                            acked[i] += 1
+                            break
+                        errors.append(f"{r.status_code} {r.text[:100]}")
+                    except httpx.HTTPError as exc:
+                        errors.append(type(exc).__name__)
+                    retries[0] += 1
+                    time.sleep(0.2 * 2 ** attempt)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=device, args=(i,)) for i in range(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    s = SQLiteStorage(data_dir / "cloud.sqlite3")
+    try:
+        stored = sum(s.upload_count(s.device_by_name(f"sim{i:02d}").id) for i in range(devices))
+        frames = sum(s.frame_count(s.device_by_name(f"sim{i:02d}").id) for i in range(devices))
+    finally:
+        s.close()
+    sent = devices * batches
+    return {"devices": devices, "uploads_sent": sent, "uploads_acknowledged": sum(acked), "uploads_stored": stored,
+            "frames_stored": frames, "frames_expected": sent * per_batch, "retries": retries[0],
+            "errors": errors[:5], "seconds": round(elapsed, 2),
+            "uploads_per_s": round(sent / elapsed, 1), "lost": sent - stored}
+
+
+def bench_latency(work: Path, base_run: Path, journal_frames: int) -> dict:
+    """A headset journals frames, syncs; a real personalisation job runs; the model is swapped in."""
+    import httpx
+
+    from device.engine import load_model
+    from device.hotswap import ModelManager
+    from device.journal import Journal
+    from device.sync import SyncClient
+    from shared.hashing import read_key
+    from shared.worlds import render_scene
+
+    data = work / "latency-data"
+    token = _add_device_fresh(data, base_run)
+    key = read_key(data / "signing.pub")
+    server = _Server(data, "--auto-job-frames", str(journal_frames), "--base-data", "synthetic:64", "--epochs", "1",
+                     "--max-steps-per-epoch", "4", "--lr", "3e-3", "--batch-size", "8", "--tolerance", "0.5")
+    try:
+        journal = Journal(work / "journal").start()
+        for i in range(journal_frames):
+            journal.submit(render_scene("forest", 9, i, 32)[0], {"frame_index": i})
+            time.sleep(0.002)
+        journal.close()
+        boot = SyncClient(server.url, token, trust_key=key, download_dir=work / "dl", offer=lambda f: None,
+                          current_version=lambda: None, log=lambda m: None)
+        manager = ModelManager(load_model(boot.check_for_model(), public_key=key), public_key=key, log=lambda m: None)
+        boot.stop()
+        base_version = manager.active.version
+        sync = SyncClient(server.url, token, trust_key=key, download_dir=work / "dl", journal=journal,
+                          offer=manager.offer, current_version=lambda: manager.active.version, upload_interval=0.05,
+                          log=lambda m: None).start()
+        last_seq = journal_frames - 1
+        while journal.uploaded_through() < last_seq:
+            time.sleep(0.005)
+        t_uploaded = time.time()
+        deadline = time.time() + 600
+        while manager.active.version == base_version:
+            manager.between_frames()
+            if time.time() > deadline:
+                raise RuntimeError("no new model within 600 s")
+            time.sleep(0.005)
+        t_serving = time.time()
+        sync.stop()
+        headers = {"Authorization": f"Bearer {token}"}
+        job = httpx.get(f"{server.url}/v1/jobs", headers=headers).json()[0]
+    finally:
+        server.stop()
+    st = job["progress"].get("stages", {})
+    dev = {e["event"]: e["t"] for e in sync.stats.timeline}
+    marks = [("upload acknowledged -> job queued", t_uploaded, job["created"]),
+             ("queued -> worker started", job["created"], job["started"]),
+             ("training + gate", st.get("training", job["started"]), st.get("exporting")),
+             ("ONNX export + signing", st.get("exporting"), job["finished"]),
+             ("push (event reaches the device)", job["finished"], dev.get("event")),
+             ("download + verify", dev.get("event"), dev.get("downloaded")),
+             ("hot-swap (load, warm, swap)", dev.get("downloaded"), t_serving)]
+    stages = {name: (round(b - a, 3) if a is not None and b is not None else None) for name, a, b in marks}
+    return {"seconds": round(t_serving - t_uploaded, 2), "stages_s": stages, "job_state": job["state"],
+            "new_version": job["result_version"], "frames": job["frames"],
+            "note": "tiny model and budget (32x32, 1 epoch of 4 steps): the stages' split, not the training time, "
+                    "is what carries over"}
+
+
+def _add_device_fresh(data: Path, base_run: Path) -> str:
+    from cloud.services import Services
+    from cloud.settings import Settings
+
+    services = Services.open(Settings(data_dir=data, worker=False))
+    try:
+        services.registry.import_base(base_run, version="base-v1")
+    finally:
+        services.storage.close()
+    return _add_device(data, "headset")
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hmd-bench-cloud-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        base_run = work / "base-run"
+        train(TrainConfig(data="synthetic:64", size=32, epochs=1, max_steps_per_epoch=2, width=8, decoder_width=16),
+              base_run, log=lambda s: None)
+        data = work / "data"
+        token = _add_device_fresh(data, base_run)
+        limit = str(int(args.upload_mb * 1e6 * 1.5) + 1_000_000)
+        server = _Server(data, "--auto-job-frames", "0", "--max-upload-bytes", limit, "--no-worker")
+        try:
+            upload = bench_upload(server.url, token, server.proc.pid, data, args.upload_mb, args.repeats)
+            concurrent = bench_concurrent(server.url, data, args.devices, args.batches, args.frames_per_batch)
+        finally:
+            server.stop()
+        latency = None if args.skip_latency else bench_latency(work, base_run, args.journal_frames)
+        result = {
+            "ratios": {"upload/copy throughput": round(upload.pop("ratio"), 3)},
+            "lost_uploads": concurrent["lost"],
+            "upload": upload,
+            "concurrent_devices": concurrent,
+            "upload_to_serving": latency,
+            "command": "hmd bench cloud " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "hmd bench cloud",
+            "cpus": os.cpu_count(),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
