@@ -1,7 +1,7 @@
 """Reduced-scale Tables 1 and 3 of the paper: every method on the same data and budget, in one run.
 
     hmd bench table1 [--data synthetic:4000] [--epochs 30] ...   # the five defences, attacked
-    hmd bench table3 [--data synthetic:4000] [--epochs 30] ...   # teacher, then none/kd/great, 100 % and 5 %
+    hmd bench table3 [--data synthetic:4000] [--epochs 40] ...   # teacher, then none/kd/great, 100 % and 5 %
 
 Each prints a text table beside the paper's numbers (stderr has the progress) and the JSON
 on stdout's last line; the run folders and ``table1.json`` / ``table3.json`` go to --out.
@@ -122,8 +122,8 @@ def run_table1(args: argparse.Namespace) -> int:
 # --- Table 3 -----------------------------------------------------------------------------------
 
 def add_arguments_table3(parser: argparse.ArgumentParser) -> None:
-    _common(parser, epochs=30)
-    parser.add_argument("--teacher-epochs", type=int, default=None, help="default: --epochs")
+    _common(parser, epochs=40)
+    parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--teacher-width", type=int, default=16)
     parser.add_argument("--student-width", type=int, default=32, help="CNN-5 first conv (paper 32)")
     parser.add_argument("--fractions", default="1,0.05", help="comma-separated data fractions (paper 1, 0.05)")
@@ -152,7 +152,7 @@ def run_table3(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     train_set = load_labelled(args.data, "train", args.size, args.seed)
     val_set = load_labelled(args.data, "val", args.size, args.seed)
-    teacher = train_defended("none", args.data, out / "teacher", epochs=args.teacher_epochs or args.epochs,
+    teacher = train_defended("none", args.data, out / "teacher", epochs=args.teacher_epochs,
                              batch_size=args.batch_size, seed=args.seed, size=args.size, width=args.teacher_width,
                              max_steps=args.max_steps, train_set=train_set, val_set=val_set,
                              command=_command("table3"), log=_log)
