@@ -27,6 +27,7 @@ def add_common_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.defence import list_defences
     from models.weighting import list_methods
 
     parser.add_argument("--method", default="great", choices=list_methods(),
@@ -38,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux-norm", choices=["rms", "none"], default="rms",
                         help="GREAT: per-sample RMS normalisation of the classifier's input (default rms)")
     parser.add_argument("--init-from", default=None, metavar="DIR", help="start from this run's weights")
-    parser.add_argument("--defence", default=None, metavar="METHOD",
-                        help="also train the class head with an adversarial defence (e.g. great+ce)")
+    parser.add_argument("--defence", default=None, choices=list_defences(),
+                        help="also train the class head with an adversarial defence (e.g. great+ce), "
+                             "so the deployed headset model is the defended one")
 
 
 def method_options(args: argparse.Namespace) -> dict:
