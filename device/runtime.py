@@ -236,8 +236,6 @@ class HeadsetRuntime:
             if self.journal is not None:
                 self.journal.close()
             self.models.close()
-        if self.exit_reason == "stopped" and self._stop.is_set():
-            self.exit_reason = "stopped"
         self.summary = self._summary(capture, elapsed, window is not None, recorder)
         if cfg.metrics_path:
             atomic_write_json(cfg.metrics_path, self.summary)

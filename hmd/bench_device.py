@@ -32,18 +32,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _latency(fn, inputs: list, runs: int, warmup: int = 10) -> dict:
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    times = []
-    for i in range(runs):
-        x = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    arr = np.asarray(times)
-    return {"median_ms": round(float(np.median(arr)), 3), "p95_ms": round(float(np.percentile(arr, 95)), 3),
-            "mean_ms": round(float(arr.mean()), 3), "runs": runs}
+def _latencies(backends: dict, runs: int, rounds: int = 10, warmup: int = 10) -> dict:
+    """Batch-1 latency per backend, measured in interleaved rounds so that every backend sees the
+    same background load (this matters on a shared machine). backends: name -> (fn, inputs)."""
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for fn, inputs in backends.values():
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for name, (fn, inputs) in backends.items():
+            for i in range(per_round):
+                x = inputs[i % len(inputs)]
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1000)
+    out = {}
+    for name, samples in times.items():
+        arr = np.asarray(samples)
+        out[name] = {"median_ms": round(float(np.median(arr)), 3), "p95_ms": round(float(np.percentile(arr, 95)), 3),
+                     "mean_ms": round(float(arr.mean()), 3), "runs": int(arr.size)}
+    return out
 
 
 def _cpu_peak_gflops(threads: int) -> dict:
@@ -77,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from models.network import MultiTaskNet, NetConfig
     from shared.worlds import CLASS_NAMES, render_scene
 
+    load_before = [round(v, 2) for v in os.getloadavg()]
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
@@ -95,16 +105,16 @@ def run(args: argparse.Namespace) -> int:
                     parity_frames=gray[:4], calib_frames=gray[:16], int8=True)
         export_s = time.perf_counter() - t0
 
+        fp32 = load_model(tmp / "fp32.onnx", threads=threads)
+        int8 = load_model(tmp / "int8.onnx", threads=threads)
         with torch.no_grad():
             torch_inputs = [torch.from_numpy(x) for x in inputs]
-            eager = _latency(lambda x: net(x), torch_inputs, args.runs)
+            lat = _latencies({"torch_eager": (net, torch_inputs), "ort_fp32": (fp32.infer, inputs),
+                              "ort_int8": (int8.infer, inputs)}, args.runs)
             with FlopCounterMode(display=False) as counter:
                 net(torch_inputs[0])
             flops = int(counter.get_total_flops())
-        fp32 = load_model(tmp / "fp32.onnx", threads=threads)
-        int8 = load_model(tmp / "int8.onnx", threads=threads)
-        ort_fp32 = _latency(fp32.infer, inputs, args.runs)
-        ort_int8 = _latency(int8.infer, inputs, args.runs)
+        eager, ort_fp32, ort_int8 = lat["torch_eager"], lat["ort_fp32"], lat["ort_int8"]
 
         # the whole headset loop over the same frames, in its own process (no torch in it)
         frames_dir = tmp / "frames"
@@ -140,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         "model": {"architecture": net.cfg.to_dict(), "input": [1, 1, size, size],
                   "parameters": int(sum(p.numel() for p in net.parameters())), "export_s": round(export_s, 1)},
         "threads": threads,
+        "cpu_count": os.cpu_count(),
+        # other work on the machine skews everything, torch eager most (its OpenMP pool): see these
+        "load_average_1_5_15": {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]},
         "latency_batch1": {"torch_eager": eager, "ort_fp32": ort_fp32, "ort_int8": ort_int8},
         "ratios": ratios,
         "pipeline": {"fps": pipe["fps"], "inference_only_fps": round(inference_fps, 2),
