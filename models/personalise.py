@@ -145,7 +145,7 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     arch = base_model.cfg
     cfg = TrainConfig(method=method, data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       size=h, width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
-                      max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run))
+                      max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True)
     metrics = train(cfg, out, log=log, data=(TaskData(mixed), wearer_val_td, mixed), should_stop=should_stop,
                     command=f"personalise({base_run})")
     if metrics["stopped"] or not metrics["history"]:

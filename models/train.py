@@ -46,6 +46,9 @@ class TrainConfig:
     defence_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_steps_per_epoch: int | None = None  # cap (tests, quick runs); None = the whole set
     init_from: str | None = None  # a run folder whose weights start this run (fine-tuning)
+    freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics: for fine-tuning on
+    # small or shifted data, where batch statistics would make training a different function than
+    # inference (a batch of dark frames is normalised to look bright)
     threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +159,12 @@ def build_data(cfg: TrainConfig) -> tuple[TaskData, TaskData, FrameSet]:
     return TaskData(train_frames), TaskData(val_frames), train_frames
 
 
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def _set_lr(opt: torch.optim.Optimizer, m: float) -> None:
     for g in opt.param_groups:
         g["lr"] = g.setdefault("initial_lr", g["lr"]) * m
@@ -247,6 +256,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         if defence is not None:
             defence.set_epoch(epoch, cfg.epochs)
         model.train()
+        if cfg.freeze_bn:
+            freeze_batchnorm(model)
         perm = torch.randperm(n, generator=gen)
         t0 = time.perf_counter()
         meters: dict[str, SmoothedValue] = {}

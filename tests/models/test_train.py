@@ -107,3 +107,16 @@ def test_cli_trains_from_an_image_folder(tmp_path):
     assert "epoch 1/1" in r.stderr  # progress output
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["class_names"] == ["a", "b"] and m["final"]["class_error_pct"] is not None
+
+
+def test_freeze_bn_keeps_running_statistics(tmp_path):
+    train(cfg(epochs=1), tmp_path / "base", log=QUIET)
+    base, _ = load_model(tmp_path / "base")
+    train(cfg(epochs=1, init_from=str(tmp_path / "base"), freeze_bn=True, data="synthetic:48:forest"),
+          tmp_path / "ft", log=QUIET)
+    ft, _ = load_model(tmp_path / "ft")
+    bn = [(n, b) for n, b in base.named_buffers() if "running_mean" in n]
+    ft_buffers = dict(ft.named_buffers())
+    assert bn and all(torch.equal(b, ft_buffers[n]) for n, b in bn)
+    weights_moved = any(not torch.equal(a, b) for a, b in zip(base.parameters(), ft.parameters()))
+    assert weights_moved
