@@ -104,7 +104,7 @@ def split_wearer(n: int, holdout_fraction: float) -> tuple[np.ndarray, np.ndarra
 def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | Path, *,
                 base_data: str = "synthetic", teacher_run: str | Path | None = None, method: str = "great",
                 epochs: int = 3, max_steps_per_epoch: int | None = None, holdout_fraction: float = 0.2,
-                tolerance: float = 0.02, seed: int = 0, lr: float = 5e-4, batch_size: int = 32,
+                tolerance: float = 0.02, seed: int = 0, lr: float = 5e-4, warmup_steps: int = 20, batch_size: int = 32,
                 replay_ratio: float = 1.0, log: Callable[[str], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> PersonaliseResult:
     """Fine-tune ``base_run`` on ``wearer_frames`` (N x H x W x 3 uint8 RGB) into ``out_dir``."""
@@ -145,7 +145,8 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     arch = base_model.cfg
     cfg = TrainConfig(method=method, data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       size=h, width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
-                      max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True)
+                      max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True,
+                      warmup_steps=warmup_steps)
     metrics = train(cfg, out, log=log, data=(TaskData(mixed), wearer_val_td, mixed), should_stop=should_stop,
                     command=f"personalise({base_run})")
     if metrics["stopped"] or not metrics["history"]:

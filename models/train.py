@@ -46,6 +46,8 @@ class TrainConfig:
     defence_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_steps_per_epoch: int | None = None  # cap (tests, quick runs); None = the whole set
     init_from: str | None = None  # a run folder whose weights start this run (fine-tuning)
+    warmup_steps: int = 0  # linear learning-rate warm-up (fine-tuning: fresh Adam moments move every
+    # weight by ~lr on the first steps, which a converged model does not need)
     freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics: for fine-tuning on
     # small or shifted data, where batch statistics would make training a different function than
     # inference (a batch of dark frames is normalised to look bright)
@@ -267,6 +269,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             ts = time.perf_counter()
             idx = perm[step * bs:(step + 1) * bs]
             x, targets = train_data.batch(idx, gen)
+            if cfg.warmup_steps:
+                _set_lr(optimizer, m * min(1.0, (epoch * steps + step + 1) / cfg.warmup_steps))
             optimizer.zero_grad(set_to_none=True)
             logs = method.step(model, x, targets)
             if defence is not None:

@@ -1,0 +1,353 @@
+"""`hmd demo`: the whole loop on this machine, nothing to set up.
+
+1. the shipped base model (trained on the `studio` world) and the cloud teacher;
+2. the cloud service on 127.0.0.1 (a real `hmd cloud serve` process) and one provisioned headset;
+3. the simulated headset in another world (the wearer's own surroundings): live inference,
+   overlay, recording, journal, background upload;
+4. the cloud personalises the wearer's model with GREAT, gates it and pushes it (SSE);
+5. the headset verifies it and hot-swaps it live, and keeps running on it;
+6. a before/after table on held-out frames of the wearer's world and of the base world,
+   `summary.json`, the recorded overlay video and a plot of the metrics across versions.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+
+MARKER = ".hmd-demo"
+METRICS = ("class_error_pct", "rmse_colour", "rmse_edges", "rmse_denoised")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hmd.assets import BASE_DATA, BASE_RUN, TEACHER_RUN
+
+    parser.add_argument("--out", default="runs/demo", help="everything lands here (default runs/demo)")
+    parser.add_argument("--world", default="forest", help="the wearer's world (the base model knows 'studio')")
+    parser.add_argument("--base-run", default=str(BASE_RUN), help="the headset's base model (a run folder)")
+    parser.add_argument("--teacher-run", default=str(TEACHER_RUN), help="the cloud teacher ('' for none)")
+    parser.add_argument("--base-data", default=BASE_DATA, help="the base training data (replay and base gate)")
+    parser.add_argument("--job-frames", type=int, default=240, help="uploaded frames that start a job")
+    parser.add_argument("--epochs", type=int, default=3, help="personalisation epochs")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap personalisation steps per epoch")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="allowed loss on the base set")
+    parser.add_argument("--journal-every", type=int, default=3, help="journal every k-th frame")
+    parser.add_argument("--fps", type=float, default=20.0, help="the simulated camera's frame rate")
+    parser.add_argument("--after-frames", type=int, default=200, help="frames to run on the new model")
+    parser.add_argument("--eval-frames", type=int, default=200, help="held-out frames per evaluation set")
+    parser.add_argument("--timeout", type=float, default=540.0, help="give up after this many seconds")
+    parser.add_argument("--port", type=int, default=0, help="cloud port (0: a free one)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run for tests: few frames and steps, small base data")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists():
+        if not (out / MARKER).exists() and any(out.iterdir()):
+            raise UserError(f"--out {out} exists and is not a demo folder: choose another")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by hmd demo\n")
+
+
+def _hmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hmd", *args]
+
+
+def _start_cloud(args, out: Path, port: int) -> tuple[subprocess.Popen, str, bytes, Path]:
+    import httpx
+
+    data = out / "cloud"
+    r = subprocess.run(_hmd("cloud", "add-device", "headset-1", "--data-dir", str(data)), capture_output=True,
+                       text=True, timeout=120)
+    if r.returncode != 0:
+        raise UserError(f"could not provision the headset: {r.stderr.strip()}")
+    fields = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    token, trust_key = fields["token"], base64.b64decode(fields["trust-key"])
+    cmd = ["cloud", "serve", "--data-dir", str(data), "--port", str(port), "--base-run", args.base_run,
+           "--base-data", args.base_data, "--auto-job-frames", str(args.job_frames), "--epochs",
+           str(args.epochs), "--tolerance", str(args.tolerance), "--log-level", "warning"]
+    if args.teacher_run:
+        cmd += ["--teacher-run", args.teacher_run]
+    if args.max_steps:
+        cmd += ["--max-steps-per-epoch", str(args.max_steps)]
+    log = open(out / "cloud.log", "w")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one core for the cloud, one for the headset
+    proc = subprocess.Popen(_hmd(*cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the cloud service exited (code {proc.returncode}); see {out / 'cloud.log'}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200 and (data / "base-model" / "manifest.json").exists():
+                return proc, token, trust_key, data
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise UserError(f"the cloud service did not come up in 180 s; see {out / 'cloud.log'}")
+
+
+def _jobs(url: str, token: str) -> list[dict]:
+    import httpx
+
+    try:
+        r = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        return r.json() if r.status_code == 200 else []
+    except httpx.HTTPError:
+        return []
+
+
+def _run_headset(args, out: Path, url: str, token: str, trust_key: bytes, base_folder: Path) -> tuple[dict, dict]:
+    from device import sync as sync_module
+    from device.capture import SyntheticSource
+    from device.runtime import HeadsetRuntime, RuntimeConfig
+
+    cfg = RuntimeConfig(mode="side-by-side", headless=True, record=str(out / "overlay.mp4"),
+                        journal_dir=str(out / "journal"), journal_every=args.journal_every, journal_mb=64,
+                        store_dir=str(out / "headset-store"), public_key=trust_key, threads=1,
+                        metrics_path=str(out / "headset.json"))
+    rt = HeadsetRuntime(SyntheticSource(args.world, size=(240, 320), fps=args.fps, seed=0), base_folder, cfg)
+    base_version = rt.model_version
+    sync = sync_module.start(rt, url, token, upload_interval=1.0, poll_interval=3.0, batch_frames=48)
+    state: dict[str, Any] = {"swapped_at_frame": None, "job": None, "timed_out": False, "base": base_version}
+    done = threading.Event()
+
+    def monitor() -> None:
+        t0 = time.time()
+        last = 0.0
+        while not done.is_set():
+            now = time.time()
+            jobs = _jobs(url, token)
+            if jobs:
+                state["job"] = jobs[-1]
+            if state["swapped_at_frame"] is None and rt.model_version != base_version:
+                state["swapped_at_frame"] = rt.frames_shown
+                _say(f"hot-swapped to {rt.model_version} at frame {rt.frames_shown} (no frame lost)")
+            if state["swapped_at_frame"] is not None and rt.frames_shown >= state["swapped_at_frame"] + args.after_frames:
+                rt.stop()
+                return
+            job = state["job"]
+            if job and job["state"] in ("rejected", "failed") and state["swapped_at_frame"] is None:
+                _say(f"the cloud did not accept a new model: {job['state']}: {job.get('reason')}")
+                rt.stop()
+                return
+            if now - t0 > args.timeout:
+                state["timed_out"] = True
+                _say(f"no new model within {args.timeout:.0f} s: stopping")
+                rt.stop()
+                return
+            if now - last >= 5:
+                last = now
+                js = "no job yet"
+                if job:
+                    prog = job.get("progress") or {}
+                    js = f"job {job['state']}" + (f" ({prog.get('stage')}, {100 * prog.get('fraction', 0):.0f}%)"
+                                                  if prog.get("stage") else "")
+                _say(f"t={now - t0:4.0f}s frames shown {rt.frames_shown}, model {rt.model_version}, "
+                     f"uploaded {sync.stats.uploaded_frames} "
+                     f"frames, {js}")
+            time.sleep(0.5)
+
+    mon = threading.Thread(target=monitor, name="demo-monitor", daemon=True)
+    mon.start()
+    try:
+        summary = rt.run()
+    finally:
+        done.set()
+        sync.stop()
+    mon.join(5)
+    return summary, state
+
+
+def _evaluation_sets(world: str, base_world: str, n: int, size: int) -> dict[str, Any]:
+    """Held-out frames nobody trained on: the wearer's camera in an unseen part of the world (dense
+    tasks), labelled scenes of the wearer's world, labelled scenes of the base world."""
+    import cv2
+    import numpy as np
+
+    from device.capture import SyntheticSource
+    from models.data import FrameSet, TaskData
+    from shared.worlds import CLASS_NAMES, render_scene
+
+    cam = SyntheticSource(world, size=(240, 320), fps=0, seed=12345)
+    views = np.stack([cv2.resize(cam.read(), (size, size), interpolation=cv2.INTER_AREA) for _ in range(n * 3)][::3])
+    sets = {f"{world} camera (held out)": TaskData(FrameSet(views, np.full(len(views), -1), list(CLASS_NAMES), "cam"))}
+    for w in (world, base_world):
+        pairs = [render_scene(w, 999, i, size) for i in range(n)]
+        sets[f"{w} scenes (labelled)"] = TaskData(FrameSet(np.stack([p[0] for p in pairs]),
+                                                           np.array([p[1] for p in pairs]), list(CLASS_NAMES), w))
+    return sets
+
+
+def _evaluate_onnx(folder: Path, data) -> dict[str, float | None]:
+    import numpy as np
+
+    from models.export import onnx_outputs
+
+    x, t = data.fixed_inputs()
+    logits, colour, edges, denoised = onnx_outputs(folder / "model.onnx", x.numpy())
+    labels = t["class"].numpy()
+    m = labels >= 0
+    res: dict[str, float | None] = {
+        "class_error_pct": float(100 * (logits[m].argmax(1) != labels[m]).mean()) if m.any() else None}
+    for name, pred in (("colour", colour), ("edges", edges), ("denoised", denoised)):
+        res[f"rmse_{name}"] = float(np.sqrt(((pred - t[name].numpy()) ** 2).mean()))
+    return res
+
+
+def _plot(table: dict, versions: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(16, 3.8))
+    for ax, metric in zip(axes, METRICS):
+        for set_name, rows in table.items():
+            ys = [rows[v][metric] for v in versions]
+            if all(y is not None for y in ys):
+                ax.plot(range(len(versions)), ys, marker="o", label=set_name)
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xticks(range(len(versions)))
+        ax.set_xticklabels([v if len(v) < 18 else v[:8] + "…" + v[-8:] for v in versions], fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("held-out metrics across model versions (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _snapshot(video: Path, png: Path) -> bool:
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, max(0, n - 10))
+    ok, frame = cap.read()
+    cap.release()
+    if ok:
+        cv2.imwrite(str(png), frame)
+    return bool(ok)
+
+
+def _format_table(table: dict, before: str, after: str | None) -> str:
+    lines = [f"{'held-out set':<28} {'metric':<16} {'before':>9} {'after':>9} {'change':>9}"]
+    for set_name, rows in table.items():
+        for metric in METRICS:
+            b = rows[before][metric]
+            a = rows[after][metric] if after else None
+            if b is None:
+                continue
+            ch = "" if a is None else f"{a - b:+.4f}" if metric != "class_error_pct" else f"{a - b:+.1f}"
+            fmt = (lambda v: "" if v is None else f"{v:.1f}") if metric == "class_error_pct" else \
+                (lambda v: "" if v is None else f"{v:.4f}")
+            lines.append(f"{set_name:<28} {metric:<16} {fmt(b):>9} {fmt(a):>9} {ch:>9}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.personalise import base_regressions, wearer_score
+    from shared.worlds import WORLDS
+
+    if args.quick:
+        args.job_frames, args.epochs = min(args.job_frames, 48), 1
+        args.max_steps = args.max_steps or 4
+        args.after_frames, args.eval_frames = min(args.after_frames, 30), min(args.eval_frames, 48)
+        args.base_data = "synthetic:200:studio"
+        args.journal_every = 1
+        args.tolerance = max(args.tolerance, 0.25)
+    if args.world not in WORLDS:
+        raise UserError(f"unknown world {args.world!r} (choose from {', '.join(WORLDS)})")
+    if not (Path(args.base_run) / "checkpoint.pt").is_file():
+        raise UserError(f"base model not found at {args.base_run} (rebuild with scripts/train_assets.sh)")
+    if args.teacher_run and not (Path(args.teacher_run) / "checkpoint.pt").is_file():
+        raise UserError(f"teacher model not found at {args.teacher_run} (or pass --teacher-run '')")
+    out = Path(args.out)
+    _prepare_out(out)
+    t_start = time.time()
+    port = args.port or _free_port()
+    _say(f"1/5 starting the cloud service on 127.0.0.1:{port} (base model {args.base_run})")
+    proc, token, trust_key, data = _start_cloud(args, out, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _say(f"2/5 headset provisioned; running it in the '{args.world}' world, journalling and uploading "
+             f"(a job starts after {args.job_frames} frames)")
+        headset, state = _run_headset(args, out, url, token, trust_key, data / "base-model")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    versions = headset["model_versions"]
+    base_version = state["base"]
+    new_version = next((v for v in versions if v != base_version), None)
+    _say(f"3/5 headset done: {headset['frames_shown']} frames, versions served {versions}")
+
+    _say("4/5 evaluating every version on held-out frames")
+    from device.store import ModelStore
+
+    store = ModelStore(out / "headset-store")
+    folders = {base_version: data / "base-model"}
+    if new_version:
+        folders[new_version] = store.folder(new_version)
+    size = json.loads((data / "base-model" / "manifest.json").read_text())["input"]["height"]
+    sets = _evaluation_sets(args.world, "studio", args.eval_frames, size)
+    table = {name: {v: _evaluate_onnx(Path(f), d) for v, f in folders.items()} for name, d in sets.items()}
+    wearer_sets = [n for n in table if n.startswith(args.world)]
+    base_set = "studio scenes (labelled)"
+    improved = False
+    verdict = "no new model was served"
+    if new_version:
+        scores = [wearer_score(table[n][base_version], table[n][new_version]) for n in wearer_sets]
+        regress = base_regressions(table[base_set][base_version], table[base_set][new_version], args.tolerance)
+        improved = all(s < 0 for s in scores) and not regress
+        verdict = (f"personalisation helped on the wearer's world (mean relative change "
+                   f"{', '.join(f'{s:+.3f}' for s in scores)}), base world within tolerance" if improved else
+                   f"personalisation did NOT help as required: wearer change {scores}, base regressions {regress}")
+    _say("5/5 writing summary, plot and video")
+    _plot(table, list(folders), out / "metrics.png")
+    snapshot = _snapshot(out / "overlay.mp4", out / "overlay.png")
+    summary = {
+        "improved": improved, "verdict": verdict, "versions_served": versions, "base_version": base_version,
+        "new_version": new_version, "swapped_at_frame": state["swapped_at_frame"],
+        "table": table, "job": state["job"], "timed_out": state["timed_out"],
+        "headset": {k: headset[k] for k in ("frames_shown", "camera_frames_dropped", "fps", "latency_ms",
+                                            "inference_errors", "frames_without_overlay", "journal", "record")},
+        "files": {"video": str(out / "overlay.mp4"), "plot": str(out / "metrics.png"),
+                  "snapshot": str(out / "overlay.png") if snapshot else None},
+        "seconds": round(time.time() - t_start, 1), "world": args.world, "quick": args.quick,
+    }
+    from shared.atomic import atomic_write_json
+
+    atomic_write_json(out / "summary.json", summary)
+    print(_format_table(table, base_version, new_version))
+    print(f"\n{verdict}")
+    print(f"versions served: {' -> '.join(versions)}; {headset['frames_shown']} frames, "
+          f"{headset['camera_frames_dropped']} camera frames dropped; {summary['seconds']} s")
+    print(f"wrote {out / 'summary.json'}, {out / 'overlay.mp4'}, {out / 'metrics.png'}")
+    return 0 if new_version else 1

@@ -1,0 +1,45 @@
+"""The whole loop, shortened: cloud + headset + personalisation + push + hot-swap + summary."""
+import json
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_pushes_verifies_and_swaps(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "hmd", "demo", "--quick", "--teacher-run", "", "--out", str(out)],
+                       capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    versions = summary["versions_served"]
+    # a new version was trained by the cloud, pushed, verified (signed, hashed) and swapped in live
+    assert len(versions) >= 2 and versions[0] == summary["base_version"] and summary["new_version"] in versions
+    assert summary["job"]["state"] in ("accepted", "queued", "running")  # a later job may already be running
+    assert summary["swapped_at_frame"] is not None and summary["swapped_at_frame"] > 0
+    assert summary["headset"]["frames_without_overlay"] == 0 and summary["headset"]["inference_errors"] == 0
+    headset = json.loads((out / "headset.json").read_text())
+    assert summary["new_version"] in headset["model_versions"]
+    # the before/after table holds real values for both versions on every held-out set
+    for rows in summary["table"].values():
+        for v in (summary["base_version"], summary["new_version"]):
+            assert 0 < rows[v]["rmse_colour"] < 1 and 0 < rows[v]["rmse_denoised"] < 1
+    assert isinstance(summary["improved"], bool) and summary["verdict"]
+    # the recording has the frames the headset showed, and the plot is a real PNG
+    cap = cv2.VideoCapture(str(out / "overlay.mp4"))
+    frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    assert frames == summary["headset"]["frames_shown"] > 0
+    plot = cv2.imread(str(out / "metrics.png"))
+    assert plot is not None and plot.shape[0] > 200 and plot.std() > 5
+    assert "versions served" in r.stdout and "before" in r.stdout
+
+
+def test_demo_refuses_a_foreign_out_folder(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    r = subprocess.run([sys.executable, "-m", "hmd", "demo", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "is not a demo folder" in r.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
