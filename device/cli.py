@@ -55,6 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="journal on scene change above this thumbnail difference (0..1; 0 disables)")
     parser.add_argument("--cloud", metavar="URL", help="cloud service URL (sync client, when installed)")
     parser.add_argument("--token", help="device token for --cloud")
+    parser.add_argument("--retrain-locally", action="store_true",
+                        help="personalise on the headset itself while idle (optional extra: needs torch)")
+    parser.add_argument("--base-run", metavar="RUN_DIR", default=None,
+                        help="training checkpoint of the running model, for --retrain-locally "
+                             "(default: the shipped base model)")
+    parser.add_argument("--charging", action="store_true", help="the headset is charging: it counts as idle")
+    parser.add_argument("--idle-seconds", type=float, default=30.0,
+                        help="no camera frame for this long counts as idle (--retrain-locally)")
+    parser.add_argument("--retrain-min-frames", type=int, default=200,
+                        help="new journalled frames before a local job (--retrain-locally)")
+    parser.add_argument("--retrain-epochs", type=int, default=3)
+    parser.add_argument("--retrain-max-steps", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _public_key(path: str | None) -> bytes | None:
@@ -103,6 +115,15 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise UserError("--cloud needs the sync client (device/sync.py), which is not in this build") from None
         sync = sync_module.start(runtime, args.cloud, args.token)
+    retrainer = None
+    if args.retrain_locally:
+        from device.retrain import LocalRetrainer
+
+        base_run = args.base_run or str(Path(__file__).resolve().parent.parent / "hmd" / "assets" / "base-studio")
+        work = Path(args.store) / "retrain" if args.store else Path(args.journal).parent / "retrain"
+        retrainer = LocalRetrainer(runtime, base_run, work, charging=args.charging, idle_seconds=args.idle_seconds,
+                                   min_new_frames=args.retrain_min_frames, epochs=args.retrain_epochs,
+                                   max_steps=args.retrain_max_steps).start()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     try:
@@ -110,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sync is not None and hasattr(sync, "stop"):
             sync.stop()
+        if retrainer is not None:
+            retrainer.stop()
+    if retrainer is not None:
+        summary["local_retraining"] = retrainer.history
     print(json.dumps(summary, indent=2))
     if summary["frames_shown"] == 0:
         print(f"hmd device: error: no frame was shown ({summary['exit_reason']})", file=sys.stderr)

@@ -143,6 +143,10 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
         f"method {method}, {epochs} epochs")
 
     arch = base_model.cfg
+    steps_per_epoch = max(1, len(mixed) // min(batch_size, len(mixed)))
+    if max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+    warmup_steps = min(warmup_steps, max(1, steps_per_epoch * epochs // 4))  # short jobs still move
     cfg = TrainConfig(method=method, data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       size=h, width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
                       max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True,
