@@ -1,17 +1,30 @@
-"""Upload ingest: stream the body to a spool file (size-limited), validate the whole archive,
-then store its frames as blobs and commit the upload in one database transaction.
+"""Upload ingest, streamed: the request body is parsed as a tar archive while it arrives.
 
-Nothing of a rejected upload is kept: validation runs on the spool file before any blob or row
-is written. A crash after some frame blobs were written but before the commit leaves only
-unreferenced content-addressed blobs (the same frames, if retried, reuse them), never a
-partial batch.
+A parser thread reads the body from a bounded queue (the event loop only counts bytes against the
+size limit and hands chunks over), writes each frame once, hashing it in the same pass, to a
+temporary file in the blob store, and hands its bytes to a small decode pool that checks the
+frame decodes while the rest of the body is still arriving. When the body is complete the index
+is checked against every member (names, sizes, sha256, decodability, dimensions); only then are
+the temporary files renamed into the content-addressed store, made durable with one filesystem
+sync, and the upload committed in one database transaction.
+
+Nothing of a rejected upload is kept: until the commit step every frame lives only in a
+temporary file, removed on any failure. A crash after some frames were renamed into the store but
+before the commit leaves only unreferenced content-addressed blobs (the same frames, if retried,
+reuse them), never a partial batch.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
 import hashlib
 import os
+import queue
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -23,6 +36,12 @@ from cloud.blobs import BlobStore
 from cloud.storage import FrameRow, Storage, Upload
 from shared.wire import FRAME_PATH, INDEX_NAME, UploadIndex
 
+INDEX_LIMIT = 8 * 1024 * 1024
+_QUEUE_CHUNKS = 32  # body chunks buffered between the event loop and the parser thread
+_PENDING_DECODE_BYTES = 16 * 1024 * 1024  # frames handed to the decode pool and not yet checked
+_DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                                     thread_name_prefix="frame-check")
+
 
 class UploadRejected(Exception):
     def __init__(self, status: int, code: str, detail: str):
@@ -30,110 +49,310 @@ class UploadRejected(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
-async def spool(body: AsyncIterator[bytes], spool_dir: Path, limit: int) -> tuple[Path, int]:
-    """Write the request body to a temporary file as it arrives; 413 past ``limit`` bytes."""
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=spool_dir, suffix=".upload")
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            async for chunk in body:
-                size += len(chunk)
-                if size > limit:
-                    raise UploadRejected(413, "too_large", f"upload exceeds the limit of {limit} bytes")
-                fh.write(chunk)
-    except BaseException:
-        os.unlink(name)
-        raise
-    return Path(name), size
+def _bad(detail: str) -> UploadRejected:
+    return UploadRejected(400, "bad_archive", detail)
 
 
-def validate_archive(path: Path, *, max_frames: int, max_frame_bytes: int) -> tuple[UploadIndex, bytes, list[FrameRow]]:
-    """Check every member of an upload archive; returns (index, index bytes, frames) or raises 400."""
-    def bad(detail: str) -> UploadRejected:
-        return UploadRejected(400, "bad_archive", detail)
+# -- frame check ---------------------------------------------------------------------------------
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
-    try:
-        tar = tarfile.open(path, mode="r:")  # uncompressed only: no decompression bombs
-    except (tarfile.TarError, OSError) as exc:
-        raise bad(f"not a tar archive ({exc})") from None
-    with tar:
+
+def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
+    """(width, height, has_exif) from a JPEG's frame header, or None if there is none before the scan."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i, exif = 2, False
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            return None
+        seglen = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\0\0":
+            exif = True
+        if marker in _SOF:
+            if i + 9 > n:
+                return None
+            h = int.from_bytes(data[i + 5:i + 7], "big")
+            w = int.from_bytes(data[i + 7:i + 9], "big")
+            return w, h, exif
+        i += 2 + seglen
+    return None
+
+
+def check_frame(data: bytes) -> tuple[int, int] | None:
+    """(width, height) if ``data`` decodes as an image (as ``cv2.imdecode(.., IMREAD_COLOR)`` sees
+    it), else None.
+
+    A plain JPEG is decoded at 1/8 scale: libjpeg still parses every marker and entropy-decodes
+    every coefficient of every scan (a truncated or corrupt stream fails exactly as in a full
+    decode), it only skips the full-size inverse DCT and colour conversion. Anything else (EXIF,
+    whose orientation swaps the decoded size; other formats; a failed or odd-sized reduced
+    decode) gets the full decode."""
+    buf = np.frombuffer(data, np.uint8)
+    head = jpeg_header(data)
+    if head is not None and not head[2]:
+        w, h, _ = head
+        small = cv2.imdecode(buf, cv2.IMREAD_REDUCED_GRAYSCALE_8)
+        if small is not None and small.shape[:2] == (-(-h // 8), -(-w // 8)):
+            return w, h
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None:
+        return None
+    return img.shape[1], img.shape[0]
+
+
+# -- streaming parser -----------------------------------------------------------------------------
+class _Feed:
+    """A blocking file-like view of the body chunks the event loop puts in a queue (None: the end)."""
+
+    def __init__(self, q: "queue.Queue[bytes | None]"):
+        self.q = q
+        self.buf = bytearray()
+        self.eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self.buf) < n) and not self.eof:
+            item = self.q.get()
+            if item is None:
+                self.eof = True
+            else:
+                self.buf += item
+        if n < 0 or n >= len(self.buf):
+            out = bytes(self.buf)
+            self.buf.clear()
+        else:
+            out = bytes(self.buf[:n])
+            del self.buf[:n]
+        return out
+
+    def drain(self) -> None:
+        while not self.eof:
+            if self.q.get() is None:
+                self.eof = True
+        self.buf.clear()
+
+
+@dataclasses.dataclass
+class _Member:
+    size: int
+    sha256: str
+    tmp: Path | None  # None: the blob is in the store already
+    check: concurrent.futures.Future
+
+
+@dataclasses.dataclass
+class Received:
+    """A fully received and validated upload whose frames wait in temporary files."""
+
+    index: UploadIndex
+    index_bytes: bytes
+    rows: list[FrameRow]
+    temps: list[tuple[str, Path]]  # (sha256, temporary file)
+    size: int = 0
+
+
+class _Parser:
+    def __init__(self, q: "queue.Queue[bytes | None]", blobs: BlobStore, spool_dir: Path, *, max_frames: int,
+                 max_frame_bytes: int):
+        self.feed = _Feed(q)
+        self.blobs, self.spool_dir = blobs, spool_dir
+        self.max_frames, self.max_frame_bytes = max_frames, max_frame_bytes
+        self.temps: list[Path] = []
+        self.result: concurrent.futures.Future = concurrent.futures.Future()
+
+    def _temp(self):
+        make = getattr(self.blobs, "temp_file", None)
+        if make is not None:
+            fh, path = make()
+        else:  # a store without local temporary files: spool here, put_file at commit
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".frame")
+            fh, path = os.fdopen(fd, "wb"), Path(name)
+        self.temps.append(path)
+        return fh, path
+
+    def run(self) -> None:
         try:
-            members = tar.getmembers()
+            self.result.set_result(self._parse())
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+            self.cleanup()
+            self.result.set_exception(exc)
+        finally:
+            self.feed.drain()  # never leave the event loop blocked on a full queue
+
+    def cleanup(self) -> None:
+        for path in self.temps:
+            path.unlink(missing_ok=True)
+
+    def _parse(self) -> Received:
+        try:
+            tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024)  # uncompressed only
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise bad(f"the archive is truncated or corrupt ({exc})") from None
-        by_name: dict[str, tarfile.TarInfo] = {}
-        for m in members:
-            if not m.isfile():
-                raise bad(f"member {m.name!r} is not a regular file")
-            if m.name in by_name:
-                raise bad(f"member {m.name!r} appears twice")
-            by_name[m.name] = m
-        if INDEX_NAME not in by_name:
-            raise bad(f"the archive has no {INDEX_NAME}")
-        if by_name[INDEX_NAME].size > 8 * 1024 * 1024:
-            raise bad(f"{INDEX_NAME} is larger than 8 MiB")
-        index_bytes = tar.extractfile(by_name[INDEX_NAME]).read()  # type: ignore[union-attr]
+            raise _bad(f"not a tar archive ({exc})") from None
+        members: dict[str, _Member] = {}
+        pending: collections.deque = collections.deque()
+        pending_bytes = 0
+        index_bytes: bytes | None = None
+        try:
+            with tar:
+                for m in tar:
+                    if not m.isfile():
+                        raise _bad(f"member {m.name!r} is not a regular file")
+                    if m.name in members or (m.name == INDEX_NAME and index_bytes is not None):
+                        raise _bad(f"member {m.name!r} appears twice")
+                    if len(members) >= self.max_frames:
+                        raise _bad(f"more than {self.max_frames} frames in one upload")
+                    if m.name == INDEX_NAME:
+                        if m.size > INDEX_LIMIT:
+                            raise _bad(f"{INDEX_NAME} is larger than 8 MiB")
+                        index_bytes = tar.extractfile(m).read()  # type: ignore[union-attr]
+                        continue
+                    if not FRAME_PATH.match(m.name):
+                        raise _bad(f"archive member {m.name!r} is not frames/NAME.jpg")
+                    if m.size > self.max_frame_bytes:
+                        raise _bad(f"{m.name} is larger than {self.max_frame_bytes} bytes")
+                    data = tar.extractfile(m).read()  # type: ignore[union-attr]
+                    sha = hashlib.sha256(data).hexdigest()
+                    tmp = None
+                    if not self.blobs.exists(sha):
+                        fh, tmp = self._temp()
+                        with fh:
+                            fh.write(data)
+                    fut = _DECODE_POOL.submit(check_frame, data)
+                    members[m.name] = _Member(len(data), sha, tmp, fut)
+                    pending.append((fut, len(data)))
+                    pending_bytes += len(data)
+                    while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
+                        done, nbytes = pending.popleft()
+                        done.result()
+                        pending_bytes -= nbytes
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise _bad(f"the archive is truncated or corrupt ({exc})") from None
+        finally:
+            concurrent.futures.wait([f for f, _ in pending])
+        return self._validate(index_bytes, members)
+
+    def _validate(self, index_bytes: bytes | None, members: dict[str, _Member]) -> Received:
+        if index_bytes is None:
+            raise _bad(f"the archive has no {INDEX_NAME}")
         try:
             index = UploadIndex.model_validate_json(index_bytes)
         except (ValidationError, ValueError) as exc:
             first = str(exc).splitlines()
-            raise bad(f"{INDEX_NAME} is not a valid upload index: {' '.join(first[:3])}") from None
-        if len(index.frames) > max_frames:
-            raise bad(f"{len(index.frames)} frames in one upload; the limit is {max_frames}")
+            raise _bad(f"{INDEX_NAME} is not a valid upload index: {' '.join(first[:3])}") from None
+        if len(index.frames) > self.max_frames:
+            raise _bad(f"{len(index.frames)} frames in one upload; the limit is {self.max_frames}")
         listed = [f.file for f in index.frames]
         if len(set(listed)) != len(listed):
-            raise bad("the index lists a frame file twice")
-        extra = set(by_name) - set(listed) - {INDEX_NAME}
+            raise _bad("the index lists a frame file twice")
+        extra = set(members) - set(listed)
         if extra:
-            raise bad(f"archive members not in the index: {sorted(extra)[:3]}")
+            raise _bad(f"archive members not in the index: {sorted(extra)[:3]}")
         rows: list[FrameRow] = []
+        temps: list[tuple[str, Path]] = []
         for i, f in enumerate(index.frames):
             if not FRAME_PATH.match(f.file):
-                raise bad(f"frame {i}: file name {f.file!r} is not frames/NAME.jpg")
-            m = by_name.get(f.file)
+                raise _bad(f"frame {i}: file name {f.file!r} is not frames/NAME.jpg")
+            m = members.get(f.file)
             if m is None:
-                raise bad(f"frame {i}: {f.file} is in the index but not in the archive")
+                raise _bad(f"frame {i}: {f.file} is in the index but not in the archive")
             if m.size != f.bytes:
-                raise bad(f"frame {i}: {f.file} has {m.size} bytes, the index says {f.bytes}")
-            if m.size > max_frame_bytes:
-                raise bad(f"frame {i}: {f.file} is larger than {max_frame_bytes} bytes")
-            data = tar.extractfile(m).read()  # type: ignore[union-attr]
-            if hashlib.sha256(data).hexdigest() != f.sha256:
-                raise bad(f"frame {i}: {f.file} does not match its sha256 in the index")
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-            if img is None:
-                raise bad(f"frame {i}: {f.file} is not a decodable image")
-            h, w = img.shape[:2]
+                raise _bad(f"frame {i}: {f.file} has {m.size} bytes, the index says {f.bytes}")
+            if m.sha256 != f.sha256:
+                raise _bad(f"frame {i}: {f.file} does not match its sha256 in the index")
+            dims = m.check.result()
+            if dims is None:
+                raise _bad(f"frame {i}: {f.file} is not a decodable image")
+            w, h = dims
             if (f.width is not None and f.width != w) or (f.height is not None and f.height != h):
-                raise bad(f"frame {i}: {f.file} is {w}x{h}, the index says {f.width}x{f.height}")
+                raise _bad(f"frame {i}: {f.file} is {w}x{h}, the index says {f.width}x{f.height}")
             meta = f.model_dump(exclude={"file", "sha256", "bytes", "width", "height"})
             rows.append(FrameRow(f.sha256, w, h, meta))
-    return index, index_bytes, rows
+            if m.tmp is not None:
+                temps.append((m.sha256, m.tmp))
+        return Received(index, index_bytes, rows, temps)
 
 
-def store_frames(path: Path, index: UploadIndex, blobs: BlobStore) -> None:
-    """Copy the (already validated) frames of the spool file into the blob store."""
-    with tarfile.open(path, mode="r:") as tar:
-        for f in index.frames:
-            if not blobs.exists(f.sha256):
-                blobs.put_bytes(tar.extractfile(f.file).read())  # type: ignore[union-attr]
+async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
+                         max_frames: int, max_frame_bytes: int) -> Received:
+    """Stream, parse and validate an upload as it arrives; 413 past ``limit`` bytes, 400 if invalid.
 
-
-def ingest(path: Path, size: int, device_id: int, storage: Storage, blobs: BlobStore, *,
-           max_frames: int, max_frame_bytes: int) -> tuple[Upload, bool]:
-    """Validate and commit a spooled upload; returns (upload, created). The spool file is removed."""
+    The whole body is read even after the archive is found invalid, so the client always gets
+    the answer (not a reset connection)."""
+    q: "queue.Queue[bytes | None]" = queue.Queue(maxsize=_QUEUE_CHUNKS)
+    parser = _Parser(q, blobs, spool_dir, max_frames=max_frames, max_frame_bytes=max_frame_bytes)
+    thread = threading.Thread(target=parser.run, name="upload-parser", daemon=True)
+    thread.start()
+    size = 0
+    ok = False
     try:
-        index, index_bytes, rows = validate_archive(path, max_frames=max_frames, max_frame_bytes=max_frame_bytes)
-        content = index.content_sha256()
+        async for chunk in body:
+            if not chunk:
+                continue
+            size += len(chunk)
+            if size > limit:
+                raise UploadRejected(413, "too_large", f"upload exceeds the limit of {limit} bytes")
+            try:
+                q.put_nowait(chunk)
+            except queue.Full:
+                await asyncio.to_thread(q.put, chunk)
+        ok = True
+    finally:
+        try:
+            q.put_nowait(None)
+        except queue.Full:
+            await asyncio.to_thread(q.put, None)
+        if not ok:  # 413 or a dropped connection: wait for the parser, throw its work away
+            await asyncio.to_thread(thread.join)
+            parser.cleanup()
+    if size == 0:
+        await asyncio.to_thread(thread.join)
+        parser.cleanup()
+        raise _bad("the upload is empty")
+    try:
+        received = await asyncio.wrap_future(parser.result)
+    except BaseException:
+        parser.cleanup()
+        raise
+    received.size = size
+    return received
+
+
+def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStore) -> tuple[Upload, bool]:
+    """Store a validated upload's frames and commit it; (upload, created). Temporary files are removed."""
+    temps = list(received.temps)
+    try:
+        content = received.index.content_sha256()
         existing = storage.find_upload(device_id, content)
         if existing is not None:
             return existing, False
-        store_frames(path, index, blobs)
-        index_sha = blobs.put_bytes(index_bytes)
-        return storage.commit_upload(device_id, content, index_sha, size, rows)
+        adopt = getattr(blobs, "adopt", None)
+        if adopt is not None and hasattr(blobs, "sync"):
+            fh, tmp = blobs.temp_file()  # type: ignore[attr-defined]
+            with fh:
+                fh.write(received.index_bytes)
+            temps.append((hashlib.sha256(received.index_bytes).hexdigest(), tmp))
+            for sha, path in temps:
+                adopt(path, sha)
+            blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
+            index_sha = temps[-1][0]
+        else:
+            for sha, path in temps:
+                blobs.put_file(path, sha)
+            index_sha = blobs.put_bytes(received.index_bytes)
+        return storage.commit_upload(device_id, content, index_sha, received.size, received.rows)
     finally:
-        path.unlink(missing_ok=True)
+        for _, path in temps:
+            path.unlink(missing_ok=True)
 
 
 def decode_frames(blobs: BlobStore, frames: list[FrameRow], size: tuple[int, int]) -> np.ndarray:

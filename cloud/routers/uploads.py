@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from cloud.deps import ApiError, DeviceDep, ServicesDep
-from cloud.ingest import UploadRejected, ingest, spool
+from cloud.ingest import UploadRejected, commit, receive_upload
 from shared.wire import UploadReceipt
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
@@ -20,13 +20,10 @@ async def create_upload(request: Request, response: Response, device: DeviceDep,
     if declared is not None and declared.isdigit() and int(declared) > s.max_upload_bytes:
         raise ApiError(413, "too_large", f"upload of {declared} bytes exceeds the limit of {s.max_upload_bytes} bytes")
     try:
-        path, size = await spool(request.stream(), s.data_dir / "spool", s.max_upload_bytes)
-        if size == 0:
-            path.unlink(missing_ok=True)
-            raise UploadRejected(400, "bad_archive", "the upload is empty")
-        upload, created = await run_in_threadpool(
-            ingest, path, size, device.id, services.storage, services.blobs,
-            max_frames=s.max_frames_per_upload, max_frame_bytes=s.max_frame_bytes)
+        received = await receive_upload(request.stream(), services.blobs, s.data_dir / "spool",
+                                        limit=s.max_upload_bytes, max_frames=s.max_frames_per_upload,
+                                        max_frame_bytes=s.max_frame_bytes)
+        upload, created = await run_in_threadpool(commit, received, device.id, services.storage, services.blobs)
     except UploadRejected as exc:
         raise ApiError(exc.status, exc.code, exc.detail) from None
     job_id = None
