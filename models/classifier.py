@@ -12,7 +12,9 @@ Two architectures, registered by name:
             linear layers (128, classes); BN + ReLU after every layer but the last.
             With leaky-ReLU 0.2 it is the distillation's binary discriminator.
 
-Also here: the labelled image tensors these experiments train on, the paper's
+Also here: :func:`forward_with_input_vjp` (logits plus an explicit, differentiable input
+gradient of both architectures: the GREAT defence's and distillation's fast double backprop),
+the labelled image tensors these experiments train on, the paper's
 augmentation (flips, crops from a 4-padded image), accuracy, and the classifier
 checkpoint format shared by ``hmd defend``, ``hmd distill`` and ``hmd attack``.
 """
@@ -34,7 +36,7 @@ from shared.atomic import atomic_write_bytes
 from shared.errors import UserError
 
 from models.data import load_source
-from models.network import ClassHead, Encoder, NetConfig, make_activation
+from models.network import ClassHead, Encoder, NetConfig, ResidualBlock, make_activation
 from models.train import SmoothedValue
 from models.weighting import normalise_per_sample, poly_multiplier  # noqa: F401 (re-exported)
 
@@ -336,3 +338,168 @@ def fit(model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], dict[str,
                         "train": {k: v.global_avg for k, v in meters.items()}, "val_accuracy": val_acc})
         log(f"[{tag}] epoch {epoch + 1}/{epochs} held-out accuracy {val_acc:.2f}%")
     return history
+
+
+# --- explicit input gradients (fast double backprop) ------------------------------------------
+
+def _act_slope(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """d act / d pre-activation, from the activation's OUTPUT y (the activations run in place);
+    the same masks autograd's threshold / leaky-ReLU backward use."""
+    if isinstance(act, nn.ReLU):
+        return (y > 0).to(y.dtype)
+    if isinstance(act, nn.LeakyReLU):
+        s = act.negative_slope
+        return (y > 0).to(y.dtype) * (1.0 - s) + s
+    raise TypeError(f"no explicit derivative for {type(act).__name__}")
+
+
+def _bn_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``bn(x)`` (running statistics updated exactly as ``_BatchNorm.forward`` does) and, with
+    batch statistics, the batch's 1/sqrt(var + eps) per channel (no graph)."""
+    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d) or not (bn.training or bn.running_var is None):
+        return bn(x), None
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    y, _, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
+                                           factor, bn.eps)
+    return y, invstd.detach()
+
+
+def _bn_backward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, gy: torch.Tensor,
+                 bn_grad: str, invstd: torch.Tensor | None = None) -> torch.Tensor:
+    """d BN(x) / dx applied to gy. With batch statistics (train mode) and ``bn_grad == "batch"``
+    this is the exact autograd maths (the statistics' cross-sample terms included);
+    ``bn_grad == "detached"`` treats the batch statistics as constants (per-sample gradient)."""
+    dims = (0,) + tuple(range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    gamma = bn.weight.view(shape) if bn.weight is not None else 1.0
+    if not bn.training and bn.running_var is not None:
+        return gy * (gamma * torch.rsqrt(bn.running_var.view(shape) + bn.eps))
+    if bn_grad == "detached":
+        if invstd is None:
+            with torch.no_grad():
+                invstd = torch.rsqrt(x.var(dims, unbiased=False) + bn.eps)
+        return gy * (gamma * invstd.detach().view(shape))
+    mu = x.mean(dims, keepdim=True)
+    inv = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + bn.eps)
+    xhat = (x - mu) * inv
+    return (gamma * inv) * (gy - gy.mean(dims, keepdim=True) - xhat * (gy * xhat).mean(dims, keepdim=True))
+
+
+def _conv_backward(conv: nn.Conv2d, x_shape: torch.Size, gy: torch.Tensor) -> torch.Tensor:
+    """d conv(x) / dx applied to gy, as a transposed convolution: its own backward (the weight
+    gradient of double backprop) runs as a fast weight-gradient kernel, unlike autograd's
+    double backward of ``convolution_backward`` (a large-kernel convolution on CPU)."""
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    if conv.groups != 1 or isinstance(p, str):
+        raise TypeError("explicit conv backward: groups / string padding unsupported")
+    out_pad = tuple(x_shape[2 + i] - ((gy.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + 1)
+                    for i in range(2))
+    return F.conv_transpose2d(gy, conv.weight, None, s, p, out_pad, 1, d)
+
+
+class _Trace:
+    """The forward's saved tensors and a reverse list of backward steps."""
+
+    def __init__(self, bn_grad: str):
+        self.bn_grad = bn_grad
+        self.steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+
+    def conv_bn_act(self, conv: nn.Conv2d, bn: nn.Module, act: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        c = conv(x)
+        y, invstd = _bn_forward(bn, c)
+        if act is not None:
+            y = act(y)
+        return y, (lambda g, c=c, y=y, xs=x.shape: _conv_backward(
+            conv, xs, _bn_backward(bn, c, g * _act_slope(act, y) if act is not None else g, self.bn_grad, invstd)))
+
+
+def _forward_resnet(model: "Classifier", x: torch.Tensor, tr: _Trace):
+    enc = model.encoder
+    h, stem_bwd = tr.conv_bn_act(enc.stem[0], enc.stem[1], enc.stem[2], (x - enc.mean) / enc.std)
+    blocks = []
+    for block in (b for stage in enc.stages for b in stage):
+        h1, bwd1 = tr.conv_bn_act(block.conv1, block.bn1, block.act, h)
+        c2 = block.conv2(h1)
+        b2, inv2 = _bn_forward(block.bn2, c2)
+        if isinstance(block.skip, nn.Identity):
+            s, skip_bwd = h, None
+        else:
+            s, skip_bwd = tr.conv_bn_act(block.skip[0], block.skip[1], None, h)
+        out = block.act(b2 + s)
+        blocks.append((block, bwd1, c2, inv2, h1.shape, skip_bwd, out))
+        h = out
+    logits = model.head(h)
+    hw = h.shape[2] * h.shape[3]
+
+    def vjp(v: torch.Tensor) -> torch.Tensor:
+        g = (v @ model.head.fc.weight).div(hw)[:, :, None, None].expand(h.shape)
+        for block, bwd1, c2, inv2, h1_shape, skip_bwd, out in reversed(blocks):
+            g = g * _act_slope(block.act, out)
+            gi = bwd1(_conv_backward(block.conv2, h1_shape, _bn_backward(block.bn2, c2, g, tr.bn_grad, inv2)))
+            g = gi + (g if skip_bwd is None else skip_bwd(g))
+        return stem_bwd(g) / enc.std
+    return logits, vjp
+
+
+def _forward_cnn5(model: "CNN5", x: torch.Tensor, tr: _Trace):
+    f = model.features
+    h = (x - model.mean) / model.std
+    bwds = []
+    for i in range(0, len(f), 3):
+        h, b = tr.conv_bn_act(f[i], f[i + 1], f[i + 2], h)
+        bwds.append(b)
+    feat = h.detach().requires_grad_(True)
+    pooled = model.pool(h)
+    lin, bn1, act1 = model.fc1
+    z = lin(pooled.flatten(1))
+    a, inv1 = _bn_forward(bn1, z)
+    a = act1(a)
+    logits = model.fc2(a)
+
+    def vjp(v: torch.Tensor) -> torch.Tensor:
+        g = (v @ model.fc2.weight) * _act_slope(act1, a)
+        g = (_bn_backward(bn1, z, g, tr.bn_grad, inv1) @ lin.weight).view(pooled.shape)
+        with torch.enable_grad():  # the pooling's backward is linear in g (and independent of h)
+            (g,) = torch.autograd.grad(model.pool(feat), feat, g, create_graph=torch.is_grad_enabled()
+                                       and g.requires_grad)
+        for b in reversed(bwds):
+            g = b(g)
+        return g / model.std
+    return logits, vjp
+
+
+def forward_with_input_vjp(model: nn.Module, x: torch.Tensor, bn_grad: str = "batch"):
+    """``(logits, vjp)`` with ``vjp(v)`` = v^T d logits / dx built from explicit, differentiable ops
+    (graph recorded when grad mode is on), or ``None`` for an unsupported model (use autograd).
+
+    Same values as ``torch.autograd.grad(logits, x, v, create_graph=True)`` for ``bn_grad="batch"``
+    (tests pin it), cheaper to differentiate again on CPU; ``x`` need not require grad."""
+    if bn_grad not in ("batch", "detached"):
+        raise UserError(f"bn_grad must be 'batch' or 'detached', got {bn_grad!r}")
+    if not _explicit_supported(model):
+        return None
+    tr = _Trace(bn_grad)
+    if type(model) is Classifier:
+        return _forward_resnet(model, x, tr)
+    return _forward_cnn5(model, x, tr)
+
+
+_EXPLICIT_MODULES = (Classifier, CNN5, Encoder, ClassHead, ResidualBlock, nn.Sequential, nn.Identity, nn.Linear,
+                     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.AdaptiveAvgPool2d)
+
+
+def _explicit_supported(model: nn.Module) -> bool:
+    if type(model) not in (Classifier, CNN5):
+        return False
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
+                return False
+        elif type(m) not in _EXPLICIT_MODULES:
+            return False
+    return True

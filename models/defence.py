@@ -17,6 +17,24 @@ GREAT / GREACE follow the paper's Algorithm 1:
 * schedules alpha = alpha_max (1 - m), beta = beta_max (1 - m), m = (1 - e/e_max)^0.9.
   While alpha = 0 (epoch 0) g is taken without a graph: no double backprop is paid for.
 
+Implementation choices (measured with ``python -m models.bench_robust --compare-faithful``):
+
+* ``input_grad="explicit"`` (default): for our ``resnet`` / ``cnn5`` classifiers g is built from
+  explicit differentiable ops (:func:`models.classifier.forward_with_input_vjp`: transposed
+  convolutions, the BN and activation derivatives) instead of ``autograd.grad(create_graph=True)``.
+  Same values and same second derivatives (tests pin both); on CPU autograd's double backward of a
+  convolution is a slow large-kernel convolution, the explicit one a weight-gradient kernel.
+  Other networks (e.g. the multi-task class head) fall back to autograd (``grad_bn`` then has
+  no effect: the statistics are differentiated).
+* ``grad_bn="detached"`` (default) -- a DEVIATION from the paper, chosen because the faithful
+  path misses the <= 3x-plain cost target: g is taken with the BN layers' batch statistics held
+  constant, i.e. g_i is the per-sample gradient of the network normalised with this batch's
+  statistics (what eval mode computes with running := batch statistics), and the double backprop
+  does not differentiate the statistics inside g. The forward (CE, GREACE, the p_y factor of g)
+  is the ordinary train-mode forward. ``grad_bn="batch"`` is the exact paper maths (the batch
+  statistics' cross-sample terms, as autograd on the train-mode network gives them). In eval
+  mode (running statistics) both are the same.
+
 ``fgsm-at`` is the paper's adversarial-training baseline: each sample of the batch is
 replaced by its FGSM example (eps 0.2, generated with frozen BN statistics) with
 probability 0.5 and the loss is the batch-mean cross-entropy, i.e. 0.5 (L_clean + L_adv)
@@ -40,7 +58,8 @@ import torch.nn.functional as F
 from shared.errors import UserError
 
 from models.attacks import fgsm_step
-from models.classifier import FrozenBatchNormStats, aux_copy_config, create_classifier, normalise_per_sample
+from models.classifier import (FrozenBatchNormStats, aux_copy_config, create_classifier, forward_with_input_vjp,
+                               normalise_per_sample)
 from models.network import NetConfig
 from models.weighting import poly_multiplier
 
@@ -79,11 +98,38 @@ def masked_input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.T
     Per sample (sum over the batch, not mean). With ``create_graph`` g is differentiable in the
     network's parameters (double backprop); the forward graph is always retained.
     """
-    onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    grad_outputs = (torch.softmax(logits, 1) - onehot) * onehot
+    grad_outputs = masked_grad_outputs(logits, labels)
     (g,) = torch.autograd.grad(logits, x, grad_outputs=grad_outputs, create_graph=create_graph,
                                retain_graph=True)
     return g
+
+
+def masked_grad_outputs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(softmax(a) - onehot(y)) * onehot(y): the cross-entropy's logit gradient masked to the true class."""
+    onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return (torch.softmax(logits, 1) - onehot) * onehot
+
+
+def logits_and_masked_gradient(logits_fn: LogitsFn, x: torch.Tensor, labels: torch.Tensor, create_graph: bool,
+                               input_grad: str = "explicit", grad_bn: str = "batch"
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, g) of :func:`masked_input_gradient` from one forward. ``input_grad="explicit"``: the
+    same maths from explicit ops (:func:`models.classifier.forward_with_input_vjp`) where the
+    network supports it -- its double backprop is cheaper on CPU -- else autograd (which always
+    differentiates the BN statistics: ``grad_bn`` applies to the explicit path)."""
+    fw = None
+    if input_grad == "explicit" and isinstance(logits_fn, nn.Module):
+        fw = forward_with_input_vjp(logits_fn, x.detach(), grad_bn)
+    if fw is None:
+        x = x.detach().requires_grad_(True)
+        logits = logits_fn(x)
+        g = masked_input_gradient(logits, x, labels, create_graph=create_graph)
+        return logits, (g if create_graph else g.detach())
+    logits, vjp = fw
+    if create_graph:
+        return logits, vjp(masked_grad_outputs(logits, labels))
+    with torch.no_grad():
+        return logits, vjp(masked_grad_outputs(logits.detach(), labels))
 
 
 def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -195,7 +241,9 @@ def _module_of(logits_fn: LogitsFn) -> nn.Module:
 class GradientAdversarialDefence(Defence):
     """GREAT and/or GREACE (Algorithm 1). Options: ``alpha_max`` (1), ``beta_max`` (2 CIFAR-10,
     10 SVHN), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
-    "none"), ``aux_width`` (None = the main network's width), ``aux_arch`` ("resnet")."""
+    "none"), ``aux_width`` (None = the main network's width), ``aux_arch`` ("resnet"),
+    ``input_grad`` ("explicit" / "autograd") and ``grad_bn`` ("detached" / "batch": the
+    paper's), see the module docstring."""
 
     uses_aux = True
     reversal = True
@@ -203,8 +251,14 @@ class GradientAdversarialDefence(Defence):
 
     def __init__(self, net_cfg: NetConfig, seed: int = 0, alpha_max: float = 1.0, beta_max: float = 2.0,
                  aux_lr: float = 1e-3, aux_norm: str = "rms", aux_width: int | None = None,
-                 aux_arch: str = "resnet", **_: Any):
+                 aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = "detached", **_: Any):
         super().__init__(net_cfg, seed)
+        if grad_bn not in ("batch", "detached"):
+            raise UserError(f"grad_bn must be 'batch' or 'detached', got {grad_bn!r}")
+        self.grad_bn = grad_bn
+        if input_grad not in ("explicit", "autograd"):
+            raise UserError(f"input_grad must be 'explicit' or 'autograd', got {input_grad!r}")
+        self.input_grad = input_grad
         if aux_norm not in ("rms", "none"):
             raise UserError(f"aux_norm must be 'rms' or 'none', got {aux_norm!r}")
         self.alpha_max = float(alpha_max) if self.reversal else 0.0
@@ -228,12 +282,8 @@ class GradientAdversarialDefence(Defence):
         self.beta = ramp(self.beta_max, epoch, epochs)
 
     def loss(self, logits_fn, x, y, include_ce=True):
-        x = x.detach().requires_grad_(True)
-        logits = logits_fn(x)
         double_backprop = self.alpha > 0.0
-        g = masked_input_gradient(logits, x, y, create_graph=double_backprop)
-        if not double_backprop:
-            g = g.detach()
+        logits, g = logits_and_masked_gradient(logits_fn, x, y, double_backprop, self.input_grad, self.grad_bn)
         aux_in = normalise_per_sample(g) if self.aux_norm == "rms" else g
         # one aux forward/backward: theta' descends CE(A(g), y); theta gets -alpha * its gradient
         aux_logits = self.aux(scale_gradient(aux_in, -self.alpha) if double_backprop else aux_in)

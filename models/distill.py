@@ -13,11 +13,21 @@
            Gradients are RMS-normalised per sample by default (``disc_norm``): otherwise the
            two networks' gradient scales alone would separate them.
 
+Implementation choices of ``great`` (measured with ``python -m models.bench_robust --compare-faithful``):
+``input_grad="explicit"`` (default) builds g_s and g_t from explicit ops
+(:func:`models.classifier.forward_with_input_vjp`: same maths, cheaper double backprop on CPU;
+the teacher's g_t records no graph at all). Two DEVIATIONS, taken for speed: ``grad_bn="detached"``
+(default) takes g_s with the student's BN batch statistics held constant (see
+:mod:`models.defence`; ``"batch"`` is the exact paper maths), and the discriminator is half the
+student's width by default (``disc_width``; the paper does not tie its size to the student's).
+The teacher is frozen in eval mode, so its g_t is exact either way.
+
 A method is an ``nn.Module`` (the discriminator and its optimizer state save with it);
 :meth:`DistillMethod.train_step` fills the student's ``.grad`` and steps its own optimizer.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,7 +36,7 @@ import torch.nn.functional as F
 
 from shared.errors import UserError
 
-from models.classifier import aux_copy_config, create_classifier, normalise_per_sample
+from models.classifier import aux_copy_config, create_classifier, forward_with_input_vjp, normalise_per_sample
 from models.defence import scale_gradient
 from models.network import NetConfig
 
@@ -73,6 +83,26 @@ def input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
     (g,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x,
                                create_graph=create_graph, retain_graph=create_graph)
     return g
+
+
+def logits_and_input_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, create_graph: bool,
+                              input_grad: str = "explicit", grad_bn: str = "batch"
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, :func:`input_gradient`) from one forward: explicit ops where the network supports it
+    (:func:`models.classifier.forward_with_input_vjp`, same maths, cheaper double backprop on CPU;
+    without ``create_graph`` no graph is recorded at all), else autograd."""
+    fw = forward_with_input_vjp(model, x.detach(), grad_bn) if input_grad == "explicit" else None
+    if fw is None:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            logits = model(x)
+            g = input_gradient(logits, x, labels, create_graph=create_graph)
+        return logits, (g if create_graph else g.detach())
+    logits, vjp = fw
+    if create_graph:
+        return logits, vjp(torch.softmax(logits, 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype))
+    with torch.no_grad():
+        return logits, vjp(torch.softmax(logits.detach(), 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype))
 
 
 def discriminator_labels(n_teacher: int, n_student: int) -> torch.Tensor:
@@ -148,15 +178,26 @@ class SoftTargets(DistillMethod):
 @register_distill("great")
 class GradientAdversarialDistillation(DistillMethod):
     """Algorithm 2. Options: ``alpha`` (0.1), ``disc_lr`` (Adam 1e-3), ``disc_norm`` ("rms"/"none"),
-    ``disc_arch`` (default: the student's architecture, leaky-ReLU 0.2)."""
+    ``disc_arch`` (``hmd distill`` passes the student's architecture; leaky-ReLU 0.2),
+    ``disc_width`` (None: half the student's width), ``input_grad`` ("explicit"/"autograd"),
+    ``grad_bn`` ("detached"/"batch": the paper's)."""
 
     def __init__(self, student_cfg, teacher, alpha: float = PAPER_GREAT_ALPHA, disc_lr: float = 1e-3,
-                 disc_norm: str = "rms", disc_arch: str = "cnn5", **_: Any):
+                 disc_norm: str = "rms", disc_arch: str = "cnn5", input_grad: str = "explicit",
+                 disc_width: int | None = None, grad_bn: str = "detached", **_: Any):
         super().__init__(student_cfg, teacher)
+        if grad_bn not in ("batch", "detached"):
+            raise UserError(f"grad_bn must be 'batch' or 'detached', got {grad_bn!r}")
+        self.grad_bn = grad_bn
+        if input_grad not in ("explicit", "autograd"):
+            raise UserError(f"input_grad must be 'explicit' or 'autograd', got {input_grad!r}")
+        self.input_grad = input_grad
         if disc_norm not in ("rms", "none"):
             raise UserError(f"disc_norm must be 'rms' or 'none', got {disc_norm!r}")
         self.alpha, self.disc_norm = float(alpha), disc_norm
-        self.discriminator = create_classifier(disc_arch, aux_copy_config(student_cfg, num_classes=1))
+        disc_cfg = aux_copy_config(student_cfg, num_classes=1)
+        disc_cfg = dataclasses.replace(disc_cfg, width=int(disc_width or max(1, student_cfg.width // 2)))
+        self.discriminator = create_classifier(disc_arch, disc_cfg)
         self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=disc_lr)
 
     def _own_optimizers(self):
@@ -172,13 +213,9 @@ class GradientAdversarialDistillation(DistillMethod):
         return normalise_per_sample(g) if self.disc_norm == "rms" else g
 
     def loss(self, student, x, y):
-        x = x.detach().requires_grad_(True)
-        s = student(x)
+        s, g_s = logits_and_input_gradient(student, x, y, True, self.input_grad, self.grad_bn)
         ce = F.cross_entropy(s, y)
-        g_s = input_gradient(s, x, y, create_graph=True)
-        with torch.enable_grad():
-            xt = x.detach().requires_grad_(True)
-            g_t = input_gradient(self.teacher_model(xt), xt, y, create_graph=False).detach()
+        _, g_t = logits_and_input_gradient(self.teacher_model, x, y, False, self.input_grad)
         d_in = torch.cat([self._prep(g_t), scale_gradient(self._prep(g_s), -self.alpha)])
         d_logits = self.discriminator(d_in).squeeze(1)
         labels = discriminator_labels(len(g_t), len(g_s)).to(d_logits.dtype)

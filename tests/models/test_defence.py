@@ -9,9 +9,10 @@ from torch import nn
 import torch.nn.functional as F
 
 from hmd.cli import main
-from models.classifier import create_classifier, load_classifier
+from models.classifier import create_classifier, forward_with_input_vjp, load_classifier
 from models.defence import (GradientAdversarialDefence, create_class_defence, create_defence, greace_surrogate,
-                            list_defences, masked_input_gradient, ramp, scale_gradient)
+                            list_defences, masked_grad_outputs, masked_input_gradient, ramp,
+                            scale_gradient)
 from models.network import MultiTaskNet, NetConfig
 
 torch.set_num_threads(1)
@@ -77,10 +78,13 @@ def test_schedules_at_start_and_end():
         assert d.alpha == pytest.approx(a_max * (1 - 0.5 ** 0.9))
 
 
-def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient():
+@pytest.mark.parametrize("input_grad", ["explicit", "autograd"])
+def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient(input_grad):
     torch.manual_seed(0)
     model = create_classifier("resnet", TINY).double()
-    d: GradientAdversarialDefence = create_defence("great", TINY, aux_norm="none").double()
+    # the paper-faithful g: BN batch statistics differentiated (the default detaches them)
+    d: GradientAdversarialDefence = create_defence("great", TINY, aux_norm="none", grad_bn="batch",
+                                                   input_grad=input_grad).double()
     d.alpha = 0.3
     x, y = tiny_batch()
     x = x.double()
@@ -173,3 +177,84 @@ def test_hmd_defend_bad_input(tmp_path, capsys):
                "--out", str(tmp_path / "x")])
     assert rc == 2 and "--fgsm-eps" in capsys.readouterr().err
     assert main(["defend", "--method", "none", "--size", "12", "--out", str(tmp_path / "y")]) == 2
+
+
+@pytest.mark.parametrize("arch", ["resnet", "cnn5"])
+@pytest.mark.parametrize("train", [True, False])
+def test_explicit_input_gradient_matches_autograd_to_second_order(arch, train):
+    cfg = NetConfig(num_classes=3, width=4, blocks=(1, 2, 1), in_channels=3)
+    for activation in ("relu", "leaky"):
+        torch.manual_seed(0)
+        a = create_classifier(arch, NetConfig(**{**cfg.to_dict(), "activation": activation})).double().train(train)
+        b = create_classifier(arch, a.cfg).double().train(train)
+        b.load_state_dict(a.state_dict())
+        x = torch.rand(5, 3, 12, 12, dtype=torch.float64)
+        v, w = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, 12, 12, dtype=torch.float64)
+        xr = x.clone().requires_grad_(True)
+        logits = a(xr)
+        (g,) = torch.autograd.grad(logits, xr, v, create_graph=True)
+        ref = torch.autograd.grad((g * w).sum() + logits.square().sum(), list(a.parameters()), allow_unused=True)
+        logits2, vjp = forward_with_input_vjp(b, x, "batch")
+        g2 = vjp(v)
+        got = torch.autograd.grad((g2 * w).sum() + logits2.square().sum(), list(b.parameters()), allow_unused=True)
+        torch.testing.assert_close(logits2, logits)
+        torch.testing.assert_close(g2, g)
+        for r, o in zip(ref, got):
+            torch.testing.assert_close(torch.zeros(()).double() if o is None else o,
+                                       torch.zeros(()).double() if r is None else r)
+        for (n, s1), s2 in zip(a.state_dict().items(), b.state_dict().values()):  # BN running stats alike
+            torch.testing.assert_close(s2, s1, msg=n)
+    assert forward_with_input_vjp(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), x) is None  # -> autograd
+
+
+def test_detached_bn_gradient_is_the_gradient_with_batch_statistics_as_constants():
+    """grad_bn="detached": g and its theta-derivative are those of the network whose BN layers
+    normalise with this batch's statistics held constant (eval mode with running := batch stats)."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet", TINY).double()
+    x, y = tiny_batch()
+    x = x.double()
+    stats = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: stats.__setitem__(m, i[0].detach()))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    frozen = create_classifier("resnet", TINY).double()
+    frozen.load_state_dict(model.state_dict())
+    for m, fm in zip(model.modules(), frozen.modules()):
+        if m in stats:
+            fm.running_mean.copy_(stats[m].mean((0, 2, 3)))
+            fm.running_var.copy_(stats[m].var((0, 2, 3), unbiased=False))
+    frozen.eval()
+    params = list(model.parameters())
+    d = create_defence("great", TINY, aux_norm="none").double()
+    assert d.grad_bn == "detached" and d.input_grad == "explicit"  # the defaults
+    d.alpha = 0.3
+    total, _ = d.loss(model, x, y, include_ce=False)
+    got = torch.autograd.grad(total, params, allow_unused=True)
+    # the factor p_y - 1 still comes from the train-mode forward (statistics differentiated there)
+    xr = x.clone().requires_grad_(True)
+    frozen_logits, train_logits = frozen(xr), model(x)
+    torch.testing.assert_close(frozen_logits, train_logits)
+    (g,) = torch.autograd.grad(frozen_logits, xr, masked_grad_outputs(train_logits, y), create_graph=True)
+    aux_loss = F.cross_entropy(d.aux(g), y)
+    ref_frozen = torch.autograd.grad(aux_loss, list(frozen.parameters()), retain_graph=True, allow_unused=True)
+    ref_factor = torch.autograd.grad(aux_loss, params, allow_unused=True)
+    compared = 0
+    for a, r1, r2 in zip(got, ref_frozen, ref_factor):
+        r = sum(t for t in (r1, r2) if t is not None)
+        if not isinstance(r, torch.Tensor) or float(r.abs().max()) == 0.0:
+            continue
+        torch.testing.assert_close(a, -0.3 * r)
+        compared += 1
+    assert compared > 5
+
+
+def test_gradient_options_are_checked():
+    from shared.errors import UserError
+    with pytest.raises(UserError, match="grad_bn"):
+        create_defence("great", TINY, grad_bn="eval")
+    with pytest.raises(UserError, match="input_grad"):
+        create_defence("great", TINY, input_grad="fast")

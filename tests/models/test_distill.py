@@ -55,10 +55,12 @@ def test_every_method_trains_a_step(name):
     assert not any(k.startswith("teacher") for k in m.state_dict())
 
 
-def test_great_distillation_discriminator_and_reversed_signal():
+@pytest.mark.parametrize("input_grad", ["explicit", "autograd"])
+def test_great_distillation_discriminator_and_reversed_signal(input_grad):
     student, teacher = nets()
     alpha = 0.25
-    m = create_distill("great", STUDENT, teacher, alpha=alpha).double()
+    # the paper-faithful g_s: BN batch statistics differentiated (the default detaches them)
+    m = create_distill("great", STUDENT, teacher, alpha=alpha, grad_bn="batch", input_grad=input_grad).double()
     disc = m.discriminator
     x, y = batch()
     sp, dp = list(student.parameters()), list(disc.parameters())
@@ -124,3 +126,20 @@ def test_hmd_distill_cli_and_bad_input(tmp_path, capsys):
     assert main(["distill", "--teacher", str(mt), "--method", "kd", "--data", "synthetic:24",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "multi-task checkpoint" in capsys.readouterr().err
+
+
+def test_great_distillation_options():
+    student, teacher = nets()
+    m = create_distill("great", STUDENT, teacher, disc_width=2).double()
+    assert (m.grad_bn, m.input_grad) == ("detached", "explicit")  # the defaults (module docstring)
+    assert m.discriminator.features[0].out_channels == 2
+    x, y = batch()
+    fast = torch.autograd.grad(m.loss(student, x, y)[0], list(student.parameters()))
+    faithful = create_distill("great", STUDENT, teacher, disc_width=2, grad_bn="batch").double()
+    faithful.load_state_dict(m.state_dict())
+    slow = torch.autograd.grad(faithful.loss(student, x, y)[0], list(student.parameters()))
+    assert all(torch.isfinite(a).all() for a in fast)
+    assert any(not torch.allclose(a, b) for a, b in zip(fast, slow))  # a different (documented) g_s
+    from shared.errors import UserError
+    with pytest.raises(UserError, match="grad_bn"):
+        create_distill("great", STUDENT, teacher, grad_bn="eval")
