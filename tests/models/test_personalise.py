@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from models.personalise import base_regressions, gate, personalise, split_wearer, wearer_score
+from models.train import TrainConfig, load_model, train
+from shared.errors import UserError
+from shared.worlds import render_scene
+
+B = {"class_error_pct": 20.0, "rmse_colour": 0.2, "rmse_edges": 0.3, "rmse_denoised": 0.1}
+
+
+def test_wearer_score_is_the_mean_relative_change():
+    after = {"class_error_pct": 10.0, "rmse_colour": 0.1, "rmse_edges": 0.3, "rmse_denoised": 0.12}
+    # (-0.5 + 0 + 0.2 - 0.10) / 4
+    assert wearer_score(B, after) == pytest.approx((-0.5 + 0.0 + 0.2 - 0.1) / 4)
+    no_class = {**B, "class_error_pct": None}
+    assert wearer_score(no_class, {**after, "class_error_pct": None}) == pytest.approx((-0.5 + 0.0 + 0.2) / 3)
+
+
+def test_base_regressions_use_relative_rmse_and_class_points():
+    assert base_regressions(B, {**B, "rmse_colour": 0.203}, 0.02) == []
+    assert base_regressions(B, {**B, "rmse_colour": 0.205}, 0.02) == ["rmse_colour 0.2000 -> 0.2050"]
+    assert base_regressions(B, {**B, "class_error_pct": 21.9}, 0.02) == []
+    assert len(base_regressions(B, {**B, "class_error_pct": 22.5}, 0.02)) == 1
+
+
+def test_gate_needs_a_wearer_gain_and_no_base_loss():
+    better = {**B, "rmse_colour": 0.15}
+    ok, why = gate({"wearer": {"before": B, "after": better}, "base": {"before": B, "after": B}}, 0.02)
+    assert ok and "better" in why
+    ok, why = gate({"wearer": {"before": B, "after": B}, "base": {"before": B, "after": B}}, 0.02)
+    assert not ok and "not better" in why
+    ok, why = gate({"wearer": {"before": B, "after": better}, "base": {"before": B, "after": {**B, "rmse_edges": 0.4}}},
+                   0.02)
+    assert not ok and "rmse_edges" in why
+
+
+def test_split_wearer_holds_out_every_kth_frame():
+    tr, va = split_wearer(20, 0.2)
+    assert list(va) == [4, 9, 14, 19] and len(tr) == 16 and not set(tr) & set(va)
+
+
+def test_personalise_records_both_evaluations_and_keeps_lineage(tmp_path):
+    train(TrainConfig(method="equal", data="synthetic:64", epochs=1, batch_size=8, size=32, width=4,
+                      decoder_width=8, max_steps_per_epoch=3), tmp_path / "base", log=lambda s: None)
+    frames = np.stack([render_scene("forest", 3, i, 48)[0] for i in range(30)])  # resized to the model's 32
+    res = personalise(tmp_path / "base", frames, tmp_path / "cand", base_data="synthetic:64", epochs=1,
+                      max_steps_per_epoch=2, batch_size=8, log=lambda s: None)
+    ev = res.evaluation
+    assert set(ev) >= {"wearer", "base", "tolerance", "wearer_score"}
+    assert ev["wearer"]["frames"] == 6 and ev["wearer"]["before"]["class_error_pct"] is None
+    assert ev["base"]["before"]["class_error_pct"] is not None
+    assert res.accepted == (ev["wearer_score"] < 0 and not base_regressions(ev["base"]["before"],
+                                                                            ev["base"]["after"], 0.02))
+    _, ck = load_model(res.run_dir)
+    assert ck["parent"] == str(tmp_path / "base") and (tmp_path / "cand" / "personalise.json").is_file()
+    with pytest.raises(UserError, match="at least 10"):
+        personalise(tmp_path / "base", frames[:5], tmp_path / "x", base_data="synthetic:64")
