@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--frame-size", type=int, default=None,
                        help="side wearer frames are resized to for training (default: the model's input)")
     serve.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
-    serve.add_argument("--tolerance", type=float, default=None, help="allowed loss on the base set (default 0.02)")
+    serve.add_argument("--tolerance", type=float, default=None, help="allowed relative loss on the base set (default 0.05)")
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False, default=None,
                        help="API only (jobs queue up for a worker process)")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])

@@ -24,7 +24,7 @@ from shared.errors import UserError
 class LocalRetrainer:
     def __init__(self, runtime: Any, base_run: str | Path, work_dir: str | Path, *, charging: bool = False,
                  idle_seconds: float = 30.0, min_new_frames: int = 200, epochs: int = 3,
-                 max_steps: int | None = None, tolerance: float = 0.02, base_data: str = "synthetic:2000:studio",
+                 max_steps: int | None = None, tolerance: float = 0.05, base_data: str = "synthetic:2000:studio",
                  is_active: Callable[[], bool] | None = None, poll: float = 0.5,
                  log: Callable[[str], None] | None = None):
         cfg = runtime.config

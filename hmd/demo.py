@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-frames", type=int, default=240, help="uploaded frames that start a job")
     parser.add_argument("--epochs", type=int, default=3, help="personalisation epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="cap personalisation steps per epoch")
-    parser.add_argument("--tolerance", type=float, default=0.02, help="allowed loss on the base set")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="allowed relative loss on the base set")
     parser.add_argument("--journal-every", type=int, default=3, help="journal every k-th frame")
     parser.add_argument("--fps", type=float, default=20.0, help="the simulated camera's frame rate")
     parser.add_argument("--after-frames", type=int, default=200, help="frames to run on the new model")

@@ -6,6 +6,12 @@ cloud teacher on those frames (confident predictions only); replay of the base
 training data keeps the model from forgetting. The candidate must pass a gate:
 better on held-out wearer frames, and not worse beyond ``tolerance`` on the
 base validation set. Used by the cloud worker and by on-device retraining.
+
+Defaults, from measurements on the shipped base model personalised to the ``forest`` world
+(300 camera frames, 3 epochs; see the README): replaying two base frames per wearer frame and
+a tolerance of 5 % relative on the base set. Specialising to a wearer's surroundings cost the
+base world 1-4 % RMSE while the wearer's colour and denoising RMSE fell by 60-70 %; with 1:1
+replay the base world lost up to 15 %.
 """
 from __future__ import annotations
 
@@ -104,8 +110,8 @@ def split_wearer(n: int, holdout_fraction: float) -> tuple[np.ndarray, np.ndarra
 def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | Path, *,
                 base_data: str = "synthetic", teacher_run: str | Path | None = None, method: str = "great",
                 epochs: int = 3, max_steps_per_epoch: int | None = None, holdout_fraction: float = 0.2,
-                tolerance: float = 0.02, seed: int = 0, lr: float = 5e-4, warmup_steps: int = 20, batch_size: int = 32,
-                replay_ratio: float = 1.0, log: Callable[[str], None] | None = None,
+                tolerance: float = 0.05, seed: int = 0, lr: float = 5e-4, warmup_steps: int = 20, batch_size: int = 32,
+                replay_ratio: float = 2.0, log: Callable[[str], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> PersonaliseResult:
     """Fine-tune ``base_run`` on ``wearer_frames`` (N x H x W x 3 uint8 RGB) into ``out_dir``."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
