@@ -225,16 +225,17 @@ def _plot(table: dict, versions: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(16, 3.8))
+    colours = {name: f"C{i}" for i, name in enumerate(table)}  # one colour per set in every panel
     for ax, metric in zip(axes, METRICS):
         for set_name, rows in table.items():
             ys = [rows[v][metric] for v in versions]
             if all(y is not None for y in ys):
-                ax.plot(range(len(versions)), ys, marker="o", label=set_name)
+                ax.plot(range(len(versions)), ys, marker="o", label=set_name, color=colours[set_name])
         ax.set_title(metric.replace("_", " "))
         ax.set_xticks(range(len(versions)))
         ax.set_xticklabels([v if len(v) < 18 else v[:8] + "…" + v[-8:] for v in versions], fontsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.suptitle("held-out metrics across model versions (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
