@@ -132,7 +132,8 @@ def _run_headset(args, out: Path, url: str, token: str, trust_key: bytes, base_f
     rt = HeadsetRuntime(SyntheticSource(args.world, size=(240, 320), fps=args.fps, seed=0), base_folder, cfg)
     base_version = rt.model_version
     sync = sync_module.start(rt, url, token, upload_interval=1.0, poll_interval=3.0, batch_frames=48)
-    state: dict[str, Any] = {"swapped_at_frame": None, "job": None, "timed_out": False, "base": base_version}
+    state: dict[str, Any] = {"swapped_at_frame": None, "job": None, "jobs": [], "timed_out": False,
+                             "base": base_version}
     done = threading.Event()
 
     def monitor() -> None:
@@ -142,6 +143,7 @@ def _run_headset(args, out: Path, url: str, token: str, trust_key: bytes, base_f
             now = time.time()
             jobs = _jobs(url, token)
             if jobs:
+                state["jobs"] = jobs
                 state["job"] = jobs[-1]
             if state["swapped_at_frame"] is None and rt.model_version != base_version:
                 state["swapped_at_frame"] = rt.frames_shown
@@ -336,7 +338,9 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "improved": improved, "verdict": verdict, "versions_served": versions, "base_version": base_version,
         "new_version": new_version, "swapped_at_frame": state["swapped_at_frame"],
-        "table": table, "job": state["job"], "timed_out": state["timed_out"],
+        "table": table, "timed_out": state["timed_out"], "jobs": state["jobs"],
+        "job": next((j for j in state["jobs"] if new_version and j.get("result_version") == new_version),
+                    state["job"]),
         "headset": {k: headset[k] for k in ("frames_shown", "camera_frames_dropped", "fps", "latency_ms",
                                             "inference_errors", "frames_without_overlay", "journal", "record")},
         "files": {"video": str(out / "overlay.mp4"), "plot": str(out / "metrics.png"),
