@@ -154,7 +154,33 @@ def ramp(max_value: float, epoch: float, epochs: int) -> float:
 
 # --- defences -------------------------------------------------------------------------------
 
-class Defence(nn.Module):
+class OwnOptimizers(nn.Module):
+    """A training method that owns optimizers (an aux classifier, a discriminator): they step
+    after each backward and their state saves with the method's ``state_dict``."""
+
+    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def _backward_and_step(self, total: torch.Tensor) -> None:
+        """``total`` was computed after :meth:`_zero_own`; backward, then step the own optimizers."""
+        if total.requires_grad:
+            total.backward()
+        for opt in self._own_optimizers():
+            opt.step()
+
+    def _zero_own(self) -> None:
+        for opt in self._own_optimizers():
+            opt.zero_grad(set_to_none=True)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self._own_optimizers()]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        for o, s in zip(self._own_optimizers(), state.get("optimizers", [])):
+            o.load_state_dict(s)
+
+
+class Defence(OwnOptimizers):
     name = "base"
     uses_aux = False
 
@@ -172,27 +198,13 @@ class Defence(nn.Module):
         """The main network's training loss (``include_ce=False``: only what the defence adds)."""
         raise NotImplementedError
 
-    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
-        return []
-
     def train_step(self, logits_fn: LogitsFn, x: torch.Tensor, y: torch.Tensor,
                    include_ce: bool = True) -> dict[str, float]:
         """Backward of :meth:`loss` (accumulates into the main grads) and the defence's own steps."""
-        for opt in self._own_optimizers():
-            opt.zero_grad(set_to_none=True)
+        self._zero_own()
         total, logs = self.loss(logits_fn, x, y, include_ce)
-        if total.requires_grad:
-            total.backward()
-        for opt in self._own_optimizers():
-            opt.step()
+        self._backward_and_step(total)
         return logs
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self._own_optimizers()]}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        for o, s in zip(self._own_optimizers(), state.get("optimizers", [])):
-            o.load_state_dict(s)
 
 
 @register_defence("none")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from shared.errors import UserError
 
 from models.classifier import aux_copy_config, create_classifier, forward_with_input_vjp, normalise_per_sample
-from models.defence import scale_gradient
+from models.defence import OwnOptimizers, scale_gradient
 from models.network import NetConfig
 
 _REGISTRY: dict[str, type["DistillMethod"]] = {}
@@ -112,7 +112,7 @@ def discriminator_labels(n_teacher: int, n_student: int) -> torch.Tensor:
 
 # --- methods --------------------------------------------------------------------------------
 
-class DistillMethod(nn.Module):
+class DistillMethod(OwnOptimizers):
     name = "base"
 
     def __init__(self, student_cfg: NetConfig, teacher: nn.Module, **_: Any):
@@ -128,27 +128,14 @@ class DistillMethod(nn.Module):
     def set_epoch(self, epoch: float, epochs: int) -> None:
         """Per-epoch hook (own lr multiplier)."""
 
-    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
-        return []
-
     def loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def train_step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        for opt in self._own_optimizers():
-            opt.zero_grad(set_to_none=True)
+        self._zero_own()
         total, logs = self.loss(student, x, y)
-        total.backward()
-        for opt in self._own_optimizers():
-            opt.step()
+        self._backward_and_step(total)
         return logs
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self._own_optimizers()]}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        for o, s in zip(self._own_optimizers(), state.get("optimizers", [])):
-            o.load_state_dict(s)
 
 
 @register_distill("none")
