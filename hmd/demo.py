@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-frames", type=int, default=240, help="uploaded frames that start a job")
     parser.add_argument("--epochs", type=int, default=3, help="personalisation epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="cap personalisation steps per epoch")
+    parser.add_argument("--lr", type=float, default=None, help="personalisation learning rate (cloud default)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed relative loss on the base set")
     parser.add_argument("--journal-every", type=int, default=3, help="journal every k-th frame")
     parser.add_argument("--fps", type=float, default=20.0, help="the simulated camera's frame rate")
@@ -92,6 +93,8 @@ def _start_cloud(args, out: Path, port: int) -> tuple[subprocess.Popen, str, byt
         cmd += ["--teacher-run", args.teacher_run]
     if args.max_steps:
         cmd += ["--max-steps-per-epoch", str(args.max_steps)]
+    if args.lr:
+        cmd += ["--lr", str(args.lr)]
     log = open(out / "cloud.log", "w")
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one core for the cloud, one for the headset
     proc = subprocess.Popen(_hmd(*cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -277,8 +280,9 @@ def run(args: argparse.Namespace) -> int:
     from shared.worlds import WORLDS
 
     if args.quick:
-        args.job_frames, args.epochs = min(args.job_frames, 48), 1
-        args.max_steps = args.max_steps or 4
+        args.job_frames, args.epochs = min(args.job_frames, 64), 1
+        args.max_steps = args.max_steps or 6
+        args.lr = args.lr or 1e-4  # a handful of steps with fresh Adam moments: keep them small
         args.after_frames, args.eval_frames = min(args.after_frames, 30), min(args.eval_frames, 48)
         args.base_data = "synthetic:200:studio"
         args.journal_every = 1
