@@ -25,7 +25,7 @@ class LocalRetrainer:
     def __init__(self, runtime: Any, base_run: str | Path, work_dir: str | Path, *, charging: bool = False,
                  idle_seconds: float = 30.0, min_new_frames: int = 200, epochs: int = 3,
                  max_steps: int | None = None, tolerance: float = 0.05, base_data: str = "synthetic:2000:studio",
-                 is_active: Callable[[], bool] | None = None, poll: float = 0.5,
+                 lr: float | None = None, is_active: Callable[[], bool] | None = None, poll: float = 0.5,
                  log: Callable[[str], None] | None = None):
         cfg = runtime.config
         if not cfg.journal_dir:
@@ -38,6 +38,7 @@ class LocalRetrainer:
         self.runtime, self.base_run, self.work = runtime, Path(base_run), Path(work_dir)
         self.charging, self.idle_seconds, self.min_new_frames = charging, idle_seconds, min_new_frames
         self.epochs, self.max_steps, self.tolerance, self.base_data = epochs, max_steps, tolerance, base_data
+        self.lr = lr
         self.is_active = is_active or self._camera_active
         self.poll = poll
         self.log = log or (lambda m: print(f"hmd device retrain: {m}", file=sys.stderr, flush=True))
@@ -98,6 +99,8 @@ class LocalRetrainer:
                "--tolerance", str(self.tolerance), "--base-data", self.base_data]
         if self.max_steps:
             cmd += ["--max-steps", str(self.max_steps)]
+        if self.lr:
+            cmd += ["--lr", str(self.lr)]
         out.mkdir(parents=True, exist_ok=True)
         self._log_file = open(out / "worker.log", "w")
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log_file, text=True)

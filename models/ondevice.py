@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-frames", type=int, default=512)
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
     args = p.parse_args(argv)
 
     import torch
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         result.update(state="skipped", reason=f"only {len(frames)} journalled frames")
     else:
         res = personalise(args.base_run, frames, out / "run", base_data=args.base_data, method=args.method,
-                          epochs=args.epochs, max_steps_per_epoch=args.max_steps, tolerance=args.tolerance,
+                          epochs=args.epochs, max_steps_per_epoch=args.max_steps, tolerance=args.tolerance, lr=args.lr,
                           should_stop=stop.is_set)
         result.update(state="accepted" if res.accepted else ("yielded" if stop.is_set() else "rejected"),
                       reason=res.reason, evaluation=res.evaluation, run_dir=str(res.run_dir))

@@ -27,7 +27,7 @@ def _runtime(tmp_path, **kw):
 def test_local_retraining_swaps_in_a_better_model_without_stalling_frames(tmp_path):
     rt = _runtime(tmp_path)
     retrainer = LocalRetrainer(rt, BASE_RUN, tmp_path / "work", charging=True, min_new_frames=40, epochs=1,
-                               max_steps=4, tolerance=1.0, base_data="synthetic:64:studio", poll=0.2)
+                               max_steps=6, lr=1e-4, tolerance=1.0, base_data="synthetic:64:studio", poll=0.2)
     frames_during_training = []
 
     def watch():
