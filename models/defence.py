@@ -61,32 +61,19 @@ from models.attacks import fgsm_step
 from models.classifier import (FrozenBatchNormStats, aux_copy_config, create_classifier, forward_with_input_vjp,
                                normalise_per_sample)
 from models.network import NetConfig
+from models.registry import Registry
 from models.weighting import poly_multiplier
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
-_REGISTRY: dict[str, type["Defence"]] = {}
-
-
-def register_defence(name: str):
-    def deco(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"defence {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def list_defences() -> list[str]:
-    return list(_REGISTRY)
+DEFENCES: Registry["Defence"] = Registry("defence", UserError)
+register_defence = DEFENCES.register
+list_defences = DEFENCES.names
 
 
 def create_defence(name: str, net_cfg: NetConfig, **options: Any) -> "Defence":
     """A defence for a classifier of architecture ``net_cfg`` (its aux net copies the family)."""
-    if name not in _REGISTRY:
-        raise UserError(f"unknown defence {name!r} (choose from {', '.join(_REGISTRY)})")
-    return _REGISTRY[name](net_cfg, **options)
+    return DEFENCES.create(name, net_cfg, **options)
 
 
 # --- the maths ------------------------------------------------------------------------------

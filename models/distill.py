@@ -39,31 +39,20 @@ from shared.errors import UserError
 from models.classifier import aux_copy_config, create_classifier, forward_with_input_vjp, normalise_per_sample
 from models.defence import OwnOptimizers, scale_gradient
 from models.network import NetConfig
+from models.registry import Registry
 
-_REGISTRY: dict[str, type["DistillMethod"]] = {}
+DISTILL_METHODS: Registry["DistillMethod"] = Registry("distillation method", UserError)
 
 PAPER_KD = {"temperature": 20.0, "alpha_dense": 0.1, "alpha_sparse": 0.99}
 PAPER_GREAT_ALPHA = 0.1
 
 
-def register_distill(name: str):
-    def deco(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"distillation method {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def list_distill_methods() -> list[str]:
-    return list(_REGISTRY)
+register_distill = DISTILL_METHODS.register
+list_distill_methods = DISTILL_METHODS.names
 
 
 def create_distill(name: str, student_cfg: NetConfig, teacher: nn.Module, **options: Any) -> "DistillMethod":
-    if name not in _REGISTRY:
-        raise UserError(f"unknown distillation method {name!r} (choose from {', '.join(_REGISTRY)})")
-    return _REGISTRY[name](student_cfg, teacher, **options)
+    return DISTILL_METHODS.create(name, student_cfg, teacher, **options)
 
 
 # --- the maths ------------------------------------------------------------------------------

@@ -25,28 +25,15 @@ from torch import nn
 import torch.nn.functional as F
 
 from models.network import TASKS, MultiTaskNet, ResidualBlock
+from models.registry import Registry
 
-_REGISTRY: dict[str, type["WeightingMethod"]] = {}
-
-
-def register_method(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def list_methods() -> list[str]:
-    return list(_REGISTRY)
+METHODS: Registry["WeightingMethod"] = Registry("weighting method")
+register_method = METHODS.register
+list_methods = METHODS.names
 
 
 def create_method(name: str, tasks: tuple[str, ...] = TASKS, **options: Any) -> "WeightingMethod":
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown weighting method {name!r} (choose from {', '.join(_REGISTRY)})")
-    return _REGISTRY[name](tasks, **options)
+    return METHODS.create(name, tasks, **options)
 
 
 # --- losses ----------------------------------------------------------------------------------
