@@ -61,7 +61,7 @@ from models.attacks import fgsm_step
 from models.classifier import (FrozenBatchNormStats, aux_copy_config, create_classifier, forward_with_input_vjp,
                                normalise_per_sample)
 from models.network import NetConfig
-from models.registry import Registry
+from models.registry import Registry, check_choice
 from models.weighting import poly_multiplier
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -252,14 +252,11 @@ class GradientAdversarialDefence(Defence):
                  aux_lr: float = 1e-3, aux_norm: str = "rms", aux_width: int | None = None,
                  aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = "detached", **_: Any):
         super().__init__(net_cfg, seed)
-        if grad_bn not in ("batch", "detached"):
-            raise UserError(f"grad_bn must be 'batch' or 'detached', got {grad_bn!r}")
+        check_choice("grad_bn", grad_bn, ("batch", "detached"))
         self.grad_bn = grad_bn
-        if input_grad not in ("explicit", "autograd"):
-            raise UserError(f"input_grad must be 'explicit' or 'autograd', got {input_grad!r}")
+        check_choice("input_grad", input_grad, ("explicit", "autograd"))
         self.input_grad = input_grad
-        if aux_norm not in ("rms", "none"):
-            raise UserError(f"aux_norm must be 'rms' or 'none', got {aux_norm!r}")
+        check_choice("aux_norm", aux_norm, ("rms", "none"))
         self.alpha_max = float(alpha_max) if self.reversal else 0.0
         self.beta_max = float(beta_max) if self.greace else 0.0
         self.aux_norm = aux_norm

@@ -39,7 +39,7 @@ from shared.errors import UserError
 from models.classifier import aux_copy_config, create_classifier, forward_with_input_vjp, normalise_per_sample
 from models.defence import OwnOptimizers, scale_gradient
 from models.network import NetConfig
-from models.registry import Registry
+from models.registry import Registry, check_choice
 
 DISTILL_METHODS: Registry["DistillMethod"] = Registry("distillation method", UserError)
 
@@ -162,14 +162,11 @@ class GradientAdversarialDistillation(DistillMethod):
                  disc_norm: str = "rms", disc_arch: str = "cnn5", input_grad: str = "explicit",
                  disc_width: int | None = None, grad_bn: str = "detached", **_: Any):
         super().__init__(student_cfg, teacher)
-        if grad_bn not in ("batch", "detached"):
-            raise UserError(f"grad_bn must be 'batch' or 'detached', got {grad_bn!r}")
+        check_choice("grad_bn", grad_bn, ("batch", "detached"))
         self.grad_bn = grad_bn
-        if input_grad not in ("explicit", "autograd"):
-            raise UserError(f"input_grad must be 'explicit' or 'autograd', got {input_grad!r}")
+        check_choice("input_grad", input_grad, ("explicit", "autograd"))
         self.input_grad = input_grad
-        if disc_norm not in ("rms", "none"):
-            raise UserError(f"disc_norm must be 'rms' or 'none', got {disc_norm!r}")
+        check_choice("disc_norm", disc_norm, ("rms", "none"))
         self.alpha, self.disc_norm = float(alpha), disc_norm
         disc_cfg = aux_copy_config(student_cfg, num_classes=1)
         disc_cfg = dataclasses.replace(disc_cfg, width=int(disc_width or max(1, student_cfg.width // 2)))

@@ -36,3 +36,12 @@ class Registry(Generic[T]):
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:
         return self.get(name)(*args, **kwargs)
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a one-line UserError naming the option."""
+    from shared.errors import UserError
+
+    if value not in choices:
+        raise UserError(f"{option} must be {' or '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
