@@ -7,6 +7,9 @@
   one sync of the blob filesystem); ratio = copy time / upload time, each repeat measured side by
   side with new content, median of ``--repeats``. The same with noise JPEGs (nothing compresses,
   the costliest frames to decode per frame) is reported as a secondary, worst-case figure.
+* ``ceiling_decode_only/copy``: the same copy time over the time of the service's per-frame
+  decode check alone (:func:`cloud.ingest.check_frame`, in this process, one core, nothing
+  else): the highest upload/copy ratio any service that decodes every frame could reach here.
 * the service's memory (RSS of the server process, sampled every 5 ms) before and during that upload.
 * ``--devices`` simulated devices uploading ``--batches`` batches each at once, retrying like the
   sync client; ``lost_uploads`` = uploads acknowledged or attempted but not stored.
@@ -165,8 +168,11 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
 
     from shared.wire import UPLOAD_CONTENT_TYPE, build_upload_archive
 
+    from cloud.ingest import check_frame
+
     make = {"camera": _camera_frames, "noise": _noise_frames}[kind]
     uploads, copies, ratios, rss_peak = [], [], [], 0
+    decodes, decode_ratios = [], []
     rss_before = _rss_kb(pid)
     archive_size = n_frames = 0
     headers = {"Authorization": f"Bearer {token}", "Content-Type": UPLOAD_CONTENT_TYPE}
@@ -178,7 +184,15 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
             archive_size = len(body)
             src = data_dir.parent / "archive.tar"
             src.write_bytes(body)
-            del body, frames
+            del body
+            # the floor any service meeting "every frame must decode" pays: the same check the
+            # service runs on each frame, nothing else (no HTTP, parsing, hashing or writes)
+            t0 = time.perf_counter()
+            for _, jpg in frames:
+                if check_frame(jpg) is None:
+                    raise RuntimeError("a benchmark frame does not decode")
+            decode_s = time.perf_counter() - t0
+            del frames
             dst = data_dir / "copy.tar"
             t0 = time.perf_counter()
             shutil.copyfile(src, dst)
@@ -212,6 +226,8 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
             uploads.append(elapsed)
             copies.append(copy_s)
             ratios.append(copy_s / elapsed)
+            decodes.append(decode_s)
+            decode_ratios.append(copy_s / decode_s)
             rss_peak = max(rss_peak, peak[0])
             src.unlink()
     up, cp = statistics.median(uploads), statistics.median(copies)
@@ -219,6 +235,9 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
             "upload_s": round(up, 3), "copy_s": round(cp, 4),
             "upload_mb_per_s": round(archive_size / 1e6 / up, 1), "copy_mb_per_s": round(archive_size / 1e6 / cp, 1),
             "ratio_per_repeat": [round(x, 3) for x in ratios],
+            "decode_only_s": round(statistics.median(decodes), 3),
+            "decode_only_mb_per_s": round(archive_size / 1e6 / statistics.median(decodes), 1),
+            "ceiling_decode_only/copy": round(statistics.median(decode_ratios), 3),
             "server_rss_mb": {"before": round(rss_before / 1024, 1), "peak_during_upload": round(rss_peak / 1024, 1),
                               "growth": round((rss_peak - rss_before) / 1024, 1)},
             "ratio": statistics.median(ratios)}
@@ -369,7 +388,9 @@ def run(args: argparse.Namespace) -> int:
         latency = None if args.skip_latency else bench_latency(work, base_run, args.journal_frames)
         result = {
             "ratios": {"upload/copy throughput": round(upload.pop("ratio"), 3),
-                       "upload/copy throughput, noise JPEGs (worst case)": round(noise.pop("ratio"), 3)},
+                       "upload/copy throughput, noise JPEGs (worst case)": round(noise.pop("ratio"), 3),
+                       # what "every frame must decode" alone allows: decode time vs copy time
+                       "ceiling: decode-only/copy throughput": upload["ceiling_decode_only/copy"]},
             "lost_uploads": concurrent["lost"],
             "upload": upload,
             "upload_noise_jpegs": noise,

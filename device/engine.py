@@ -10,6 +10,11 @@ table; 128x128 MultiTaskNet, 2 shared CPU cores, batch 1, median of 60 runs, 202
     ALL        2         7.3     22.7      9 / 33
     cached optimised model, optimisation off: load 4.2 / 5.2 ms, run 11.2 / 10.5 ms
 
+    (int8 above: the former fully quantised graph.) The current INT8 export (space-to-depth
+    decoder stages, models/int8_graph.py), interleaved round-robin with FP32, same options,
+    2026-11, load avg ~1.3: ALL 2 threads 5.4-6.1 ms vs FP32 9.4-10.1 ms; EXTENDED within
+    noise of ALL for INT8 (0-7 % faster), much slower for FP32 -> one set of options for both.
+
     thread-pool spinning, ALL, fp32, interleaved A/B with other jobs on the cores (load avg 6):
     2 threads spinning 52.4 ms, 2 threads not spinning 28.8 ms, 1 thread not spinning 27.4 ms
 

@@ -1,15 +1,24 @@
 """ms per training step of the defence and distillation methods vs plain training of the same
 network on the same batch, measured side by side in one run (``robust_step_ratios``).
 
-Plain: one forward/backward of cross-entropy + Adam. ``great+ce`` at its full strength
-(alpha = alpha_max, beta = beta_max: the double-backprop path) with its auxiliary copy of
-the network. ``great`` distillation: the same network as the student, a frozen teacher of
-the same architecture (same size as the student; its BN running statistics set from the batch,
-as a trained teacher's would be, not left at their initial values), the student-family
-discriminator at the method's default width. ``--compare-faithful`` also times the previous
-implementation (autograd double backprop, BN statistics differentiated in g, a full-width
-discriminator) in the same run. Steps are interleaved round-robin
-so that load from other processes hits every variant alike; the median is reported.
+Each method is timed in the configuration the project trains it in (the defaults of
+``hmd defend`` / ``hmd distill`` / ``hmd bench table3``), against plain training of the same
+network on the same batch (one forward/backward of cross-entropy + Adam):
+
+* ``defence-great+ce``: ``hmd defend --method great+ce``: the width-16 residual classifier,
+  32x32 RGB, batch 64, at full strength (alpha = alpha_max, beta = beta_max: the double-backprop
+  path), with its auxiliary classifier; vs plain training of that classifier.
+* ``distill-great``: ``hmd distill --method great``: the paper's CNN-5 student (width 32),
+  a frozen residual teacher (width 16, Table 3's; BN running statistics set from the batch, as
+  a trained teacher's would be), ``hmd distill``'s discriminator; vs plain training of the
+  CNN-5 student.
+* ``distill-great (resnet student)``: a secondary figure: the width-16 residual classifier as the
+  student of a same-size residual teacher.
+
+``--compare-faithful`` also times the exact-maths variants in the same run (autograd double
+backprop, BN statistics differentiated in g, the paper's full-width auxiliary copy, a
+discriminator the student's size). Steps are interleaved round-robin so that load from other processes hits every
+variant alike; the median is reported.
 """
 from __future__ import annotations
 
@@ -23,45 +32,68 @@ from typing import Any, Callable
 import torch
 
 from models.classifier import create_classifier
+from models.cli_distill import distill_options
 from models.defence import create_defence
 from models.distill import create_distill
 from models.network import NetConfig
 
+# the configurations the project trains (hmd defend / hmd distill / hmd bench table3 defaults)
+DEFENCE_NET = {"arch": "resnet", "width": 16}
+STUDENT_NET = {"arch": "cnn5", "width": 32}
+TEACHER_NET = {"arch": "resnet", "width": 16}
 
-def _variants(batch_size: int, size: int, width: int, arch: str, seed: int = 0, compare_faithful: bool = False,
-              **options: Any) -> dict[str, Callable[[], None]]:
+
+def _net(arch: str, width: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = NetConfig(num_classes=10, width=width, in_channels=3)
+    return create_classifier(arch, NetConfig(num_classes=10, width=width, in_channels=3)).train()
+
+
+def _plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def plain_step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return plain_step
+
+
+def _variants(batch_size: int, size: int, seed: int = 0, compare_faithful: bool = False,
+              **options: Any) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+    """(name -> step, name -> the plain variant it is compared with)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch_size, 3, size, size, generator=g)
     y = torch.randint(0, 10, (batch_size,), generator=g)
-    out: dict[str, Callable[[], None]] = {}
-
-    plain = create_classifier(arch, cfg).train()
-    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
-
-    def plain_step():
-        plain_opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(plain(x), y).backward()
-        plain_opt.step()
-    out["plain"] = plain_step
-
-    faithful = {**FAITHFUL, "disc_width": width}
-    for suffix, opts in [("", options)] + ([("@faithful", faithful)] if compare_faithful else []):
-        out["defence-great+ce" + suffix] = _defence_step(cfg, arch, x, y, opts)
-        out["distill-great" + suffix] = _distill_step(cfg, arch, x, y, opts)
-    return out
-
-
-# the previous implementation: autograd double backprop, BN batch statistics differentiated in g,
-# a full-width discriminator
-FAITHFUL = {"input_grad": "autograd", "grad_bn": "batch"}
+    steps: dict[str, Callable[[], None]] = {}
+    base: dict[str, str] = {}
+    steps["plain"] = _plain_step(_net(**DEFENCE_NET, seed=seed), x, y)
+    steps["plain-cnn5"] = _plain_step(_net(**STUDENT_NET, seed=seed), x, y)
+    variants = [("", options)]
+    if compare_faithful:
+        variants.append(("@faithful", {**options, **FAITHFUL}))
+    for suffix, opts in variants:
+        steps["defence-great+ce" + suffix] = _defence_step(x, y, seed, opts)
+        base["defence-great+ce" + suffix] = "plain"
+        steps["distill-great" + suffix] = _distill_step(STUDENT_NET, TEACHER_NET, x, y, seed, opts)
+        base["distill-great" + suffix] = "plain-cnn5"
+        steps["distill-great (resnet student)" + suffix] = _distill_step(DEFENCE_NET, DEFENCE_NET, x, y, seed, opts)
+        base["distill-great (resnet student)" + suffix] = "plain"
+    return steps, base
 
 
-def _defence_step(cfg: NetConfig, arch: str, x: torch.Tensor, y: torch.Tensor, options: dict[str, Any]):
-    dmodel = create_classifier(arch, cfg).train()
+# the exact-maths variants: autograd double backprop, BN batch statistics differentiated in g,
+# the paper's full-width auxiliary copy / a discriminator of the student's architecture and width
+FAITHFUL = {"input_grad": "autograd", "grad_bn": "batch", "aux_width": "copy", "disc_width": "student"}
+
+
+def _defence_step(x: torch.Tensor, y: torch.Tensor, seed: int, options: dict[str, Any]):
+    dmodel = _net(**DEFENCE_NET, seed=seed)
     dopt = torch.optim.Adam(dmodel.parameters(), lr=1e-3)
-    defence = create_defence("great+ce", cfg, aux_arch=arch, **options)
+    opts = dict(options)
+    if opts.pop("aux_width", None) == "copy":
+        opts["aux_width"] = DEFENCE_NET["width"]
+    opts.pop("disc_width", None)
+    defence = create_defence("great+ce", dmodel.cfg, aux_arch=DEFENCE_NET["arch"], **opts)
     defence.set_epoch(1, 1)  # alpha = alpha_max, beta = beta_max
 
     def defence_step():
@@ -71,15 +103,20 @@ def _defence_step(cfg: NetConfig, arch: str, x: torch.Tensor, y: torch.Tensor, o
     return defence_step
 
 
-def _distill_step(cfg: NetConfig, arch: str, x: torch.Tensor, y: torch.Tensor, options: dict[str, Any]):
-    student = create_classifier(arch, cfg).train()
+def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torch.Tensor, seed: int,
+                  options: dict[str, Any]):
+    student = _net(**student_net, seed=seed)
     sopt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    teacher = create_classifier(arch, cfg)
+    teacher = _net(**teacher_net, seed=seed + 1)
     with torch.no_grad():  # a trained teacher's BN running statistics match its activations
         for _ in range(3):
             teacher(x)
     teacher.eval()
-    distiller = create_distill("great", cfg, teacher, disc_arch=arch, **options)
+    opts = {**distill_options("great", 1.0, None, None), **options}  # what `hmd distill` trains with
+    if opts.get("disc_width") == "student":
+        opts.update(disc_width=student_net["width"], disc_arch=student_net["arch"])
+    opts.pop("aux_width", None)
+    distiller = create_distill("great", student.cfg, teacher, **opts)
 
     def distill_step():
         sopt.zero_grad(set_to_none=True)
@@ -88,16 +125,16 @@ def _distill_step(cfg: NetConfig, arch: str, x: torch.Tensor, y: torch.Tensor, o
     return distill_step
 
 
-def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 10, width: int = 16,
-                       arch: str = "resnet", warmup: int = 2, threads: int | None = None,
-                       compare_faithful: bool = False, **options: Any) -> dict[str, Any]:
-    """{"defence-great+ce/plain": r1, "distill-great/plain": r2, "ms": {...}, ...} (medians).
+def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 20, warmup: int = 2,
+                       threads: int | None = None, compare_faithful: bool = False,
+                       **options: Any) -> dict[str, Any]:
+    """{"defence-great+ce/plain": r1, "distill-great/plain": r2, "ms_per_step": {...}, ...} (medians).
 
-    ``compare_faithful``: also the previous implementation (:data:`FAITHFUL` options) in the same
-    run, as ``"...@faithful/plain"`` ratios; ``options`` go to both methods (e.g. ``grad_bn``)."""
+    ``compare_faithful``: also the exact-maths variants (:data:`FAITHFUL`) in the same run, as
+    ``"...@faithful/plain"`` ratios; ``options`` go to both methods (e.g. ``grad_bn``)."""
     if threads:
         torch.set_num_threads(threads)
-    variants = _variants(batch_size, size, width, arch, compare_faithful=compare_faithful, **options)
+    variants, base = _variants(batch_size, size, compare_faithful=compare_faithful, **options)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(warmup + repeats):
         for name, fn in variants.items():
@@ -107,27 +144,27 @@ def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 10, 
                 times[name].append(1000.0 * (time.perf_counter() - t))
     ms = {k: statistics.median(v) for k, v in times.items()}
     return {
-        **{f"{k}/plain": ms[k] / ms["plain"] for k in ms if k != "plain"},
+        **{f"{k}/plain": ms[k] / ms[b] for k, b in base.items()},
         "ms_per_step": ms, "ms_min": {k: min(v) for k, v in times.items()},
-        "batch_size": batch_size, "size": size, "width": width, "arch": arch, "repeats": repeats,
+        "compared_with": base,
+        "networks": {"plain": DEFENCE_NET, "plain-cnn5": STUDENT_NET, "teacher": TEACHER_NET},
+        "batch_size": batch_size, "size": size, "repeats": repeats,
         "threads": torch.get_num_threads(), "targets": {"defence-great+ce/plain": 3.0, "distill-great/plain": 3.0},
     }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="(hmd defend / hmd distill default: 64)")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--arch", default="resnet", choices=["resnet", "cnn5"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare-faithful", action="store_true",
-                        help="also time the previous implementation (autograd, BN statistics in g)")
+                        help="also time the exact-maths variants (autograd, BN statistics in g, full-width aux)")
 
 
 def run(args: argparse.Namespace) -> int:
-    res = robust_step_ratios(args.batch_size, args.size, args.repeats, args.width, args.arch,
-                             threads=args.threads, compare_faithful=getattr(args, "compare_faithful", False))
+    res = robust_step_ratios(args.batch_size, args.size, args.repeats, threads=args.threads,
+                             compare_faithful=getattr(args, "compare_faithful", False))
     print(json.dumps(res, indent=2))
     return 0
 

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta-max", type=float, default=2.0,
                         help="GREACE: final penalty (paper: 2 CIFAR-10, 10 SVHN)")
     parser.add_argument("--aux-lr", type=float, default=1e-3, help="GREAT/GREACE: aux classifier Adam lr")
+    parser.add_argument("--aux-width", type=int, default=None,
+                        help="GREAT/GREACE: aux classifier width (default: half of --width; --width = the "
+                             "paper's full copy)")
     parser.add_argument("--aux-norm", choices=["rms", "none"], default="rms",
                         help="per-sample RMS normalisation of the aux classifier's input gradient (default rms)")
     parser.add_argument("--fgsm-eps", type=float, default=0.2, help="fgsm-at: training eps (paper 0.2)")
@@ -67,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def defence_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"alpha_max": args.alpha_max, "beta_max": args.beta_max, "aux_lr": args.aux_lr,
-            "aux_norm": args.aux_norm, "eps": args.fgsm_eps, "seed": args.seed, "grad_bn": args.grad_bn}
+            "aux_norm": args.aux_norm, "aux_width": args.aux_width, "eps": args.fgsm_eps, "seed": args.seed,
+            "grad_bn": args.grad_bn}
 
 
 def train_defended(method: str, data: str, out: str | Path, *, epochs: int = 10, batch_size: int = 64,

@@ -37,10 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "discriminator weight (paper 0.1)")
     parser.add_argument("--disc-norm", choices=["rms", "none"], default="rms",
                         help="great: per-sample RMS normalisation of the discriminator's input (default rms)")
+    parser.add_argument("--disc-arch", choices=list_archs(), default=None,
+                        help="great: discriminator architecture (default resnet: stride-2 first layer)")
+    parser.add_argument("--disc-width", type=int, default=None, help="great: discriminator width (default 8)")
+    parser.add_argument("--grad-bn", choices=["detached", "batch"], default="detached",
+                        help="great: BatchNorm batch statistics in the student's input gradient: 'batch' = the "
+                             "paper's exact maths, 'detached' (default) = treated as constants (see models/defence.py)")
 
 
 def distill_options(method: str, fraction: float, temperature: float | None, alpha: float | None,
-                    disc_norm: str = "rms", student_arch: str = "cnn5") -> dict[str, Any]:
+                    disc_norm: str = "rms", disc_arch: str | None = None, disc_width: int | None = None,
+                    grad_bn: str = "detached") -> dict[str, Any]:
     from models.distill import PAPER_GREAT_ALPHA, PAPER_KD
 
     if method == "kd":
@@ -48,7 +55,7 @@ def distill_options(method: str, fraction: float, temperature: float | None, alp
         return {"temperature": temperature if temperature is not None else PAPER_KD["temperature"], "alpha": a}
     if method == "great":
         return {"alpha": PAPER_GREAT_ALPHA if alpha is None else alpha, "disc_norm": disc_norm,
-                "disc_arch": student_arch}
+                "disc_arch": disc_arch, "disc_width": disc_width, "grad_bn": grad_bn}
     return {}
 
 
@@ -87,8 +94,7 @@ def train_distilled(teacher_dir: str | Path, method: str, data: str, out: str | 
     val_set = val_set or load_labelled(data, "val", size, seed)
     load_teacher(teacher_dir, train_full.class_names, size)
     train_part = train_full.fraction(fraction, seed)
-    options = dict(options if options is not None else distill_options(method, fraction, None, None,
-                                                                       student_arch=student_arch))
+    options = dict(options if options is not None else distill_options(method, fraction, None, None))
     torch.manual_seed(seed)
     cfg = NetConfig(num_classes=len(train_full.class_names), width=width, in_channels=3)
     student = create_classifier(student_arch, cfg)
@@ -131,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         size = args.size
     check_common(args)
-    opts = distill_options(args.method, args.fraction, args.temperature, args.alpha, args.disc_norm, args.student)
+    opts = distill_options(args.method, args.fraction, args.temperature, args.alpha, args.disc_norm,
+                           args.disc_arch, args.disc_width, args.grad_bn)
     m = train_distilled(args.teacher, args.method, args.data, args.out, fraction=args.fraction, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=size,
                         student_arch=args.student, width=args.width, options=opts, max_steps=args.max_steps,

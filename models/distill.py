@@ -3,7 +3,7 @@
 ``none``   the student trained on the labels alone (the paper's "Baseline").
 ``kd``     soft targets (Hinton et al.): alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
            + (1 - alpha) * CE(s, y); the paper's grid: T = 20, alpha 0.1 dense, 0.99 sparse.
-``great``  Algorithm 2: a binary discriminator f (the student's family, leaky-ReLU 0.2)
+``great``  Algorithm 2: a binary discriminator f (leaky-ReLU 0.2; see below)
            learns teacher input gradients -> 1, student input gradients -> 0; the student
            minimises (1 - alpha) CE(s, y) and receives the reversed discriminator signal
            -alpha * d BCE(f(g_s), 0) / dtheta through g_s = dJ(S(x), y)/dx (double
@@ -16,11 +16,17 @@
 Implementation choices of ``great`` (measured with ``python -m models.bench_robust --compare-faithful``):
 ``input_grad="explicit"`` (default) builds g_s and g_t from explicit ops
 (:func:`models.classifier.forward_with_input_vjp`: same maths, cheaper double backprop on CPU;
-the teacher's g_t records no graph at all). Two DEVIATIONS, taken for speed: ``grad_bn="detached"``
-(default) takes g_s with the student's BN batch statistics held constant (see
-:mod:`models.defence`; ``"batch"`` is the exact paper maths), and the discriminator is half the
-student's width by default (``disc_width``; the paper does not tie its size to the student's).
-The teacher is frozen in eval mode, so its g_t is exact either way.
+the teacher's g_t records no graph at all). ``grad_bn="detached"`` (default) is a DEVIATION
+taken for speed: g_s is taken with the student's BN batch statistics held constant (see
+:mod:`models.defence`; ``"batch"`` is the exact paper maths). The teacher is frozen in eval
+mode, so its g_t is exact either way.
+
+The paper does not give the discriminator's architecture. Ours is small and GAN-like by
+default (:data:`DEFAULT_DISCRIMINATOR`): our residual family (stride-2 first layer, leaky-ReLU
+0.2, as DCGAN discriminators) at width 8, whatever the student. A student-sized one doubles
+the cost of a step (``hmd bench train``: the student's own double backprop is already ~2 plain
+steps) and the discriminator only has to tell two gradient distributions apart;
+``--disc-arch`` / ``--disc-width`` choose another.
 
 A method is an ``nn.Module`` (the discriminator and its optimizer state save with it);
 :meth:`DistillMethod.train_step` fills the student's ``.grad`` and steps its own optimizer.
@@ -45,6 +51,7 @@ DISTILL_METHODS: Registry["DistillMethod"] = Registry("distillation method", Use
 
 PAPER_KD = {"temperature": 20.0, "alpha_dense": 0.1, "alpha_sparse": 0.99}
 PAPER_GREAT_ALPHA = 0.1
+DEFAULT_DISCRIMINATOR = {"arch": "resnet", "width": 8}
 
 
 register_distill = DISTILL_METHODS.register
@@ -154,12 +161,12 @@ class SoftTargets(DistillMethod):
 @register_distill("great")
 class GradientAdversarialDistillation(DistillMethod):
     """Algorithm 2. Options: ``alpha`` (0.1), ``disc_lr`` (Adam 1e-3), ``disc_norm`` ("rms"/"none"),
-    ``disc_arch`` (``hmd distill`` passes the student's architecture; leaky-ReLU 0.2),
-    ``disc_width`` (None: half the student's width), ``input_grad`` ("explicit"/"autograd"),
+    ``disc_arch`` / ``disc_width`` (:data:`DEFAULT_DISCRIMINATOR`; leaky-ReLU 0.2 always),
+    ``input_grad`` ("explicit"/"autograd"),
     ``grad_bn`` ("detached"/"batch": the paper's)."""
 
     def __init__(self, student_cfg, teacher, alpha: float = PAPER_GREAT_ALPHA, disc_lr: float = 1e-3,
-                 disc_norm: str = "rms", disc_arch: str = "cnn5", input_grad: str = "explicit",
+                 disc_norm: str = "rms", disc_arch: str | None = None, input_grad: str = "explicit",
                  disc_width: int | None = None, grad_bn: str = "detached", **_: Any):
         super().__init__(student_cfg, teacher)
         check_choice("grad_bn", grad_bn, ("batch", "detached"))
@@ -168,9 +175,11 @@ class GradientAdversarialDistillation(DistillMethod):
         self.input_grad = input_grad
         check_choice("disc_norm", disc_norm, ("rms", "none"))
         self.alpha, self.disc_norm = float(alpha), disc_norm
+        if disc_width is not None and int(disc_width) < 1:
+            raise UserError(f"discriminator width must be >= 1, got {disc_width}")
         disc_cfg = aux_copy_config(student_cfg, num_classes=1)
-        disc_cfg = dataclasses.replace(disc_cfg, width=int(disc_width or max(1, student_cfg.width // 2)))
-        self.discriminator = create_classifier(disc_arch, disc_cfg)
+        disc_cfg = dataclasses.replace(disc_cfg, width=int(disc_width or DEFAULT_DISCRIMINATOR["width"]))
+        self.discriminator = create_classifier(disc_arch or DEFAULT_DISCRIMINATOR["arch"], disc_cfg)
         self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=disc_lr)
 
     def _own_optimizers(self):

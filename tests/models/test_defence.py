@@ -179,17 +179,18 @@ def test_hmd_defend_bad_input(tmp_path, capsys):
     assert main(["defend", "--method", "none", "--size", "12", "--out", str(tmp_path / "y")]) == 2
 
 
-@pytest.mark.parametrize("arch", ["resnet", "cnn5"])
+@pytest.mark.parametrize("arch,size", [("resnet", 12), ("cnn5", 12), ("cnn5", 32), ("cnn5", 64)])
 @pytest.mark.parametrize("train", [True, False])
-def test_explicit_input_gradient_matches_autograd_to_second_order(arch, train):
+def test_explicit_input_gradient_matches_autograd_to_second_order(arch, size, train):
+    """CNN-5 at 12 (adaptive pooling to 8x8), 32 (no pooling) and 64 (2x2 average pooling)."""
     cfg = NetConfig(num_classes=3, width=4, blocks=(1, 2, 1), in_channels=3)
     for activation in ("relu", "leaky"):
         torch.manual_seed(0)
         a = create_classifier(arch, NetConfig(**{**cfg.to_dict(), "activation": activation})).double().train(train)
         b = create_classifier(arch, a.cfg).double().train(train)
         b.load_state_dict(a.state_dict())
-        x = torch.rand(5, 3, 12, 12, dtype=torch.float64)
-        v, w = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, 12, 12, dtype=torch.float64)
+        x = torch.rand(5, 3, size, size, dtype=torch.float64)
+        v, w = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, size, size, dtype=torch.float64)
         xr = x.clone().requires_grad_(True)
         logits = a(xr)
         (g,) = torch.autograd.grad(logits, xr, v, create_graph=True)
@@ -205,6 +206,17 @@ def test_explicit_input_gradient_matches_autograd_to_second_order(arch, train):
         for (n, s1), s2 in zip(a.state_dict().items(), b.state_dict().values()):  # BN running stats alike
             torch.testing.assert_close(s2, s1, msg=n)
     assert forward_with_input_vjp(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), x) is None  # -> autograd
+
+
+@pytest.mark.parametrize("side", [8, 16, 12, 5])
+def test_pool_to_is_adaptive_average_pooling(side):
+    from models.classifier import pool_to
+
+    h = torch.randn(2, 3, side, side, requires_grad=True)
+    ref = nn.AdaptiveAvgPool2d(8)(h)
+    torch.testing.assert_close(pool_to(h, 8), ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(pool_to(h, 8), h, g)[0], torch.autograd.grad(ref, h, g)[0])
 
 
 def test_detached_bn_gradient_is_the_gradient_with_batch_statistics_as_constants():
@@ -258,3 +270,18 @@ def test_gradient_options_are_checked():
         create_defence("great", TINY, grad_bn="eval")
     with pytest.raises(UserError, match="input_grad"):
         create_defence("great", TINY, input_grad="fast")
+
+
+def test_aux_classifier_is_half_width_by_default_and_the_papers_copy_on_request(tmp_path, capsys):
+    from shared.errors import UserError
+    cfg = NetConfig(num_classes=3, width=8, in_channels=3)
+    half = create_defence("great+ce", cfg)
+    assert half.aux.cfg.width == 4 and half.aux.cfg.activation == "leaky" and half.aux.cfg.num_classes == 3
+    copy = create_defence("great+ce", cfg, aux_width=8)
+    main_net = create_classifier("resnet", cfg)
+    assert [p.shape for p in copy.aux.parameters()] == [p.shape for p in main_net.parameters()]
+    with pytest.raises(UserError, match="aux width"):
+        create_defence("great", cfg, aux_width=0)
+    assert main(["defend", "--method", "great", "--aux-width", "0", "--data", "synthetic:16", "--size", "8",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "aux width" in capsys.readouterr().err

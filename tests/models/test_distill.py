@@ -103,6 +103,13 @@ def test_hmd_distill_cli_and_bad_input(tmp_path, capsys):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["fraction"] == 0.5 and m["train_images"] < 24 and m["config"]["options"]["alpha"] == 0.1
+    assert m["config"]["options"]["grad_bn"] == "detached"
+    exact = tmp_path / "exact"
+    assert main(["distill", "--teacher", str(teacher), "--method", "great", "--grad-bn", "batch", "--disc-arch",
+                 "cnn5", "--disc-width", "4", "--data", "synthetic:24", "--epochs", "1", "--width", "4",
+                 "--max-steps", "1", "--out", str(exact)]) == 0
+    opts = json.loads((exact / "metrics.json").read_text())["config"]["options"]
+    assert (opts["grad_bn"], opts["disc_arch"], opts["disc_width"]) == ("batch", "cnn5", 4)
     kd = tmp_path / "kd"
     assert main(["distill", "--teacher", str(teacher), "--method", "kd", "--fraction", "0.5",
                  "--data", "synthetic:24", "--epochs", "1", "--width", "4", "--max-steps", "1",
@@ -114,6 +121,7 @@ def test_hmd_distill_cli_and_bad_input(tmp_path, capsys):
         (["--fraction", "0"], "--fraction"),
         (["--fraction", "1.5"], "--fraction"),
         (["--size", "16"], "trained at 8x8"),
+        (["--method", "great", "--disc-width", "0"], "discriminator width"),
     ]:
         assert main(["distill", "--teacher", str(teacher), "--method", "kd", "--data", "synthetic:24",
                      "--out", str(tmp_path / "bad"), *argv]) == 2
@@ -129,10 +137,18 @@ def test_hmd_distill_cli_and_bad_input(tmp_path, capsys):
 
 
 def test_great_distillation_options():
+    from shared.errors import UserError
     student, teacher = nets()
+    default = create_distill("great", STUDENT, teacher)  # a small GAN-like discriminator, any student
+    assert default.discriminator.arch == "resnet" and default.discriminator.cfg.width == 8
+    assert default.discriminator.cfg.activation == "leaky" and default.discriminator.cfg.num_classes == 1
+    cnn5 = create_distill("great", STUDENT, teacher, disc_arch="cnn5", disc_width=3)
+    assert cnn5.discriminator.features[0].out_channels == 3
+    with pytest.raises(UserError, match="discriminator width"):
+        create_distill("great", STUDENT, teacher, disc_width=0)
     m = create_distill("great", STUDENT, teacher, disc_width=2).double()
     assert (m.grad_bn, m.input_grad) == ("detached", "explicit")  # the defaults (module docstring)
-    assert m.discriminator.features[0].out_channels == 2
+    assert m.discriminator.encoder.stem[0].out_channels == 2
     x, y = batch()
     fast = torch.autograd.grad(m.loss(student, x, y)[0], list(student.parameters()))
     faithful = create_distill("great", STUDENT, teacher, disc_width=2, grad_bn="batch").double()
@@ -140,6 +156,5 @@ def test_great_distillation_options():
     slow = torch.autograd.grad(faithful.loss(student, x, y)[0], list(student.parameters()))
     assert all(torch.isfinite(a).all() for a in fast)
     assert any(not torch.allclose(a, b) for a, b in zip(fast, slow))  # a different (documented) g_s
-    from shared.errors import UserError
     with pytest.raises(UserError, match="grad_bn"):
         create_distill("great", STUDENT, teacher, grad_bn="eval")

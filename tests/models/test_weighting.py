@@ -176,7 +176,7 @@ def test_great_step_moves_gammas_up_the_aux_loss_and_keeps_them_positive():
 def test_normalisers_are_the_initial_losses():
     model = tiny_net().train()
     x, targets = batch()
-    expected = {t: float(v) for t, v in task_losses(model(x), targets).items()}
+    expected = {t: float(v.detach()) for t, v in task_losses(model(x), targets).items()}
     method = create_method("great")
     method.step(model, x, targets)
     for t in TASKS:
