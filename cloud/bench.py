@@ -339,7 +339,10 @@ def bench_latency(work: Path, base_run: Path, journal_frames: int) -> dict:
         server.stop()
     st = job["progress"].get("stages", {})
     dev = {e["event"]: e["t"] for e in sync.stats.timeline}
-    marks = [("upload acknowledged -> job queued", t_uploaded, job["created"]),
+    # the job is queued by the upload request itself (auto-job) before the headset sees the ack:
+    # the clock starts at whichever came first
+    t_uploaded = min(t_uploaded, job["created"])
+    marks = [("last upload acknowledged -> job queued", t_uploaded, job["created"]),
              ("queued -> worker started", job["created"], job["started"]),
              ("training + gate", st.get("training", job["started"]), st.get("exporting")),
              ("ONNX export + signing", st.get("exporting"), job["finished"]),

@@ -66,3 +66,18 @@ def test_no_prediction_shows_the_plain_view():
     frame[..., 0] = 200  # red in RGB
     out = overlay.render(frame, None, "colour")
     assert tuple(out[0, 0]) == (0, 0, 200)  # BGR
+
+
+def test_hud_percentiles_follow_the_recent_latencies_every_ten_frames():
+    from device.metrics import StageTimer
+
+    timer = StageTimer(recent=20)
+    for _ in range(20):
+        timer.add("total", 10.0)
+    assert timer.recent_p50_p95() == (10.0, 10.0)
+    for _ in range(9):
+        timer.add("total", 30.0)
+    assert timer.recent_p50_p95() == (10.0, 10.0)  # cached: 9 new samples
+    timer.add("total", 30.0)
+    p50, p95 = timer.recent_p50_p95()  # 10 x 10 ms and 10 x 30 ms in the window
+    assert p50 == 20.0 and p95 == 30.0
