@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
         # the classifiers' own training configuration (hmd defend / hmd distill: batch 64, 32x32),
         # not the multi-task one above
-        robust = robust_step_ratios(batch_size=64, size=32, repeats=max(20, args.steps), threads=args.threads)
+        robust = robust_step_ratios(batch_size=64, size=32, repeats=max(30, args.steps), threads=args.threads)
         result["robust"] = robust
         for k in ("defence-great+ce/plain", "distill-great/plain"):
             result["ratios"][k] = robust[k]

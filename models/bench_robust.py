@@ -12,8 +12,9 @@ network on the same batch (one forward/backward of cross-entropy + Adam):
   a frozen residual teacher (width 16, Table 3's; BN running statistics set from the batch, as
   a trained teacher's would be), ``hmd distill``'s discriminator; vs plain training of the
   CNN-5 student.
-* ``distill-great (resnet student)``: a secondary figure: the width-16 residual classifier as the
-  student of a same-size residual teacher.
+* secondary figures: ``distill-great (resnet student)``, the width-16 residual classifier as the
+  student of a same-size residual teacher; ``defence-great+ce (full-width aux)``, the defence
+  with the paper's full-width auxiliary copy (``hmd defend --aux-width 16``).
 
 ``--compare-faithful`` also times the exact-maths variants in the same run (autograd double
 backprop, BN statistics differentiated in g, the paper's full-width auxiliary copy, a
@@ -78,6 +79,8 @@ def _variants(batch_size: int, size: int, seed: int = 0, compare_faithful: bool 
         base["distill-great" + suffix] = "plain-cnn5"
         steps["distill-great (resnet student)" + suffix] = _distill_step(DEFENCE_NET, DEFENCE_NET, x, y, seed, opts)
         base["distill-great (resnet student)" + suffix] = "plain"
+    steps["defence-great+ce (full-width aux)"] = _defence_step(x, y, seed, {**options, "aux_width": "copy"})
+    base["defence-great+ce (full-width aux)"] = "plain"
     return steps, base
 
 
@@ -125,7 +128,7 @@ def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torc
     return distill_step
 
 
-def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 20, warmup: int = 2,
+def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 30, warmup: int = 2,
                        threads: int | None = None, compare_faithful: bool = False,
                        **options: Any) -> dict[str, Any]:
     """{"defence-great+ce/plain": r1, "distill-great/plain": r2, "ms_per_step": {...}, ...} (medians).
@@ -156,7 +159,7 @@ def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 20, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="(hmd defend / hmd distill default: 64)")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare-faithful", action="store_true",
                         help="also time the exact-maths variants (autograd, BN statistics in g, full-width aux)")

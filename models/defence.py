@@ -29,8 +29,9 @@ Implementation choices (measured with ``python -m models.bench_robust --compare-
 * ``aux_width`` (default: half the main network's width) -- the auxiliary classifier is of the
   main network's family (the paper: "a copy"), at half its width by default: a step costs
   main forward + input gradient + its double backprop + the aux's forward/backward, and with a
-  full-width copy the convolutions alone make that 3x a plain step (measured 3.2-3.3x with the
-  rest); at half width the aux costs a quarter. ``hmd defend --aux-width W`` (W = the main
+  full-width copy the convolutions alone make that 3x a plain step (measured 2.9-3.1x); at half
+  width the aux costs a quarter (2.6-2.8x). The full copy was a little more robust to the
+  transfer attack in the reduced Table 1 (README). ``hmd defend --aux-width W`` (W = the main
   width) trains with the paper's copy.
 * ``grad_bn="detached"`` (default) -- a DEVIATION from the paper, chosen because the faithful
   path misses the <= 3x-plain cost target: g is taken with the BN layers' batch statistics held

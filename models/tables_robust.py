@@ -65,6 +65,8 @@ def add_arguments_table1(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-limit", type=int, default=1000, help="train images for the Train column")
     parser.add_argument("--beta-max", type=float, default=2.0)
     parser.add_argument("--alpha-max", type=float, default=1.0)
+    parser.add_argument("--aux-width", type=int, default=None,
+                        help="GREAT/GREACE aux classifier width (default: half of --width; --width = the paper's copy)")
 
 
 def run_table1(args: argparse.Namespace) -> int:
@@ -88,7 +90,8 @@ def run_table1(args: argparse.Namespace) -> int:
     val_set = load_labelled(args.data, "val", args.size, args.seed)
     test_set = val_set.subset(torch.arange(min(args.limit, len(val_set))))
     train_eval = train_set.subset(torch.arange(min(args.train_limit, len(train_set))))
-    options = {"alpha_max": args.alpha_max, "beta_max": args.beta_max, "seed": args.seed}
+    options = {"alpha_max": args.alpha_max, "beta_max": args.beta_max, "seed": args.seed,
+               "aux_width": args.aux_width}
     rows, reports, seconds = {}, {}, {}
     for m in methods:
         ts = time.perf_counter()
