@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="side wearer frames are resized to for training (default: the model's input)")
     serve.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
     serve.add_argument("--tolerance", type=float, default=None, help="allowed relative loss on the base set (default 0.05)")
+    serve.add_argument("--int8", action="store_const", const=True, default=None,
+                       help="export new model versions as static INT8 (faster on the headset; default FP32)")
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False, default=None,
                        help="API only (jobs queue up for a worker process)")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])

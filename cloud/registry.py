@@ -26,10 +26,14 @@ RUN_FILES = ("checkpoint.pt", "metrics.json")
 
 
 class ModelRegistry:
-    def __init__(self, data_dir: str | os.PathLike, storage: Storage, blobs: BlobStore, key: SigningKey):
+    def __init__(self, data_dir: str | os.PathLike, storage: Storage, blobs: BlobStore, key: SigningKey,
+                 int8: bool = False):
+        """``int8``: every version built from now on is exported as static INT8 (calibrated on the
+        run's own training frames; the manifest records the quality change against FP32)."""
         self.runs_dir = Path(data_dir) / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.storage, self.blobs, self.key = storage, blobs, key
+        self.int8 = int8
 
     def run_dir(self, version: Version) -> Path:
         return Path(version.run_dir)
@@ -68,7 +72,8 @@ class ModelRegistry:
                     shutil.copyfile(run_dir / name, tmp / name)
             export_dir = tmp / "export"
             manifest = export_run(tmp, export_dir / "model.onnx", version=version, parent_version=parent,
-                                  manifest_path=export_dir / "manifest.json", extra_training=extra_training)
+                                  manifest_path=export_dir / "manifest.json", extra_training=extra_training,
+                                  int8=self.int8)
             signed = self.key.sign_manifest(manifest)
             onnx_sha = self.blobs.put_file(export_dir / "model.onnx", manifest.sha256)
             manifest_sha = self.blobs.put_bytes(signed.to_json().encode("utf-8"))

@@ -45,7 +45,7 @@ class Services:
         storage = open_storage(settings.db_url)
         blobs = open_blob_store(settings.blobs_url)
         key = SigningKey(settings.data_dir)
-        registry = ModelRegistry(settings.data_dir, storage, blobs, key)
+        registry = ModelRegistry(settings.data_dir, storage, blobs, key, int8=settings.int8)
         services = cls(settings, storage, blobs, open_queue(settings.queue_url, storage), key, registry,
                        EventBroker())
         if settings.worker:

@@ -40,6 +40,7 @@ class Settings:
     batch_size: int | None = None  # personalisation batch size (None: its default)
     holdout_fraction: float = 0.2
     tolerance: float = 0.05  # relative loss allowed on the base set (see models/personalise.py)
+    int8: bool = False  # export versions as static INT8 (1.6x faster on the headset's CPU; see README)
     seed: int = 0
     worker: bool = True  # run the job worker in this process
     runner: str = "cloud.personalisation:personalise_job"  # MODULE:FUNCTION that runs one job
