@@ -529,6 +529,31 @@ def forward_with_input_vjp(model: nn.Module, x: torch.Tensor, bn_grad: str = "ba
     return _forward_cnn5(model, x, tr)
 
 
+def logits_and_input_vjp(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+                         logit_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], create_graph: bool,
+                         input_grad: str = "explicit", grad_bn: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, g) from one forward, g_i = (d logits_i / d x_i)^T logit_grad(logits, labels)_i: the
+    per-sample input gradient of a loss given its gradient at the logits (the defence's masked
+    cross-entropy, the distillation's plain one). ``input_grad="explicit"``: built from explicit
+    ops (:func:`forward_with_input_vjp`: same maths, cheaper double backprop on CPU; without
+    ``create_graph`` no graph is recorded) where the network supports it, else autograd (which
+    always differentiates the BN statistics: ``grad_bn`` applies to the explicit path). The
+    forward graph of the logits is kept either way."""
+    fw = forward_with_input_vjp(logits_fn, x.detach(), grad_bn) if input_grad == "explicit" else None
+    if fw is None:
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            logits = logits_fn(xr)
+            (g,) = torch.autograd.grad(logits, xr, grad_outputs=logit_grad(logits, labels),
+                                       create_graph=create_graph, retain_graph=True)
+        return logits, (g if create_graph else g.detach())
+    logits, vjp = fw
+    if create_graph:
+        return logits, vjp(logit_grad(logits, labels))
+    with torch.no_grad():
+        return logits, vjp(logit_grad(logits.detach(), labels))
+
+
 _EXPLICIT_MODULES = (Classifier, CNN5, Encoder, ClassHead, ResidualBlock, nn.Sequential, nn.Identity, nn.Linear,
                      nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.AdaptiveAvgPool2d)
 

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from shared.errors import UserError
 
 from models.attacks import fgsm_step
-from models.classifier import (FrozenBatchNormStats, aux_copy_config, create_classifier, forward_with_input_vjp,
+from models.classifier import (FrozenBatchNormStats, aux_copy_config, create_classifier, logits_and_input_vjp,
                                normalise_per_sample)
 from models.network import NetConfig
 from models.registry import Registry, check_choice
@@ -107,23 +107,9 @@ def masked_grad_outputs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def logits_and_masked_gradient(logits_fn: LogitsFn, x: torch.Tensor, labels: torch.Tensor, create_graph: bool,
                                input_grad: str = "explicit", grad_bn: str = "batch"
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, g) of :func:`masked_input_gradient` from one forward. ``input_grad="explicit"``: the
-    same maths from explicit ops (:func:`models.classifier.forward_with_input_vjp`) where the
-    network supports it -- its double backprop is cheaper on CPU -- else autograd (which always
-    differentiates the BN statistics: ``grad_bn`` applies to the explicit path)."""
-    fw = None
-    if input_grad == "explicit" and isinstance(logits_fn, nn.Module):
-        fw = forward_with_input_vjp(logits_fn, x.detach(), grad_bn)
-    if fw is None:
-        x = x.detach().requires_grad_(True)
-        logits = logits_fn(x)
-        g = masked_input_gradient(logits, x, labels, create_graph=create_graph)
-        return logits, (g if create_graph else g.detach())
-    logits, vjp = fw
-    if create_graph:
-        return logits, vjp(masked_grad_outputs(logits, labels))
-    with torch.no_grad():
-        return logits, vjp(masked_grad_outputs(logits.detach(), labels))
+    """(logits, g) of :func:`masked_input_gradient` from one forward (see
+    :func:`models.classifier.logits_and_input_vjp` for ``input_grad`` / ``grad_bn``)."""
+    return logits_and_input_vjp(logits_fn, x, labels, masked_grad_outputs, create_graph, input_grad, grad_bn)
 
 
 def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:

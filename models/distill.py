@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from shared.errors import UserError
 
-from models.classifier import aux_copy_config, create_classifier, forward_with_input_vjp, normalise_per_sample
+from models.classifier import aux_copy_config, create_classifier, logits_and_input_vjp, normalise_per_sample
 from models.defence import OwnOptimizers, scale_gradient
 from models.network import NetConfig
 from models.registry import Registry, check_choice
@@ -83,24 +83,17 @@ def input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
     return g
 
 
+def ce_grad_outputs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """softmax(a) - onehot(y): the per-sample cross-entropy's gradient at the logits."""
+    return torch.softmax(logits, 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+
+
 def logits_and_input_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, create_graph: bool,
                               input_grad: str = "explicit", grad_bn: str = "batch"
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, :func:`input_gradient`) from one forward: explicit ops where the network supports it
-    (:func:`models.classifier.forward_with_input_vjp`, same maths, cheaper double backprop on CPU;
-    without ``create_graph`` no graph is recorded at all), else autograd."""
-    fw = forward_with_input_vjp(model, x.detach(), grad_bn) if input_grad == "explicit" else None
-    if fw is None:
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            logits = model(x)
-            g = input_gradient(logits, x, labels, create_graph=create_graph)
-        return logits, (g if create_graph else g.detach())
-    logits, vjp = fw
-    if create_graph:
-        return logits, vjp(torch.softmax(logits, 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype))
-    with torch.no_grad():
-        return logits, vjp(torch.softmax(logits.detach(), 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype))
+    """(logits, :func:`input_gradient`) from one forward (see
+    :func:`models.classifier.logits_and_input_vjp` for ``input_grad`` / ``grad_bn``)."""
+    return logits_and_input_vjp(model, x, labels, ce_grad_outputs, create_graph, input_grad, grad_bn)
 
 
 def discriminator_labels(n_teacher: int, n_student: int) -> torch.Tensor:
