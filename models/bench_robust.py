@@ -69,33 +69,32 @@ def _variants(batch_size: int, size: int, seed: int = 0, compare_faithful: bool 
     base: dict[str, str] = {}
     steps["plain"] = _plain_step(_net(**DEFENCE_NET, seed=seed), x, y)
     steps["plain-cnn5"] = _plain_step(_net(**STUDENT_NET, seed=seed), x, y)
-    variants = [("", options)]
+    variants = [("", options, False)]
     if compare_faithful:
-        variants.append(("@faithful", {**options, **FAITHFUL}))
-    for suffix, opts in variants:
-        steps["defence-great+ce" + suffix] = _defence_step(x, y, seed, opts)
+        variants.append(("@faithful", {**options, **FAITHFUL}, True))
+    for suffix, opts, paper_sizes in variants:
+        steps["defence-great+ce" + suffix] = _defence_step(x, y, seed, opts, full_width_aux=paper_sizes)
         base["defence-great+ce" + suffix] = "plain"
-        steps["distill-great" + suffix] = _distill_step(STUDENT_NET, TEACHER_NET, x, y, seed, opts)
+        steps["distill-great" + suffix] = _distill_step(STUDENT_NET, TEACHER_NET, x, y, seed, opts, paper_sizes)
         base["distill-great" + suffix] = "plain-cnn5"
-        steps["distill-great (resnet student)" + suffix] = _distill_step(DEFENCE_NET, DEFENCE_NET, x, y, seed, opts)
+        steps["distill-great (resnet student)" + suffix] = _distill_step(DEFENCE_NET, DEFENCE_NET, x, y, seed, opts,
+                                                                         paper_sizes)
         base["distill-great (resnet student)" + suffix] = "plain"
-    steps["defence-great+ce (full-width aux)"] = _defence_step(x, y, seed, {**options, "aux_width": "copy"})
+    steps["defence-great+ce (full-width aux)"] = _defence_step(x, y, seed, options, full_width_aux=True)
     base["defence-great+ce (full-width aux)"] = "plain"
     return steps, base
 
 
-# the exact-maths variants: autograd double backprop, BN batch statistics differentiated in g,
-# the paper's full-width auxiliary copy / a discriminator of the student's architecture and width
-FAITHFUL = {"input_grad": "autograd", "grad_bn": "batch", "aux_width": "copy", "disc_width": "student"}
+# the exact-maths variants: autograd double backprop, BN batch statistics differentiated in g (timed
+# with the paper's full-width auxiliary copy and a discriminator of the student's architecture and width)
+FAITHFUL = {"input_grad": "autograd", "grad_bn": "batch"}
 
 
-def _defence_step(x: torch.Tensor, y: torch.Tensor, seed: int, options: dict[str, Any]):
+def _defence_step(x: torch.Tensor, y: torch.Tensor, seed: int, options: dict[str, Any],
+                  full_width_aux: bool = False):
     dmodel = _net(**DEFENCE_NET, seed=seed)
     dopt = torch.optim.Adam(dmodel.parameters(), lr=1e-3)
-    opts = dict(options)
-    if opts.pop("aux_width", None) == "copy":
-        opts["aux_width"] = DEFENCE_NET["width"]
-    opts.pop("disc_width", None)
+    opts = {**options, "aux_width": DEFENCE_NET["width"]} if full_width_aux else options
     defence = create_defence("great+ce", dmodel.cfg, aux_arch=DEFENCE_NET["arch"], **opts)
     defence.set_epoch(1, 1)  # alpha = alpha_max, beta = beta_max
 
@@ -107,7 +106,7 @@ def _defence_step(x: torch.Tensor, y: torch.Tensor, seed: int, options: dict[str
 
 
 def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torch.Tensor, seed: int,
-                  options: dict[str, Any]):
+                  options: dict[str, Any], student_sized_disc: bool = False):
     student = _net(**student_net, seed=seed)
     sopt = torch.optim.Adam(student.parameters(), lr=1e-3)
     teacher = _net(**teacher_net, seed=seed + 1)
@@ -116,9 +115,8 @@ def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torc
             teacher(x)
     teacher.eval()
     opts = {**distill_options("great", 1.0, None, None), **options}  # what `hmd distill` trains with
-    if opts.get("disc_width") == "student":
+    if student_sized_disc:
         opts.update(disc_width=student_net["width"], disc_arch=student_net["arch"])
-    opts.pop("aux_width", None)
     distiller = create_distill("great", student.cfg, teacher, **opts)
 
     def distill_step():
