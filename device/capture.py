@@ -7,7 +7,8 @@ dropped. ``lockstep=True`` turns dropping off (the reader waits for the loop) fo
 and tests that must see every frame.
 
 Sources: ``webcam:N``, ``video:PATH`` (``loop``), ``images:DIR`` (``loop``), ``synthetic[:WORLD]``
-(a head-mounted camera panning and turning over a rendered panorama of a synthetic world).
+(a head-mounted camera panning and turning over a rendered panorama of a synthetic world),
+``walk:DIR`` (a simulated head moving over the real photos in DIR: shared/walk.py).
 """
 from __future__ import annotations
 
@@ -98,6 +99,26 @@ class SyntheticSource(FrameSource):
 
     def info(self) -> dict:
         return {"source": self.name, "size": list(self.size), "fps": self.fps}
+
+
+class WalkSource(FrameSource):
+    """A wearer's head moving over real photos (shared/walk.py): pan, tilt, roll, zoom, motion blur,
+    exposure drift and sensor noise, at the camera's aspect; endless (cuts to the next photo)."""
+
+    def __init__(self, folder: str, size: tuple[int, int] = (240, 320), fps: float = 30.0, seed: int = 0):
+        from shared.walk import HeadWalk, load_photos, walk_seed
+
+        self.name, self.fps, self.size = f"walk:{folder}", float(fps), size
+        self.walk = HeadWalk(load_photos(folder), size=size, seed=walk_seed(folder, seed))
+        self._i = 0
+
+    def read(self) -> np.ndarray:
+        frame = self.walk.frame(self._i)
+        self._i += 1
+        return frame
+
+    def info(self) -> dict:
+        return {"source": self.name, "size": list(self.size), "fps": self.fps, "photos": len(self.walk.photos)}
 
 
 class ArraySource(FrameSource):
@@ -252,10 +273,14 @@ class WebcamSource(FrameSource):
 
 def open_source(spec: str, *, size: tuple[int, int] = (240, 320), fps: float | None = None,
                 loop: bool = False, seed: int = 0) -> FrameSource:
-    """``webcam:N`` | ``video:PATH`` | ``images:DIR`` | ``synthetic[:WORLD]`` -> a source."""
+    """``webcam:N`` | ``video:PATH`` | ``images:DIR`` | ``synthetic[:WORLD]`` | ``walk:DIR`` -> a source."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         return SyntheticSource(arg or "studio", size=size, fps=30.0 if fps is None else fps, seed=seed)
+    if kind == "walk":
+        if not arg:
+            raise UserError("walk: needs a photo folder (walk:DIR)")
+        return WalkSource(arg, size=size, fps=30.0 if fps is None else fps, seed=seed)
     if kind == "webcam":
         try:
             index = int(arg or "0")
@@ -270,7 +295,7 @@ def open_source(spec: str, *, size: tuple[int, int] = (240, 320), fps: float | N
         if not arg:
             raise UserError("images: needs a folder (images:DIR)")
         return ImageFolderSource(arg, fps=30.0 if fps is None else fps, loop=loop)
-    raise UserError(f"unknown source {spec!r} (use webcam:N, video:PATH, images:DIR or synthetic[:WORLD])")
+    raise UserError(f"unknown source {spec!r} (use webcam:N, video:PATH, images:DIR, synthetic[:WORLD] or walk:DIR)")
 
 
 class CaptureThread:

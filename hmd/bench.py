@@ -16,6 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "table3": ("models.tables_robust", "reduced-scale Table 3: distillation, dense and sparse"),
     "device": ("hmd.bench_device", "ONNX Runtime FP32/INT8 vs torch eager, pipeline fps, memory"),
     "cloud": ("cloud.bench", "upload throughput vs copy, concurrent devices, upload-to-serving time"),
+    "real": ("hmd.bench_real", "the headset model vs classical tools on real footage (RMSE ratios per task)"),
     "personalise": ("hmd.bench_personalise", "personalisation with GREAT vs equal weighting, same frames and budget"),
 }
 

@@ -13,7 +13,7 @@ from shared.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hmd.assets import BASE_RUN, TEACHER_RUN
+    from hmd.assets import BASE_STUDIO_RUN as BASE_RUN, TEACHER_RUN
 
     parser.add_argument("--base-run", default=str(BASE_RUN), help="the wearer's current model (a run folder)")
     parser.add_argument("--teacher-run", default=str(TEACHER_RUN), help="cloud teacher ('' for none)")

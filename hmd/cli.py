@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attack": ("models.cli_attack", "evaluate a model under FGSM/iFGSM/PGD/transfer attacks"),
     "device": ("device.cli", "run the headset: capture, inference, overlay, hot-swap, journal"),
     "cloud": ("cloud.cli", "the cloud retraining service (serve, add-device)"),
+    "personalise": ("hmd.personalise", "the cloud's personalisation job, offline: train, gate, signed export"),
     "demo": ("hmd.demo", "the whole loop on this machine, nothing to set up"),
     "bench": ("hmd.bench", "benchmarks: train | device | cloud | table4 | ... (JSON on stdout)"),
 }

@@ -31,7 +31,7 @@ METRICS = ("class_error_pct", "rmse_colour", "rmse_edges", "rmse_denoised")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hmd.assets import BASE_DATA, BASE_RUN, TEACHER_RUN
+    from hmd.assets import BASE_DATA, BASE_STUDIO_RUN as BASE_RUN, TEACHER_RUN
 
     parser.add_argument("--out", default="runs/demo", help="everything lands here (default runs/demo)")
     parser.add_argument("--world", default="forest", help="the wearer's world (the base model knows 'studio')")

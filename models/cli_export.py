@@ -35,12 +35,21 @@ def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size
             raise UserError(f"--size {size}: must be a positive multiple of 8")
         h = w = size
     source = ckpt.get("source", "synthetic")
+    val_source = ckpt["config"].get("val_data") or source
+    from shared.paths import resolve_source
+    from models.data import parse_walk
+
+    source, val_source = resolve_source(source), resolve_source(val_source)
+    if source.startswith("walk:"):  # a walk is generated frame by frame: make only what is needed
+        source = f"walk:{parse_walk(source)[0]}:{max(frames, 2)}"
+    if val_source.startswith("walk:"):
+        val_source = f"walk:{parse_walk(val_source)[0]}:{max(frames * 7, 14)}"
     try:
-        calib = load_source(source, "train", h, ckpt["config"].get("seed", 0))
-        held = load_source(ckpt["config"].get("val_data") or source, "val", h, ckpt["config"].get("seed", 0))
+        calib = load_source(source, "train", (h, w), ckpt["config"].get("seed", 0))
+        held = load_source(val_source, "val", (h, w), ckpt["config"].get("seed", 0))
     except UserError:  # the training data moved: fall back to synthetic frames
-        calib = load_source("synthetic:256", "train", h)
-        held = load_source("synthetic:256", "val", h)
+        calib = load_source("synthetic:256", "train", (h, w))
+        held = load_source("synthetic:256", "val", (h, w))
     g = torch.Generator().manual_seed(0)
     calib_td, held_td = TaskData(calib), TaskData(held)
     n_cal = min(frames, len(calib_td))

@@ -8,6 +8,16 @@ import sys
 from shared.errors import UserError
 
 
+def parse_size_arg(text: str) -> int | tuple[int, int]:
+    """``N`` or ``WxH`` -> N or (H, W)."""
+    if text.isdigit():
+        return int(text)
+    w, sep, h = text.lower().partition("x")
+    if sep and w.isdigit() and h.isdigit():
+        return int(h), int(w)
+    raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT, got {text!r}")
+
+
 def add_common_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic", metavar="SOURCE",
                         help="synthetic[:N][:WORLD] | cifar10:PATH | images:DIR | video:PATH (default: synthetic)")
@@ -18,8 +28,10 @@ def add_common_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (poly multiplier per epoch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=None, help="input side in pixels, a multiple of 8 "
-                        "(default: 64 for synthetic/images/video, 32 for CIFAR-10)")
+    parser.add_argument("--size", type=parse_size_arg, default=None, metavar="N|WxH",
+                        help="input size in pixels, sides multiples of 8: N (square) or WIDTHxHEIGHT, e.g. "
+                        "160x120 for a 4:3 camera (default: 64 for synthetic/images/video, 32 for CIFAR-10, "
+                        "160x120 for walk)")
     parser.add_argument("--width", type=int, default=16, help="encoder width (shared feature has 4x this)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -38,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux-lr", type=float, default=1e-3, help="GREAT: Adam lr of the auxiliary task classifier")
     parser.add_argument("--aux-norm", choices=["rms", "none"], default="rms",
                         help="GREAT: per-sample RMS normalisation of the classifier's input (default rms)")
+    parser.add_argument("--decoder", choices=["paper", "camera"], default="paper",
+                        help="dense decoders: the paper's (feature only, sigmoid outputs) or the headset's "
+                        "camera decoder (input skips, colour/denoised residual over the input gray)")
+    parser.add_argument("--clean-fraction", type=float, default=0.0,
+                        help="share of training inputs fed the clean gray frame instead of the paper's noisy "
+                        "input (default 0: the paper; the headset feeds clean camera frames)")
     parser.add_argument("--init-from", default=None, metavar="DIR", help="start from this run's weights")
     parser.add_argument("--defence", default=None, choices=list_defences(),
                         help="also train the class head with an adversarial defence (e.g. great+ce), "
@@ -59,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--epochs must be >= 1")
     if args.batch_size < 2:
         raise UserError("--batch-size must be >= 2")
+    if not 0.0 <= args.clean_fraction <= 1.0:
+        raise UserError("--clean-fraction must be between 0 and 1")
     cfg = TrainConfig(method=args.method, data=args.data, val_data=args.val_data, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
-                      width=args.width, method_options=method_options(args), defence=args.defence,
+                      width=args.width, decoder=args.decoder, clean_fraction=args.clean_fraction,
+                      method_options=method_options(args),
+                      defence=args.defence,
                       max_steps_per_epoch=args.max_steps, init_from=args.init_from, threads=args.threads)
     command = "hmd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     metrics = train(cfg, args.out, resume=args.resume, command=command)

@@ -5,6 +5,12 @@ SOURCE is one of
   ``cifar10:PATH``          the standard CIFAR-10 python-pickle batches in a local folder
   ``images:DIR``            class sub-folders (labelled) or a flat folder (unlabelled frames)
   ``video:PATH``            frames of a video file (unlabelled)
+  ``walk:DIR[:N]``          a simulated head moving over the real photos in DIR (shared/walk.py;
+                            unlabelled, default N=2000 frames, held-out views for "val")
+
+Sizes are ``int`` (a square side, the paper's CIFAR-style frames) or ``(height, width)``: the
+camera's aspect (e.g. (120, 160)). Photos and video frames are centre-cropped to the target aspect
+before resizing, never squashed.
 
 Every colour frame yields its own dense targets (the paper's CIFAR multi-task
 supplement): the input is the gray frame with salt-and-pepper noise on 4 % of
@@ -25,11 +31,17 @@ import torch
 
 from shared.errors import UserError
 from shared.manifest import NoiseModel
+from shared.walk import HeadWalk, fit_to, hw, load_photos, walk_seed
 from shared.worlds import CLASS_NAMES, DEFAULT_WORLD, WORLDS, render_scene
+
+Size = int | tuple[int, int]  # a square side or (height, width)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 SYNTHETIC_VAL_OFFSET = 10_000_000  # validation scenes use indices far from training ones
 DEFAULT_SYNTHETIC_N = 2000
+DEFAULT_WALK_N = 2000
+WALK_STRIDE = 5  # frames between two kept walk frames (neighbours are near-duplicates)
+WALK_VAL_OFFSET = 1_000_003  # held-out views of a walk: far along the same (seeded) walk
 VAL_FRACTION = 0.15
 
 
@@ -73,16 +85,18 @@ def parse_synthetic(spec: str) -> tuple[int, list[str]]:
     return n, worlds
 
 
-def _synthetic(spec: str, split: str, size: int, seed: int) -> FrameSet:
+def _synthetic(spec: str, split: str, size: Size, seed: int) -> FrameSet:
     n, worlds = parse_synthetic(spec)
+    h, w = hw(size)
     if split == "val":
         start, count = SYNTHETIC_VAL_OFFSET, max(64, int(round(n * VAL_FRACTION)))
     else:
         start, count = 0, n
-    rgb = np.empty((count, size, size, 3), np.uint8)
+    rgb = np.empty((count, h, w, 3), np.uint8)
     labels = np.empty(count, np.int64)
     for i in range(count):
-        rgb[i], labels[i] = render_scene(worlds[i % len(worlds)], seed, start + i, size)
+        scene, labels[i] = render_scene(worlds[i % len(worlds)], seed, start + i, max(h, w))
+        rgb[i] = fit_to(scene, (h, w))
     return FrameSet(rgb, labels, list(CLASS_NAMES), f"synthetic:{n}:{'+'.join(worlds)}")
 
 
@@ -94,7 +108,7 @@ def _unpickle(path: Path) -> dict:
         raise UserError(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
 
 
-def _cifar10(path: str, split: str, size: int | None) -> FrameSet:
+def _cifar10(path: str, split: str, size: Size | None) -> FrameSet:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"CIFAR-10 folder not found: {root}")
@@ -122,16 +136,16 @@ def _cifar10(path: str, split: str, size: int | None) -> FrameSet:
         m = _unpickle(meta)
         if b"label_names" in m:
             class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in m[b"label_names"]]
-    if size and size != 32:
-        rgb = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in rgb])
+    if size and hw(size) != (32, 32):
+        rgb = np.stack([fit_to(im, size, cv2.INTER_LINEAR) for im in rgb])
     return FrameSet(rgb, np.asarray(labels, np.int64), class_names, f"cifar10:{path}")
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
+def _read_image(path: Path, size: Size) -> np.ndarray:
     im = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if im is None:
         raise UserError(f"cannot read image {path}")
-    return cv2.resize(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
+    return fit_to(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), size)
 
 
 def _split_mask(keys: list[str], split: str) -> np.ndarray:
@@ -143,7 +157,7 @@ def _split_mask(keys: list[str], split: str) -> np.ndarray:
     return v if split == "val" else ~v
 
 
-def _images(path: str, split: str, size: int) -> FrameSet:
+def _images(path: str, split: str, size: Size) -> FrameSet:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
@@ -160,12 +174,12 @@ def _images(path: str, split: str, size: int) -> FrameSet:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {root}")
     mask = _split_mask([str(p.relative_to(root)) for p, _ in items], split)
     chosen = [it for it, m in zip(items, mask) if m]
-    rgb = np.stack([_read_image(p, size) for p, _ in chosen]) if chosen else np.zeros((0, size, size, 3), np.uint8)
+    rgb = np.stack([_read_image(p, size) for p, _ in chosen]) if chosen else np.zeros((0, *hw(size), 3), np.uint8)
     labels = np.array([c for _, c in chosen], np.int64)
     return FrameSet(rgb, labels, class_names or list(CLASS_NAMES), f"images:{path}")
 
 
-def read_video_frames(path: str, size: int, max_frames: int = 5000, stride: int = 1) -> np.ndarray:
+def read_video_frames(path: str, size: Size, max_frames: int = 5000, stride: int = 1) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"video not found: {p}")
@@ -180,8 +194,7 @@ def read_video_frames(path: str, size: int, max_frames: int = 5000, stride: int 
             if not ok:
                 break
             if i % stride == 0:
-                frames.append(cv2.resize(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), (size, size),
-                                         interpolation=cv2.INTER_AREA))
+                frames.append(fit_to(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), size))
             i += 1
     finally:
         cap.release()
@@ -190,7 +203,7 @@ def read_video_frames(path: str, size: int, max_frames: int = 5000, stride: int 
     return np.stack(frames)
 
 
-def _video(path: str, split: str, size: int) -> FrameSet:
+def _video(path: str, split: str, size: Size) -> FrameSet:
     frames = read_video_frames(path, size)
     val = (np.arange(len(frames)) % 7) == 6  # every 7th frame held out (neighbours are similar)
     idx = np.nonzero(val if split == "val" else ~val)[0]
@@ -199,13 +212,42 @@ def _video(path: str, split: str, size: int) -> FrameSet:
     return FrameSet(frames[idx], np.full(len(idx), -1, np.int64), list(CLASS_NAMES), f"video:{path}")
 
 
-def load_source(source: str, split: str = "train", size: int | None = None, seed: int = 0) -> FrameSet:
-    """Load ``split`` ("train" or "val") of SOURCE at ``size`` x ``size`` (sides divisible by 8)."""
+def parse_walk(spec: str) -> tuple[str, int]:
+    """``walk:DIR[:N]`` -> (DIR, N)."""
+    rest = spec.partition(":")[2]
+    folder, n = rest, DEFAULT_WALK_N
+    head, sep, tail = rest.rpartition(":")
+    if sep and tail.isdigit():
+        folder, n = head, int(tail)
+    if not folder:
+        raise UserError("walk source needs a photo folder: walk:DIR[:N]")
+    if n < 2:
+        raise UserError(f"walk source needs N >= 2 frames, got {n}")
+    return folder, n
+
+
+def _walk(spec: str, split: str, size: Size, seed: int) -> FrameSet:
+    folder, n = parse_walk(spec)
+    h, w = hw(size)
+    walk = HeadWalk(load_photos(folder), size=(h, w), seed=walk_seed(folder, seed))
+    if split == "val":
+        start, count = WALK_VAL_OFFSET, max(32, int(round(n * VAL_FRACTION)))
+    else:
+        start, count = 0, n
+    rgb = walk.frames(start, count, WALK_STRIDE)
+    return FrameSet(rgb, np.full(count, -1, np.int64), list(CLASS_NAMES), f"walk:{folder}:{n}")
+
+
+def load_source(source: str, split: str = "train", size: Size | None = None, seed: int = 0) -> FrameSet:
+    """Load ``split`` ("train" or "val") of SOURCE at ``size`` (a side or (height, width); sides
+    divisible by 8)."""
     if split not in ("train", "val"):
         raise ValueError(split)
     kind, _, rest = source.partition(":")
-    if size is not None and (size < 8 or size % 8):
-        raise UserError(f"image size {size}: must be a positive multiple of 8")
+    if size is not None:
+        h, w = hw(size)
+        if min(h, w) < 8 or h % 8 or w % 8:
+            raise UserError(f"image size {w}x{h}: both sides must be positive multiples of 8")
     if kind == "synthetic":
         return _synthetic(source, split, size or 64, seed)
     if kind == "cifar10":
@@ -220,8 +262,10 @@ def load_source(source: str, split: str = "train", size: int | None = None, seed
         if not rest:
             raise UserError("video source needs a file: video:PATH")
         return _video(rest, split, size or 64)
-    raise UserError(f"unknown data source {source!r}: use synthetic[:N][:WORLD], cifar10:PATH, images:DIR "
-                    f"or video:PATH")
+    if kind == "walk":
+        return _walk(source, split, size or (120, 160), seed)
+    raise UserError(f"unknown data source {source!r}: use synthetic[:N][:WORLD], cifar10:PATH, images:DIR, "
+                    f"video:PATH or walk:DIR[:N]")
 
 
 # --- targets ---------------------------------------------------------------------------------
@@ -258,9 +302,12 @@ class TaskData:
     converted to float per batch.
     """
 
-    def __init__(self, frames: FrameSet, noise: NoiseModel | None = None):
+    def __init__(self, frames: FrameSet, noise: NoiseModel | None = None, clean_fraction: float = 0.0):
         self.frames = frames
         self.noise = noise or NoiseModel()
+        # the share of training samples fed the clean gray frame instead of the paper's noisy input
+        # (0 = the paper; the headset feeds clean camera frames: see the README's deviations table)
+        self.clean_fraction = float(clean_fraction)
         rgb = frames.rgb
         self.colour = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
         self.gray = torch.from_numpy(np.stack([to_gray(im) for im in rgb])[:, None]) if len(rgb) else \
@@ -280,6 +327,9 @@ class TaskData:
               clean: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         gray = self.gray[idx].float() / 255.0
         x = gray if clean else corrupt(gray, generator, self.noise)
+        if self.clean_fraction > 0 and not clean:
+            keep = torch.rand(len(idx), generator=generator) < self.clean_fraction
+            x = torch.where(keep[:, None, None, None], gray, x)
         targets = {
             "class": self.labels[idx],
             "colour": self.colour[idx].float() / 255.0,

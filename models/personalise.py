@@ -30,6 +30,7 @@ from shared.atomic import atomic_write_json
 from shared.errors import UserError
 
 from models.data import FrameSet, TaskData, load_source
+from shared.walk import fit_to
 from models.train import TrainConfig, evaluate, load_model, train
 
 DENSE_METRICS = ("rmse_colour", "rmse_edges", "rmse_denoised")
@@ -85,8 +86,7 @@ def teacher_labels(teacher_run: str | Path, frames: np.ndarray, threshold: float
     """The teacher's class on clean gray frames; -1 where its confidence is below ``threshold``."""
     teacher, ck = load_model(teacher_run)
     h, w = ck["input_size"]
-    if frames.shape[1:3] != (h, w):
-        raise UserError(f"teacher expects {h}x{w} frames, got {frames.shape[1:3]}")
+    frames = _resize(frames, h, w)  # the teacher sees the frame at its own size (centre crop, no squash)
     gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])[:, None].astype(np.float32) / 255.0
     probs = torch.softmax(teacher(torch.from_numpy(gray))["class"], 1)
     conf, labels = probs.max(1)
@@ -97,23 +97,42 @@ def teacher_labels(teacher_run: str | Path, frames: np.ndarray, threshold: float
 def _resize(frames: np.ndarray, h: int, w: int) -> np.ndarray:
     if frames.shape[1:3] == (h, w):
         return frames
-    return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
+    return np.stack([fit_to(f, (h, w)) for f in frames])
 
 
-def split_wearer(n: int, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every k-th frame is held out (journalled frames are in time order; neighbours look alike)."""
+SPLITS = ("time", "interleaved")
+
+
+def split_wearer(n: int, holdout_fraction: float, mode: str = "time") -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of ``n`` frames in time order.
+
+    ``time`` (default): train on the first frames, judge on the last ``holdout_fraction`` of them:
+    the model is judged on what the wearer sees *later*, not on near-copies of its training frames.
+    ``interleaved``: every k-th frame is held out (neighbours look alike: an optimistic judge).
+    """
+    if mode not in SPLITS:
+        raise UserError(f"unknown split {mode!r} (choose from {', '.join(SPLITS)})")
+    if mode == "time":
+        n_val = min(n - 1, max(1, int(round(n * holdout_fraction))))
+        return np.arange(n - n_val), np.arange(n - n_val, n)
     k = max(2, int(round(1.0 / max(1e-6, holdout_fraction))))
     val = (np.arange(n) % k) == k - 1
     return np.nonzero(~val)[0], np.nonzero(val)[0]
 
 
 def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | Path, *,
-                base_data: str = "synthetic", teacher_run: str | Path | None = None, method: str = "great",
+                base_data: str = "synthetic", base_val_data: str | None = None, split: str = "time",
+                teacher_run: str | Path | None = None, method: str = "great",
                 epochs: int = 3, max_steps_per_epoch: int | None = None, holdout_fraction: float = 0.2,
                 tolerance: float = 0.05, seed: int = 0, lr: float = 5e-4, warmup_steps: int = 20, batch_size: int = 32,
                 replay_ratio: float = 3.0, log: Callable[[str], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> PersonaliseResult:
-    """Fine-tune ``base_run`` on ``wearer_frames`` (N x H x W x 3 uint8 RGB) into ``out_dir``."""
+    """Fine-tune ``base_run`` on ``wearer_frames`` (N x H x W x 3 uint8 RGB, in time order) into ``out_dir``.
+
+    ``base_data`` is the base model's training data (replay); the gate's guard against forgetting is
+    measured on ``base_val_data`` (default: the held-out split of ``base_data``), which should be the
+    base model's own validation set (for the shipped ``base``: walks over its real validation photos).
+    """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -125,7 +144,7 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     if len(frames) < 10:
         raise UserError(f"personalisation needs at least 10 wearer frames, got {len(frames)}")
     frames = _resize(frames, h, w)
-    tr_idx, va_idx = split_wearer(len(frames), holdout_fraction)
+    tr_idx, va_idx = split_wearer(len(frames), holdout_fraction, split)
     class_names = ck["class_names"]
     if teacher_run is not None:
         labels = teacher_labels(teacher_run, frames)
@@ -135,8 +154,8 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     wearer_train = FrameSet(frames[tr_idx], labels[tr_idx], class_names, "wearer")
     wearer_val = FrameSet(frames[va_idx], labels[va_idx], class_names, "wearer-holdout")
 
-    base_train = load_source(base_data, "train", h, seed)
-    base_val = TaskData(load_source(base_data, "val", h, seed))
+    base_train = load_source(base_data, "train", (h, w), seed)
+    base_val = TaskData(load_source(base_val_data or base_data, "val", (h, w), seed))
     rng = np.random.default_rng(seed)
     n_replay = min(len(base_train), max(1, int(round(len(wearer_train) * replay_ratio))))
     replay = base_train.subset(rng.choice(len(base_train), n_replay, replace=False))
@@ -154,7 +173,8 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
         steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
     warmup_steps = min(warmup_steps, max(1, steps_per_epoch * epochs // 4))  # short jobs still move
     cfg = TrainConfig(method=method, data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                      size=h, width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
+                      size=(h, w), width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
+                      decoder=arch.decoder,
                       max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True,
                       warmup_steps=warmup_steps)
     metrics = train(cfg, out, log=log, data=(TaskData(mixed), wearer_val_td, mixed), should_stop=should_stop,
@@ -168,6 +188,7 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
         "wearer": {"before": before["wearer"], "after": after["wearer"], "frames": len(wearer_val)},
         "base": {"before": before["base"], "after": after["base"], "frames": len(base_val)},
         "tolerance": tolerance, "method": method, "teacher": str(teacher_run) if teacher_run else None,
+        "split": split, "base_set": base_val_data or f"{base_data} (held-out split)",
     }
     accepted, reason = gate(evaluation, tolerance)
     result = PersonaliseResult(accepted, reason, out, evaluation, time.perf_counter() - t0)

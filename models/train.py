@@ -37,10 +37,13 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
-    size: int | None = None  # input side; None = the source's default (64 synthetic, 32 CIFAR)
+    size: int | tuple[int, int] | None = None  # input side or (height, width); None = the source's default
+    # (64 synthetic/images/video, 32 CIFAR-10, 120x160 walk)
     width: int = 16
     blocks: tuple[int, int, int] = (1, 1, 1)
     decoder_width: int = 32
+    decoder: str = "paper"  # "paper" or "camera" (models/network.py: input skips, residual heads)
+    clean_fraction: float = 0.0  # share of training inputs left clean (0: the paper's noisy input always)
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     defence: str | None = None  # adversarial defence of the class head (see models/defence.py)
     defence_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -56,6 +59,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["blocks"] = list(self.blocks)
+        if isinstance(self.size, (tuple, list)):
+            d["size"] = list(self.size)
         return d
 
 
@@ -158,7 +163,7 @@ def build_data(cfg: TrainConfig) -> tuple[TaskData, TaskData, FrameSet]:
         raise UserError(f"data source {cfg.data!r} has no training frames")
     if len(val_frames) == 0:
         raise UserError(f"data source {cfg.val_data or cfg.data!r} has no held-out frames")
-    return TaskData(train_frames), TaskData(val_frames), train_frames
+    return TaskData(train_frames, clean_fraction=cfg.clean_fraction), TaskData(val_frames), train_frames
 
 
 def freeze_batchnorm(model: torch.nn.Module) -> None:
@@ -195,8 +200,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if resume:
         ckpt = read_checkpoint(out)
         saved = ckpt.get("config", {})
-        for key in ("method", "data", "size", "width", "blocks", "decoder_width", "seed"):
-            a, b = saved.get(key), cfg.to_dict().get(key)
+        for key in ("method", "data", "size", "width", "blocks", "decoder_width", "decoder", "seed"):
+            a, b = saved.get(key, "paper" if key == "decoder" else None), cfg.to_dict().get(key)
+            a, b = (list(a) if isinstance(a, tuple) else a), (list(b) if isinstance(b, tuple) else b)
             if a != b:
                 raise UserError(f"--resume: {key} differs from the checkpoint ({a!r} there, {b!r} here)")
     t_data = time.perf_counter()
@@ -208,7 +214,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
 
     torch.manual_seed(cfg.seed)
     net_cfg = NetConfig(num_classes=len(frames.class_names), width=cfg.width, blocks=tuple(cfg.blocks),
-                        decoder_width=cfg.decoder_width)
+                        decoder_width=cfg.decoder_width, decoder=cfg.decoder)
     model = MultiTaskNet(net_cfg)
     parent = None
     if cfg.init_from and not resume:

@@ -165,7 +165,7 @@ def per_task_feature_gradients(model: MultiTaskNet, x: torch.Tensor, targets: di
     """
     f = model.encode(x)
     copies = {t: f.detach().requires_grad_(True) for t in TASKS}
-    losses = task_losses(model.decode(copies), targets)
+    losses = task_losses(model.decode(copies, x), targets)
     total = sum(scale(t, j) for t, j in losses.items())
     total.backward()
     grads = {t: copies[t].grad for t in losses}

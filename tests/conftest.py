@@ -15,3 +15,24 @@ def _torch_threads():
         return
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_camera_run(tmp_path_factory):
+    """A tiny multi-task run with the headset's camera decoder at a 4:3 size (2 training steps)."""
+    from models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-camera") / "run"
+    train(TrainConfig(method="great", data="synthetic:24", epochs=1, batch_size=8, size=(48, 64), width=4,
+                      decoder_width=8, decoder="camera", max_steps_per_epoch=2), out, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_camera_model(tiny_camera_run):
+    """``tiny_camera_run`` exported to ONNX (model.onnx + model.manifest.json)."""
+    from models.cli_export import export_run
+
+    onnx = tiny_camera_run.parent / "export" / "model.onnx"
+    export_run(tiny_camera_run, onnx, frames=4)
+    return onnx

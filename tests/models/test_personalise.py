@@ -35,9 +35,13 @@ def test_gate_needs_a_wearer_gain_and_no_base_loss():
     assert not ok and "rmse_edges" in why
 
 
-def test_split_wearer_holds_out_every_kth_frame():
+def test_split_wearer_holds_out_the_later_frames_by_default():
     tr, va = split_wearer(20, 0.2)
+    assert list(tr) == list(range(16)) and list(va) == [16, 17, 18, 19]  # judged on what comes later
+    tr, va = split_wearer(20, 0.2, "interleaved")
     assert list(va) == [4, 9, 14, 19] and len(tr) == 16 and not set(tr) & set(va)
+    with pytest.raises(UserError, match="unknown split"):
+        split_wearer(20, 0.2, "random")
 
 
 def test_personalise_records_both_evaluations_and_keeps_lineage(tmp_path):
@@ -50,8 +54,9 @@ def test_personalise_records_both_evaluations_and_keeps_lineage(tmp_path):
     assert set(ev) >= {"wearer", "base", "tolerance", "wearer_score"}
     assert ev["wearer"]["frames"] == 6 and ev["wearer"]["before"]["class_error_pct"] is None
     assert ev["base"]["before"]["class_error_pct"] is not None
+    assert ev["tolerance"] == 0.05 and ev["split"] == "time"
     assert res.accepted == (ev["wearer_score"] < 0 and not base_regressions(ev["base"]["before"],
-                                                                            ev["base"]["after"], 0.02))
+                                                                            ev["base"]["after"], ev["tolerance"]))
     _, ck = load_model(res.run_dir)
     assert ck["parent"] == str(tmp_path / "base") and (tmp_path / "cand" / "personalise.json").is_file()
     with pytest.raises(UserError, match="at least 10"):

@@ -1,0 +1,151 @@
+"""`hmd personalise MODEL --data video:PATH --out DIR`: the cloud's personalisation job, offline.
+
+The same code path as a cloud job (cloud/personalisation.py): the wearer's frames in time order,
+:func:`models.personalise.personalise` (GREAT fine-tuning with base-data replay, frozen BatchNorm,
+warm-up) trained on the first part of the footage and judged on the later frames, the same gate
+(better on the wearer's later frames, not worse beyond the tolerance on the base model's own
+validation set), and the same export: ONNX + manifest signed with an Ed25519 key
+(``cloud.keys.SigningKey``; a key pair is made in ``--key-dir`` if there is none).
+
+Writes DIR/run (the candidate run folder), DIR/personalise.json (both evaluations and the verdict)
+and, when accepted, DIR/model.onnx + DIR/model.manifest.json (signed) and DIR/signing.pub.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="the wearer's current model: a shipped name (base) or a run folder")
+    parser.add_argument("--data", required=True, metavar="SOURCE",
+                        help="the wearer's footage in time order: video:PATH, walk:DIR[:N] or images:DIR (sorted)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--max-frames", type=int, default=512,
+                        help="the most recent frames used (the cloud's job_max_frames; default 512)")
+    parser.add_argument("--stride", type=int, default=3,
+                        help="keep every k-th video frame (a journal keeps every k-th frame too; default 3)")
+    parser.add_argument("--base-data", default=None, metavar="SOURCE",
+                        help="the base model's training data, replayed (default: what the model was trained on)")
+    parser.add_argument("--base-val-data", default=None, metavar="SOURCE",
+                        help="the base model's own validation set, the gate's guard against forgetting "
+                             "(default: the model's recorded validation data)")
+    parser.add_argument("--teacher", default=None, metavar="RUN", help="class targets from this teacher (default: none)")
+    parser.add_argument("--method", default="great", help="weighting method (default great)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch")
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of the footage judged on (default 0.2)")
+    parser.add_argument("--split", choices=["time", "interleaved"], default="time",
+                        help="held-out frames: the later ones (time, default) or every k-th (interleaved)")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="base-set tolerance (default 0.05)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--key-dir", default=None, metavar="DIR",
+                        help="folder with signing.key/signing.pub (default: DIR; made if missing)")
+    parser.add_argument("--int8", action="store_true", help="export static INT8 instead of FP32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def read_footage(source: str, size: tuple[int, int], max_frames: int, stride: int, seed: int = 0) -> np.ndarray:
+    """The wearer's frames, in time order, fitted to ``size`` (centre crop to the aspect, no squash)."""
+    from hmd.assets import resolve_source
+    from shared.walk import HeadWalk, fit_to, load_photos, walk_seed
+
+    if max_frames < 10:
+        raise UserError("--max-frames must be >= 10")
+    if stride < 1:
+        raise UserError("--stride must be >= 1")
+    source = resolve_source(source)
+    kind, _, rest = source.partition(":")
+    if kind == "video":
+        from models.data import read_video_frames
+
+        frames = read_video_frames(rest, size, max_frames=100_000, stride=stride)
+        return frames[-max_frames:]  # the most recent frames, as a job takes them
+    if kind == "walk":
+        from models.data import parse_walk
+
+        folder, n = parse_walk(source)
+        walk = HeadWalk(load_photos(folder), size=size, seed=walk_seed(folder, seed))
+        n = min(n, max_frames)
+        return walk.frames(0, n, stride)
+    if kind == "images":
+        from shared.walk import list_photos
+        import cv2
+
+        frames = []
+        for p in list_photos(rest)[-max_frames:]:
+            im = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if im is not None:
+                frames.append(fit_to(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), size))
+        if not frames:
+            raise UserError(f"none of the images in {rest} could be read")
+        return np.stack(frames)
+    raise UserError(f"--data {source!r}: use video:PATH, walk:DIR[:N] or images:DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cloud.keys import SigningKey
+    from hmd.assets import default_base_sources, resolve_model
+    from models.cli_export import export_run
+    from models.personalise import personalise
+    from models.train import read_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0.0 < args.holdout < 1.0:
+        raise UserError("--holdout must be between 0 and 1")
+    run_dir = resolve_model(args.model)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"{args.model}: not a run folder (no checkpoint.pt); personalise a shipped model or a "
+                        f"folder written by `hmd train`")
+    ck = read_checkpoint(run_dir)
+    h, w = ck["input_size"]
+    base_data, base_val = default_base_sources(run_dir, ck)
+    base_data = args.base_data or base_data
+    base_val = args.base_val_data or base_val
+    frames = read_footage(args.data, (h, w), args.max_frames, args.stride, args.seed)
+    n_val = int(round(len(frames) * args.holdout))
+    if len(frames) < 10 or n_val < 2 or len(frames) - n_val < 8:
+        raise UserError(f"--data {args.data}: {len(frames)} frames is shorter than the split needs "
+                        f"(at least 8 to train on and 2 held out; --holdout {args.holdout})")
+    out = Path(args.out)
+    print(f"personalise: {args.model} ({h}x{w}) on {len(frames)} frames of {args.data}; replay {base_data}; "
+          f"base gate on {base_val}", file=sys.stderr)
+    res = personalise(run_dir, frames, out / "run", base_data=base_data, base_val_data=base_val,
+                      split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
+                      max_steps_per_epoch=args.max_steps, holdout_fraction=args.holdout,
+                      tolerance=args.tolerance, seed=args.seed, lr=args.lr, batch_size=args.batch_size)
+    summary = res.to_dict()
+    if res.accepted:
+        key = SigningKey(args.key_dir or out)
+        parent = ck.get("version") or Path(run_dir).name
+        manifest = export_run(res.run_dir, out / "model.onnx", int8=args.int8, parent_version=parent,
+                              version=f"{Path(run_dir).name}-personalised",
+                              extra_training={"role": "personalised", "frames": len(frames),
+                                              "gate": res.evaluation})
+        signed = key.sign_manifest(manifest)
+        from shared.atomic import atomic_write_text
+
+        atomic_write_text(out / "model.manifest.json", signed.to_json())
+        summary["model"] = str(out / "model.onnx")
+        summary["trusted_key"] = str(key.public_path)
+    from shared.atomic import atomic_write_json
+
+    atomic_write_json(out / "personalise.json", summary)
+    ev = res.evaluation
+    table = {split: {k: {s: ev[split][s].get(k) for s in ("before", "after")}
+                     for k in ("rmse_colour", "rmse_edges", "rmse_denoised")} for split in ("wearer", "base")
+             if split in ev and "after" in ev[split]}
+    print(json.dumps({"accepted": res.accepted, "reason": res.reason, "rmse": table,
+                      "model": summary.get("model"), "seconds": round(res.seconds, 1)}, indent=1))
+    return 0 if res.accepted else 1
