@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--teacher-run", type=Path, default=None, metavar="RUN_DIR",
                        help="the larger cloud teacher whose class predictions are distilled")
     serve.add_argument("--base-data", default=None, metavar="SOURCE",
-                       help="base training data replayed during personalisation (default synthetic)")
+                       help="base training data replayed during personalisation (default: the base run's own)")
+    serve.add_argument("--base-val-data", default=None, metavar="SOURCE",
+                       help="the gate's guard against forgetting (default: the base run's validation data)")
     serve.add_argument("--auto-job-frames", type=int, default=None, metavar="N",
                        help="start a personalisation job once a device uploaded N new frames (0: never; default 64)")
     serve.add_argument("--max-upload-bytes", type=int, default=None, help="upload size limit (default 64 MiB)")
@@ -75,6 +77,14 @@ def serve(args: argparse.Namespace) -> int:
     from cloud.app import create_app
 
     settings = settings_from_args(args)
+    if settings.base_run is not None:  # a shipped model's name works too (`--base-run base`)
+        from shared.paths import resolve_model
+
+        settings.base_run = resolve_model(settings.base_run)
+    if settings.teacher_run is not None:
+        from shared.paths import resolve_model
+
+        settings.teacher_run = resolve_model(settings.teacher_run)
     if settings.base_run is not None and not (settings.base_run / "checkpoint.pt").is_file():
         raise UserError(f"--base-run {settings.base_run}: no checkpoint.pt there (expected a `hmd train` run folder)")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

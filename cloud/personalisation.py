@@ -17,7 +17,9 @@ _PROGRESS = re.compile(r"epoch (\d+)/(\d+) step (\d+)/(\d+)")
 
 
 def personalise_job(ctx: JobContext) -> JobOutcome:
+    from hmd.assets import default_base_sources
     from models.personalise import personalise
+    from models.train import read_checkpoint
 
     job, s = ctx.job, ctx.settings
     device = ctx.storage.device(job.device_id)
@@ -48,7 +50,10 @@ def personalise_job(ctx: JobContext) -> JobOutcome:
         ctx.progress(None, frac, line)
 
     optional = {k: v for k, v in (("lr", s.lr), ("batch_size", s.batch_size)) if v is not None}
-    res = personalise(ctx.registry.run_dir(base), frames, out_dir, base_data=s.base_data,
+    run_dir = ctx.registry.run_dir(base)
+    base_data, base_val_data = default_base_sources(run_dir, read_checkpoint(run_dir))
+    res = personalise(run_dir, frames, out_dir, base_data=s.base_data or base_data,
+                      base_val_data=s.base_val_data or base_val_data,
                       teacher_run=str(s.teacher_run) if s.teacher_run else None, method=s.method, epochs=s.epochs,
                       max_steps_per_epoch=s.max_steps_per_epoch, holdout_fraction=s.holdout_fraction,
                       tolerance=s.tolerance, seed=s.seed, log=log_line, should_stop=ctx.should_stop, **optional)

@@ -31,7 +31,9 @@ class Settings:
     job_max_frames: int = 512  # the most recent wearer frames a job trains on
     frame_size: int | None = None  # frames are resized to this side for training (default: the model's)
     base_run: Path | None = None  # registered as the base version on first start
-    base_data: str = "synthetic"  # the base training data replayed by personalisation
+    base_data: str | None = None  # the base training data replayed by personalisation (None: the base
+    # run's recorded training data)
+    base_val_data: str | None = None  # the gate's base set (None: the base run's recorded validation data)
     teacher_run: Path | None = None
     method: str = "great"
     epochs: int = 3

@@ -124,7 +124,7 @@ def read_footage(video: str | None, walk: str | None, max_frames: int, stride: i
 def open_engine(model: str, workdir: Path):
     """A device engine for a shipped name, an .onnx file/folder, or a run folder (exported here)."""
     from device.engine import load_model
-    from hmd.assets import resolve_model
+    from shared.paths import resolve_model
 
     path = resolve_model(model)
     if (path / "checkpoint.pt").is_file() if path.is_dir() else False:

@@ -1,13 +1,16 @@
 """`hmd demo`: the whole loop on this machine, nothing to set up.
 
-1. the shipped base model (trained on the `studio` world) and the cloud teacher;
+1. the shipped base model (``base``: real photos, camera resolution);
 2. the cloud service on 127.0.0.1 (a real `hmd cloud serve` process) and one provisioned headset;
-3. the simulated headset in another world (the wearer's own surroundings): live inference,
-   overlay, recording, journal, background upload;
+3. the simulated headset walking over real photos the base model never saw (the wearer's own
+   surroundings; ``--scene``): live inference, overlay, recording, journal, background upload;
 4. the cloud personalises the wearer's model with GREAT, gates it and pushes it (SSE);
 5. the headset verifies it and hot-swaps it live, and keeps running on it;
-6. a before/after table on held-out frames of the wearer's world and of the base world,
-   `summary.json`, the recorded overlay video and a plot of the metrics across versions.
+6. a before/after table on held-out frames (the wearer's later views, and the base model's own
+   validation set) with the classical tools beside them, `summary.json`, the recorded overlay video
+   and a plot of the metrics across versions.
+
+``--scene synthetic:WORLD`` with ``--base-run base-studio`` runs the earlier synthetic-world demo.
 """
 from __future__ import annotations
 
@@ -27,17 +30,20 @@ from typing import Any
 from shared.errors import UserError
 
 MARKER = ".hmd-demo"
-METRICS = ("class_error_pct", "rmse_colour", "rmse_edges", "rmse_denoised")
+METRICS = ("rmse_colour", "rmse_edges", "rmse_denoised")
+CLASSICAL = "classical tools"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hmd.assets import BASE_DATA, BASE_STUDIO_RUN as BASE_RUN, TEACHER_RUN
-
-    parser.add_argument("--out", default="runs/demo", help="everything lands here (default runs/demo)")
-    parser.add_argument("--world", default="forest", help="the wearer's world (the base model knows 'studio')")
-    parser.add_argument("--base-run", default=str(BASE_RUN), help="the headset's base model (a run folder)")
-    parser.add_argument("--teacher-run", default=str(TEACHER_RUN), help="the cloud teacher ('' for none)")
-    parser.add_argument("--base-data", default=BASE_DATA, help="the base training data (replay and base gate)")
+    parser.add_argument("--out", default="runs/demo", help="everything lands here")
+    parser.add_argument("--scene", default=None, metavar="SOURCE",
+                        help="the wearer's surroundings: walk:DIR (real photos; default: the shipped test photos, "
+                             "which the base model never saw) or synthetic:WORLD")
+    parser.add_argument("--base-run", default="base", help="the headset's base model (a shipped name or a run folder)")
+    parser.add_argument("--teacher-run", default="", help="a cloud teacher for class targets ('' for none)")
+    parser.add_argument("--base-data", default=None, help="the base training data (default: the base run's own)")
+    parser.add_argument("--base-val-data", default=None,
+                        help="the base model's validation set for the gate (default: the base run's own)")
     parser.add_argument("--job-frames", type=int, default=240, help="uploaded frames that start a job")
     parser.add_argument("--epochs", type=int, default=3, help="personalisation epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="cap personalisation steps per epoch")
@@ -46,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--journal-every", type=int, default=3, help="journal every k-th frame")
     parser.add_argument("--fps", type=float, default=20.0, help="the simulated camera's frame rate")
     parser.add_argument("--after-frames", type=int, default=200, help="frames to run on the new model")
-    parser.add_argument("--eval-frames", type=int, default=200, help="held-out frames per evaluation set")
-    parser.add_argument("--timeout", type=float, default=540.0, help="give up after this many seconds")
+    parser.add_argument("--eval-frames", type=int, default=120, help="held-out frames per evaluation set")
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     parser.add_argument("--port", type=int, default=0, help="cloud port (0: a free one)")
     parser.add_argument("--quick", action="store_true",
                         help="a short run for tests: few frames and steps, small base data")
@@ -87,8 +93,12 @@ def _start_cloud(args, out: Path, port: int) -> tuple[subprocess.Popen, str, byt
     fields = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
     token, trust_key = fields["token"], base64.b64decode(fields["trust-key"])
     cmd = ["cloud", "serve", "--data-dir", str(data), "--port", str(port), "--base-run", args.base_run,
-           "--base-data", args.base_data, "--auto-job-frames", str(args.job_frames), "--epochs",
-           str(args.epochs), "--tolerance", str(args.tolerance), "--log-level", "warning"]
+           "--auto-job-frames", str(args.job_frames), "--epochs", str(args.epochs), "--tolerance",
+           str(args.tolerance), "--log-level", "warning"]
+    if args.base_data:
+        cmd += ["--base-data", args.base_data]
+    if args.base_val_data:
+        cmd += ["--base-val-data", args.base_val_data]
     if args.teacher_run:
         cmd += ["--teacher-run", args.teacher_run]
     if args.max_steps:
@@ -125,14 +135,14 @@ def _jobs(url: str, token: str) -> list[dict]:
 
 def _run_headset(args, out: Path, url: str, token: str, trust_key: bytes, base_folder: Path) -> tuple[dict, dict]:
     from device import sync as sync_module
-    from device.capture import SyntheticSource
+    from device.capture import open_source
     from device.runtime import HeadsetRuntime, RuntimeConfig
 
     cfg = RuntimeConfig(mode="side-by-side", headless=True, record=str(out / "overlay.mp4"),
                         journal_dir=str(out / "journal"), journal_every=args.journal_every, journal_mb=64,
                         store_dir=str(out / "headset-store"), public_key=trust_key, threads=1,
                         metrics_path=str(out / "headset.json"))
-    rt = HeadsetRuntime(SyntheticSource(args.world, size=(240, 320), fps=args.fps, seed=0), base_folder, cfg)
+    rt = HeadsetRuntime(open_source(args.scene, size=(240, 320), fps=args.fps, seed=0), base_folder, cfg)
     base_version = rt.model_version
     sync = sync_module.start(rt, url, token, upload_interval=1.0, poll_interval=3.0, batch_frames=48)
     state: dict[str, Any] = {"swapped_at_frame": None, "job": None, "jobs": [], "timed_out": False,
@@ -187,40 +197,41 @@ def _run_headset(args, out: Path, url: str, token: str, trust_key: bytes, base_f
     return summary, state
 
 
-def _evaluation_sets(world: str, base_world: str, n: int, size: int) -> dict[str, Any]:
-    """Held-out frames nobody trained on: the wearer's camera in an unseen part of the world (dense
-    tasks), labelled scenes of the wearer's world, labelled scenes of the base world."""
-    import cv2
-    import numpy as np
+WEARER_LATER = 100_000  # the wearer's held-out views: frames of the same walk far beyond the demo's
 
-    from device.capture import SyntheticSource
-    from models.data import FrameSet, TaskData
-    from shared.worlds import CLASS_NAMES, render_scene
 
-    cam = SyntheticSource(world, size=(240, 320), fps=0, seed=12345)
-    views = np.stack([cv2.resize(cam.read(), (size, size), interpolation=cv2.INTER_AREA) for _ in range(n * 3)][::3])
-    sets = {f"{world} camera (held out)": TaskData(FrameSet(views, np.full(len(views), -1), list(CLASS_NAMES), "cam"))}
-    for w in (world, base_world):
-        pairs = [render_scene(w, 999, i, size) for i in range(n)]
-        sets[f"{w} scenes (labelled)"] = TaskData(FrameSet(np.stack([p[0] for p in pairs]),
-                                                           np.array([p[1] for p in pairs]), list(CLASS_NAMES), w))
+def _evaluation_sets(args, base_run: Path, n: int) -> dict[str, list]:
+    """RGB frames nobody trained on: the wearer's surroundings seen later (same scene, unseen views) and
+    the base model's own validation set (what the gate guards against forgetting)."""
+    from device.capture import open_source
+    from hmd.assets import default_base_sources
+    from models.train import read_checkpoint
+    from shared.walk import HeadWalk, load_photos, parse_walk, walk_seed
+
+    cam = open_source(args.scene, size=(240, 320), fps=0, seed=0)
+    if hasattr(cam, "walk"):
+        views = [cam.walk.frame(WEARER_LATER + 5 * i) for i in range(n)]
+    else:  # a synthetic world: a different camera seed, as before
+        cam = open_source(args.scene, size=(240, 320), fps=0, seed=12345)
+        views = [cam.read() for _ in range(3 * n)][::3]
+    sets = {"wearer, later views": views}
+    base_val = args.base_val_data or default_base_sources(base_run, read_checkpoint(base_run))[1]
+    if base_val and base_val.startswith("walk:"):
+        folder, _ = parse_walk(base_val)
+        walk = HeadWalk(load_photos(folder), size=(240, 320), seed=walk_seed(folder, 1))
+        sets["base validation (real photos)"] = [walk.frame(7 * i) for i in range(n)]
     return sets
 
 
-def _evaluate_onnx(folder: Path, data) -> dict[str, float | None]:
-    import numpy as np
+def _evaluate(folder: Path, frames: list) -> tuple[dict[str, float], dict[str, float]]:
+    """(network, classical) RMSE per dense task, as `hmd bench real` measures them."""
+    from device.engine import load_model
+    from hmd.bench_real import score
 
-    from models.export import onnx_outputs
-
-    x, t = data.fixed_inputs()
-    logits, colour, edges, denoised = onnx_outputs(folder / "model.onnx", x.numpy())
-    labels = t["class"].numpy()
-    m = labels >= 0
-    res: dict[str, float | None] = {
-        "class_error_pct": float(100 * (logits[m].argmax(1) != labels[m]).mean()) if m.any() else None}
-    for name, pred in (("colour", colour), ("edges", edges), ("denoised", denoised)):
-        res[f"rmse_{name}"] = float(np.sqrt(((pred - t[name].numpy()) ** 2).mean()))
-    return res
+    engine = load_model(folder, threads=1, warm_runs=1)
+    rmse, _ = score(engine, frames, seed=0)
+    return ({f"rmse_{t}": v for t, v in rmse["network"].items()},
+            {f"rmse_{t}": v for t, v in rmse["classical"].items()})
 
 
 def _plot(table: dict, versions: list[str], path: Path) -> None:
@@ -260,39 +271,41 @@ def _snapshot(video: Path, png: Path) -> bool:
     return bool(ok)
 
 
-def _format_table(table: dict, before: str, after: str | None) -> str:
-    lines = [f"{'held-out set':<28} {'metric':<16} {'before':>9} {'after':>9} {'change':>9}"]
+def _format_table(table: dict, columns: list[str]) -> str:
+    lines = [f"{'held-out set':<32} {'metric':<14} " + " ".join(f"{c[:18]:>18}" for c in columns)]
     for set_name, rows in table.items():
         for metric in METRICS:
-            b = rows[before][metric]
-            a = rows[after][metric] if after else None
-            if b is None:
-                continue
-            ch = "" if a is None else f"{a - b:+.4f}" if metric != "class_error_pct" else f"{a - b:+.1f}"
-            fmt = (lambda v: "" if v is None else f"{v:.1f}") if metric == "class_error_pct" else \
-                (lambda v: "" if v is None else f"{v:.4f}")
-            lines.append(f"{set_name:<28} {metric:<16} {fmt(b):>9} {fmt(a):>9} {ch:>9}")
+            vals = [rows[c][metric] if c in rows else None for c in columns]
+            lines.append(f"{set_name:<32} {metric:<14} " + " ".join(
+                f"{'' if v is None else f'{v:.4f}':>18}" for v in vals))
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    from hmd.assets import PHOTOS
     from models.personalise import base_regressions, wearer_score
-    from shared.worlds import WORLDS
+    from shared.paths import resolve_model
 
+    args.scene = args.scene or f"walk:{PHOTOS / 'test'}"
     if args.quick:
-        args.job_frames, args.epochs = min(args.job_frames, 64), 1
-        args.max_steps = args.max_steps or 6
+        args.job_frames, args.epochs = min(args.job_frames, 48), 1
+        args.max_steps = args.max_steps or 4
         args.lr = args.lr or 1e-4  # a handful of steps with fresh Adam moments: keep them small
-        args.after_frames, args.eval_frames = min(args.after_frames, 30), min(args.eval_frames, 48)
-        args.base_data = "synthetic:200:studio"
+        args.after_frames, args.eval_frames = min(args.after_frames, 30), min(args.eval_frames, 12)
         args.journal_every = 1
         args.tolerance = max(args.tolerance, 1.0)  # the quick run checks the loop, not the gain
-    if args.world not in WORLDS:
-        raise UserError(f"unknown world {args.world!r} (choose from {', '.join(WORLDS)})")
-    if not (Path(args.base_run) / "checkpoint.pt").is_file():
-        raise UserError(f"base model not found at {args.base_run} (rebuild with scripts/train_assets.sh)")
-    if args.teacher_run and not (Path(args.teacher_run) / "checkpoint.pt").is_file():
-        raise UserError(f"teacher model not found at {args.teacher_run} (or pass --teacher-run '')")
+    base_run = resolve_model(args.base_run)
+    if not (base_run / "checkpoint.pt").is_file():
+        raise UserError(f"base model {args.base_run} is not a run folder (rebuild with scripts/train_assets.sh)")
+    if args.teacher_run:
+        args.teacher_run = str(resolve_model(args.teacher_run))
+    args.base_run = str(base_run)
+    kind = args.scene.partition(":")[0]
+    if kind not in ("walk", "synthetic"):
+        raise UserError(f"--scene {args.scene!r}: use walk:DIR or synthetic:WORLD")
+    from device.capture import open_source
+
+    open_source(args.scene, size=(24, 32), fps=0).close()  # a bad scene fails here, before anything starts
     out = Path(args.out)
     _prepare_out(out)
     t_start = time.time()
@@ -301,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     proc, token, trust_key, data = _start_cloud(args, out, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        _say(f"2/5 headset provisioned; running it in the '{args.world}' world, journalling and uploading "
+        _say(f"2/5 headset provisioned; the wearer walks {args.scene}, journalling and uploading "
              f"(a job starts after {args.job_frames} frames)")
         headset, state = _run_headset(args, out, url, token, trust_key, data / "base-model")
     finally:
@@ -315,46 +328,54 @@ def run(args: argparse.Namespace) -> int:
     new_version = next((v for v in versions if v != base_version), None)
     _say(f"3/5 headset done: {headset['frames_shown']} frames, versions served {versions}")
 
-    _say("4/5 evaluating every version on held-out frames")
+    _say("4/5 evaluating every version on held-out frames, beside the classical tools")
     from device.store import ModelStore
 
     store = ModelStore(out / "headset-store")
     folders = {base_version: data / "base-model"}
     if new_version:
         folders[new_version] = store.folder(new_version)
-    size = json.loads((data / "base-model" / "manifest.json").read_text())["input"]["height"]
-    sets = _evaluation_sets(args.world, "studio", args.eval_frames, size)
-    table = {name: {v: _evaluate_onnx(Path(f), d) for v, f in folders.items()} for name, d in sets.items()}
-    wearer_sets = [n for n in table if n.startswith(args.world)]
-    base_set = "studio scenes (labelled)"
+    sets = _evaluation_sets(args, base_run, args.eval_frames)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name, frames in sets.items():
+        table[name] = {}
+        for v, f in folders.items():
+            table[name][v], classical = _evaluate(Path(f), frames)
+        table[name][CLASSICAL] = classical
+    wearer, base_set = "wearer, later views", next((n for n in table if n != "wearer, later views"), None)
     improved = False
     verdict = "no new model was served"
     if new_version:
-        scores = [wearer_score(table[n][base_version], table[n][new_version]) for n in wearer_sets]
-        regress = base_regressions(table[base_set][base_version], table[base_set][new_version], args.tolerance)
-        improved = all(s < 0 for s in scores) and not regress
-        verdict = (f"personalisation helped on the wearer's world (mean relative change "
-                   f"{', '.join(f'{s:+.3f}' for s in scores)}), base world within tolerance" if improved else
-                   f"personalisation did NOT help as required: wearer change {scores}, base regressions {regress}")
+        score = wearer_score(table[wearer][base_version], table[wearer][new_version])
+        better_all = all(table[wearer][new_version][m] < table[wearer][base_version][m] for m in METRICS)
+        regress = base_regressions(table[base_set][base_version], table[base_set][new_version], args.tolerance) \
+            if base_set else []
+        improved = score < 0 and not regress
+        verdict = (f"personalisation helped on the wearer's later views (mean relative change {score:+.3f}"
+                   f"{', better on every task' if better_all else ''}), base set within tolerance" if improved else
+                   f"personalisation did NOT help as required: wearer change {score:+.3f}, base regressions {regress}")
     _say("5/5 writing summary, plot and video")
-    _plot(table, list(folders), out / "metrics.png")
+    columns = list(folders) + [CLASSICAL]
+    _plot(table, columns, out / "metrics.png")
     snapshot = _snapshot(out / "overlay.mp4", out / "overlay.png")
+    ratios = {name: {v: {m: rows[v][m] / rows[CLASSICAL][m] for m in METRICS} for v in folders}
+              for name, rows in table.items()}
     summary = {
         "improved": improved, "verdict": verdict, "versions_served": versions, "base_version": base_version,
         "new_version": new_version, "swapped_at_frame": state["swapped_at_frame"],
-        "table": table, "timed_out": state["timed_out"], "jobs": state["jobs"],
+        "table": table, "ratio_to_classical": ratios, "timed_out": state["timed_out"], "jobs": state["jobs"],
         "job": next((j for j in state["jobs"] if new_version and j.get("result_version") == new_version),
                     state["job"]),
         "headset": {k: headset[k] for k in ("frames_shown", "camera_frames_dropped", "fps", "latency_ms",
                                             "inference_errors", "frames_without_overlay", "journal", "record")},
         "files": {"video": str(out / "overlay.mp4"), "plot": str(out / "metrics.png"),
                   "snapshot": str(out / "overlay.png") if snapshot else None},
-        "seconds": round(time.time() - t_start, 1), "world": args.world, "quick": args.quick,
+        "seconds": round(time.time() - t_start, 1), "scene": args.scene, "quick": args.quick,
     }
     from shared.atomic import atomic_write_json
 
     atomic_write_json(out / "summary.json", summary)
-    print(_format_table(table, base_version, new_version))
+    print(_format_table(table, columns))
     print(f"\n{verdict}")
     print(f"versions served: {' -> '.join(versions)}; {headset['frames_shown']} frames, "
           f"{headset['camera_frames_dropped']} camera frames dropped; {summary['seconds']} s")

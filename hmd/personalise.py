@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_footage(source: str, size: tuple[int, int], max_frames: int, stride: int, seed: int = 0) -> np.ndarray:
     """The wearer's frames, in time order, fitted to ``size`` (centre crop to the aspect, no squash)."""
-    from hmd.assets import resolve_source
-    from shared.walk import HeadWalk, fit_to, load_photos, walk_seed
+    from shared.paths import resolve_source
+    from shared.walk import HeadWalk, fit_to, load_photos, parse_walk, walk_seed
 
     if max_frames < 10:
         raise UserError("--max-frames must be >= 10")
@@ -70,8 +70,6 @@ def read_footage(source: str, size: tuple[int, int], max_frames: int, stride: in
         frames = read_video_frames(rest, size, max_frames=100_000, stride=stride)
         return frames[-max_frames:]  # the most recent frames, as a job takes them
     if kind == "walk":
-        from models.data import parse_walk
-
         folder, n = parse_walk(source)
         walk = HeadWalk(load_photos(folder), size=size, seed=walk_seed(folder, seed))
         n = min(n, max_frames)
@@ -95,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cloud.keys import SigningKey
-    from hmd.assets import default_base_sources, resolve_model
+    from hmd.assets import default_base_sources
+    from shared.paths import resolve_model
     from models.cli_export import export_run
     from models.personalise import personalise
     from models.train import read_checkpoint

@@ -37,7 +37,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size
     source = ckpt.get("source", "synthetic")
     val_source = ckpt["config"].get("val_data") or source
     from shared.paths import resolve_source
-    from models.data import parse_walk
+    from shared.walk import parse_walk
 
     source, val_source = resolve_source(source), resolve_source(val_source)
     if source.startswith("walk:"):  # a walk is generated frame by frame: make only what is needed

@@ -31,7 +31,7 @@ import torch
 
 from shared.errors import UserError
 from shared.manifest import NoiseModel
-from shared.walk import HeadWalk, fit_to, hw, load_photos, walk_seed
+from shared.walk import HeadWalk, fit_to, hw, load_photos, parse_walk, walk_seed
 from shared.worlds import CLASS_NAMES, DEFAULT_WORLD, WORLDS, render_scene
 
 Size = int | tuple[int, int]  # a square side or (height, width)
@@ -39,8 +39,8 @@ Size = int | tuple[int, int]  # a square side or (height, width)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 SYNTHETIC_VAL_OFFSET = 10_000_000  # validation scenes use indices far from training ones
 DEFAULT_SYNTHETIC_N = 2000
-DEFAULT_WALK_N = 2000
 WALK_STRIDE = 5  # frames between two kept walk frames (neighbours are near-duplicates)
+WALK_CAMERA = (240, 320)  # the simulated camera's resolution (the headset's default capture size)
 WALK_VAL_OFFSET = 1_000_003  # held-out views of a walk: far along the same (seeded) walk
 VAL_FRACTION = 0.15
 
@@ -212,29 +212,18 @@ def _video(path: str, split: str, size: Size) -> FrameSet:
     return FrameSet(frames[idx], np.full(len(idx), -1, np.int64), list(CLASS_NAMES), f"video:{path}")
 
 
-def parse_walk(spec: str) -> tuple[str, int]:
-    """``walk:DIR[:N]`` -> (DIR, N)."""
-    rest = spec.partition(":")[2]
-    folder, n = rest, DEFAULT_WALK_N
-    head, sep, tail = rest.rpartition(":")
-    if sep and tail.isdigit():
-        folder, n = head, int(tail)
-    if not folder:
-        raise UserError("walk source needs a photo folder: walk:DIR[:N]")
-    if n < 2:
-        raise UserError(f"walk source needs N >= 2 frames, got {n}")
-    return folder, n
-
-
 def _walk(spec: str, split: str, size: Size, seed: int) -> FrameSet:
     folder, n = parse_walk(spec)
     h, w = hw(size)
-    walk = HeadWalk(load_photos(folder), size=(h, w), seed=walk_seed(folder, seed))
+    # the camera films at its own resolution (blur and sensor noise happen there); the model sees the
+    # frame resized, as on the headset
+    camera = (max(h, WALK_CAMERA[0]), max(w, WALK_CAMERA[1]))
+    walk = HeadWalk(load_photos(folder), size=camera, seed=walk_seed(folder, seed))
     if split == "val":
         start, count = WALK_VAL_OFFSET, max(32, int(round(n * VAL_FRACTION)))
     else:
         start, count = 0, n
-    rgb = walk.frames(start, count, WALK_STRIDE)
+    rgb = np.stack([fit_to(walk.frame(start + k * WALK_STRIDE), (h, w)) for k in range(count)])
     return FrameSet(rgb, np.full(count, -1, np.int64), list(CLASS_NAMES), f"walk:{folder}:{n}")
 
 

@@ -174,7 +174,7 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     warmup_steps = min(warmup_steps, max(1, steps_per_epoch * epochs // 4))  # short jobs still move
     cfg = TrainConfig(method=method, data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       size=(h, w), width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
-                      decoder=arch.decoder,
+                      decoder=arch.decoder, base_data=base_data, val_data=base_val_data or base_data,
                       max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True,
                       warmup_steps=warmup_steps)
     metrics = train(cfg, out, log=log, data=(TaskData(mixed), wearer_val_td, mixed), should_stop=should_stop,

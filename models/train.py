@@ -44,6 +44,8 @@ class TrainConfig:
     decoder_width: int = 32
     decoder: str = "paper"  # "paper" or "camera" (models/network.py: input skips, residual heads)
     clean_fraction: float = 0.0  # share of training inputs left clean (0: the paper's noisy input always)
+    base_data: str | None = None  # personalised runs: the base model's training data (replayed again when
+    # this run is personalised in turn); val_data then names the base model's validation set
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     defence: str | None = None  # adversarial defence of the class head (see models/defence.py)
     defence_options: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -29,6 +29,7 @@ from shared.errors import UserError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_SIZE = (240, 320)  # (height, width): 4:3, the camera's aspect
+DEFAULT_WALK_N = 2000  # frames of a walk:DIR data source
 MAX_PHOTO_SIDE = 1280  # photos are kept at most this large (memory; the camera sees a crop anyway)
 
 
@@ -94,6 +95,20 @@ def fit_to(image: np.ndarray, size: int | tuple[int, int], interpolation: int = 
         return image
     interp = interpolation if image.shape[0] >= h else cv2.INTER_LINEAR
     return cv2.resize(image, (w, h), interpolation=interp)
+def parse_walk(spec: str) -> tuple[str, int]:
+    """``walk:DIR[:N]`` -> (DIR, N)."""
+    rest = spec.partition(":")[2]
+    folder, n = rest, DEFAULT_WALK_N
+    head, sep, tail = rest.rpartition(":")
+    if sep and tail.isdigit():
+        folder, n = head, int(tail)
+    if not folder:
+        raise UserError("walk source needs a photo folder: walk:DIR[:N]")
+    if n < 2:
+        raise UserError(f"walk source needs N >= 2 frames, got {n}")
+    return folder, n
+
+
 class _Smooth:
     """A smooth random signal in [-1, 1]: a normalised sum of three sinusoids."""
 

@@ -22,10 +22,15 @@ def test_quick_demo_trains_pushes_verifies_and_swaps(tmp_path):
     assert summary["headset"]["frames_without_overlay"] == 0 and summary["headset"]["inference_errors"] == 0
     headset = json.loads((out / "headset.json").read_text())
     assert summary["new_version"] in headset["model_versions"]
-    # the before/after table holds real values for both versions on every held-out set
-    for rows in summary["table"].values():
-        for v in (summary["base_version"], summary["new_version"]):
+    # the before/after table holds real values for both versions and the classical tools on the wearer's
+    # later views of real photos and on the base model's real validation set
+    assert summary["scene"].startswith("walk:") and set(summary["table"]) == {
+        "wearer, later views", "base validation (real photos)"}
+    for name, rows in summary["table"].items():
+        for v in (summary["base_version"], summary["new_version"], "classical tools"):
             assert 0 < rows[v]["rmse_colour"] < 1 and 0 < rows[v]["rmse_denoised"] < 1
+        ratio = summary["ratio_to_classical"][name][summary["base_version"]]["rmse_edges"]
+        assert abs(ratio - rows[summary["base_version"]]["rmse_edges"] / rows["classical tools"]["rmse_edges"]) < 1e-9
     assert isinstance(summary["improved"], bool) and summary["verdict"]
     # the recording has the frames the headset showed, and the plot is a real PNG
     cap = cv2.VideoCapture(str(out / "overlay.mp4"))
@@ -34,7 +39,7 @@ def test_quick_demo_trains_pushes_verifies_and_swaps(tmp_path):
     assert frames == summary["headset"]["frames_shown"] > 0
     plot = cv2.imread(str(out / "metrics.png"))
     assert plot is not None and plot.shape[0] > 200 and plot.std() > 5
-    assert "versions served" in r.stdout and "before" in r.stdout
+    assert "versions served" in r.stdout and "classical tools" in r.stdout
 
 
 def test_demo_refuses_a_foreign_out_folder(tmp_path):

@@ -96,3 +96,47 @@ def test_video_frames_are_unlabelled(tmp_path):
 def test_bad_sources_are_user_errors(source):
     with pytest.raises(UserError):
         load_source(source, "train", 32)
+
+
+def _photo_dir(tmp_path, n=3):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(n):
+        im = cv2.GaussianBlur(rng.integers(0, 255, (120, 160, 3)).astype(np.uint8), (0, 0), 3)
+        cv2.imwrite(str(d / f"p{i}.jpg"), im)
+    return d
+
+
+def test_walk_source_gives_camera_aspect_frames_deterministically(tmp_path):
+    d = _photo_dir(tmp_path)
+    a = load_source(f"walk:{d}:12", "train", (24, 32), seed=1)
+    b = load_source(f"walk:{d}:12", "train", (24, 32), seed=1)
+    assert a.rgb.shape == (12, 24, 32, 3) and (a.labels == -1).all() and not a.labelled
+    assert np.array_equal(a.rgb, b.rgb)
+    val = load_source(f"walk:{d}:12", "val", (24, 32), seed=1)
+    assert len(val) == 32 and not np.array_equal(val.rgb[:12], a.rgb)  # held-out views of the same photos
+
+
+def test_walk_and_size_errors_are_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match="N >= 2"):
+        load_source(f"walk:{_photo_dir(tmp_path)}:1", "train", (24, 32))
+    with pytest.raises(UserError, match="photo folder not found"):
+        load_source(f"walk:{tmp_path / 'nowhere'}", "train", (24, 32))
+    with pytest.raises(UserError, match="multiples of 8"):
+        load_source("synthetic:4", "train", (20, 32))
+
+
+def test_images_are_cropped_to_the_aspect_not_squashed(tmp_path):
+    import cv2
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    im = np.zeros((100, 300, 3), np.uint8)
+    im[:, 100:200] = 255  # a white centre third
+    for i in range(4):
+        cv2.imwrite(str(d / f"{i}.png"), im)
+    fs = load_source(f"images:{d}", "train", (24, 32))
+    assert fs.rgb.shape[1:] == (24, 32, 3) and fs.rgb.mean() > 150  # squashed, it would be ~85
