@@ -191,13 +191,14 @@ def zlib_crc(text: str) -> int:
 
 
 def _mip_stack(tex: np.ndarray) -> np.ndarray:
-    """(MIP_LEVELS, TEX, TEX, 3) uint8: level l is the texture blurred over ~2^l texels (wrapped)."""
+    """(MIP_LEVELS, TEX, TEX, 3) uint8: level l is the texture averaged over 2^l texels (wrapped)."""
     pad = TEX // 2
-    big = np.pad(tex, ((pad, pad), (pad, pad), (0, 0)), mode="wrap")
-    levels = []
-    for lvl in range(MIP_LEVELS):
-        blurred = big if lvl == 0 else cv2.GaussianBlur(big, (0, 0), 0.6 * 2 ** lvl)
-        levels.append(blurred[pad:pad + TEX, pad:pad + TEX])
+    big = np.pad(np.asarray(tex, np.float32), ((pad, pad), (pad, pad), (0, 0)), mode="wrap")
+    side = big.shape[0]
+    levels = [tex]
+    for lvl in range(1, MIP_LEVELS):
+        small = cv2.resize(big, (side >> lvl, side >> lvl), interpolation=cv2.INTER_AREA)
+        levels.append(cv2.resize(small, (side, side), interpolation=cv2.INTER_LINEAR)[pad:pad + TEX, pad:pad + TEX])
     return np.clip(np.stack(levels) * 100.0 + 0.5, 0, 255).astype(np.uint8)  # 1.0 -> 100
 
 
@@ -719,8 +720,9 @@ def _bake_atlas(materials: list[Material], textures, tex_index: list[int]) -> np
     """(materials, MIP_LEVELS, TEX, TEX, 3) uint8: each material's texture times its colour (100 = 1.0)."""
     out = np.empty((len(materials), MIP_LEVELS, TEX, TEX, 3), np.uint8)
     for k, m in enumerate(materials):
-        colour = np.asarray(m.colour, np.float32) / max(max(m.colour), 1.0)  # gains above 1: see "gain"
-        out[k] = np.clip(textures[tex_index[k]] * colour + 0.5, 0, 255).astype(np.uint8)
+        colour = [c / max(max(m.colour), 1.0) for c in m.colour]  # gains above 1: see "gain"
+        src = textures[tex_index[k]].reshape(MIP_LEVELS * TEX, TEX, 3)
+        out[k] = cv2.multiply(src, (*colour, 0.0)).reshape(MIP_LEVELS, TEX, TEX, 3)  # saturating, rounded
     return out
 
 
@@ -810,7 +812,7 @@ def _walk_path(rng: np.random.Generator, size, footprints) -> tuple[np.ndarray, 
 
 def walk_camera(room: Room, t: float) -> Camera:
     """Where the wearer is and looks at time ``t`` seconds: walking the room's loop at
-    WALK_SPEED, looking ahead with slow head turns, a nod, a small roll and a step bob."""
+    WALK_SPEED, turning the head slowly round and looking about, a nod, a small roll, a step bob."""
     total = float(room.walk_s[-1])
     n = len(room.walk)
 
@@ -823,12 +825,10 @@ def walk_camera(room: Room, t: float) -> Camera:
         f = (s - room.walk_s[i]) / seg if seg > 0 else 0.0
         return a + f * (b - a)
 
-    s = WALK_SPEED * t
-    xz = at(s)
-    ahead = at(s + 0.6) - at(s - 0.6)
-    heading = math.atan2(ahead[0], ahead[1]) if np.linalg.norm(ahead) > 1e-6 else 0.0
+    xz = at(WALK_SPEED * t)
     ph = room.phases
-    yaw = heading + math.radians(35.0) * math.sin(2 * math.pi * t / 9.0 + ph[0]) \
+    # the head turns on its own: a slow full turn every 40 s plus looking around (at most ~55 deg/s)
+    yaw = ph[0] + 2 * math.pi * t / 40.0 + math.radians(35.0) * math.sin(2 * math.pi * t / 9.0 + ph[0]) \
         + math.radians(12.0) * math.sin(2 * math.pi * t / 3.7 + ph[1])
     pitch = math.radians(room.pitch0_deg + 7.0 * math.sin(2 * math.pi * t / 6.3 + ph[2]))
     roll = math.radians(3.0 * math.sin(2 * math.pi * t / 5.1 + ph[3]) + 1.0 * math.sin(2 * math.pi * t / 1.7 + ph[4]))
@@ -1191,23 +1191,26 @@ def keypoint_heatmaps(keypoints: np.ndarray, h: int, w: int, stride: int = STRID
 
 
 def heatmap_keypoints(heatmaps: np.ndarray, h: int, w: int, threshold: float = 0.3) -> np.ndarray:
-    """Keypoints (K, 3) read back from heatmaps: each channel's peak (refined by the weighted mean
-    of its 3x3 neighbourhood) in input pixels, state 2 where the peak reaches ``threshold``."""
+    """Keypoints (K, 3) read back from heatmaps at input size (h, w): each channel's peak, refined
+    by a parabola through the log of its neighbours (exact for a Gaussian), state 2 where the peak
+    reaches ``threshold``, else an absent row."""
     k, ho, wo = heatmaps.shape
     stride_y, stride_x = h / ho, w / wo
     out = np.zeros((k, 3), np.float32)
+
+    def offset(lm: float, l0: float, lp: float) -> float:
+        curv = lm - 2 * l0 + lp
+        return float(np.clip(0.5 * (lm - lp) / curv, -0.5, 0.5)) if curv < 0 else 0.0
+
     for c in range(k):
         hm = heatmaps[c]
-        idx = int(np.argmax(hm))
-        r, q = divmod(idx, wo)
+        r, q = divmod(int(np.argmax(hm)), wo)
         if hm[r, q] < threshold:
             continue
-        r0, r1, q0, q1 = max(r - 1, 0), min(r + 2, ho), max(q - 1, 0), min(q + 2, wo)
-        patch = np.maximum(hm[r0:r1, q0:q1], 0)
-        yy, xx = np.mgrid[r0:r1, q0:q1]
-        s = float(patch.sum())
-        ro, qo = float((patch * yy).sum() / s), float((patch * xx).sum() / s)
-        out[c] = ((qo + 0.5) * stride_x - 0.5, (ro + 0.5) * stride_y - 0.5, 2.0)
+        lg = lambda rr, qq: math.log(max(float(hm[rr, qq]), 1e-6))  # noqa: E731
+        dq = offset(lg(r, q - 1), lg(r, q), lg(r, q + 1)) if 0 < q < wo - 1 else 0.0
+        dr = offset(lg(r - 1, q), lg(r, q), lg(r + 1, q)) if 0 < r < ho - 1 else 0.0
+        out[c] = ((q + dq + 0.5) * stride_x - 0.5, (r + dr + 0.5) * stride_y - 0.5, 2.0)
     return out
 
 
@@ -1253,9 +1256,9 @@ def room_frame(style: str, seed: int, index: int, size=(240, 320), split: str = 
     h, w = _parse_size(size)
     room = _cached_room(style, int(seed), index // FRAMES_PER_ROOM, split, texture_dir)
     rng = _rng("frame", style, seed, split, index)
-    # of two moments of the walk, the one looking further across the room (fewer frames of
+    # of three moments of the walk, the one looking further across the room (fewer frames of
     # nothing but a wall a step away)
-    cams = [walk_camera(room, float(rng.uniform(0, room.walk_s[-1] / WALK_SPEED))) for _ in range(2)]
+    cams = [walk_camera(room, float(rng.uniform(0, room.walk_s[-1] / WALK_SPEED))) for _ in range(3)]
     cam = max(cams, key=lambda c: _room_distance(room, c.position, c.rotation[:, 2]))
     return render(room, cam, (h, w), noise_seed=int(rng.integers(2**31)))
 
