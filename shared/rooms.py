@@ -1318,7 +1318,10 @@ class RoomWalk:
     def __init__(self, style: str = "living", seed: int = 0, size=(240, 320), fps: float = 30.0,
                  texture_dir: str | None = None, hfov_deg: float = 66.0):
         check_style(style)
-        self.size = _parse_size(size)
+        h, w = (int(s) for s in size)
+        if h < 8 or w < 8:
+            raise UserError(f"room camera size {h}x{w}: at least 8x8")
+        self.size = (h, w)
         self.fps = float(fps)
         self.room = make_room(style, seed, 0, "train", texture_dir, hfov_deg=hfov_deg)
 
