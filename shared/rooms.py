@@ -172,7 +172,7 @@ def _procedural(kind: str, variant: int) -> np.ndarray:
         t = yy[..., None]
         sky = np.array([1.2, 1.5, 2.2], np.float32) * (1.0 - 0.4 * t) + np.array([1.8, 1.8, 1.8]) * 0.3 * t
         trees = np.array([0.35, 0.6, 0.3], np.float32) * (1.0 + 0.25 * _fft_noise(rng, 1.0))[..., None]
-        line = 0.55 + 0.08 * _fft_noise(rng, 2.0)[0][None, :]
+        line = 0.6 + 0.04 * _fft_noise(rng, 2.0)[0][None, :]
         out[:] = np.where((yy > line)[..., None], trees, sky)
         return out.astype(np.float32)
     elif kind == "screen":
@@ -250,6 +250,7 @@ class Decal:
     v: tuple[float, float]
     material: int
     ellipse: bool = False
+    anchored: bool = False  # its texture starts at its top-left corner (a window's view, a door)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,9 +392,9 @@ class _Builder:
         return None
 
     def wall_decal(self, wall: int, a0: float, a1: float, y0: float, y1: float, material: int,
-                   ellipse: bool = False) -> None:
+                   ellipse: bool = False, anchored: bool = False) -> None:
         """A decal on wall ``wall`` (0: x=0, 1: x=W, 2: z=0, 3: z=D) from a0 to a1 along it."""
-        self.decals.append(Decal(WALL_X0 + wall, (a0, a1), (y0, y1), material, ellipse))
+        self.decals.append(Decal(WALL_X0 + wall, (a0, a1), (y0, y1), material, ellipse, anchored))
 
     def wall_span_free(self, wall: int, a0: float, a1: float) -> bool:
         """No furniture footprint touches this stretch of the wall."""
@@ -435,11 +436,10 @@ def _openings(b: _Builder, style: str) -> None:
     door = b.material("wood" if rng.random() < 0.6 else "plain",
                       _hsv(rng, (5, 25), (40, 140), (90, 200)) if rng.random() < 0.6 else (0.7, 0.7, 0.68))
     b.wall_decal(door_wall, a0 - 0.06, a0 + dw + 0.06, 0.0, dh + 0.06, trim)
-    b.wall_decal(door_wall, a0, a0 + dw, 0.0, dh, door)
+    b.wall_decal(door_wall, a0, a0 + dw, 0.0, dh, door, anchored=True)
     _keep_clear(b, door_wall, a0 - 0.1, a0 + dw + 0.1, 0.9)
     # windows (not in bare rooms always; never on the door's wall stretch)
     n_win = int(rng.integers(0, 3)) if style == "bare" else int(rng.integers(1, 3))
-    sky = b.material("sky", (1.0, 1.0, 1.0), tile_m=2.0, emissive=True)
     windows = []
     for _ in range(n_win):
         wall = int(rng.integers(4))
@@ -451,7 +451,9 @@ def _openings(b: _Builder, style: str) -> None:
         sill = float(rng.uniform(0.75, 1.0))
         top = float(min(sill + rng.uniform(1.0, 1.5), h - 0.25))
         b.wall_decal(wall, a - 0.07, a + ww + 0.07, sill - 0.07, top + 0.07, trim)
-        b.wall_decal(wall, a, a + ww, sill, top, sky)
+        # the view out: sky over a tree line at about three quarters of the window's height
+        sky = b.material("sky", (1.0, 1.0, 1.0), tile_m=(top - sill) / 0.8, emissive=True)
+        b.wall_decal(wall, a, a + ww, sill, top, sky, anchored=True)
         mid = b.material("plain", (0.85, 0.85, 0.85))
         b.wall_decal(wall, a + ww / 2 - 0.03, a + ww / 2 + 0.03, sill, top, mid)  # the window's mullion
         windows.append((wall, a, a + ww, sill, top))
@@ -614,10 +616,10 @@ def _furnish(b: _Builder, style: str, windows) -> None:
             if any(win[0] == wall and a < win[2] and a + pw > win[1] for win in windows):
                 continue
             frame = b.material("plain", (0.1, 0.08, 0.06))
-            art = b.material(str(rng.choice(["wallpaper", "concrete", "fabric", "carpet"])),
+            art = b.material(str(rng.choice(["wallpaper", "concrete", "fabric", "carpet", "sky"])),
                              _hsv(rng, (0, 180), (60, 255), (80, 230)), tile_m=float(rng.uniform(0.3, 1.0)))
             b.wall_decal(wall, a - 0.03, a + pw + 0.03, y - 0.03, y + ph + 0.03, frame)
-            b.wall_decal(wall, a, a + pw, y, y + ph, art)
+            b.wall_decal(wall, a, a + pw, y, y + ph, art, anchored=True)
     else:  # bare: a few boxes, maybe a radiator under a window
         card = b.material("plain", _hsv(rng, (10, 20), (80, 140), (120, 190)))
         for _ in range(int(rng.integers(0, 4))):
@@ -977,7 +979,9 @@ def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | Non
     mat = lut[surface]
     u_coord = np.where(axis == 0, hit_p[2], hit_p[0])
     v_coord = np.where(axis == 1, hit_p[2], hit_p[1])
+    tex_u, tex_v = u_coord, v_coord  # texture coordinates: the plane's, or a decal's own
     if room.decals:
+        tex_u, tex_v = u_coord.copy(), v_coord.copy()
         planes: dict[int, tuple] = {}
         for dc in room.decals:
             if not _decal_in_view(cam, dc, room.size, h, w, f, cx, cy):
@@ -994,7 +998,10 @@ def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | Non
                 inside = ((uu - cu) / ru) ** 2 + ((vv - cv) / rv) ** 2 <= 1.0
             else:
                 inside = (uu >= dc.u[0]) & (uu <= dc.u[1]) & (vv >= dc.v[0]) & (vv <= dc.v[1])
-            mat[idx[0][inside], idx[1][inside]] = dc.material
+            sel = (idx[0][inside], idx[1][inside])
+            mat[sel] = dc.material
+            tex_u[sel] = uu[inside] - (dc.u[0] if dc.anchored else 0.0)
+            tex_v[sel] = vv[inside] - (dc.v[1] if dc.anchored else 0.0)
 
     # texture lookup, with a mip level from the pixel's footprint on the surface
     texel_m = room.material_table["tile"][mat] / np.float32(TEX)
@@ -1002,8 +1009,8 @@ def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | Non
     cos_view = np.abs(d_ax) / ray_len
     footprint = t / np.float32(f) / np.maximum(cos_view, np.float32(0.2))
     level = np.clip(np.log2(np.maximum(footprint / texel_m, np.float32(1.0))), 0, MIP_LEVELS - 1).astype(np.int32)
-    tu = np.floor(u_coord / texel_m).astype(np.int32) % TEX
-    tv = np.floor(-v_coord / texel_m).astype(np.int32) % TEX
+    tu = np.floor(tex_u / texel_m).astype(np.int32) % TEX
+    tv = np.floor(-tex_v / texel_m).astype(np.int32) % TEX
     flat = ((mat * MIP_LEVELS + level) * TEX + tv) * TEX + tu
     albedo = room.atlas.reshape(-1, 3)[flat].astype(np.float32)
     albedo *= np.float32(1 / 100.0)
@@ -1250,17 +1257,34 @@ def _cached_room(style: str, seed: int, index: int, split: str, texture_dir: str
 
 def room_frame(style: str, seed: int, index: int, size=(240, 320), split: str = "train",
                texture_dir: str | None = None) -> RoomFrame:
-    """Frame ``index`` of the (style, seed, split) stream: room ``index // FRAMES_PER_ROOM``, seen at
-    a random moment of its walk. Depends only on these arguments."""
+    """Frame ``index`` of the (style, seed, split) stream: room ``index // FRAMES_PER_ROOM``, seen from
+    a random pose on its walk (``_dataset_camera``). Depends only on these arguments."""
     check_style(style)
     h, w = _parse_size(size)
     room = _cached_room(style, int(seed), index // FRAMES_PER_ROOM, split, texture_dir)
     rng = _rng("frame", style, seed, split, index)
-    # of three moments of the walk, the one looking further across the room (fewer frames of
-    # nothing but a wall a step away)
-    cams = [walk_camera(room, float(rng.uniform(0, room.walk_s[-1] / WALK_SPEED))) for _ in range(3)]
-    cam = max(cams, key=lambda c: _room_distance(room, c.position, c.rotation[:, 2]))
-    return render(room, cam, (h, w), noise_seed=int(rng.integers(2**31)))
+    return render(room, _dataset_camera(room, rng), (h, w), noise_seed=int(rng.integers(2**31)))
+
+
+def _dataset_camera(room: Room, rng: np.random.Generator, min_view_m: float = 1.5) -> Camera:
+    """A wearer's pose for a training frame: anywhere on the room's walk, facing any way, with the
+    walk's head height, pitch and roll ranges. A pose looking at a wall closer than ``min_view_m``
+    is redrawn (up to 4 draws, else the one seeing furthest): fewer frames of nothing but a wall."""
+    best, best_dist = None, -1.0
+    for _ in range(4):
+        s = float(rng.uniform(0, room.walk_s[-1]))
+        i = int(np.searchsorted(room.walk_s, s, side="right") - 1) % len(room.walk)
+        x, z = room.walk[i]
+        cam = Camera.looking((x, room.eye_height + float(rng.uniform(-0.03, 0.03)), z),
+                             float(rng.uniform(0, 2 * math.pi)),
+                             math.radians(room.pitch0_deg + float(rng.uniform(-8.0, 8.0))),
+                             math.radians(float(rng.uniform(-4.0, 4.0))), room.hfov_deg)
+        dist = _room_distance(room, cam.position, cam.rotation[:, 2])
+        if dist >= min_view_m:
+            return cam
+        if dist > best_dist:
+            best, best_dist = cam, dist
+    return best
 
 
 def _room_distance(room: Room, origin: np.ndarray, direction: np.ndarray) -> float:
@@ -1327,3 +1351,39 @@ class RoomWalk:
 
     def render(self, i: int) -> RoomFrame:
         return render(self.room, walk_camera(self.room, i / self.fps), self.size, noise_seed=i)
+
+
+# --- speed -----------------------------------------------------------------------------------
+
+def bench(frames: int = 24, sizes=((240, 320), (120, 160), (320, 320)), seed: int = 0) -> dict:
+    """Milliseconds per frame (wall and CPU, one thread): ``walk`` renders a wearer's walk through
+    one room (the headset source), ``data`` renders ``room_frames`` (all labels, a new room every
+    FRAMES_PER_ROOM frames, its building included). Each style, then their mean."""
+    import time
+
+    def timed(fn) -> tuple[float, float]:
+        fn(0)  # warm caches (rays, textures)
+        w0, c0 = time.perf_counter(), time.process_time()
+        for i in range(1, frames + 1):
+            fn(i)
+        return (time.perf_counter() - w0) * 1e3 / frames, (time.process_time() - c0) * 1e3 / frames
+
+    out: dict = {"frames": frames, "frames_per_room": FRAMES_PER_ROOM, "results": []}
+    for h, w in sizes:
+        for style in STYLES:
+            walk = RoomWalk(style, seed=seed, size=(h, w))
+            ww, wc = timed(lambda i: walk.render(i))
+            dw, dc = timed(lambda i: room_frame(style, seed + 1, 1000 + i, (h, w)))
+            out["results"].append({"size": f"{w}x{h}", "style": style, "walk_ms": round(ww, 2), "walk_cpu_ms": round(wc, 2),
+                                   "data_ms": round(dw, 2), "data_cpu_ms": round(dc, 2)})
+        rows = [r for r in out["results"] if r["size"] == f"{w}x{h}"]
+        out["results"].append({"size": f"{w}x{h}", "style": "mean", **{k: round(float(np.mean([r[k] for r in rows])), 2)
+                               for k in ("walk_ms", "walk_cpu_ms", "data_ms", "data_cpu_ms")}})
+    return out
+
+
+if __name__ == "__main__":  # python -m shared.rooms [frames]: the speed figures as JSON
+    import json
+    import sys
+
+    print(json.dumps(bench(int(sys.argv[1]) if len(sys.argv) > 1 else 24), indent=1))
