@@ -339,6 +339,7 @@ class _Builder:
         self.boxes: list[Box] = []
         self.decals: list[Decal] = []
         self.footprints: list[tuple[float, float, float, float]] = []  # x0, x1, z0, z1 (incl. keep-clear)
+        self.openings: list[tuple[int, float, float]] = []  # doors and windows: wall, from, to
 
     def material(self, texture: str, colour, tile_m: float = 1.0, emissive: bool = False, gloss: float = 0.0,
                  photo_ok: bool = False) -> int:
@@ -380,6 +381,17 @@ class _Builder:
             if self.free(*fp):
                 return fp, wall
         return None
+
+    def clear_of_openings(self, wall: int, a0: float, a1: float) -> bool:
+        """No door or window on this stretch of the wall."""
+        return not any(w == wall and a0 < o1 and a1 > o0 for w, o0, o1 in self.openings)
+
+    def claim_wall(self, width: float, depth: float):
+        """``against_wall``, and the footprint is taken."""
+        got = self.against_wall(width, depth)
+        if got is not None:
+            self.footprints.append(got[0])
+        return got
 
     def in_room(self, width: float, depth: float, tries: int = 12):
         w, _, d = self.size
@@ -438,6 +450,7 @@ def _openings(b: _Builder, style: str) -> None:
     b.wall_decal(door_wall, a0 - 0.06, a0 + dw + 0.06, 0.0, dh + 0.06, trim)
     b.wall_decal(door_wall, a0, a0 + dw, 0.0, dh, door, anchored=True)
     _keep_clear(b, door_wall, a0 - 0.1, a0 + dw + 0.1, 0.9)
+    b.openings.append((door_wall, a0 - 0.1, a0 + dw + 0.1))
     # windows (not in bare rooms always; never on the door's wall stretch)
     n_win = int(rng.integers(0, 3)) if style == "bare" else int(rng.integers(1, 3))
     windows = []
@@ -446,7 +459,7 @@ def _openings(b: _Builder, style: str) -> None:
         length = _wall_length(b.size, wall)
         ww = float(rng.uniform(0.8, min(2.2, length - 0.6)))
         a = float(rng.uniform(0.3, length - ww - 0.3))
-        if wall == door_wall and a < a0 + dw + 0.3 and a + ww > a0 - 0.3:
+        if not b.clear_of_openings(wall, a - 0.2, a + ww + 0.2):
             continue
         sill = float(rng.uniform(0.75, 1.0))
         top = float(min(sill + rng.uniform(1.0, 1.5), h - 0.25))
@@ -457,6 +470,7 @@ def _openings(b: _Builder, style: str) -> None:
         mid = b.material("plain", (0.85, 0.85, 0.85))
         b.wall_decal(wall, a + ww / 2 - 0.03, a + ww / 2 + 0.03, sill, top, mid)  # the window's mullion
         windows.append((wall, a, a + ww, sill, top))
+        b.openings.append((wall, a - 0.1, a + ww + 0.1))
     return windows
 
 
@@ -495,40 +509,37 @@ def _box_fp(b: _Builder, fp, y0: float, y1: float, mat: int) -> None:
     b.box((fp[0], y0, fp[2]), (fp[1], y1, fp[3]), mat)
 
 
+def _ends(fp, wall: int, t: float):
+    """The two end pieces, ``t`` thick, of a footprint standing against ``wall``."""
+    x0, x1, z0, z1 = fp
+    if wall >= 2:  # the wall runs along x
+        return (x0, x0 + t, z0, z1), (x1 - t, x1, z0, z1)
+    return (x0, x1, z0, z0 + t), (x0, x1, z1 - t, z1)
+
+
 def _bookshelf(b: _Builder, wood: int, books: int, width: float, height: float) -> None:
-    got = b.against_wall(width, 0.32)
+    got = b.claim_wall(width, 0.32)
     if got is None:
         return
     fp, wall = got
-    b.footprints.append(fp)
-    back = _oriented(fp, wall)
-    _box_fp(b, back(0.02), 0.0, height, books)  # the back shows the books
-    x0, x1, z0, z1 = fp
-    along_x = wall >= 2
-    t = 0.025
-    sides = ((x0, x0 + t, z0, z1), (x1 - t, x1, z0, z1)) if along_x else ((x0, x1, z0, z0 + t), (x0, x1, z1 - t, z1))
-    for s in sides:
-        _box_fp(b, s, 0.0, height, wood)
+    _box_fp(b, _oriented(fp, wall)(0.02), 0.0, height, books)  # the back shows the books
+    for side in _ends(fp, wall, 0.025):
+        _box_fp(b, side, 0.0, height, wood)
     for k in range(5):
         y = 0.05 + k * (height - 0.08) / 4
-        _box_fp(b, fp, y, y + t, wood)
+        _box_fp(b, fp, y, y + 0.025, wood)
 
 
 def _sofa(b: _Builder, fabric: int, width: float) -> None:
-    got = b.against_wall(width, 0.9)
+    got = b.claim_wall(width, 0.9)
     if got is None:
         return
     fp, wall = got
-    b.footprints.append(fp)
-    back = _oriented(fp, wall)
     _box_fp(b, fp, 0.1, 0.45, fabric)
-    _box_fp(b, back(0.22), 0.45, 0.85, fabric)
+    _box_fp(b, _oriented(fp, wall)(0.22), 0.45, 0.85, fabric)
+    for arm in _ends(fp, wall, 0.18):
+        _box_fp(b, arm, 0.45, 0.62, fabric)
     x0, x1, z0, z1 = fp
-    arm = 0.18
-    arms = ((x0, x0 + arm, z0, z1), (x1 - arm, x1, z0, z1)) if wall >= 2 else ((x0, x1, z0, z0 + arm),
-                                                                                 (x0, x1, z1 - arm, z1))
-    for a in arms:
-        _box_fp(b, a, 0.45, 0.62, fabric)
     legs = b.material("plain", (0.05, 0.05, 0.05))
     _box_fp(b, (x0 + 0.05, x1 - 0.05, z0 + 0.05, z1 - 0.05), 0.0, 0.1, legs)
 
@@ -540,11 +551,10 @@ def _furnish(b: _Builder, style: str, windows) -> None:
         wood = b.material("wood", _hsv(rng, (10, 25), (30, 120), (120, 220)), tile_m=1.5)
         metal = b.material("plain", _hsv(rng, (0, 180), (0, 30), (60, 200)))
         for _ in range(int(rng.integers(2, 5))):
-            got = b.against_wall(float(rng.uniform(1.2, 1.7)), float(rng.uniform(0.65, 0.8)))
+            got = b.claim_wall(float(rng.uniform(1.2, 1.7)), float(rng.uniform(0.65, 0.8)))
             if got is None:
                 continue
             fp, wall = got
-            b.footprints.append(fp)
             _table(b, fp, 0.74, wood, metal, panels=True)
             # a monitor on the desk
             back = _oriented(fp, wall)(0.2)
@@ -554,9 +564,8 @@ def _furnish(b: _Builder, style: str, windows) -> None:
             _box_fp(b, mon, 0.9, 1.22, b.material("screen", (1.0, 1.0, 1.0), gloss=0.6))
             _box_fp(b, (cx - 0.03, cx + 0.03, cz - 0.03, cz + 0.03), 0.74, 0.9, metal)
         for _ in range(int(rng.integers(1, 4))):
-            got = b.against_wall(0.45, 0.6)
+            got = b.claim_wall(0.45, 0.6)
             if got is not None:
-                b.footprints.append(got[0])
                 _box_fp(b, got[0], 0.0, float(rng.uniform(0.7, 1.35)), metal)
         for _ in range(int(rng.integers(1, 4))):  # chairs
             fp = b.in_room(0.5, 0.5)
@@ -573,7 +582,7 @@ def _furnish(b: _Builder, style: str, windows) -> None:
             wall = int(rng.integers(4))
             length = _wall_length(b.size, wall)
             a = float(rng.uniform(0.3, max(0.35, length - 2.0)))
-            if b.wall_span_free(wall, a, a + 1.5):
+            if b.wall_span_free(wall, a, a + 1.5) and b.clear_of_openings(wall, a, a + 1.5):
                 b.wall_decal(wall, a, a + 1.5, 1.0, 2.0, b.material("plain", (0.9, 0.9, 0.92), gloss=0.5))
     elif style == "living":
         wood = b.material("wood", _hsv(rng, (8, 22), (60, 170), (60, 190)), tile_m=1.2)
@@ -582,10 +591,9 @@ def _furnish(b: _Builder, style: str, windows) -> None:
         if rng.random() < 0.8:
             _bookshelf(b, wood, b.material("books", (1.0, 1.0, 1.0), tile_m=float(rng.uniform(0.7, 1.1))),
                        float(rng.uniform(0.8, 1.6)), float(rng.uniform(1.6, 2.1)))
-        got = b.against_wall(float(rng.uniform(1.2, 1.8)), 0.45)  # tv unit + tv
+        got = b.claim_wall(float(rng.uniform(1.2, 1.8)), 0.45)  # tv unit + tv
         if got is not None:
             fp, wall = got
-            b.footprints.append(fp)
             _box_fp(b, fp, 0.0, 0.5, wood)
             back = _oriented(fp, wall)(0.06)
             x0, x1, z0, z1 = back
@@ -613,7 +621,7 @@ def _furnish(b: _Builder, style: str, windows) -> None:
             pw, ph = float(rng.uniform(0.3, 0.9)), float(rng.uniform(0.3, 0.7))
             a = float(rng.uniform(0.2, length - pw - 0.2))
             y = float(rng.uniform(1.3, 1.7))
-            if any(win[0] == wall and a < win[2] and a + pw > win[1] for win in windows):
+            if not b.clear_of_openings(wall, a, a + pw):
                 continue
             frame = b.material("plain", (0.1, 0.08, 0.06))
             art = b.material(str(rng.choice(["wallpaper", "concrete", "fabric", "carpet", "sky"])),
@@ -624,9 +632,8 @@ def _furnish(b: _Builder, style: str, windows) -> None:
         card = b.material("plain", _hsv(rng, (10, 20), (80, 140), (120, 190)))
         for _ in range(int(rng.integers(0, 4))):
             s = float(rng.uniform(0.3, 0.7))
-            got = b.against_wall(s, s * float(rng.uniform(0.7, 1.2)))
+            got = b.claim_wall(s, s * float(rng.uniform(0.7, 1.2)))
             if got is not None:
-                b.footprints.append(got[0])
                 _box_fp(b, got[0], 0.0, s * float(rng.uniform(0.6, 1.3)), card)
         for win in windows[:1]:
             wall, a0, a1, sill, _ = win
