@@ -7,8 +7,7 @@ dropped. ``lockstep=True`` turns dropping off (the reader waits for the loop) fo
 and tests that must see every frame.
 
 Sources: ``webcam:N``, ``video:PATH`` (``loop``), ``images:DIR`` (``loop``), ``synthetic[:WORLD]``
-(a head-mounted camera panning and turning over a rendered panorama of a synthetic world),
-``rooms[:STYLE]`` (a wearer walking through a ray-cast room, shared/rooms.py).
+(a head-mounted camera panning and turning over a rendered panorama of a synthetic world).
 """
 from __future__ import annotations
 
@@ -101,24 +100,6 @@ class SyntheticSource(FrameSource):
         return {"source": self.name, "size": list(self.size), "fps": self.fps}
 
 
-class RoomsSource(FrameSource):
-    """A wearer walking through a rendered room (shared/rooms.py): frame i is the view at i / fps s."""
-
-    def __init__(self, style: str = "living", size: tuple[int, int] = (240, 320), fps: float = 30.0, seed: int = 0):
-        from shared.rooms import RoomWalk
-
-        self.walk = RoomWalk(style, seed=seed, size=size, fps=fps)
-        self.name, self.fps, self.size = f"rooms:{style}", float(fps), size
-        self._i = 0
-
-    def read(self) -> np.ndarray:
-        self._i += 1
-        return self.walk.render(self._i - 1).rgb
-
-    def info(self) -> dict:
-        return {"source": self.name, "size": list(self.size), "fps": self.fps}
-
-
 class ArraySource(FrameSource):
     """Frames from memory (tests, benchmarks); ``loop`` repeats them."""
 
@@ -136,6 +117,25 @@ class ArraySource(FrameSource):
         frame = self.frames[self._i]
         self._i += 1
         return frame
+
+
+class RoomsSource(FrameSource):
+    """``rooms[:STYLE]``: a wearer walking through a ray-cast room (shared/rooms.py); frame i is the
+    view at i / fps seconds."""
+
+    def __init__(self, style: str = "living", size: tuple[int, int] = (240, 320), fps: float = 30.0, seed: int = 0):
+        from shared.rooms import RoomWalk
+
+        self.walk = RoomWalk(style, seed=seed, size=size, fps=fps)
+        self.name, self.fps, self.size = f"rooms:{style}", float(fps), size
+        self._i = 0
+
+    def read(self) -> np.ndarray:
+        self._i += 1
+        return self.walk.render(self._i - 1).rgb
+
+    def info(self) -> dict:
+        return {"source": self.name, "size": list(self.size), "fps": self.fps}
 
 
 class ImageFolderSource(FrameSource):
@@ -271,12 +271,10 @@ class WebcamSource(FrameSource):
 
 def open_source(spec: str, *, size: tuple[int, int] = (240, 320), fps: float | None = None,
                 loop: bool = False, seed: int = 0) -> FrameSource:
-    """``webcam:N`` | ``video:PATH`` | ``images:DIR`` | ``synthetic[:WORLD]`` | ``rooms[:STYLE]`` -> a source."""
+    """``webcam:N`` | ``video:PATH`` | ``images:DIR`` | ``synthetic[:WORLD]`` -> a source."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         return SyntheticSource(arg or "studio", size=size, fps=30.0 if fps is None else fps, seed=seed)
-    if kind == "rooms":
-        return RoomsSource(arg or "living", size=size, fps=30.0 if fps is None else fps, seed=seed)
     if kind == "webcam":
         try:
             index = int(arg or "0")
@@ -287,6 +285,8 @@ def open_source(spec: str, *, size: tuple[int, int] = (240, 320), fps: float | N
         if not arg:
             raise UserError("video: needs a path (video:PATH)")
         return VideoSource(arg, fps=fps, loop=loop)
+    if kind == "rooms":
+        return RoomsSource(arg or "living", size=size, fps=30.0 if fps is None else fps, seed=seed)
     if kind == "images":
         if not arg:
             raise UserError("images: needs a folder (images:DIR)")
