@@ -140,6 +140,25 @@ class ArraySource(FrameSource):
         return frame
 
 
+class RoomsSource(FrameSource):
+    """``rooms[:STYLE]``: a wearer walking through a ray-cast room (shared/rooms.py); frame i is the
+    view at i / fps seconds."""
+
+    def __init__(self, style: str = "living", size: tuple[int, int] = (240, 320), fps: float = 30.0, seed: int = 0):
+        from shared.rooms import RoomWalk
+
+        self.walk = RoomWalk(style, seed=seed, size=size, fps=fps)
+        self.name, self.fps, self.size = f"rooms:{style}", float(fps), size
+        self._i = 0
+
+    def read(self) -> np.ndarray:
+        self._i += 1
+        return self.walk.render(self._i - 1).rgb
+
+    def info(self) -> dict:
+        return {"source": self.name, "size": list(self.size), "fps": self.fps}
+
+
 class ImageFolderSource(FrameSource):
     """Every image file under DIR (sorted by path), decoded lazily, paced at ``fps``."""
 
@@ -291,11 +310,14 @@ def open_source(spec: str, *, size: tuple[int, int] = (240, 320), fps: float | N
         if not arg:
             raise UserError("video: needs a path (video:PATH)")
         return VideoSource(arg, fps=fps, loop=loop)
+    if kind == "rooms":
+        return RoomsSource(arg or "living", size=size, fps=30.0 if fps is None else fps, seed=seed)
     if kind == "images":
         if not arg:
             raise UserError("images: needs a folder (images:DIR)")
         return ImageFolderSource(arg, fps=30.0 if fps is None else fps, loop=loop)
-    raise UserError(f"unknown source {spec!r} (use webcam:N, video:PATH, images:DIR, synthetic[:WORLD] or walk:DIR)")
+    raise UserError(f"unknown source {spec!r} (use webcam:N, video:PATH, images:DIR, synthetic[:WORLD], walk:DIR "
+                    f"or rooms[:STYLE])")
 
 
 class CaptureThread:

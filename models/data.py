@@ -253,8 +253,12 @@ def load_source(source: str, split: str = "train", size: Size | None = None, see
         return _video(rest, split, size or 64)
     if kind == "walk":
         return _walk(source, split, size or (120, 160), seed)
+    if kind == "rooms":  # rendered rooms with depth, normals and layout keypoints (RoomFrames, not a FrameSet)
+        from models.room_data import load_rooms
+
+        return load_rooms(source, split, size or 320, seed)
     raise UserError(f"unknown data source {source!r}: use synthetic[:N][:WORLD], cifar10:PATH, images:DIR, "
-                    f"video:PATH or walk:DIR[:N]")
+                    f"video:PATH, walk:DIR[:N] or rooms[:N][:STYLE]")
 
 
 # --- targets ---------------------------------------------------------------------------------

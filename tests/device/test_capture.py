@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from device.capture import (ArraySource, CaptureThread, FrameSource, ImageFolderSource, SourceEnded,
+from device.capture import (ArraySource, CaptureThread, FrameSource, ImageFolderSource, RoomsSource, SourceEnded,
                             SyntheticSource, VideoSource, WebcamSource, open_source)
 from shared.errors import UserError
 
@@ -20,6 +20,19 @@ def test_synthetic_source_moves_like_a_head_and_keeps_its_size():
     assert open_source("synthetic:neon", size=(32, 32)).name == "synthetic:neon"
     with pytest.raises(UserError, match="unknown synthetic world"):
         open_source("synthetic:moon")
+
+
+def test_rooms_source_walks_through_a_room_deterministically():
+    src = open_source("rooms:office", size=(60, 80))
+    assert isinstance(src, RoomsSource) and src.name == "rooms:office" and src.fps == 30.0
+    frames = [src.read() for _ in range(4)]
+    assert all(f.shape == (60, 80, 3) and f.dtype == np.uint8 for f in frames)
+    diffs = [float(np.abs(a.astype(int) - b.astype(int)).mean()) for a, b in zip(frames, frames[1:])]
+    assert all(0.2 < d < 40 for d in diffs)  # the wearer moves, smoothly
+    assert RoomsSource("office", size=(60, 80)).read().tobytes() == frames[0].tobytes()
+    assert open_source("rooms", size=(60, 80)).name == "rooms:living"
+    with pytest.raises(UserError, match="unknown room style 'attic'"):
+        open_source("rooms:attic")
 
 
 class CountingSource(FrameSource):
