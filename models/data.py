@@ -253,10 +253,9 @@ def load_source(source: str, split: str = "train", size: Size | None = None, see
         return _video(rest, split, size or 64)
     if kind == "walk":
         return _walk(source, split, size or (120, 160), seed)
-    if kind == "rooms":  # rendered rooms with depth, normals and layout keypoints (RoomFrames, not a FrameSet)
-        from models.room_data import load_rooms
-
-        return load_rooms(source, split, size or 320, seed)
+    if kind == "rooms":  # depth, normals and layout targets: models.room_data.load_rooms (the room task set)
+        raise UserError("rooms[:N][:STYLE] has depth, normals and layout targets, not the cifar task set's; "
+                        "load it with models.room_data.load_rooms (a room task set for hmd train is not built yet)")
     raise UserError(f"unknown data source {source!r}: use synthetic[:N][:WORLD], cifar10:PATH, images:DIR, "
                     f"video:PATH, walk:DIR[:N] or rooms[:N][:STYLE]")
 
