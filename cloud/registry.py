@@ -59,7 +59,7 @@ class ModelRegistry:
                       extra_training: dict | None = None) -> Version:
         """Copy ``run_dir`` into the registry, export it to ONNX, sign the manifest, store both as
         blobs; returns the :class:`Version` row (not committed: the caller commits it)."""
-        from models.cli_export import export_run  # torch: only the worker and import-base need it
+        from models.export_run import export_run  # torch: only the worker and import-base need it
 
         run_dir = Path(run_dir)
         if not (run_dir / "checkpoint.pt").is_file():

@@ -1,7 +1,9 @@
 """`hmd bench WHAT`: benchmarks that print JSON with ratios measured side by side in one run.
 
-Each benchmark lives in the package it measures and exposes ``add_arguments(parser)``
-and ``run(args) -> int``, like a subcommand.
+A benchmark of one package lives in it (``models.bench``, ``models.table4``, ...); one that
+spans packages lives here in hmd/ (``hmd.bench_device``, ``hmd.bench_cloud``,
+``hmd.bench_personalise``). Each exposes ``add_arguments(parser)`` and ``run(args) -> int``,
+like a subcommand.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "table1": ("models.tables_robust", "reduced-scale Table 1: the five defence methods on one budget"),
     "table3": ("models.tables_robust", "reduced-scale Table 3: distillation, dense and sparse"),
     "device": ("hmd.bench_device", "ONNX Runtime FP32/INT8 vs torch eager, pipeline fps, memory"),
-    "cloud": ("cloud.bench", "upload throughput vs copy, concurrent devices, upload-to-serving time"),
+    "cloud": ("hmd.bench_cloud", "upload throughput vs copy, concurrent devices, upload-to-serving time"),
     "real": ("hmd.bench_real", "the headset model vs classical tools on real footage (RMSE ratios per task)"),
     "personalise": ("hmd.bench_personalise", "personalisation with GREAT vs equal weighting, same frames and budget"),
 }

@@ -129,7 +129,7 @@ def open_engine(model: str, workdir: Path):
     path = resolve_model(model)
     if (path / "checkpoint.pt").is_file() if path.is_dir() else False:
         if not any(path.glob("*.onnx")):
-            from models.cli_export import export_run
+            from models.export_run import export_run
 
             onnx = workdir / "model.onnx"
             print(f"bench real: exporting {path} to ONNX", file=sys.stderr)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from cloud.keys import SigningKey
     from hmd.assets import default_base_sources
     from shared.paths import resolve_model
-    from models.cli_export import export_run
+    from models.export_run import export_run
     from models.personalise import personalise
     from models.train import read_checkpoint
 

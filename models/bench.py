@@ -14,8 +14,8 @@ import time
 import torch
 
 from models.data import TaskData, load_source
-from models.network import TASKS, MultiTaskNet, NetConfig
-from models.weighting import create_method, list_methods
+from models.network import MultiTaskNet, NetConfig
+from models.registry import WEIGHTINGS, create_weighting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def _setup(method_name: str, args) -> tuple:
     data = TaskData(load_source("synthetic:256", "train", args.size))
     g = torch.Generator().manual_seed(0)
     x, targets = data.batch(torch.arange(args.batch_size) % len(data), g)
-    method = create_method(method_name, TASKS)
+    method = create_weighting(method_name, model.tasks)
     with torch.no_grad():
         method.setup(model, model.encode(x[:1]).shape)
     opt = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=1e-3)
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_child:
         return _memory_child(args)
     torch.set_num_threads(args.threads)
-    methods = list_methods()
+    methods = WEIGHTINGS.names()
     steps = {m: _setup(m, args) for m in methods}
     for m in methods:
         for _ in range(args.warmup):

@@ -32,11 +32,9 @@ from typing import Any, Callable
 
 import torch
 
-from models.classifier import create_classifier
-from models.cli_distill import distill_options
-from models.defence import create_defence
-from models.distill import create_distill
+from models.distill import distill_options
 from models.network import NetConfig
+from models.registry import create_classifier, create_defence, create_distiller
 
 # the configurations the project trains (hmd defend / hmd distill / hmd bench table3 defaults)
 DEFENCE_NET = {"arch": "resnet", "width": 16}
@@ -117,7 +115,7 @@ def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torc
     opts = {**distill_options("great", 1.0, None, None), **options}  # what `hmd distill` trains with
     if student_sized_disc:
         opts.update(disc_width=student_net["width"], disc_arch=student_net["arch"])
-    distiller = create_distill("great", student.cfg, teacher, **opts)
+    distiller = create_distiller("great", student.cfg, teacher, **opts)
 
     def distill_step():
         sopt.zero_grad(set_to_none=True)

@@ -1,50 +1,27 @@
-"""`hmd train`: train the multi-task network with a loss-weighting method."""
+"""`hmd train`: train the multi-task network with a loss-weighting method (and optionally a
+defence of its class head)."""
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
 from shared.errors import UserError
 
-
-def parse_size_arg(text: str) -> int | tuple[int, int]:
-    """``N`` or ``WxH`` -> N or (H, W)."""
-    if text.isdigit():
-        return int(text)
-    w, sep, h = text.lower().partition("x")
-    if sep and w.isdigit() and h.isdigit():
-        return int(h), int(w)
-    raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT, got {text!r}")
-
-
-def add_common_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="synthetic", metavar="SOURCE",
-                        help="synthetic[:N][:WORLD] | cifar10:PATH | images:DIR | video:PATH (default: synthetic)")
-    parser.add_argument("--val-data", default=None, metavar="SOURCE",
-                        help="held-out source (default: the held-out split of --data)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint.pt, metrics.json")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (poly multiplier per epoch)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=parse_size_arg, default=None, metavar="N|WxH",
-                        help="input size in pixels, sides multiples of 8: N (square) or WIDTHxHEIGHT, e.g. "
-                        "160x120 for a 4:3 camera (default: 64 for synthetic/images/video, 32 for CIFAR-10, "
-                        "160x120 for walk)")
-    parser.add_argument("--width", type=int, default=16, help="encoder width (shared feature has 4x this)")
-    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+from models.cli_common import add_defence_arguments, add_run_arguments, command_line, defence_options, parse_size_arg
+from models.registry import DEFENCES, WEIGHTINGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from models.defence import list_defences
-    from models.weighting import list_methods
-
-    parser.add_argument("--method", default="great", choices=list_methods(),
-                        help="loss weighting (default: great)")
-    add_common_training_arguments(parser)
+    parser.add_argument("--method", default="great", choices=WEIGHTINGS.names(), help="loss weighting (default: great)")
+    add_run_arguments(parser, data_help="synthetic[:N][:WORLD] | cifar10:PATH | images:DIR | video:PATH "
+                      "(default: synthetic)", size=None, batch_size=32,
+                      size_type=parse_size_arg,
+                      size_help="input size in pixels, sides multiples of 8: N (square) or WIDTHxHEIGHT, e.g. "
+                      "160x120 for a 4:3 camera (default: 64 for synthetic/images/video, 32 for CIFAR-10, "
+                      "160x120 for walk)")
+    parser.add_argument("--val-data", default=None, metavar="SOURCE",
+                        help="held-out source (default: the held-out split of --data)")
+    parser.add_argument("--width", type=int, default=16, help="encoder width (shared feature has 4x this)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--alpha", type=float, default=0.6, help="GradNorm asymmetry alpha (paper: 0.6 on CIFAR)")
     parser.add_argument("--gal-lr", type=float, default=1e-4, help="GREAT: Adam lr of the gradient-alignment layers")
     parser.add_argument("--aux-lr", type=float, default=1e-3, help="GREAT: Adam lr of the auxiliary task classifier")
@@ -52,14 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GREAT: per-sample RMS normalisation of the classifier's input (default rms)")
     parser.add_argument("--decoder", choices=["paper", "camera"], default="paper",
                         help="dense decoders: the paper's (feature only, sigmoid outputs) or the headset's "
-                        "camera decoder (input skips, colour/denoised residual over the input gray)")
+                        "camera decoder (input skips, linear outputs, colour/denoised residual over the input)")
     parser.add_argument("--clean-fraction", type=float, default=0.0,
                         help="share of training inputs fed the clean gray frame instead of the paper's noisy "
                         "input (default 0: the paper; the headset feeds clean camera frames)")
     parser.add_argument("--init-from", default=None, metavar="DIR", help="start from this run's weights")
-    parser.add_argument("--defence", default=None, choices=list_defences(),
+    parser.add_argument("--defence", default=None, choices=DEFENCES.names(),
                         help="also train the class head with an adversarial defence (e.g. great+ce), "
-                             "so the deployed headset model is the defended one")
+                             "so the deployed headset model is the defended one; its options: --defence-*")
+    add_defence_arguments(parser.add_argument_group("defence options (with --defence; default: the defence's)"),
+                          prefix="defence-")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -73,20 +52,20 @@ def method_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from models.train import TrainConfig, train
 
-    if args.epochs < 1:
-        raise UserError("--epochs must be >= 1")
     if args.batch_size < 2:
         raise UserError("--batch-size must be >= 2")
     if not 0.0 <= args.clean_fraction <= 1.0:
         raise UserError("--clean-fraction must be between 0 and 1")
+    options = defence_options(args, given_only=True)
+    if options and not args.defence:
+        raise UserError(f"--defence-* options need --defence (given: {', '.join(sorted(options))})")
     cfg = TrainConfig(method=args.method, data=args.data, val_data=args.val_data, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                       width=args.width, decoder=args.decoder, clean_fraction=args.clean_fraction,
-                      method_options=method_options(args),
-                      defence=args.defence,
-                      max_steps_per_epoch=args.max_steps, init_from=args.init_from, threads=args.threads)
-    command = "hmd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    metrics = train(cfg, args.out, resume=args.resume, command=command)
+                      method_options=method_options(args), defence=args.defence,
+                      defence_options=options, max_steps_per_epoch=args.max_steps, init_from=args.init_from,
+                      threads=args.threads)
+    metrics = train(cfg, args.out, resume=args.resume, command=command_line())
     f = metrics["final"]
     ce = f["class_error_pct"]
     print(f"{args.method}: class error {'n/a' if ce is None else f'{ce:.2f}%'}, RMSE colour "

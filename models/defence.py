@@ -1,16 +1,16 @@
-"""Adversarial defences by name: ``none``, ``fgsm-at``, ``great``, ``greace``, ``great+ce``.
+"""Adversarial defences: ``none``, ``fgsm-at``, ``great``, ``greace``, ``great+ce`` (registered in
+:mod:`models.registry`).
 
 GREAT / GREACE follow the paper's Algorithm 1:
 
 * masked input gradient g = d J_bar / dx: the cross-entropy's logit gradient masked to
-  the true class, (softmax(a) - onehot(y)) * onehot(y), taken to x per sample with
-  ``torch.autograd.grad(a, x, grad_outputs=..., create_graph=True)``; so
-  g = (p_y - 1) * d a_y / dx (:func:`masked_input_gradient`);
+  the true class, (softmax(a) - onehot(y)) * onehot(y) (:func:`masked_grad_outputs`), taken to
+  x per sample; so g = (p_y - 1) * d a_y / dx (:mod:`models.input_gradients`);
 * an auxiliary classifier A (the main network's family, leaky-ReLU 0.2) classifies g
   (per-sample RMS-normalised by default: an explicit, recorded choice) into y;
 * ``great``: A descends CE(A(g), y); the main network gets -alpha * dCE(A(g), y)/dtheta
   through g (double backprop). Both come from ONE backward: g enters A through
-  :func:`scale_gradient` (identity forward, gradient times -alpha);
+  :func:`models.gradients.scale_gradient` (identity forward, gradient times -alpha);
 * ``greace``: the surrogate beta * sum_{k != y} sg(softmax(a')_k) * a_k (a' = A's logits)
   is added to the loss: its logit gradient is exactly beta * p'_k on the negative classes
   (:func:`greace_surrogate`);
@@ -20,7 +20,7 @@ GREAT / GREACE follow the paper's Algorithm 1:
 Implementation choices (measured with ``python -m models.bench_robust --compare-faithful``):
 
 * ``input_grad="explicit"`` (default): for our ``resnet`` / ``cnn5`` classifiers g is built from
-  explicit differentiable ops (:func:`models.classifier.forward_with_input_vjp`: transposed
+  explicit differentiable ops (:func:`models.input_gradients.forward_with_input_vjp`: transposed
   convolutions, the BN and activation derivatives) instead of ``autograd.grad(create_graph=True)``.
   Same values and same second derivatives (tests pin both); on CPU autograd's double backward of a
   convolution is a slow large-kernel convolution, the explicit one a weight-gradient kernel.
@@ -33,14 +33,15 @@ Implementation choices (measured with ``python -m models.bench_robust --compare-
   width the aux costs a quarter (2.6-2.8x). The full copy was a little more robust to the
   transfer attack in the reduced Table 1 (README). ``hmd defend --aux-width W`` (W = the main
   width) trains with the paper's copy.
-* ``grad_bn="detached"`` (default) -- a DEVIATION from the paper, chosen because the faithful
-  path misses the <= 3x-plain cost target: g is taken with the BN layers' batch statistics held
-  constant, i.e. g_i is the per-sample gradient of the network normalised with this batch's
-  statistics (what eval mode computes with running := batch statistics), and the double backprop
-  does not differentiate the statistics inside g. The forward (CE, GREACE, the p_y factor of g)
-  is the ordinary train-mode forward. ``grad_bn="batch"`` is the exact paper maths (the batch
-  statistics' cross-sample terms, as autograd on the train-mode network gives them). In eval
-  mode (running statistics) both are the same.
+* ``grad_bn="detached"`` (default, :data:`models.input_gradients.DEFAULT_GRAD_BN`) -- a DEVIATION
+  from the paper, chosen because the faithful path misses the <= 3x-plain cost target: g is
+  taken with the BN layers' batch statistics held constant, i.e. g_i is the per-sample gradient
+  of the network normalised with this batch's statistics (what eval mode computes with running
+  := batch statistics), and the double backprop does not differentiate the statistics inside g.
+  The forward (CE, GREACE, the p_y factor of g) is the ordinary train-mode forward.
+  ``grad_bn="batch"`` is the exact paper maths (the batch statistics' cross-sample terms, as
+  autograd on the train-mode network gives them). In eval mode (running statistics) both are
+  the same.
 
 ``fgsm-at`` is the paper's adversarial-training baseline: each sample of the batch is
 replaced by its FGSM example (eps 0.2, generated with frozen BN statistics) with
@@ -48,7 +49,7 @@ probability 0.5 and the loss is the batch-mean cross-entropy, i.e. 0.5 (L_clean 
 in expectation, at the cost of one extra forward/backward.
 
 A defence is an ``nn.Module`` (the auxiliary classifier and its optimizer state save
-with it). :meth:`Defence.step` fills the main network's ``.grad`` (accumulating) and
+with it). :meth:`Defence.train_step` fills the main network's ``.grad`` (accumulating) and
 steps the defence's own optimizer; the caller owns the main optimizer.
 :func:`create_class_defence` adapts a defence to the multi-task network's class head
 for ``hmd train --defence``.
@@ -65,58 +66,24 @@ import torch.nn.functional as F
 from shared.errors import UserError
 
 from models.attacks import fgsm_step
-from models.classifier import (FrozenBatchNormStats, aux_copy_config, create_classifier, logits_and_input_vjp,
-                               normalise_per_sample)
+from models.batchnorm import FrozenBatchNormStats
+from models.classifier import aux_copy_config
+from models.gradients import normalise_per_sample, scale_gradient
+from models.input_gradients import DEFAULT_GRAD_BN, GRAD_BN_CHOICES, INPUT_GRAD_CHOICES, logits_and_input_vjp
 from models.network import NetConfig
-from models.registry import Registry, check_choice
-from models.weighting import poly_multiplier
+from models.own_optimizers import OwnOptimizers
+from models.registry import check_choice, create_classifier, create_defence
+from models.schedules import poly_multiplier, ramp
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
-DEFENCES: Registry["Defence"] = Registry("defence", UserError)
-register_defence = DEFENCES.register
-list_defences = DEFENCES.names
-
-
-def create_defence(name: str, net_cfg: NetConfig, **options: Any) -> "Defence":
-    """A defence for a classifier of architecture ``net_cfg`` (its aux net copies the family)."""
-    return DEFENCES.create(name, net_cfg, **options)
-
 
 # --- the maths ------------------------------------------------------------------------------
-
-def masked_input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
-                          create_graph: bool = True) -> torch.Tensor:
-    """g_i = d CE_i / d x_i with the logit gradient masked to the true class: (p_y - 1) d a_y / dx.
-
-    Per sample (sum over the batch, not mean). With ``create_graph`` g is differentiable in the
-    network's parameters (double backprop); the forward graph is always retained.
-    """
-    grad_outputs = masked_grad_outputs(logits, labels)
-    (g,) = torch.autograd.grad(logits, x, grad_outputs=grad_outputs, create_graph=create_graph,
-                               retain_graph=True)
-    return g
-
 
 def masked_grad_outputs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(softmax(a) - onehot(y)) * onehot(y): the cross-entropy's logit gradient masked to the true class."""
     onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
     return (torch.softmax(logits, 1) - onehot) * onehot
-
-
-def logits_and_masked_gradient(logits_fn: LogitsFn, x: torch.Tensor, labels: torch.Tensor, create_graph: bool,
-                               input_grad: str = "explicit", grad_bn: str = "batch"
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, g) of :func:`masked_input_gradient` from one forward (see
-    :func:`models.classifier.logits_and_input_vjp` for ``input_grad`` / ``grad_bn``)."""
-    return logits_and_input_vjp(logits_fn, x, labels, masked_grad_outputs, create_graph, input_grad, grad_bn)
-
-
-def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward; the backward multiplies the gradient by ``scale`` (-alpha: reversal)."""
-    if scale == 1.0:
-        return x
-    return x.detach() + scale * (x - x.detach())
 
 
 def greace_surrogate(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,42 +94,10 @@ def greace_surrogate(logits: torch.Tensor, aux_logits: torch.Tensor, labels: tor
     return (p_aux * negatives * logits).sum(1).mean()
 
 
-def ramp(max_value: float, epoch: float, epochs: int) -> float:
-    """The paper's schedule max_value * (1 - m): 0 at e = 0, max_value at e = e_max."""
-    return max_value * (1.0 - poly_multiplier(epoch, epochs))
-
-
 # --- defences -------------------------------------------------------------------------------
-
-class OwnOptimizers(nn.Module):
-    """A training method that owns optimizers (an aux classifier, a discriminator): they step
-    after each backward and their state saves with the method's ``state_dict``."""
-
-    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
-        return []
-
-    def _backward_and_step(self, total: torch.Tensor) -> None:
-        """``total`` was computed after :meth:`_zero_own`; backward, then step the own optimizers."""
-        if total.requires_grad:
-            total.backward()
-        for opt in self._own_optimizers():
-            opt.step()
-
-    def _zero_own(self) -> None:
-        for opt in self._own_optimizers():
-            opt.zero_grad(set_to_none=True)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self._own_optimizers()]}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        for o, s in zip(self._own_optimizers(), state.get("optimizers", [])):
-            o.load_state_dict(s)
-
 
 class Defence(OwnOptimizers):
     name = "base"
-    uses_aux = False
 
     def __init__(self, net_cfg: NetConfig, seed: int = 0, **_: Any):
         # options meant for other defences (the CLI passes one set to all) are ignored
@@ -187,9 +122,10 @@ class Defence(OwnOptimizers):
         return logs
 
 
-@register_defence("none")
 class NoDefence(Defence):
     """Plain cross-entropy: the undefended baseline."""
+
+    name = "none"
 
     def loss(self, logits_fn, x, y, include_ce=True):
         if not include_ce:
@@ -198,15 +134,18 @@ class NoDefence(Defence):
         return ce, {"ce": float(ce.detach())}
 
 
-@register_defence("fgsm-at")
 class FGSMAdversarialTraining(Defence):
     """Clean or FGSM (eps) sample with equal probability, batch-mean CE = 0.5 (L_clean + L_adv).
 
     In the multi-task hook (``include_ce=False``) the weighting method owns the clean loss, so
     this adds the CE of the FGSM examples of the whole labelled batch."""
 
+    name = "fgsm-at"
+
     def __init__(self, net_cfg, seed: int = 0, eps: float = 0.2, **_: Any):
         super().__init__(net_cfg, seed)
+        if not 0.0 <= float(eps) <= 1.0:
+            raise UserError(f"--fgsm-eps {eps}: must be in [0, 1]")
         self.eps = float(eps)
 
     def loss(self, logits_fn, x, y, include_ce=True):
@@ -234,26 +173,21 @@ class GradientAdversarialDefence(Defence):
     """GREAT and/or GREACE (Algorithm 1). Options: ``alpha_max`` (1), ``beta_max`` (2 CIFAR-10,
     10 SVHN), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
     "none"), ``aux_width`` (None = half the main network's width; the main width is the paper's
-    copy), ``aux_arch`` ("resnet"),
-    ``input_grad`` ("explicit" / "autograd") and ``grad_bn`` ("detached" / "batch": the
-    paper's), see the module docstring."""
+    copy), ``aux_arch`` ("resnet"), ``input_grad`` ("explicit" / "autograd") and ``grad_bn``
+    ("detached" / "batch": the paper's), see the module docstring."""
 
-    uses_aux = True
     reversal = True
     greace = True
 
     def __init__(self, net_cfg: NetConfig, seed: int = 0, alpha_max: float = 1.0, beta_max: float = 2.0,
                  aux_lr: float = 1e-3, aux_norm: str = "rms", aux_width: int | None = None,
-                 aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = "detached", **_: Any):
+                 aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = DEFAULT_GRAD_BN, **_: Any):
         super().__init__(net_cfg, seed)
-        check_choice("grad_bn", grad_bn, ("batch", "detached"))
-        self.grad_bn = grad_bn
-        check_choice("input_grad", input_grad, ("explicit", "autograd"))
-        self.input_grad = input_grad
-        check_choice("aux_norm", aux_norm, ("rms", "none"))
+        self.grad_bn = check_choice("grad_bn", grad_bn, GRAD_BN_CHOICES)
+        self.input_grad = check_choice("input_grad", input_grad, INPUT_GRAD_CHOICES)
+        self.aux_norm = check_choice("aux_norm", aux_norm, ("rms", "none"))
         self.alpha_max = float(alpha_max) if self.reversal else 0.0
         self.beta_max = float(beta_max) if self.greace else 0.0
-        self.aux_norm = aux_norm
         if aux_width is not None and int(aux_width) < 1:
             raise UserError(f"aux width must be >= 1, got {aux_width}")
         aux_cfg = aux_copy_config(net_cfg)
@@ -266,15 +200,14 @@ class GradientAdversarialDefence(Defence):
         return [self.aux_optimizer]
 
     def set_epoch(self, epoch, epochs):
-        m = poly_multiplier(epoch, epochs)
-        for g in self.aux_optimizer.param_groups:  # the aux net follows the main lr policy
-            g["lr"] = g.setdefault("initial_lr", g["lr"]) * m
+        self.set_lr_multiplier(poly_multiplier(epoch, epochs))  # the aux net follows the main lr policy
         self.alpha = ramp(self.alpha_max, epoch, epochs)
         self.beta = ramp(self.beta_max, epoch, epochs)
 
     def loss(self, logits_fn, x, y, include_ce=True):
         double_backprop = self.alpha > 0.0
-        logits, g = logits_and_masked_gradient(logits_fn, x, y, double_backprop, self.input_grad, self.grad_bn)
+        logits, g = logits_and_input_vjp(logits_fn, x, y, masked_grad_outputs, double_backprop, self.input_grad,
+                                         self.grad_bn)
         aux_in = normalise_per_sample(g) if self.aux_norm == "rms" else g
         # one aux forward/backward: theta' descends CE(A(g), y); theta gets -alpha * its gradient
         aux_logits = self.aux(scale_gradient(aux_in, -self.alpha) if double_backprop else aux_in)
@@ -292,18 +225,18 @@ class GradientAdversarialDefence(Defence):
         return total, logs
 
 
-@register_defence("great")
-class GREAT(GradientAdversarialDefence):
+class GreatDefence(GradientAdversarialDefence):
+    name = "great"
     reversal, greace = True, False
 
 
-@register_defence("greace")
-class GREACE(GradientAdversarialDefence):
+class GreaceDefence(GradientAdversarialDefence):
+    name = "greace"
     reversal, greace = False, True
 
 
-@register_defence("great+ce")
-class GREATPlusCE(GradientAdversarialDefence):
+class GreatPlusCEDefence(GradientAdversarialDefence):
+    name = "great+ce"
     reversal, greace = True, True
 
 
@@ -347,5 +280,4 @@ class MultiTaskClassDefence(nn.Module):
 
 def create_class_defence(name: str, model: nn.Module, **options: Any) -> MultiTaskClassDefence:
     """The defence ``name`` for the class head of a :class:`models.network.MultiTaskNet`."""
-    cfg = model.cfg
-    return MultiTaskClassDefence(create_defence(name, cfg, **options))
+    return MultiTaskClassDefence(create_defence(name, model.cfg, **options))

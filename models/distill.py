@@ -1,4 +1,4 @@
-"""Knowledge distillation methods by name: ``none``, ``kd``, ``great``.
+"""Knowledge distillation methods: ``none``, ``kd``, ``great`` (registered in :mod:`models.registry`).
 
 ``none``   the student trained on the labels alone (the paper's "Baseline").
 ``kd``     soft targets (Hinton et al.): alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
@@ -15,7 +15,7 @@
 
 Implementation choices of ``great`` (measured with ``python -m models.bench_robust --compare-faithful``):
 ``input_grad="explicit"`` (default) builds g_s and g_t from explicit ops
-(:func:`models.classifier.forward_with_input_vjp`: same maths, cheaper double backprop on CPU;
+(:func:`models.input_gradients.forward_with_input_vjp`: same maths, cheaper double backprop on CPU;
 the teacher's g_t records no graph at all). ``grad_bn="detached"`` (default) is a DEVIATION
 taken for speed: g_s is taken with the student's BN batch statistics held constant (see
 :mod:`models.defence`; ``"batch"`` is the exact paper maths). The teacher is frozen in eval
@@ -44,24 +44,31 @@ import torch.nn.functional as F
 
 from shared.errors import UserError
 
-from models.classifier import aux_copy_config, create_classifier, logits_and_input_vjp, normalise_per_sample
-from models.defence import OwnOptimizers, scale_gradient
+from models.classifier import aux_copy_config
+from models.gradients import normalise_per_sample, scale_gradient
+from models.input_gradients import DEFAULT_GRAD_BN, GRAD_BN_CHOICES, INPUT_GRAD_CHOICES, logits_and_input_vjp
 from models.network import NetConfig
-from models.registry import Registry, check_choice
-
-DISTILL_METHODS: Registry["DistillMethod"] = Registry("distillation method", UserError)
+from models.own_optimizers import OwnOptimizers
+from models.registry import check_choice, create_classifier
+from models.schedules import poly_multiplier
 
 PAPER_KD = {"temperature": 20.0, "alpha_dense": 0.1, "alpha_sparse": 0.99}
 PAPER_GREAT_ALPHA = 0.1
 DEFAULT_DISCRIMINATOR = {"arch": "resnet", "width": 8}
 
 
-register_distill = DISTILL_METHODS.register
-list_distill_methods = DISTILL_METHODS.names
-
-
-def create_distill(name: str, student_cfg: NetConfig, teacher: nn.Module, **options: Any) -> "DistillMethod":
-    return DISTILL_METHODS.create(name, student_cfg, teacher, **options)
+def distill_options(method: str, fraction: float, temperature: float | None = None, alpha: float | None = None,
+                    disc_norm: str = "rms", disc_arch: str | None = None, disc_width: int | None = None,
+                    grad_bn: str = DEFAULT_GRAD_BN) -> dict[str, Any]:
+    """The options `hmd distill` trains ``method`` with: the paper's where not given (kd's alpha
+    depends on the data fraction: dense 0.1, sparse 0.99)."""
+    if method == "kd":
+        a = alpha if alpha is not None else (PAPER_KD["alpha_dense"] if fraction >= 1.0 else PAPER_KD["alpha_sparse"])
+        return {"temperature": temperature if temperature is not None else PAPER_KD["temperature"], "alpha": a}
+    if method == "great":
+        return {"alpha": PAPER_GREAT_ALPHA if alpha is None else alpha, "disc_norm": disc_norm,
+                "disc_arch": disc_arch, "disc_width": disc_width, "grad_bn": grad_bn}
+    return {}
 
 
 # --- the maths ------------------------------------------------------------------------------
@@ -75,24 +82,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return alpha * t * t * kl + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
-def input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
-                   create_graph: bool) -> torch.Tensor:
-    """Per-sample d CE(logits_i, y_i) / d x_i (sum over the batch)."""
-    (g,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x,
-                               create_graph=create_graph, retain_graph=create_graph)
-    return g
-
-
 def ce_grad_outputs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """softmax(a) - onehot(y): the per-sample cross-entropy's gradient at the logits."""
     return torch.softmax(logits, 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
 
 
 def logits_and_input_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, create_graph: bool,
-                              input_grad: str = "explicit", grad_bn: str = "batch"
+                              input_grad: str = "explicit", grad_bn: str = DEFAULT_GRAD_BN
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, :func:`input_gradient`) from one forward (see
-    :func:`models.classifier.logits_and_input_vjp` for ``input_grad`` / ``grad_bn``)."""
+    """(logits, per-sample d CE(logits_i, y_i) / d x_i) from one forward (see
+    :func:`models.input_gradients.logits_and_input_vjp` for ``input_grad`` / ``grad_bn``)."""
     return logits_and_input_vjp(model, x, labels, ce_grad_outputs, create_graph, input_grad, grad_bn)
 
 
@@ -129,16 +128,18 @@ class DistillMethod(OwnOptimizers):
         return logs
 
 
-@register_distill("none")
 class NoDistillation(DistillMethod):
+    name = "none"
+
     def loss(self, student, x, y):
         ce = F.cross_entropy(student(x), y)
         return ce, {"ce": float(ce.detach())}
 
 
-@register_distill("kd")
 class SoftTargets(DistillMethod):
     """Options: ``temperature`` (20), ``alpha`` (the KL weight: 0.1 dense, 0.99 sparse)."""
+
+    name = "kd"
 
     def __init__(self, student_cfg, teacher, temperature: float = PAPER_KD["temperature"],
                  alpha: float = PAPER_KD["alpha_dense"], **_: Any):
@@ -153,23 +154,22 @@ class SoftTargets(DistillMethod):
         return total, {"loss": float(total.detach()), "ce": float(F.cross_entropy(s.detach(), y))}
 
 
-@register_distill("great")
 class GradientAdversarialDistillation(DistillMethod):
     """Algorithm 2. Options: ``alpha`` (0.1), ``disc_lr`` (Adam 1e-3), ``disc_norm`` ("rms"/"none"),
     ``disc_arch`` / ``disc_width`` (:data:`DEFAULT_DISCRIMINATOR`; leaky-ReLU 0.2 always),
     ``input_grad`` ("explicit"/"autograd"),
     ``grad_bn`` ("detached"/"batch": the paper's)."""
 
+    name = "great"
+
     def __init__(self, student_cfg, teacher, alpha: float = PAPER_GREAT_ALPHA, disc_lr: float = 1e-3,
                  disc_norm: str = "rms", disc_arch: str | None = None, input_grad: str = "explicit",
-                 disc_width: int | None = None, grad_bn: str = "detached", **_: Any):
+                 disc_width: int | None = None, grad_bn: str = DEFAULT_GRAD_BN, **_: Any):
         super().__init__(student_cfg, teacher)
-        check_choice("grad_bn", grad_bn, ("batch", "detached"))
-        self.grad_bn = grad_bn
-        check_choice("input_grad", input_grad, ("explicit", "autograd"))
-        self.input_grad = input_grad
-        check_choice("disc_norm", disc_norm, ("rms", "none"))
-        self.alpha, self.disc_norm = float(alpha), disc_norm
+        self.grad_bn = check_choice("grad_bn", grad_bn, GRAD_BN_CHOICES)
+        self.input_grad = check_choice("input_grad", input_grad, INPUT_GRAD_CHOICES)
+        self.disc_norm = check_choice("disc_norm", disc_norm, ("rms", "none"))
+        self.alpha = float(alpha)
         if disc_width is not None and int(disc_width) < 1:
             raise UserError(f"discriminator width must be >= 1, got {disc_width}")
         disc_cfg = aux_copy_config(student_cfg, num_classes=1)
@@ -181,10 +181,7 @@ class GradientAdversarialDistillation(DistillMethod):
         return [self.disc_optimizer]
 
     def set_epoch(self, epoch, epochs):
-        from models.weighting import poly_multiplier
-        m = poly_multiplier(epoch, epochs)
-        for g in self.disc_optimizer.param_groups:
-            g["lr"] = g.setdefault("initial_lr", g["lr"]) * m
+        self.set_lr_multiplier(poly_multiplier(epoch, epochs))  # the discriminator follows the main lr policy
 
     def _prep(self, g: torch.Tensor) -> torch.Tensor:
         return normalise_per_sample(g) if self.disc_norm == "rms" else g

@@ -221,10 +221,9 @@ class MultiTaskNet(nn.Module):
         """Run every head; ``f`` may be one feature or one (detached) copy per task. The camera
         decoder also needs the input ``image`` (no parameters act on it before the decoders)."""
         feats = f if isinstance(f, dict) else {t: f for t in TASKS}
-        out = {"class": self.head("class")(feats["class"])}
-        for t in DENSE_TASKS:
-            out[t] = self.head(t)(feats[t], image) if self.cfg.decoder == "camera" else self.head(t)(feats[t])
-        return out
+        camera = self.cfg.decoder == "camera"
+        return {t: self.head(t)(ft, image) if camera and t in DENSE_TASKS else self.head(t)(ft)
+                for t, ft in feats.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.decode(self.encode(x), x)

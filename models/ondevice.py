@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models.cli_export import export_run
+    from models.export_run import export_run
     from models.personalise import personalise
 
     torch.set_num_threads(args.threads)

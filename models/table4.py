@@ -10,8 +10,8 @@ from pathlib import Path
 
 from shared.atomic import atomic_write_json
 
+from models.registry import WEIGHTINGS
 from models.train import TrainConfig, train
-from models.weighting import list_methods
 
 # GREAT paper, Table 4 (CIFAR-10 multi-task, ResNet-18 encoder, 50 epochs, GPUs)
 PAPER_TABLE4 = {
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--methods", default=",".join(list_methods()))
+    parser.add_argument("--methods", default=",".join(WEIGHTINGS.names()))
     parser.add_argument("--out", default="runs/table4", help="one run folder per method + table4.json")
 
 
@@ -51,7 +51,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(list_methods())
+    unknown = set(methods) - set(WEIGHTINGS.names())
     if unknown:
         from shared.errors import UserError
         raise UserError(f"unknown methods {sorted(unknown)}")

@@ -19,6 +19,8 @@ import torch
 
 from shared.atomic import atomic_write_json
 
+from models.registry import DEFENCES, DISTILLERS
+
 # Table 1 (CIFAR-10, eps 0.1, k = 10): Train, No-Attack, FGSM, iFGSM, targeted FGSM worst/random,
 # targeted iFGSM worst/random.
 PAPER_TABLE1 = {
@@ -54,10 +56,8 @@ def _command(what: str) -> str:
 # --- Table 1 -----------------------------------------------------------------------------------
 
 def add_arguments_table1(parser: argparse.ArgumentParser) -> None:
-    from models.defence import list_defences
-
     _common(parser, epochs=30)
-    parser.add_argument("--methods", default=",".join(list_defences()), help="comma-separated defences")
+    parser.add_argument("--methods", default=",".join(DEFENCES.names()), help="comma-separated defences")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--eps", type=float, default=0.1, help="attack eps (paper 0.1 CIFAR-10)")
     parser.add_argument("--steps", type=int, default=10, help="iFGSM / PGD steps (paper 10)")
@@ -71,17 +71,16 @@ def add_arguments_table1(parser: argparse.ArgumentParser) -> None:
 
 def run_table1(args: argparse.Namespace) -> int:
     from models.attacks import format_table
-    from models.classifier import load_labelled
-    from models.cli_attack import attack_run
-    from models.cli_defend import train_defended
-    from models.defence import list_defences
+    from models.labelled import load_labelled
+    from models.robustness import attack_run
+    from models.train_classifier import train_defended
     from shared.errors import UserError
 
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in list_defences()]
+    bad = [m for m in methods if m not in DEFENCES.names()]
     if bad:
-        raise UserError(f"unknown defence(s) {bad} (choose from {', '.join(list_defences())})")
+        raise UserError(f"unknown defence(s) {bad} (choose from {', '.join(DEFENCES.names())})")
     if "none" in methods:  # the undefended model goes first: it is the transfer source
         methods = ["none"] + [m for m in methods if m != "none"]
     out = Path(args.out or "runs/table1")
@@ -134,17 +133,15 @@ def add_arguments_table3(parser: argparse.ArgumentParser) -> None:
 
 
 def run_table3(args: argparse.Namespace) -> int:
-    from models.classifier import load_labelled
-    from models.cli_defend import train_defended
-    from models.cli_distill import train_distilled
-    from models.distill import list_distill_methods
+    from models.labelled import load_labelled
+    from models.train_classifier import train_defended, train_distilled
     from shared.errors import UserError
 
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in list_distill_methods()]
+    bad = [m for m in methods if m not in DISTILLERS.names()]
     if bad:
-        raise UserError(f"unknown distillation method(s) {bad} (choose from {', '.join(list_distill_methods())})")
+        raise UserError(f"unknown distillation method(s) {bad} (choose from {', '.join(DISTILLERS.names())})")
     try:
         fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:

@@ -1,32 +1,35 @@
-"""The multi-task training loop: Adam with the paper's poly multiplier, resumable
-checkpoints, held-out evaluation with the paper's Table 4 columns, metrics.json.
+"""Multi-task training (`hmd train`): Adam with the paper's poly multiplier on the training
+engine (:mod:`models.engine`), resumable checkpoints, held-out evaluation with the paper's
+Table 4 columns, metrics.json.
 
-Used by ``hmd train``, the Table 4 benchmark and the cloud's personalisation jobs.
+Used by ``hmd train``, the Table 4 benchmark and the cloud's personalisation jobs. Public here:
+:class:`TrainConfig`, :func:`train`, :func:`evaluate`, :func:`load_model`, :func:`read_checkpoint`,
+:func:`model_from_checkpoint`, :func:`freeze_batchnorm`, :func:`slim_checkpoint`.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from shared.atomic import atomic_write_bytes, atomic_write_json
+from shared.atomic import atomic_write_json
 from shared.errors import UserError
 
+from models.batchnorm import freeze_batchnorm
+from models.checkpoints import CHECKPOINT_NAME, MULTITASK_FORMAT, read_checkpoint_file, save_checkpoint
 from models.data import FrameSet, TaskData, load_source
-from models.network import TASKS, MultiTaskNet, NetConfig
-from models.weighting import WeightingMethod, create_method, list_methods, poly_multiplier
+from models.engine import TrainingEngine
+from models.network import MultiTaskNet, NetConfig
+from models.defence import MultiTaskClassDefence
+from models.registry import DEFENCES, WEIGHTINGS, create_defence, create_weighting
 
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "great-hmd-checkpoint/1"
-
+__all__ = ["CHECKPOINT_NAME", "TrainConfig", "build_data", "evaluate", "freeze_batchnorm", "load_model",
+           "model_from_checkpoint", "read_checkpoint", "slim_checkpoint", "train"]
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -66,31 +69,6 @@ class TrainConfig:
         return d
 
 
-# --- progress ----------------------------------------------------------------------------------
-
-class SmoothedValue:
-    """A running window average (torchvision's references, minimal)."""
-
-    def __init__(self, window: int = 20):
-        self.values: list[float] = []
-        self.window = window
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, v: float) -> None:
-        self.values = (self.values + [v])[-self.window:]
-        self.total += v
-        self.count += 1
-
-    @property
-    def avg(self) -> float:
-        return sum(self.values) / max(1, len(self.values))
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / max(1, self.count)
-
-
 # --- evaluation --------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -117,27 +95,11 @@ def evaluate(model: MultiTaskNet, data: TaskData, batch_size: int = 128, seed: i
     return res
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
+# --- checkpoints ---------------------------------------------------------------------------------
 
 def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     """Load ``RUN/checkpoint.pt`` (or a .pt path) with a clear error for anything else."""
-    p = Path(run_dir)
-    path = p / CHECKPOINT_NAME if p.is_dir() else p
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path} (expected a folder written by `hmd train`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a great-hmd multi-task checkpoint")
-    return ckpt
+    return read_checkpoint_file(run_dir, MULTITASK_FORMAT)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskNet:
@@ -168,15 +130,8 @@ def build_data(cfg: TrainConfig) -> tuple[TaskData, TaskData, FrameSet]:
     return TaskData(train_frames, clean_fraction=cfg.clean_fraction), TaskData(val_frames), train_frames
 
 
-def freeze_batchnorm(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
-def _set_lr(opt: torch.optim.Optimizer, m: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = g.setdefault("initial_lr", g["lr"]) * m
+def _stderr(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
@@ -188,13 +143,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     ``data`` may pass pre-built (train, val, frames) to skip loading; ``should_stop`` is polled
     between steps (a retraining job that must yield) -- the run then stops after saving.
     """
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.method not in list_methods():
-        raise UserError(f"unknown method {cfg.method!r} (choose from {', '.join(list_methods())})")
+    log = log or _stderr
+    WEIGHTINGS.check(cfg.method)
+    if cfg.defence:
+        DEFENCES.check(cfg.defence)
     if cfg.epochs < 1:
         raise UserError("--epochs must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -220,114 +176,92 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     model = MultiTaskNet(net_cfg)
     parent = None
     if cfg.init_from and not resume:
-        base = read_checkpoint(cfg.init_from)
-        base_model = model_from_checkpoint(base)
+        base_model = model_from_checkpoint(read_checkpoint(cfg.init_from))
         if base_model.cfg != net_cfg:
             raise UserError(f"--init-from {cfg.init_from}: architecture {base_model.cfg} differs from {net_cfg}")
         model.load_state_dict(base_model.state_dict())
         parent = str(cfg.init_from)
-    method: WeightingMethod = create_method(cfg.method, TASKS, **cfg.method_options)
+    method = create_weighting(cfg.method, model.tasks, **cfg.method_options)
     with torch.no_grad():
         model.eval()
         method.setup(model, model.encode(train_data.batch(torch.arange(1))[0]).shape)
     defence = None
     if cfg.defence:
-        from models.defence import create_class_defence  # the issue-3 module; optional here
-        defence = create_class_defence(cfg.defence, model, **cfg.defence_options)
+        defence = MultiTaskClassDefence(create_defence(cfg.defence, net_cfg, **cfg.defence_options))
     optimizer = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=cfg.lr)
-
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
+    engine = TrainingEngine(model, [optimizer], samples=len(train_data), batch_size=cfg.batch_size,
+                            epochs=cfg.epochs, seed=cfg.seed, tag=cfg.method, log=log,
+                            max_steps=cfg.max_steps_per_epoch, warmup_steps=cfg.warmup_steps,
+                            shown=lambda key: key.startswith("loss_"))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt["method"])
-        method.load_optim_state(ckpt["method_optim"])
+        method.load_state_dict(_method_state(ckpt))
         optimizer.load_state_dict(ckpt["optimizer"])
         if defence is not None and ckpt.get("defence") is not None:
             defence.load_state_dict(ckpt["defence"])
-        gen.set_state(ckpt["rng"]["generator"])
+        engine.resume(ckpt["epoch"], ckpt["history"], ckpt["rng"]["generator"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        history = ckpt["history"]
-        start_epoch = ckpt["epoch"]
         parent = ckpt.get("parent")
-        log(f"resumed from {out / CHECKPOINT_NAME} after epoch {start_epoch}")
+        log(f"resumed from {out / CHECKPOINT_NAME} after epoch {ckpt['epoch']}")
 
-    n = len(train_data)
-    bs = min(cfg.batch_size, n)
-    steps = n // bs
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    stopped = False
-    for epoch in range(start_epoch, cfg.epochs):
-        m = poly_multiplier(epoch, cfg.epochs)
-        _set_lr(optimizer, m)
+    def step(idx: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+        x, targets = train_data.batch(idx, gen)
+        logs = method.step(model, x, targets)
+        if defence is not None:
+            logs.update(defence.step(model, x, targets))
+        return logs
+
+    def on_epoch(epoch: int, epochs: int, m: float) -> None:
         method.set_lr_multiplier(m)
         if defence is not None:
-            defence.set_epoch(epoch, cfg.epochs)
-        model.train()
+            defence.set_epoch(epoch, epochs)
+
+    def train_mode(net: torch.nn.Module) -> None:
+        net.train()
         if cfg.freeze_bn:
-            freeze_batchnorm(model)
-        perm = torch.randperm(n, generator=gen)
-        t0 = time.perf_counter()
-        meters: dict[str, SmoothedValue] = {}
-        step_time = SmoothedValue()
-        report_every = max(1, steps // 5)
-        for step in range(steps):
-            ts = time.perf_counter()
-            idx = perm[step * bs:(step + 1) * bs]
-            x, targets = train_data.batch(idx, gen)
-            if cfg.warmup_steps:
-                _set_lr(optimizer, m * min(1.0, (epoch * steps + step + 1) / cfg.warmup_steps))
-            optimizer.zero_grad(set_to_none=True)
-            logs = method.step(model, x, targets)
-            if defence is not None:
-                logs.update(defence.step(model, x, targets))
-            optimizer.step()
-            for k, v in logs.items():
-                meters.setdefault(k, SmoothedValue()).update(v)
-            step_time.update(time.perf_counter() - ts)
-            if not all(math.isfinite(v) for v in logs.values()):
-                raise RuntimeError(f"training diverged at epoch {epoch + 1} step {step + 1}: {logs}")
-            if (step + 1) % report_every == 0 or step + 1 == steps:
-                eta = step_time.avg * ((steps - step - 1) + steps * (cfg.epochs - epoch - 1))
-                shown = " ".join(f"{k}={meters[k].avg:.4f}" for k in sorted(meters) if k.startswith("loss_"))
-                log(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps} {shown} "
-                    f"{step_time.avg * 1000:.0f}ms/step eta {eta:.0f}s")
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-        if stopped:
-            log("stop requested: leaving without finishing the epoch (nothing saved for it)")
-            break
+            freeze_batchnorm(net)
+
+    def end_epoch(epoch: int, m: float, seconds: float, averages: dict[str, float]) -> dict[str, Any]:
         val = evaluate(model, val_data)
-        record = {"epoch": epoch + 1, "lr": cfg.lr * m, "seconds": time.perf_counter() - t0,
-                  "train": {k: v.global_avg for k, v in meters.items()}, "val": val,
-                  "task_weights": method.task_weights()}
-        history.append(record)
         ce = val["class_error_pct"]
         log(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} held-out: class error "
             f"{'n/a' if ce is None else f'{ce:.1f}%'} rmse colour {val['rmse_colour']:.4f} "
             f"edges {val['rmse_edges']:.4f} denoised {val['rmse_denoised']:.4f}")
+        return {"epoch": epoch + 1, "lr": cfg.lr * m, "seconds": seconds, "train": averages, "val": val,
+                "task_weights": method.task_weights()}
+
+    def checkpoint(epoch: int) -> None:
         save_checkpoint(out / CHECKPOINT_NAME, {
-            "format": CHECKPOINT_FORMAT, "arch": net_cfg.to_dict(), "model": model.state_dict(),
-            "method_name": cfg.method, "method": method.state_dict(), "method_optim": method.optim_state(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
+            "format": MULTITASK_FORMAT, "arch": net_cfg.to_dict(), "model": model.state_dict(),
+            "method_name": cfg.method, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1, "config": cfg.to_dict(),
             "defence": defence.state_dict() if defence is not None else None,
-            "history": history, "class_names": frames.class_names, "input_size": [h, w],
+            "history": engine.history, "class_names": frames.class_names, "input_size": [h, w],
             "source": frames.source, "parent": parent, "command": command,
-            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"generator": engine.generator.get_state(), "torch": torch.get_rng_state()},
         })
+
+    history = engine.run(step, end_epoch, on_epoch=on_epoch, train_mode=train_mode, checkpoint=checkpoint,
+                         should_stop=should_stop)
     final = history[-1]["val"] if history else evaluate(model, val_data)
     metrics = {
         "method": cfg.method, "data": frames.source, "epochs": len(history), "final": final,
         "normalisers": getattr(getattr(method, "normalisers", None), "as_dict", lambda: None)(),
         "task_weights": method.task_weights(), "history": history, "config": cfg.to_dict(),
-        "class_names": frames.class_names, "input_size": [h, w], "stopped": stopped, "command": command,
+        "class_names": frames.class_names, "input_size": [h, w], "stopped": engine.stopped, "command": command,
         "generation_ms_per_frame": 1000.0 * data_seconds / max(1, len(train_data) + len(val_data)),
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _method_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The weighting method's state; checkpoints written before its optimizers' state moved into
+    it kept that state under ``method_optim``."""
+    state = dict(ckpt["method"])
+    if "method_optim" in ckpt:
+        state["_extra_state"] = {"optimizers": ckpt["method_optim"]}
+    return state
 
 
 def slim_checkpoint(run_dir: str | Path, out_dir: str | Path) -> Path:

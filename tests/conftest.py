@@ -31,7 +31,7 @@ def tiny_camera_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_camera_model(tiny_camera_run):
     """``tiny_camera_run`` exported to ONNX (model.onnx + model.manifest.json)."""
-    from models.cli_export import export_run
+    from models.export_run import export_run
 
     onnx = tiny_camera_run.parent / "export" / "model.onnx"
     export_run(tiny_camera_run, onnx, frames=4)

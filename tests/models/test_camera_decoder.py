@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from models.network import MultiTaskNet, NetConfig
-from models.weighting import create_method, per_task_feature_gradients
+from models.registry import create_weighting as create_method
+from models.weighting import per_task_feature_gradients
 
 
 def _net(**kw):
@@ -41,7 +42,7 @@ def test_encoder_gradient_passes_only_through_the_shared_feature():
     x = torch.rand(4, 1, 16, 24)
     targets = {"class": torch.full((4,), -1), "colour": torch.rand(4, 3, 16, 24),
                "edges": torch.rand(4, 1, 16, 24), "denoised": torch.rand(4, 1, 16, 24)}
-    f, losses, grads = per_task_feature_gradients(net, x, targets, lambda t, j: j)
+    f, losses, grads = per_task_feature_gradients(net, x, targets, net.tasks, lambda t, j: j)
     assert all(p.grad is None for p in net.encoder.parameters())
     for t in ("colour", "edges", "denoised"):
         assert grads[t] is not None and grads[t].abs().sum() > 0

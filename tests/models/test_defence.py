@@ -9,14 +9,24 @@ from torch import nn
 import torch.nn.functional as F
 
 from hmd.cli import main
-from models.classifier import create_classifier, forward_with_input_vjp, load_classifier
-from models.defence import (GradientAdversarialDefence, create_class_defence, create_defence, greace_surrogate,
-                            list_defences, masked_grad_outputs, masked_input_gradient, ramp,
-                            scale_gradient)
+from models.checkpoints import load_classifier
+from models.defence import GradientAdversarialDefence, create_class_defence, greace_surrogate, masked_grad_outputs
+from models.gradients import scale_gradient
+from models.input_gradients import forward_with_input_vjp
 from models.network import MultiTaskNet, NetConfig
+from models.registry import DEFENCES, create_classifier, create_defence
+from models.schedules import ramp
 
 torch.set_num_threads(1)
 TINY = NetConfig(num_classes=3, width=4, blocks=(1, 1, 1), in_channels=3)
+
+
+def masked_input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+                          create_graph: bool = True) -> torch.Tensor:
+    """The reference: g = d CE / dx with the logit gradient masked to the true class, by autograd."""
+    (g,) = torch.autograd.grad(logits, x, grad_outputs=masked_grad_outputs(logits, labels),
+                               create_graph=create_graph, retain_graph=True)
+    return g
 
 
 def tiny_batch(n: int = 4, size: int = 8, seed: int = 0):
@@ -25,7 +35,7 @@ def tiny_batch(n: int = 4, size: int = 8, seed: int = 0):
 
 
 def test_registry_names():
-    assert list_defences() == ["none", "fgsm-at", "great", "greace", "great+ce"]
+    assert DEFENCES.names() == ["none", "fgsm-at", "great", "greace", "great+ce"]
 
 
 def test_masked_gradient_is_p_y_minus_one_times_logit_gradient():
@@ -109,7 +119,7 @@ def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient(input_
         torch.testing.assert_close(a, r)
 
 
-@pytest.mark.parametrize("name", list_defences())
+@pytest.mark.parametrize("name", DEFENCES.names())
 def test_every_defence_trains_a_step(name):
     torch.manual_seed(0)
     model = create_classifier("resnet", TINY)
@@ -120,13 +130,13 @@ def test_every_defence_trains_a_step(name):
     assert logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert "aux_loss" in logs if d.uses_aux else "aux_loss" not in logs
+    assert "aux_loss" in logs if isinstance(d, GradientAdversarialDefence) else "aux_loss" not in logs
     state = d.state_dict()
     d2 = create_defence(name, TINY)
     d2.load_state_dict(state)
 
 
-@pytest.mark.parametrize("name", list_defences())
+@pytest.mark.parametrize("name", DEFENCES.names())
 def test_multitask_hook_accumulates_and_skips_unlabelled(name):
     torch.manual_seed(0)
     model = MultiTaskNet(NetConfig(num_classes=3, width=4, decoder_width=8))

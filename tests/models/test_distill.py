@@ -8,12 +8,21 @@ import torch
 import torch.nn.functional as F
 
 from hmd.cli import main
-from models.classifier import create_classifier, normalise_per_sample
-from models.distill import (create_distill, discriminator_labels, input_gradient, kd_loss,
-                            list_distill_methods)
+from models.distill import discriminator_labels, kd_loss
+from models.gradients import normalise_per_sample
 from models.network import NetConfig
+from models.registry import DISTILLERS, create_classifier, create_distiller
 
 torch.set_num_threads(1)
+
+
+def input_gradient(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """The reference: per-sample d CE(logits_i, y_i) / d x_i by autograd (sum over the batch)."""
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x,
+                               create_graph=create_graph, retain_graph=create_graph)
+    return g
+
+
 STUDENT = NetConfig(num_classes=3, width=4, in_channels=3)
 TEACHER = NetConfig(num_classes=3, width=4, blocks=(1, 1, 1), in_channels=3)
 
@@ -43,10 +52,10 @@ def test_discriminator_labels_teacher_one_student_zero():
     assert discriminator_labels(2, 3).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("name", list_distill_methods())
+@pytest.mark.parametrize("name", DISTILLERS.names())
 def test_every_method_trains_a_step(name):
     student, teacher = nets()
-    m = create_distill(name, STUDENT, teacher).double()
+    m = create_distiller(name, STUDENT, teacher).double()
     x, y = batch()
     logs = m.train_step(student, x, y)
     assert logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
@@ -60,7 +69,7 @@ def test_great_distillation_discriminator_and_reversed_signal(input_grad):
     student, teacher = nets()
     alpha = 0.25
     # the paper-faithful g_s: BN batch statistics differentiated (the default detaches them)
-    m = create_distill("great", STUDENT, teacher, alpha=alpha, grad_bn="batch", input_grad=input_grad).double()
+    m = create_distiller("great", STUDENT, teacher, alpha=alpha, grad_bn="batch", input_grad=input_grad).double()
     disc = m.discriminator
     x, y = batch()
     sp, dp = list(student.parameters()), list(disc.parameters())
@@ -139,22 +148,22 @@ def test_hmd_distill_cli_and_bad_input(tmp_path, capsys):
 def test_great_distillation_options():
     from shared.errors import UserError
     student, teacher = nets()
-    default = create_distill("great", STUDENT, teacher)  # a small GAN-like discriminator, any student
-    assert default.discriminator.arch == "resnet" and default.discriminator.cfg.width == 8
+    default = create_distiller("great", STUDENT, teacher)  # a small GAN-like discriminator, any student
+    assert default.discriminator.name == "resnet" and default.discriminator.cfg.width == 8
     assert default.discriminator.cfg.activation == "leaky" and default.discriminator.cfg.num_classes == 1
-    cnn5 = create_distill("great", STUDENT, teacher, disc_arch="cnn5", disc_width=3)
+    cnn5 = create_distiller("great", STUDENT, teacher, disc_arch="cnn5", disc_width=3)
     assert cnn5.discriminator.features[0].out_channels == 3
     with pytest.raises(UserError, match="discriminator width"):
-        create_distill("great", STUDENT, teacher, disc_width=0)
-    m = create_distill("great", STUDENT, teacher, disc_width=2).double()
+        create_distiller("great", STUDENT, teacher, disc_width=0)
+    m = create_distiller("great", STUDENT, teacher, disc_width=2).double()
     assert (m.grad_bn, m.input_grad) == ("detached", "explicit")  # the defaults (module docstring)
     assert m.discriminator.encoder.stem[0].out_channels == 2
     x, y = batch()
     fast = torch.autograd.grad(m.loss(student, x, y)[0], list(student.parameters()))
-    faithful = create_distill("great", STUDENT, teacher, disc_width=2, grad_bn="batch").double()
+    faithful = create_distiller("great", STUDENT, teacher, disc_width=2, grad_bn="batch").double()
     faithful.load_state_dict(m.state_dict())
     slow = torch.autograd.grad(faithful.loss(student, x, y)[0], list(student.parameters()))
     assert all(torch.isfinite(a).all() for a in fast)
     assert any(not torch.allclose(a, b) for a, b in zip(fast, slow))  # a different (documented) g_s
     with pytest.raises(UserError, match="grad_bn"):
-        create_distill("great", STUDENT, teacher, grad_bn="eval")
+        create_distiller("great", STUDENT, teacher, grad_bn="eval")

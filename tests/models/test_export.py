@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from models.cli_export import export_run
+from models.export_run import export_run
 from models.export import PARITY_TOLERANCE, onnx_outputs, torch_outputs
 from models.train import TrainConfig, load_model, train
 from shared.hashing import sha256_file

@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from models.network import TASKS, MultiTaskNet, NetConfig
-from models.weighting import (GREAT, GradNorm, GradientAlignmentLayers, UncertaintyWeighting, create_method,
-                              list_methods, per_task_feature_gradients, reverse_gradient, task_losses)
+from models.gradients import reverse_gradient
+from models.registry import WEIGHTINGS, create_weighting
+from models.weighting import GradNorm, UncertaintyWeighting, per_task_feature_gradients, task_losses
+from models.weighting_great import GreatWeighting
+from shared.errors import UserError
 
 
 def tiny_net(seed=0):
@@ -32,16 +35,16 @@ def grads_of(module):
 
 
 def test_registry_lists_the_paper_methods():
-    assert set(list_methods()) == {"equal", "gradnorm", "uncertainty", "great"}
-    with pytest.raises(KeyError):
-        create_method("nope")
+    assert set(WEIGHTINGS.names()) == {"equal", "gradnorm", "uncertainty", "great"}
+    with pytest.raises(UserError, match="great"):
+        create_weighting("nope")
 
 
-@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
 def test_every_method_trains_every_part_for_a_step(name):
     model = tiny_net()
     x, targets = batch()
-    method = create_method(name, TASKS)
+    method = create_weighting(name, TASKS)
     model.train()
     with torch.no_grad():
         method.setup(model, model.encode(x[:1]).shape)
@@ -66,7 +69,7 @@ def test_unlabelled_batch_trains_dense_tasks_only():
     x, targets = batch(labelled=False)
     losses = task_losses(model(x), targets)
     assert set(losses) == {"colour", "edges", "denoised"}
-    method = create_method("great")
+    method = create_weighting("great")
     logs = method.step(model, x, targets)
     assert "loss_class" not in logs
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.head("class").parameters())
@@ -77,11 +80,10 @@ def test_gal_is_identity_in_the_forward_pass():
     model = tiny_net().train()
     x, targets = batch()
     f = model.encode(x)
-    assert torch.equal(GradientAlignmentLayers.forward_identity(f), f)
     # GREAT's per-task decoding on detached copies gives exactly the plain forward's outputs
     torch.manual_seed(0)
     plain = {k: v.detach() for k, v in model(x).items()}
-    method = create_method("great")
+    method = create_weighting("great")
     f2 = model.encode(x)
     copies = {t: f2.detach().requires_grad_(True) for t in TASKS}
     via_copies = model.decode(copies)
@@ -97,7 +99,7 @@ def test_gal_is_identity_in_the_forward_pass():
 def test_great_encoder_receives_exactly_sum_of_gamma_times_task_gradients():
     model = tiny_net().train()
     x, targets = batch()
-    method = create_method("great")
+    method = create_weighting("great")
     with torch.no_grad():
         method.setup(model, model.encode(x[:1]).shape)
         # non-uniform gammas, so sum_i gamma_i g_i differs from sum_i g_i
@@ -138,10 +140,10 @@ def test_great_encoder_receives_exactly_sum_of_gamma_times_task_gradients():
 def test_gal_update_is_the_reverse_of_the_aux_classifier_gradient():
     model = tiny_net().train()
     x, targets = batch()
-    method = create_method("great")
+    method = create_weighting("great")
     with torch.no_grad():
         method.setup(model, model.encode(x[:1]).shape)
-    _, _, grads = per_task_feature_gradients(model, x, targets, lambda t, j: j)
+    _, _, grads = per_task_feature_gradients(model, x, targets, TASKS, lambda t, j: j)
     gamma = method.gals.gamma
 
     inp, labels = method.aux_inputs(grads, targets, reverse=False)
@@ -167,7 +169,7 @@ def test_gradient_reversal_flips_only_the_sign():
 def test_great_step_moves_gammas_up_the_aux_loss_and_keeps_them_positive():
     model = tiny_net().train()
     x, targets = batch()
-    method = GREAT(gal_lr=0.5, gal_floor=0.05)  # a huge lr: some entries would go negative without the clamp
+    method = GreatWeighting(TASKS, gal_lr=0.5, gal_floor=0.05)  # a huge lr: some entries would go negative without the clamp
     method.step(model, x, targets)
     assert float(method.gals.gamma.detach().min()) >= 0.05 - 1e-7
     assert not torch.equal(method.gals.gamma.detach(), torch.ones_like(method.gals.gamma))
@@ -177,7 +179,7 @@ def test_normalisers_are_the_initial_losses():
     model = tiny_net().train()
     x, targets = batch()
     expected = {t: float(v.detach()) for t, v in task_losses(model(x), targets).items()}
-    method = create_method("great")
+    method = create_weighting("great")
     method.step(model, x, targets)
     for t in TASKS:
         assert float(method.normalisers[t]) == pytest.approx(expected[t], rel=1e-5)
@@ -187,7 +189,7 @@ def test_normalisers_are_the_initial_losses():
 
 
 def test_uncertainty_weighting_follows_kendall():
-    m = UncertaintyWeighting()
+    m = UncertaintyWeighting(TASKS)
     with torch.no_grad():
         m.log_vars.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
     losses = {t: torch.tensor(v) for t, v in zip(TASKS, [2.0, 0.5, 0.25, 1.0])}
@@ -202,7 +204,7 @@ def test_uncertainty_weighting_follows_kendall():
 
 
 def test_gradnorm_loss_and_weight_update_follow_chen_et_al():
-    m = GradNorm(alpha=0.6)
+    m = GradNorm(TASKS, alpha=0.6)
     with torch.no_grad():
         m.weights.copy_(torch.tensor([1.0, 2.0, 0.5, 0.5]))
     m.normalisers.update({t: torch.tensor(v) for t, v in zip(TASKS, [2.0, 1.0, 1.0, 1.0])})
@@ -225,7 +227,7 @@ def test_gradnorm_loss_and_weight_update_follow_chen_et_al():
 
 def test_gradnorm_step_renormalises_weights_to_the_task_count():
     model = tiny_net().train()
-    m = create_method("gradnorm", alpha=1.5, weight_lr=0.05)
+    m = create_weighting("gradnorm", alpha=1.5, weight_lr=0.05)
     for s in range(3):
         m.step(model, *batch(seed=s))
     w = m.weights.detach()
