@@ -269,7 +269,7 @@ def slim_checkpoint(run_dir: str | Path, out_dir: str | Path) -> Path:
     method or RNG state): the form in which models are shipped."""
     ckpt = read_checkpoint(run_dir)
     keep = ("format", "arch", "model", "method_name", "epoch", "config", "history", "class_names",
-            "input_size", "source", "parent", "command")
+            "input_size", "source", "parent", "command", "calibration")
     slim = {k: ckpt.get(k) for k in keep}
     slim["slim"] = True
     out = Path(out_dir)
