@@ -1,6 +1,7 @@
 """GREAT / GREACE maths, the defence registry, the multi-task class-head hook and `hmd defend`."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -120,23 +121,6 @@ def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient(input_
 
 
 @pytest.mark.parametrize("name", DEFENCES.names())
-def test_every_defence_trains_a_step(name):
-    torch.manual_seed(0)
-    model = create_classifier("resnet", TINY)
-    d = create_defence(name, TINY)
-    d.set_epoch(1, 2)  # alpha, beta > 0: the double-backprop path
-    x, y = tiny_batch()
-    logs = d.train_step(model, x, y)
-    assert logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert "aux_loss" in logs if isinstance(d, GradientAdversarialDefence) else "aux_loss" not in logs
-    state = d.state_dict()
-    d2 = create_defence(name, TINY)
-    d2.load_state_dict(state)
-
-
-@pytest.mark.parametrize("name", DEFENCES.names())
 def test_multitask_hook_accumulates_and_skips_unlabelled(name):
     torch.manual_seed(0)
     model = MultiTaskNet(NetConfig(num_classes=3, width=4, decoder_width=8))
@@ -160,26 +144,46 @@ def test_multitask_hook_accumulates_and_skips_unlabelled(name):
         assert not any(n.startswith("heads.colour_head") for n in changed)  # dense heads untouched
 
 
-def test_hmd_train_with_defence(tmp_path):
-    out = tmp_path / "mt"
-    rc = main(["train", "--method", "equal", "--defence", "great+ce", "--data", "synthetic:16", "--size", "16",
-               "--epochs", "2", "--max-steps", "1", "--batch-size", "8", "--width", "4", "--out", str(out)])
-    assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())
+def test_hmd_train_with_defence(pinned_runs):
+    m = json.loads((pinned_runs / "train-equal-defence" / "metrics.json").read_text())
     assert "defence_aux_loss" in m["history"][-1]["train"]
     assert m["history"][-1]["train"]["defence_alpha"] > 0
+    assert m["config"]["defence"] == "great+ce" and m["config"]["defence_options"] == {"aux_width": 2}
+    ckpt = torch.load(pinned_runs / "train-equal-defence" / "checkpoint.pt", weights_only=False)
+    assert ckpt["defence"]["defence.aux.encoder.stem.0.weight"].shape[0] == 2  # the aux net is that wide
 
 
-def test_hmd_defend_writes_checkpoint_and_metrics(tmp_path, capsys):
-    out = tmp_path / "d"
-    rc = main(["defend", "--method", "great+ce", "--data", "synthetic:16", "--size", "8", "--epochs", "2",
-               "--width", "4", "--batch-size", "8", "--out", str(out)])
-    assert rc == 0
+def test_hmd_train_reaches_every_defence_option():
+    from models import cli_train
+    from models.cli_common import DEFENCE_OPTIONS
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    args = parser.parse_args(["--out", "x", "--defence", "great+ce", "--defence-alpha-max", "0.5",
+                              "--defence-beta-max", "3", "--defence-aux-lr", "0.01", "--defence-aux-width", "3",
+                              "--defence-aux-norm", "none", "--defence-fgsm-eps", "0.1", "--defence-grad-bn", "batch"])
+    options = cli_train.defence_options(args, given_only=True)
+    assert options == {"alpha_max": 0.5, "beta_max": 3.0, "aux_lr": 0.01, "aux_width": 3, "aux_norm": "none",
+                        "eps": 0.1, "grad_bn": "batch"}
+    assert set(options) == {key for _, key, *_ in DEFENCE_OPTIONS}
+    d = create_defence("great+ce", TINY, **options)  # every option is one the defences take
+    assert (d.alpha_max, d.beta_max, d.aux_norm, d.grad_bn, d.aux.cfg.width) == (0.5, 3.0, "none", "batch", 3)
+    assert cli_train.defence_options(parser.parse_args(["--out", "x"]), given_only=True) == {}
+
+
+def test_hmd_train_defence_options_need_a_defence(tmp_path, capsys):
+    assert main(["train", "--defence-alpha-max", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--defence-* options need --defence" in capsys.readouterr().err
+
+
+def test_hmd_defend_writes_checkpoint_and_metrics(pinned_runs):
+    out = pinned_runs / "defend-great+ce"
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "great+ce" and len(m["history"]) == 2 and m["final_alpha"] > 0
     model, ckpt = load_classifier(out)
-    assert ckpt["method"] == "great+ce" and model(torch.rand(2, 3, 8, 8)).shape == (2, 6)
-    assert "held-out" in capsys.readouterr().out
+    assert ckpt["method"] == "great+ce"
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, len(ckpt["class_names"]))
+    assert "held-out" in json.loads((pinned_runs / "printed.json").read_text())["defend-great+ce"]
 
 
 def test_hmd_defend_bad_input(tmp_path, capsys):

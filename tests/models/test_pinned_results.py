@@ -1,8 +1,9 @@
 """Short training runs pinned to the numbers the code gave before the models/ refactor (issue 11).
 
-Each run goes through the command line (`hmd train`, `hmd defend`, `hmd distill`), so both the
-library and the commands' defaults are held to the same results: seeded, one thread, tiny sizes.
-A refactor that changes any of these numbers changed what a command computes.
+Each run goes through the command line (`hmd train`, `hmd defend`, `hmd distill`; see
+:mod:`tests.models.pinned_runs`), so both the library and the commands' defaults are held to the
+same results: seeded, one thread, tiny sizes. A refactor that changes any of these numbers
+changed what a command computes.
 
 The values were produced by ``python -m tests.models.test_pinned_results`` at the commit that
 added this file (before any refactoring) and are compared to 1e-6 relative.
@@ -14,61 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
-from hmd.cli import main
-
-TINY = ["--data", "synthetic:24", "--epochs", "2", "--max-steps", "2", "--threads", "1", "--seed", "3"]
-
-RUNS: dict[str, list[str]] = {
-    "train-great": ["train", "--method", "great", "--size", "16", "--width", "4", "--batch-size", "4", *TINY],
-    "train-equal-defence": ["train", "--method", "equal", "--defence", "great+ce", "--size", "16", "--width", "4",
-                            "--batch-size", "4", *TINY],
-    "defend-great+ce": ["defend", "--method", "great+ce", "--size", "16", "--width", "4", "--batch-size", "4",
-                        *TINY],
-    "distill-great": ["distill", "--teacher", "{defend-great+ce}", "--method", "great", "--width", "4",
-                      "--batch-size", "4", *TINY],
-}
-
-
-def _numbers(metrics: dict) -> dict[str, float | None]:
-    """The numeric results of a run: every epoch's train-loss averages and held-out metrics."""
-    out: dict[str, float | None] = {}
-    for h in metrics["history"]:
-        e = h["epoch"]
-        for k, v in sorted(h["train"].items()):
-            out[f"e{e}/train/{k}"] = v
-        if "val" in h:
-            for k, v in sorted(h["val"].items()):
-                out[f"e{e}/val/{k}"] = v
-            out[f"e{e}/lr"] = h["lr"]
-        else:
-            out[f"e{e}/val_accuracy"] = h["val_accuracy"]
-            out[f"e{e}/lr_multiplier"] = h["lr_multiplier"]
-        for k, v in sorted(h.get("task_weights", {}).items()):
-            out[f"e{e}/weight/{k}"] = v
-    for k in ("train_accuracy_pct", "val_accuracy_pct", "teacher_val_accuracy_pct", "final_alpha", "final_beta"):
-        if k in metrics:
-            out[k] = metrics[k]
-    return out
-
-
-def _weights_abs_sum(run: Path) -> float:
-    """Sum of |w| over the final weights: every parameter and BN statistic of the trained model."""
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
-    return float(sum(v.double().abs().sum() for v in state.values() if v.is_floating_point()))
-
-
-def run_all(root: Path) -> dict[str, dict[str, float | None]]:
-    results = {}
-    for name, argv in RUNS.items():
-        argv = [a.format(**{k: str(root / k) for k in RUNS}) for a in argv] + ["--out", str(root / name)]
-        assert main(argv) == 0, name
-        results[name] = _numbers(json.loads((root / name / "metrics.json").read_text()))
-        results[name]["weights_abs_sum"] = _weights_abs_sum(root / name)
-    return results
-
+from tests.models.pinned_runs import RUNS, numbers_of
 
 PINNED: dict[str, dict[str, float | None]] = {
     'train-great': {
@@ -183,15 +130,8 @@ PINNED: dict[str, dict[str, float | None]] = {
 }
 
 
-@pytest.fixture()
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def test_short_runs_give_the_pre_refactor_numbers(tmp_path, restore_threads, capsys):
-    got = run_all(tmp_path)
+def test_short_runs_give_the_pre_refactor_numbers(pinned_runs):
+    got = {name: numbers_of(pinned_runs / name) for name in RUNS}
     assert set(got) == set(PINNED)
     for name, numbers in PINNED.items():
         assert set(got[name]) == set(numbers), name
@@ -206,7 +146,10 @@ def test_short_runs_give_the_pre_refactor_numbers(tmp_path, restore_threads, cap
 if __name__ == "__main__":  # regenerate (only when a result is MEANT to change, and say why)
     import tempfile
 
+    from tests.models.pinned_runs import run_all
+
     with tempfile.TemporaryDirectory() as d:
-        res = run_all(Path(d))
+        run_all(Path(d))
+        res = {name: numbers_of(Path(d) / name) for name in RUNS}
     sys.stdout = sys.__stdout__
     print(json.dumps(res, indent=1))
