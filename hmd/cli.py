@@ -2,7 +2,8 @@
 
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 Only the module of the subcommand being run is imported, so `hmd device` never
-imports torch and `hmd --help` is instant.
+imports torch and `hmd --help` is instant. Every parser (sub-commands' sub-parsers
+included) shows each option's default in ``--help`` (:class:`HelpFormatter`).
 """
 from __future__ import annotations
 
@@ -24,14 +25,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+from hmd import __version__  # noqa: E402
 from shared.errors import UserError  # noqa: E402  (re-exported for subcommands)
 
 
-def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already names its default, or
+    there is none to show (None, a flag's False, a suppressed option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text or "%(default)" in text):
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with :class:`HelpFormatter`; sub-parsers made by ``add_subparsers`` are of this
+    class too, so `hmd cloud serve --help` shows its defaults like every other command."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _top_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="hmd",
         description="great-hmd: GREAT-trained multi-task vision for head-mounted displays.",
     )
+    parser.add_argument("--version", action="version", version=f"hmd (great-hmd) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, helptext) in COMMANDS.items():
         sub.add_parser(name, help=helptext, add_help=False)
@@ -58,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hmd: the '{name}' command is not available in this build ({exc})", file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"hmd {name}", description=helptext)
+    parser = ArgumentParser(prog=f"hmd {name}", description=helptext)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
