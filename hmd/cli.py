@@ -8,6 +8,7 @@ included) shows each option's default in ``--help`` (:class:`HelpFormatter`).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 
@@ -19,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("models.cli_distill", "distil a teacher into a student (GREAT, soft targets, none)"),
     "attack": ("models.cli_attack", "evaluate a model under FGSM/iFGSM/PGD/transfer attacks"),
     "device": ("device.cli", "run the headset: capture, inference, overlay, hot-swap, journal"),
-    "cloud": ("cloud.cli", "the cloud retraining service (serve, add-device)"),
+    "cloud": ("cloud.cli", "the cloud retraining service (serve, add-device, devices, rotate-token, import-base)"),
     "demo": ("hmd.demo", "the whole loop on this machine, nothing to set up"),
     "bench": ("hmd.bench", "benchmarks: train | device | cloud | table4 | ... (JSON on stdout)"),
 }
@@ -29,16 +30,30 @@ from hmd import __version__  # noqa: E402
 from shared.errors import UserError  # noqa: E402  (re-exported for subcommands)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" to an option's help unless the help already names its default, or
-    there is none to show (None, a flag's False, a suppressed option)."""
+    there is none to show (None, a flag's False, a suppressed option); descriptions are wrapped
+    paragraph by paragraph (a blank line separates two)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(super(HelpFormatter, self)._fill_text(p, width, indent) for p in text.split("\n\n"))
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return bool(action.option_strings) and not nothing and text != argparse.SUPPRESS and "default" not in text
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
-                or "default" in text or "%(default)" in text):
+        if not self._shows_default(action):
             return action.help
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse skips help-less options' help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
