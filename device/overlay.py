@@ -187,16 +187,6 @@ def elide(text: str, max_width: int, style: TextStyle) -> str:
     return "..." if style.width("...") <= max_width else ""
 
 
-@dataclasses.dataclass
-class HudInfo:
-    fps: float
-    p50_ms: float
-    p95_ms: float
-    version: str
-    mode: str
-    note: str = ""
-
-
 @functools.lru_cache(maxsize=32)
 def hud_lines(width: int, height: int) -> int:
     """1 when the statistics and the model field fit side by side on one line, else 2: decided by
