@@ -197,9 +197,11 @@ def hud_lines(width: int, height: int) -> int:
 
 
 def hud_height(width: int, height: int) -> int:
-    """Rows :func:`with_hud` adds above a ``width`` x ``height`` frame."""
+    """Rows :func:`with_hud` adds above a ``width`` x ``height`` frame (one more when that keeps an
+    even frame's height even: video encoders drop an odd last row)."""
     style = text_style(height)
-    return hud_lines(width, height) * style.line_height + style.pad
+    band = hud_lines(width, height) * style.line_height + style.pad
+    return band + (band + height) % 2
 
 
 def _model_field(hud: HudInfo, max_width: int, style: TextStyle) -> str:

@@ -133,9 +133,9 @@ def test_headless_run_says_what_runs_and_how_to_stop_then_a_short_summary(toy, t
     """No display and no --headless: the start line says it fell back to headless; stdout gets a
     few human lines, not the JSON; --snapshot writes the last frame with the HUD band above it."""
     model = toy("v1")
-    snap = tmp_path / "last.png"
+    snap, video = tmp_path / "last.png", tmp_path / "run.mp4"
     proc = _hmd("--model", model, "--source", "synthetic:studio", "--size", "96x64", "--fps", "0",
-                "--max-frames", 5, "--mode", "side-by-side", "--snapshot", snap)
+                "--max-frames", 5, "--mode", "side-by-side", "--snapshot", snap, "--record", video)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [
         f"hmd device: model v1 ({model / 'model.onnx'}) on synthetic:studio 96x64, side-by-side view, headless "
@@ -145,10 +145,12 @@ def test_headless_run_says_what_runs_and_how_to_stop_then_a_short_summary(toy, t
     assert lines[0].startswith("hmd device: 5 frames in ") and lines[0].endswith("ended: max frames")
     assert lines[1].startswith("  latency p50/p95 ms: total ")
     assert lines[2] == "  model v1 (used: v1; 0 swaps, 0 rollbacks); headless"
-    assert lines[-1] == f"  snapshot {snap}"
+    assert lines[-1] == f"  recorded {video} (5 frames); snapshot {snap}"
     image = cv2.imread(str(snap))
     from device import overlay
     assert image.shape == (64 + overlay.hud_height(96, 64), 96, 3)
+    ok, first = cv2.VideoCapture(str(video)).read()  # the HUD band is in the recording, no row lost
+    assert ok and first.shape == image.shape
 
 
 def test_quiet_prints_nothing_but_metrics_still_written(toy, tmp_path):
