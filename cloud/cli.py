@@ -145,6 +145,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.base_run is not None and not (settings.base_run / "checkpoint.pt").is_file():
         raise UserError(f"--base-run {settings.base_run}: no checkpoint.pt there (expected a `hmd train` run folder)")
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise UserError(f"--data-dir {settings.data_dir} is a file, not a folder")
     sock = bind_socket(settings.host, settings.port)
     configure_logging(settings.log_level)
     log = logging.getLogger("hmd.cloud")

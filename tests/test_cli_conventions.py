@@ -124,6 +124,10 @@ def test_serve_on_a_port_in_use_fails_first_and_creates_nothing(tmp_path):
     assert proc.stderr.splitlines() == [f"hmd cloud: error: port {port} on 127.0.0.1 is already in use "
                                         f"(another `hmd cloud serve`?): stop that one or choose another --port"]
     assert not (tmp_path / "data").exists()  # no data folder, no signing key
+    (tmp_path / "file").write_text("")
+    proc = _hmd("cloud", "serve", "--data-dir", tmp_path / "file", "--port", free_port())
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"hmd cloud: error: --data-dir {tmp_path / 'file'} is a file, not a folder"]
 
 
 def test_devices_and_rotate_token_over_http(tmp_path):
