@@ -152,7 +152,7 @@ class HeadsetRuntime:
         cfg = self.config
         window = None
         if cfg.headless:
-            self.headless_reason = "asked for"
+            self.headless_reason = "--headless"
         elif cfg.headless is None and not display_available():
             self.headless_reason = "no display: DISPLAY and WAYLAND_DISPLAY are not set"
         else:
