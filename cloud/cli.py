@@ -1,4 +1,5 @@
-"""`hmd cloud serve | add-device | import-base`: run and administer the retraining service.
+"""`hmd cloud serve | add-device | devices | rotate-token | import-base`: run and administer the
+retraining service.
 
 Settings come from flags, else the environment (``HMD_CLOUD_<NAME>``, e.g. HMD_CLOUD_DATA_DIR,
 HMD_CLOUD_AUTO_JOB_FRAMES, HMD_CLOUD_MAX_UPLOAD_BYTES), else the defaults in cloud/settings.py.
@@ -6,6 +7,10 @@ HMD_CLOUD_AUTO_JOB_FRAMES, HMD_CLOUD_MAX_UPLOAD_BYTES), else the defaults in clo
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
+import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -17,9 +22,24 @@ def _data_dir(sub: argparse.ArgumentParser) -> None:
                      help="metadata database, blobs, signing key, runs (env HMD_CLOUD_DATA_DIR)")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# libraries that log progress at INFO while the worker exports a model (ONNX export: onnx_ir,
+# onnxscript): their lines say nothing to someone running the service, so they start at WARNING
+CHATTY_LIBRARIES = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "matplotlib", "PIL")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("The cloud retraining service: `serve` runs it; `add-device`, `devices` and "
+                          "`rotate-token` administer headsets (they work while it runs); `import-base` "
+                          "registers a base model. `hmd cloud ACTION --help` for each.")
     subs = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    serve = subs.add_parser("serve", help="run the API and the job worker (one process)")
+    serve = subs.add_parser(
+        "serve", help="run the API and the job worker (one process)",
+        description="Run the HTTP API (uploads, jobs, models, events) and the personalisation worker in one "
+                    "process, until Ctrl+C or SIGTERM. Settings come from these flags, else HMD_CLOUD_<NAME> "
+                    "environment variables (e.g. HMD_CLOUD_DATA_DIR, HMD_CLOUD_PORT), else the defaults shown. "
+                    "The data folder (SQLite metadata, blobs, the Ed25519 signing key, job runs) is created on "
+                    "first start; headsets are provisioned with `hmd cloud add-device`.")
     _data_dir(serve)
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -46,11 +66,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="export new model versions as static INT8 (faster on the headset; default FP32)")
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False, default=None,
                        help="API only (jobs queue up for a worker process)")
-    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                       help="log level (default info; -v is debug, -q is warning)")
+    loud = serve.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                      help="--log-level debug")
+    loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                      help="--log-level warning")
 
-    add = subs.add_parser("add-device", help="provision a device; prints its token once and the key to trust")
+    add = subs.add_parser(
+        "add-device", help="provision a device; prints its token once and the key to trust",
+        description="Register a headset by name. Prints its bearer token (shown only this once: keep it; "
+                    "`hmd cloud rotate-token NAME` replaces a lost one) and the service's public signing key, "
+                    "which the headset trusts with --trusted-key. Creates the data folder and the signing key "
+                    "if they do not exist yet.")
     add.add_argument("name", help="device name: letters, digits, '-', '_'")
     _data_dir(add)
+
+    devices = subs.add_parser("devices", help="list the provisioned devices",
+                              description="One line per device: name, when it was added, its current model "
+                                          "version, its uploads and frames.")
+    _data_dir(devices)
+
+    rotate = subs.add_parser("rotate-token", help="give a device a new token; the old one stops working",
+                             description="Replace a device's token (lost, or leaked): the new token is printed "
+                                         "once, and the old one is rejected (HTTP 401) from now on, also by a "
+                                         "service that is running. The device keeps its uploads and models.")
+    rotate.add_argument("name", help="the device's name (see `hmd cloud devices`)")
+    _data_dir(rotate)
 
     base = subs.add_parser("import-base", help="register a training run as the base version")
     base.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -66,32 +109,79 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"serve": serve, "add-device": add_device, "import-base": import_base}[args.action](args)
+    return {"serve": serve, "add-device": add_device, "devices": list_devices, "rotate-token": rotate_token,
+            "import-base": import_base}[args.action](args)
+
+
+def configure_logging(level: str) -> None:
+    """One format for the service's, uvicorn's and every library's lines (uvicorn is run without
+    its own logging config, so its loggers propagate here); chatty libraries start at WARNING."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else happens: a port in use is one line and
+    exit 2, before the data folder or a signing key is created."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, OverflowError) as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another `hmd cloud serve`?): "
+                            f"stop that one or choose another --port") from None
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(args: argparse.Namespace) -> int:
-    import logging
+    from shared.paths import resolve_model
+
+    settings = settings_from_args(args)
+    if settings.base_run is not None:  # a shipped model's name works too (`--base-run base`)
+        settings.base_run = resolve_model(settings.base_run)
+    if settings.teacher_run is not None:
+        settings.teacher_run = resolve_model(settings.teacher_run)
+    if settings.base_run is not None and not (settings.base_run / "checkpoint.pt").is_file():
+        raise UserError(f"--base-run {settings.base_run}: no checkpoint.pt there (expected a `hmd train` run folder)")
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise UserError(f"--data-dir {settings.data_dir} is a file, not a folder")
+    sock = bind_socket(settings.host, settings.port)
+    configure_logging(settings.log_level)
+    log = logging.getLogger("hmd.cloud")
 
     import uvicorn
 
     from cloud.app import create_app
 
-    settings = settings_from_args(args)
-    if settings.base_run is not None:  # a shipped model's name works too (`--base-run base`)
-        from shared.paths import resolve_model
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # only now: the services are open and the socket accepts connections
+                log.info("serving %s on http://%s:%d (Ctrl+C stops it)", settings.data_dir, settings.host,
+                         settings.port)
 
-        settings.base_run = resolve_model(settings.base_run)
-    if settings.teacher_run is not None:
-        from shared.paths import resolve_model
-
-        settings.teacher_run = resolve_model(settings.teacher_run)
-    if settings.base_run is not None and not (settings.base_run / "checkpoint.pt").is_file():
-        raise UserError(f"--base-run {settings.base_run}: no checkpoint.pt there (expected a `hmd train` run folder)")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"hmd cloud: serving {settings.data_dir} on http://{settings.host}:{settings.port}", file=sys.stderr,
-          flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=3)
+    config = uvicorn.Config(create_app(settings), log_config=None, log_level=settings.log_level,
+                            timeout_graceful_shutdown=3)
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's way of saying the application's start-up failed (logged above)
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        print("hmd cloud: error: the service did not start (see the log above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -113,6 +203,49 @@ def add_device(args: argparse.Namespace) -> int:
     print(f"token: {token}")
     print(f"trust-key: {key.public_b64}")
     print(f"(the token is shown only this once; the public key is also in {key.public_path})", file=sys.stderr)
+    return 0
+
+
+def _open_existing_storage(settings):
+    """The metadata database of an existing data folder (listing or rotating never creates one)."""
+    from cloud.storage import open_storage
+
+    if settings.database_url is None and not (settings.data_dir / "cloud.sqlite3").is_file():
+        raise UserError(f"no cloud data in {settings.data_dir} (`hmd cloud add-device` or `serve` creates it)")
+    return open_storage(settings.db_url)
+
+
+def list_devices(args: argparse.Namespace) -> int:
+    storage = _open_existing_storage(settings_from_args(args))
+    try:
+        rows = [(d.name, datetime.datetime.fromtimestamp(d.created).strftime("%Y-%m-%d %H:%M"),
+                 d.current_version or "(base)", str(storage.upload_count(d.id)), str(storage.frame_count(d.id)))
+                for d in storage.devices()]
+    finally:
+        storage.close()
+    if not rows:
+        print("no devices (add one with `hmd cloud add-device NAME`)", file=sys.stderr)
+        return 0
+    rows.insert(0, ("NAME", "ADDED", "CURRENT VERSION", "UPLOADS", "FRAMES"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def rotate_token(args: argparse.Namespace) -> int:
+    from cloud.keys import new_token, token_sha256
+
+    storage = _open_existing_storage(settings_from_args(args))
+    try:
+        token = new_token(args.name)
+        if not storage.set_device_token(args.name, token_sha256(token)):
+            raise UserError(f"no device named {args.name!r} (see `hmd cloud devices`)")
+    finally:
+        storage.close()
+    print(f"device: {args.name}")
+    print(f"token: {token}")
+    print("(the token is shown only this once; the old one is rejected from now on)", file=sys.stderr)
     return 0
 
 

@@ -412,6 +412,15 @@ class SQLiteStorage:
                 return v
         return self.base_version()
 
+    # -- administration (`hmd cloud devices`, `hmd cloud rotate-token`) -------------------------
+    def devices(self) -> list[Device]:
+        return [Device(**dict(r)) for r in self._query("SELECT * FROM devices ORDER BY name")]
+
+    def set_device_token(self, name: str, token_sha256: str) -> bool:
+        """Replace a device's token hash (the old token stops working); False if there is no such device."""
+        with self._tx() as db:
+            return db.execute("UPDATE devices SET token_sha256=? WHERE name=?", (token_sha256, name)).rowcount == 1
+
 
 def open_storage(url: str) -> Storage:
     if url.startswith("sqlite:///"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -203,6 +204,14 @@ class ImageFolderSource(FrameSource):
 
     def info(self) -> dict:
         return {"source": self.name, "images": len(self.paths), "unreadable": self.unreadable}
+
+
+def quiet_video_backend() -> None:
+    """Silence FFmpeg's own log lines (e.g. "moov atom not found" for a truncated MP4): a file that
+    does not decode gets our one-line error instead. OpenCV reads OPENCV_FFMPEG_LOGLEVEL (-8 is
+    AV_LOG_QUIET) when its FFmpeg backend first opens a file, so this must run before that; a value
+    the user set is kept."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
 class VideoSource(FrameSource):

@@ -6,10 +6,11 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from device import overlay
-from device.capture import open_source
+from device.capture import open_source, quiet_video_backend
 from device.runtime import HeadsetRuntime, RuntimeConfig
 from shared.errors import UserError
 
@@ -25,31 +26,46 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the headset: capture -> ONNX Runtime -> overlay -> window and/or recording. Prints a start "
+        "line on stderr and a short summary on stdout at the end (the whole summary as JSON with --json "
+        "or --metrics FILE). Stop with q/Esc in the window, Ctrl+C, SIGTERM, --max-frames or --duration.")
     parser.add_argument("--source", default="synthetic",
-                        help="webcam:N | video:PATH | images:DIR | synthetic[:WORLD] (default synthetic)")
-    parser.add_argument("--model", help="FILE.onnx (manifest beside it) or a model folder; "
-                                        "optional with --store that has a current version")
+                        help="webcam:N | video:PATH | images:DIR | synthetic[:WORLD]")
+    parser.add_argument("--model", help="an exported model: FILE.onnx (manifest beside it) or a folder with "
+                                        "model.onnx + manifest.json (`hmd export RUN_DIR --out FILE.onnx` makes "
+                                        "one); optional with --store that has a current version")
     parser.add_argument("--mode", default="edges", choices=overlay.MODES,
                         help="overlay (keys 1-5 / m switch it in the window, h toggles the HUD)")
-    parser.add_argument("--no-hud", action="store_true", help="no FPS/latency/version band")
+    parser.add_argument("--no-hud", action="store_true", help="no FPS/latency/version band above the view")
     parser.add_argument("--headless", action="store_true", help="no window even when a display is there")
     parser.add_argument("--record", metavar="OUT.mp4", help="write the overlaid video")
+    parser.add_argument("--snapshot", metavar="FILE.png", help="write the last frame shown (HUD included) here")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames shown")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--loop", action="store_true", help="video:/images: start again at the end")
-    parser.add_argument("--fps", type=float, help="pace synthetic/images/video at this rate (0 = as fast as possible)")
-    parser.add_argument("--size", type=_size, default=(240, 320), help="synthetic camera WIDTHxHEIGHT (320x240)")
+    parser.add_argument("--fps", type=float, help="pace synthetic/images/video at this rate (0 = as fast as "
+                                                  "possible; default: the video's own rate, 30 otherwise)")
+    parser.add_argument("--size", type=_size, default=(240, 320), metavar="WxH",
+                        help="synthetic camera WIDTHxHEIGHT (default 320x240)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic world seed")
     parser.add_argument("--lockstep", action="store_true",
                         help="never drop a camera frame (the source waits for the loop): offline processing")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default min(2, cores))")
-    parser.add_argument("--metrics", metavar="FILE", help="also write the JSON summary here")
+    parser.add_argument("--metrics", metavar="FILE", help="write the JSON summary here")
+    parser.add_argument("--json", action="store_true", help="print the JSON summary on stdout instead of the "
+                                                            "short human one")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="a progress line every 5 s on stderr; FFmpeg/OpenCV messages are not silenced")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="no start line and no summary: only errors (and --json/--metrics output)")
     parser.add_argument("--store", metavar="DIR", help="model store: versions, `current` pointer, rollback")
     parser.add_argument("--watch", metavar="DIR", help="hot-swap models dropped into this folder")
     parser.add_argument("--trusted-key", metavar="FILE",
                         help="base64 Ed25519 public key; every model must then carry a valid signature")
     parser.add_argument("--journal", metavar="DIR", help="opt in to keeping sampled frames here")
-    parser.add_argument("--journal-mb", type=float, default=64.0, help="journal disk budget in MB (64)")
+    parser.add_argument("--journal-mb", type=float, default=64.0, help="journal disk budget in MB")
     parser.add_argument("--journal-every", type=int, default=30, help="journal every k-th frame (0: only scene changes)")
     parser.add_argument("--journal-scene", type=float, default=0.12,
                         help="journal on scene change above this thumbnail difference (0..1; 0 disables)")
@@ -65,8 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no camera frame for this long counts as idle (--retrain-locally)")
     parser.add_argument("--retrain-min-frames", type=int, default=200,
                         help="new journalled frames before a local job (--retrain-locally)")
-    parser.add_argument("--retrain-epochs", type=int, default=3)
+    parser.add_argument("--retrain-epochs", type=int, default=3, help="epochs of a local job (--retrain-locally)")
     parser.add_argument("--retrain-max-steps", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _check_model_path(model: str) -> None:
+    """A path that is not an exported model gets one line saying what it is and what to run."""
+    path = Path(model)
+    if not path.exists():
+        raise UserError(f"model not found: {model}")
+    if path.is_dir() and not (path / "manifest.json").is_file() and (path / "checkpoint.pt").is_file():
+        raise UserError(f"{model} is a training run folder (checkpoint.pt), not an exported model: "
+                        f"run `hmd export {model} --out model.onnx`, then --model model.onnx")
 
 
 def _public_key(path: str | None) -> bytes | None:
@@ -85,6 +111,69 @@ def _public_key(path: str | None) -> bytes | None:
     return key
 
 
+def start_line(runtime: HeadsetRuntime, args: argparse.Namespace) -> str:
+    """What is running, on what, and how to stop it."""
+    engine = runtime.models.active
+    info = runtime.source.info()
+    size = info.get("size")
+    source = info.get("source", args.source) + (f" {size[1]}x{size[0]}" if size else "")
+    if runtime.display == "window":
+        where, stop = "in a window", "q or Esc in the window, or Ctrl+C, stops it"
+    else:
+        where, stop = f"headless ({runtime.headless_reason})", "Ctrl+C stops it"
+    limits = [f"{args.max_frames} frames" if args.max_frames else "", f"{args.duration:g} s" if args.duration else ""]
+    ends = " or ".join(x for x in limits if x)
+    return (f"hmd device: model {engine.version} ({engine.onnx_path}) on {source}, {runtime.mode} view, {where}; "
+            + (f"ends after {ends}; " if ends else "") + stop)
+
+
+def _ms(latency: dict, stage: str) -> str:
+    lat = latency.get(stage) or {}
+    return f"{lat['p50']:.1f}/{lat['p95']:.1f}" if lat.get("n") else "-"
+
+
+def human_summary(summary: dict) -> list[str]:
+    """The summary a person reads at the end of a run (the JSON has everything)."""
+    lat = summary["latency_ms"]
+    lines = [f"hmd device: {summary['frames_shown']} frames in {summary['duration_s']:.1f} s "
+             f"({summary['fps']:.1f} FPS), {summary['camera_frames_dropped']} of "
+             f"{summary['camera_frames_captured']} camera frames dropped; ended: {summary['exit_reason']}",
+             f"  latency p50/p95 ms: total {_ms(lat, 'total')}, inference {_ms(lat, 'inference')}, "
+             f"overlay {_ms(lat, 'overlay')}"]
+    events = [e["kind"] for e in summary["model"]["events"]]
+    models = f"  model {summary['model']['active']} (used: {', '.join(summary['model_versions'])}"
+    models += f"; {events.count('swapped')} swaps, {events.count('rolled_back')} rollbacks)"
+    if summary["inference_errors"]:
+        models += f"; {summary['inference_errors']} inference errors, " \
+                  f"{summary['frames_without_overlay']} frames without overlay"
+    lines.append(models + f"; {summary['display']}")
+    outputs = []
+    if summary.get("record"):
+        outputs.append(f"recorded {summary['record']['path']} ({summary['record']['frames']} frames)")
+    if summary.get("snapshot"):
+        outputs.append(f"snapshot {summary['snapshot']}")
+    if summary.get("journal"):
+        j = summary["journal"]
+        outputs.append(f"journal {j['dir']}: {j['written']} frames kept ({j['disk_bytes'] / 1e6:.1f} MB)")
+    if outputs:
+        lines.append("  " + "; ".join(outputs))
+    return lines
+
+
+def _progress(runtime: HeadsetRuntime, every_s: float = 5.0):
+    """-v: an on_frame callback printing one status line every ``every_s`` seconds."""
+    last = [time.monotonic()]
+
+    def on_frame(index, shown, pred) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            p50, p95 = runtime.timer.recent_p50_p95()
+            print(f"hmd device: {runtime.frames_shown + 1} frames, {runtime.timer.fps():.1f} FPS, "
+                  f"{p50:.1f}/{p95:.1f} ms p50/p95, model {runtime.model_version}", file=sys.stderr, flush=True)
+    return on_frame
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError("--max-frames must be at least 1")
@@ -92,22 +181,28 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--journal-mb must be positive")
     if args.watch and not Path(args.watch).is_dir():
         raise UserError(f"watch folder not found: {args.watch}")
+    if args.snapshot and not Path(args.snapshot).resolve().parent.is_dir():
+        raise UserError(f"cannot write the snapshot {args.snapshot}: its folder does not exist")
     if args.model is None and args.store is None:
         raise UserError("--model FILE.onnx is required (or --store DIR with a current version)")
+    if args.model is not None:
+        _check_model_path(args.model)
+    if not args.verbose:
+        quiet_video_backend()  # FFmpeg's own messages ("moov atom not found") before our one-line error
     cfg = RuntimeConfig(mode=args.mode, hud=not args.no_hud, headless=True if args.headless else None,
                         record=args.record, max_frames=args.max_frames, duration=args.duration,
                         lockstep=args.lockstep, threads=args.threads, metrics_path=args.metrics,
                         store_dir=args.store, watch_dir=args.watch, public_key=_public_key(args.trusted_key),
                         journal_dir=args.journal, journal_mb=args.journal_mb, journal_every=args.journal_every,
-                        journal_scene_threshold=args.journal_scene)
-    model = args.model
-    if model is not None and not Path(model).exists():
-        raise UserError(f"model not found: {model}")
+                        journal_scene_threshold=args.journal_scene, snapshot_path=args.snapshot)
     source_kind = args.source.partition(":")[0]
     # a file source is checked before paying for the model load; a camera is opened after it
     source = open_source(args.source, size=args.size, fps=args.fps, loop=args.loop, seed=args.seed) \
         if source_kind != "webcam" else args.source
-    runtime = HeadsetRuntime(source, model, cfg)
+    announce = None if args.quiet else (lambda rt: print(start_line(rt, args), file=sys.stderr, flush=True))
+    runtime = HeadsetRuntime(source, args.model, cfg, on_start=announce)
+    if args.verbose:
+        runtime.on_frame = _progress(runtime)
     sync = None
     if args.cloud:
         try:
@@ -135,7 +230,10 @@ def run(args: argparse.Namespace) -> int:
             retrainer.stop()
     if retrainer is not None:
         summary["local_retraining"] = retrainer.history
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        print("\n".join(human_summary(summary)))
     if summary["frames_shown"] == 0:
         print(f"hmd device: error: no frame was shown ({summary['exit_reason']})", file=sys.stderr)
         return 1

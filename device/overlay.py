@@ -3,10 +3,16 @@
 Every mode returns a new BGR uint8 image the size of the camera frame (the input frame is never
 modified: the journal may still be reading it). Model outputs come at model resolution and are
 resized with one ``cv2.resize`` each, straight to the size they are drawn at.
+
+Text is sized from the frame height (:func:`text_style`), so the HUD and the tile labels read the
+same at 320x240 and at 1280x720. The HUD is a band *above* the view (:func:`with_hud`): it never
+covers what the camera or the model shows, and its height depends only on the frame size, so a
+recording keeps one size for the whole run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import cv2
 import numpy as np
@@ -17,7 +23,14 @@ MODES: tuple[str, ...] = ("edges", "colour", "denoised", "side-by-side", "class"
 # keys in the window: 1..5 pick a mode, m cycles, h toggles the HUD, q / Esc quit
 MODE_KEYS = {ord(str(i + 1)): m for i, m in enumerate(MODES)}
 EDGE_COLOUR_BGR = np.array([0, 255, 0], np.float32)  # edges are drawn in green
-HUD_HEIGHT = 18  # pixels of the top band the HUD covers
+TILE_LABELS: tuple[str, ...] = ("camera", "edges", "colour", "denoised")  # side-by-side, row by row
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+MIN_TEXT_SCALE = 0.5  # ~11 px capitals: the smallest that stays legible in a 320x240 window
+WHITE, AMBER = (255, 255, 255), (0, 200, 255)
+HUD_BACKGROUND = 24  # gray level of the HUD band
+# the widest the HUD's statistics get: the one-line layout keeps room for them whatever the numbers
+WIDEST_STATS = "999.9 fps  9999/9999 ms p50/p95"
+MIN_MODEL_FIELD = "model 0123456789ab  [side-by-side]"
 
 
 @dataclasses.dataclass
@@ -72,17 +85,35 @@ def denoised_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
 
 
 def side_by_side(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
-    """A 2 x 2 grid at the frame's size: view, edges, colour, denoised. Each tile is drawn at tile
-    size (the view shrunk once, the outputs resized straight to it): a quarter of the pixels."""
+    """A 2 x 2 grid at the frame's size: view, edges, colour, denoised, each labelled in its
+    top-left corner (:data:`TILE_LABELS`) when the tile has room for it (from ~200x150 frames up). Each tile is drawn at tile size (the view shrunk once,
+    the outputs resized straight to it): a quarter of the pixels."""
     h, w = view_bgr.shape[:2]
     hh, hw = h // 2, w // 2
     small = cv2.resize(view_bgr, (hw, hh), interpolation=cv2.INTER_AREA)
     tiles = [small, edges_view(small, pred), colour_view(small, pred), denoised_view(small, pred)]
     out = np.zeros_like(view_bgr)
-    for k, tile in enumerate(tiles):
+    style = text_style(h)
+    for k, (tile, label) in enumerate(zip(tiles, TILE_LABELS)):
         r, c = divmod(k, 2)
         out[r * hh:(r + 1) * hh, c * hw:(c + 1) * hw] = tile
+        bw, bh = label_box(label, style)
+        if bw <= 0.6 * hw and bh <= hh / 3:  # a tile too small for its label keeps all its pixels
+            draw_label(out, label, c * hw, r * hh, style)
     return out
+
+
+def label_box(label: str, style: "TextStyle") -> tuple[int, int]:
+    """(width, height) of the dark box :func:`draw_label` draws for ``label``."""
+    return style.width(label) + 2 * style.pad, style.line_height
+
+
+def draw_label(img_bgr: np.ndarray, label: str, x: int, y: int, style: "TextStyle") -> None:
+    """``label`` in white on a darkened box whose top-left corner is (x, y) (in place)."""
+    bw, bh = label_box(label, style)
+    box = img_bgr[y:y + bh, x:x + bw]
+    box[:] = box >> 2  # darkened, not blacked out: the tile stays visible under it
+    style.put(img_bgr, label, x + style.pad, y + style.pad // 2)
 
 
 def class_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
@@ -110,12 +141,98 @@ def render(frame_rgb: np.ndarray, pred: Prediction | None, mode: str) -> np.ndar
     return RENDERERS[mode](view, pred)
 
 
-def draw_hud(img_bgr: np.ndarray, hud: HudInfo) -> None:
-    """FPS, latency p50/p95, model version and mode in a dark band on top (in place)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextStyle:
+    """OpenCV text sized for one frame height: ``height`` pixels above the baseline, ``descent`` below."""
+
+    scale: float
+    thickness: int
+    height: int
+    descent: int
+    pad: int
+
+    @property
+    def line_height(self) -> int:
+        return self.height + self.descent + self.pad
+
+    def width(self, text: str) -> int:
+        return cv2.getTextSize(text, FONT, self.scale, self.thickness)[0][0]
+
+    def put(self, img_bgr: np.ndarray, text: str, x: int, y_top: int, colour=WHITE) -> None:
+        cv2.putText(img_bgr, text, (x, y_top + self.height), FONT, self.scale, colour, self.thickness, cv2.LINE_AA)
+
+
+@functools.lru_cache(maxsize=32)
+def text_style(frame_height: int) -> TextStyle:
+    """Text for a frame ``frame_height`` pixels high: scale 0.5 up to 320 px, then in proportion (1.125 at 720)."""
+    scale = max(MIN_TEXT_SCALE, frame_height / 640)
+    thickness = 1 if scale < 1.0 else 2
+    (_, height), descent = cv2.getTextSize("Hg", FONT, scale, thickness)
+    return TextStyle(scale, thickness, height, descent, pad=max(3, round(height * 0.35)))
+
+
+@functools.lru_cache(maxsize=256)
+def elide(text: str, max_width: int, style: TextStyle) -> str:
+    """``text`` if it fits in ``max_width`` pixels, else its start and end around "..." (a version
+    name's distinguishing part is often at its end)."""
+    if style.width(text) <= max_width:
+        return text
+    for keep in range(len(text) - 1, 0, -1):
+        head = (keep + 1) // 2
+        shorter = text[:head] + "..." + text[len(text) - (keep - head):]
+        if style.width(shorter) <= max_width:
+            return shorter
+    return "..." if style.width("...") <= max_width else ""
+
+
+@functools.lru_cache(maxsize=32)
+def hud_lines(width: int, height: int) -> int:
+    """1 when the statistics and the model field fit side by side on one line, else 2: decided by
+    the frame size alone, so the band never changes height during a run."""
+    style = text_style(height)
+    need = style.width(WIDEST_STATS) + 3 * style.pad + style.width(MIN_MODEL_FIELD)
+    return 1 if need <= width - 2 * style.pad else 2
+
+
+def hud_height(width: int, height: int) -> int:
+    """Rows :func:`with_hud` adds above a ``width`` x ``height`` frame (one more when that keeps an
+    even frame's height even: video encoders drop an odd last row)."""
+    style = text_style(height)
+    band = hud_lines(width, height) * style.line_height + style.pad
+    return band + (band + height) % 2
+
+
+def _model_field(hud: HudInfo, max_width: int, style: TextStyle) -> str:
+    tail = f"  [{hud.mode}]"
+    return "model " + elide(hud.version, max_width - style.width("model " + tail), style) + tail
+
+
+def with_hud(img_bgr: np.ndarray, hud: HudInfo) -> np.ndarray:
+    """A new image: a band with FPS, latency p50/p95, the model version and the mode (and a note
+    first, in amber) above ``img_bgr``, which is copied untouched below it. A version name too long
+    for the band is shortened in the middle, never cut off."""
     h, w = img_bgr.shape[:2]
-    band = min(HUD_HEIGHT, h)
-    img_bgr[:band] = (img_bgr[:band] >> 2)  # darken: cheap and keeps the view visible
-    text = f"{hud.fps:4.1f} fps  {hud.p50_ms:.0f}/{hud.p95_ms:.0f} ms p50/p95  {hud.version}  [{hud.mode}]"
-    if hud.note:
-        text += f"  {hud.note}"
-    cv2.putText(img_bgr, text, (3, band - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA)
+    style = text_style(h)
+    band = hud_height(w, h)
+    out = np.empty((band + h, w, 3), np.uint8)
+    out[:band] = HUD_BACKGROUND
+    out[band:] = img_bgr
+    avail = w - 2 * style.pad
+    stats = f"{hud.fps:.1f} fps  {hud.p50_ms:.0f}/{hud.p95_ms:.0f} ms p50/p95"
+    y = style.pad
+    if hud_lines(w, h) == 1:
+        field = _model_field(hud, avail - style.width(WIDEST_STATS) - 3 * style.pad, style)
+        style.put(out, field, w - style.pad - style.width(field), y)
+        left_room = avail - style.width(field) - 3 * style.pad
+    else:
+        style.put(out, _model_field(hud, avail, style), style.pad, y + style.line_height)
+        left_room = avail
+    x = style.pad
+    if hud.note:  # first, in amber: when there is one it matters more than the statistics
+        note = elide(hud.note + "  ", left_room, style)
+        style.put(out, note, x, y, AMBER)
+        x += style.width(note)
+    style.put(out, elide(stats, left_room - (x - style.pad), style), x, y)
+    return out

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from device import overlay
@@ -28,7 +28,7 @@ from device.metrics import StageTimer, peak_rss_mb
 from device.output import Recorder, Window, display_available
 from device.store import ModelStore
 from device.watch import FolderWatcher
-from shared.atomic import atomic_write_json
+from shared.atomic import atomic_write_bytes, atomic_write_json
 from shared.errors import UserError
 
 
@@ -53,12 +53,14 @@ class RuntimeConfig:
     journal_scene_threshold: float = 0.12
     journal_queue: int = 16
     frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
+    snapshot_path: str | None = None  # PNG of the last frame shown (HUD included), written at the end
 
 
 class HeadsetRuntime:
     def __init__(self, source: FrameSource | str, model: str | os.PathLike | InferenceEngine | None = None,
                  config: RuntimeConfig | None = None, *,
-                 on_frame: Callable[[int, np.ndarray, Prediction | None], None] | None = None):
+                 on_frame: Callable[[int, np.ndarray, Prediction | None], None] | None = None,
+                 on_start: Callable[["HeadsetRuntime"], None] | None = None):
         self.config = cfg = config or RuntimeConfig()
         if cfg.mode not in overlay.MODES:
             raise UserError(f"unknown overlay mode {cfg.mode!r} (choose from {', '.join(overlay.MODES)})")
@@ -83,6 +85,9 @@ class HeadsetRuntime:
         self.mode = cfg.mode
         self.hud = cfg.hud
         self.on_frame = on_frame
+        self.on_start = on_start  # called once the display is decided, just before the first frame
+        self.display = "not started"  # "window" or "headless"
+        self.headless_reason: str | None = None  # why there is no window
         self.timer = StageTimer()
         self.frames_shown = 0
         self.inference_errors = 0
@@ -146,12 +151,16 @@ class HeadsetRuntime:
         """Run until --max-frames, --duration, the source's end, a quit key or :meth:`stop`; returns the summary."""
         cfg = self.config
         window = None
-        want_window = (not cfg.headless) if cfg.headless is not None else display_available()
-        if want_window:
+        if cfg.headless:
+            self.headless_reason = "--headless"
+        elif cfg.headless is None and not display_available():
+            self.headless_reason = "no display: DISPLAY and WAYLAND_DISPLAY are not set"
+        else:
             try:
                 window = Window()
             except Exception as exc:  # no usable GUI backend: carry on headless, and say so
-                print(f"hmd device: no window ({str(exc).splitlines()[0][:120]}); running headless", file=sys.stderr)
+                self.headless_reason = f"no window: {str(exc).splitlines()[0][:120]}"
+        self.display = "window" if window is not None else "headless"
         recorder = Recorder(cfg.record, self.source.fps) if cfg.record else None
         sampler = None
         if cfg.journal_dir:
@@ -160,8 +169,11 @@ class HeadsetRuntime:
             sampler = JournalSampler(cfg.journal_every, cfg.journal_scene_threshold)
         if cfg.watch_dir:
             self.watcher = FolderWatcher(cfg.watch_dir, self.offer_model, cfg.watch_interval).start()
+        if self.on_start is not None:
+            self.on_start(self)
         capture = CaptureThread(self.source, lockstep=cfg.lockstep).start()
         self.exit_reason = "stopped"
+        shown = None
         t_start = time.perf_counter()
         waited_since: float | None = None
         try:
@@ -194,8 +206,8 @@ class HeadsetRuntime:
                 if self.hud:
                     p50, p95 = self.timer.recent_p50_p95()
                     note = "" if pred is not None else "NO MODEL OUTPUT"
-                    overlay.draw_hud(shown, overlay.HudInfo(self.timer.fps(), p50, p95, self.models.active.version,
-                                                            self.mode, note))
+                    shown = overlay.with_hud(shown, overlay.HudInfo(self.timer.fps(), p50, p95,
+                                                                    self.models.active.version, self.mode, note))
                 t3 = time.perf_counter()
                 if window is not None:
                     key = window.show(shown)
@@ -237,6 +249,11 @@ class HeadsetRuntime:
                 self.journal.close()
             self.models.close()
         self.summary = self._summary(capture, elapsed, window is not None, recorder)
+        if cfg.snapshot_path and shown is not None:
+            ok, png = cv2.imencode(".png", shown)
+            if ok:
+                atomic_write_bytes(cfg.snapshot_path, png.tobytes())
+                self.summary["snapshot"] = str(cfg.snapshot_path)
         if cfg.metrics_path:
             atomic_write_json(cfg.metrics_path, self.summary)
         return self.summary
@@ -258,6 +275,7 @@ class HeadsetRuntime:
             "exit_reason": self.exit_reason,
             "mode": self.mode,
             "display": "window" if windowed else "headless",
+            "headless_reason": None if windowed else self.headless_reason,
             "record": {"path": str(recorder.path), "frames": recorder.frames} if recorder else None,
             "journal": self.journal.stats() if self.journal else None,
             "watch": {"dir": str(self.watcher.folder), "offered": self.watcher.offered_count} if self.watcher else None,

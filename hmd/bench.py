@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     module_name, helptext = BENCHES[args.what]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"hmd bench {args.what}", description=helptext)
+    from hmd.cli import ArgumentParser  # shows every option's default in --help, like every hmd command
+
+    parser = ArgumentParser(prog=f"hmd bench {args.what}", description=helptext)
     if hasattr(module, f"add_arguments_{args.what}"):
         getattr(module, f"add_arguments_{args.what}")(parser)
         fn = getattr(module, f"run_{args.what}")

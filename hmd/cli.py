@@ -2,11 +2,13 @@
 
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 Only the module of the subcommand being run is imported, so `hmd device` never
-imports torch and `hmd --help` is instant.
+imports torch and `hmd --help` is instant. Every parser (sub-commands' sub-parsers
+included) shows each option's default in ``--help`` (:class:`HelpFormatter`).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 
@@ -18,21 +20,58 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("models.cli_distill", "distil a teacher into a student (GREAT, soft targets, none)"),
     "attack": ("models.cli_attack", "evaluate a model under FGSM/iFGSM/PGD/transfer attacks"),
     "device": ("device.cli", "run the headset: capture, inference, overlay, hot-swap, journal"),
-    "cloud": ("cloud.cli", "the cloud retraining service (serve, add-device)"),
+    "cloud": ("cloud.cli", "the cloud retraining service (serve, add-device, devices, rotate-token, import-base)"),
     "personalise": ("hmd.personalise", "the cloud's personalisation job, offline: train, gate, signed export"),
     "demo": ("hmd.demo", "the whole loop on this machine, nothing to set up"),
     "bench": ("hmd.bench", "benchmarks: train | device | cloud | table4 | ... (JSON on stdout)"),
 }
 
 
+from hmd import __version__  # noqa: E402
 from shared.errors import UserError  # noqa: E402  (re-exported for subcommands)
 
 
-def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already names its default, or
+    there is none to show (None, a flag's False, a suppressed option); descriptions are wrapped
+    paragraph by paragraph (a blank line separates two)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(super(HelpFormatter, self)._fill_text(p, width, indent) for p in text.split("\n\n"))
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return bool(action.option_strings) and not nothing and text != argparse.SUPPRESS and "default" not in text
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not self._shows_default(action):
+            return action.help
+        return f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse skips help-less options' help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with :class:`HelpFormatter`; sub-parsers made by ``add_subparsers`` are of this
+    class too, so `hmd cloud serve --help` shows its defaults like every other command."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _top_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="hmd",
         description="great-hmd: GREAT-trained multi-task vision for head-mounted displays.",
     )
+    parser.add_argument("--version", action="version", version=f"hmd (great-hmd) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, helptext) in COMMANDS.items():
         sub.add_parser(name, help=helptext, add_help=False)
@@ -59,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hmd: the '{name}' command is not available in this build ({exc})", file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"hmd {name}", description=helptext)
+    parser = ArgumentParser(prog=f"hmd {name}", description=helptext)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:

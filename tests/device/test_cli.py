@@ -1,5 +1,6 @@
-"""`hmd device` end to end: bad input gives one clear line and a non-zero exit; a good run writes
-the summary, the metrics file and the recording."""
+"""`hmd device` end to end: bad input gives one clear line and a non-zero exit; a good run prints a
+start line on stderr and a short summary on stdout (the JSON with --json), and writes the metrics
+file, the recording and the snapshot."""
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ from tests.device.conftest import ROOT
 def _hmd(*args, timeout=60):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("DISPLAY", None)
+    env.pop("WAYLAND_DISPLAY", None)
+    env.pop("OPENCV_FFMPEG_LOGLEVEL", None)  # set by the in-process runs of `hmd device` in this session
     return subprocess.run([sys.executable, "-m", "hmd", "device", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -41,6 +44,29 @@ def test_corrupt_model_and_mismatching_manifest(capsys, toy):
     m.outputs[0].name = "logits"
     m.save(folder / "manifest.json")
     _one_error_line(capsys, ["--model", folder, "--headless"], "'logits' declared in the manifest is not in the graph")
+
+
+def test_a_training_run_folder_points_at_hmd_export(capsys, tmp_path):
+    run = tmp_path / "runs" / "base"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"a torch checkpoint")
+    (run / "metrics.json").write_text("{}")
+    _one_error_line(capsys, ["--model", run, "--headless"],
+                    f"{run} is a training run folder (checkpoint.pt), not an exported model: "
+                    f"run `hmd export {run} --out model.onnx`, then --model model.onnx")
+
+
+def test_a_truncated_mp4_gives_only_our_line_not_ffmpegs(toy, tmp_path):
+    """An MP4 without its index: FFmpeg itself logs "moov atom not found" unless silenced (in a
+    subprocess: OpenCV reads the FFmpeg log level once per process)."""
+    bad = tmp_path / "cut.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + os.urandom(3000))
+    proc = _hmd("--model", toy("v1"), "--source", f"video:{bad}", "--headless")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"hmd device: error: cannot read video {bad}: not a video OpenCV can decode"]
+    assert proc.stdout == ""
+    loud = _hmd("-v", "--model", toy("v1"), "--source", f"video:{bad}", "--headless")  # -v lets FFmpeg speak
+    assert loud.returncode == 2 and "moov atom not found" in loud.stderr
 
 
 def test_unreadable_video_missing_folder_bad_source(capsys, toy, tmp_path):
@@ -69,7 +95,7 @@ def test_a_full_run_prints_the_summary_and_writes_metrics_and_video(toy, tmp_pat
     out, metrics = tmp_path / "out.mp4", tmp_path / "metrics.json"
     proc = _hmd("--model", toy("v1"), "--source", f"images:{images}", "--loop", "--lockstep", "--fps", "0",
                 "--mode", "denoised", "--no-hud", "--max-frames", 12, "--record", out, "--metrics", metrics,
-                "--headless")
+                "--headless", "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary == json.loads(metrics.read_text())
@@ -96,7 +122,42 @@ def test_a_source_that_ends_ends_the_run_cleanly(toy, tmp_path):
     images.mkdir()
     for i in range(4):
         cv2.imwrite(str(images / f"{i}.png"), np.full((32, 32, 3), 60 * i, np.uint8))
-    proc = _hmd("--model", toy("v1"), "--source", f"images:{images}", "--lockstep", "--fps", "0", "--headless")
+    proc = _hmd("--model", toy("v1"), "--source", f"images:{images}", "--lockstep", "--fps", "0", "--headless",
+                "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["frames_shown"] == 4 and summary["exit_reason"].startswith("source ended")
+
+
+def test_headless_run_says_what_runs_and_how_to_stop_then_a_short_summary(toy, tmp_path):
+    """No display and no --headless: the start line says it fell back to headless; stdout gets a
+    few human lines, not the JSON; --snapshot writes the last frame with the HUD band above it."""
+    model = toy("v1")
+    snap, video = tmp_path / "last.png", tmp_path / "run.mp4"
+    proc = _hmd("--model", model, "--source", "synthetic:studio", "--size", "96x64", "--fps", "0",
+                "--max-frames", 5, "--mode", "side-by-side", "--snapshot", snap, "--record", video)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"hmd device: model v1 ({model / 'model.onnx'}) on synthetic:studio 96x64, side-by-side view, headless "
+        f"(no display: DISPLAY and WAYLAND_DISPLAY are not set); ends after 5 frames; Ctrl+C stops it"]
+    lines = proc.stdout.splitlines()
+    assert 3 <= len(lines) <= 5, proc.stdout
+    assert lines[0].startswith("hmd device: 5 frames in ") and lines[0].endswith("ended: max frames")
+    assert lines[1].startswith("  latency p50/p95 ms: total ")
+    assert lines[2] == "  model v1 (used: v1; 0 swaps, 0 rollbacks); headless"
+    assert lines[-1] == f"  recorded {video} (5 frames); snapshot {snap}"
+    image = cv2.imread(str(snap))
+    from device import overlay
+    assert image.shape == (64 + overlay.hud_height(96, 64), 96, 3)
+    ok, first = cv2.VideoCapture(str(video)).read()  # the HUD band is in the recording, no row lost
+    assert ok and first.shape == image.shape
+
+
+def test_quiet_prints_nothing_but_metrics_still_written(toy, tmp_path):
+    metrics = tmp_path / "m.json"
+    proc = _hmd("-q", "--model", toy("v1"), "--source", "synthetic", "--size", "64x48", "--fps", "0",
+                "--max-frames", 3, "--metrics", metrics)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+    summary = json.loads(metrics.read_text())
+    assert summary["frames_shown"] == 3 and summary["display"] == "headless"
+    assert summary["headless_reason"].startswith("no display")

@@ -57,7 +57,7 @@ def test_window_shows_the_overlay_on_a_display(toy, tmp_path):
         env = dict(os.environ, PYTHONPATH=str(ROOT), DISPLAY=display, QT_QPA_PLATFORM="xcb")
         device = subprocess.Popen([sys.executable, "-m", "hmd", "device", "--model", str(toy("win")), "--source",
                                    f"images:{images}", "--loop", "--fps", "20", "--mode", "colour",
-                                   "--duration", "60"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   "--duration", "60", "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         # toy colour of gray 64 = RGB (64, 191, 128): wait until the window shows it
         target = np.array([64, 191, 128])
