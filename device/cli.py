@@ -31,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "line on stderr and a short summary on stdout at the end (the whole summary as JSON with --json "
         "or --metrics FILE). Stop with q/Esc in the window, Ctrl+C, SIGTERM, --max-frames or --duration.")
     parser.add_argument("--source", default="synthetic",
-                        help="webcam:N | video:PATH | images:DIR | synthetic[:WORLD]")
-    parser.add_argument("--model", help="an exported model: FILE.onnx (manifest beside it) or a folder with "
+                        help="webcam:N | video:PATH | images:DIR | synthetic[:WORLD] | walk:DIR (a simulated head "
+                             "over real photos) | rooms[:STYLE]")
+    parser.add_argument("--model", help="an exported model: FILE.onnx (manifest beside it), a folder with "
                                         "model.onnx + manifest.json (`hmd export RUN_DIR --out FILE.onnx` makes "
-                                        "one); optional with --store that has a current version")
+                                        "one) or a shipped model's name (default: base, the shipped headset "
+                                        "model; with --store, the store's current version)")
     parser.add_argument("--mode", default="edges", choices=overlay.MODES,
                         help="overlay (keys 1-5 / m switch it in the window, h toggles the HUD)")
     parser.add_argument("--no-hud", action="store_true", help="no FPS/latency/version band above the view")
@@ -85,14 +87,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrain-max-steps", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def _check_model_path(model: str) -> None:
-    """A path that is not an exported model gets one line saying what it is and what to run."""
+def _check_model_path(model: str) -> str:
+    """A shipped model's name -> its folder; a path that is not an exported model gets one line
+    saying what it is and what to run."""
+    from shared.paths import SHIPPED
+
     path = Path(model)
+    if not path.exists() and model in SHIPPED and SHIPPED[model].is_dir():
+        path = SHIPPED[model]
     if not path.exists():
-        raise UserError(f"model not found: {model}")
-    if path.is_dir() and not (path / "manifest.json").is_file() and (path / "checkpoint.pt").is_file():
+        raise UserError(f"model not found: {model} (shipped models: {', '.join(n for n, p in SHIPPED.items() if any(p.glob('*.onnx')))})")
+    if path.is_dir() and not (path / "manifest.json").is_file() and not any(path.glob("*.onnx")) \
+            and (path / "checkpoint.pt").is_file():
         raise UserError(f"{model} is a training run folder (checkpoint.pt), not an exported model: "
                         f"run `hmd export {model} --out model.onnx`, then --model model.onnx")
+    return str(path)
 
 
 def _public_key(path: str | None) -> bytes | None:
@@ -183,10 +192,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"watch folder not found: {args.watch}")
     if args.snapshot and not Path(args.snapshot).resolve().parent.is_dir():
         raise UserError(f"cannot write the snapshot {args.snapshot}: its folder does not exist")
-    if args.model is None and args.store is None:
-        raise UserError("--model FILE.onnx is required (or --store DIR with a current version)")
+    if args.model is None and (args.store is None or not (Path(args.store) / "current").exists()):
+        args.model = "base"  # the shipped headset model
     if args.model is not None:
-        _check_model_path(args.model)
+        args.model = _check_model_path(args.model)
     if not args.verbose:
         quiet_video_backend()  # FFmpeg's own messages ("moov atom not found") before our one-line error
     cfg = RuntimeConfig(mode=args.mode, hud=not args.no_hud, headless=True if args.headless else None,
