@@ -95,6 +95,30 @@ class LocalBlobStore:
     def open(self, sha256: str) -> BinaryIO:
         return open(self._path(sha256), "rb")
 
+    # -- recovery after a crash (the embedded store has one writing process) ------------------
+    def remove_temporary(self) -> int:
+        """Delete what a killed process left in the temporary folder; returns how many files."""
+        n = 0
+        for path in self.tmp.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def names(self) -> list[str]:
+        """Every blob's sha256."""
+        return [p.name for d in self.root.iterdir() if len(d.name) == 2 and d.is_dir() for p in d.iterdir()]
+
+    def remove_unreferenced(self, referenced: set[str]) -> int:
+        """Delete blobs no database row names (a crash between renaming an upload's frames into
+        the store and committing it leaves such blobs); returns how many."""
+        n = 0
+        for name in self.names():
+            if name not in referenced:
+                self._path(name).unlink(missing_ok=True)
+                n += 1
+        return n
+
 
 def _syncfs(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

@@ -19,7 +19,10 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
+import json
+import logging
 import os
 import queue
 import tarfile
@@ -30,13 +33,18 @@ from typing import AsyncIterator
 
 import cv2
 import numpy as np
+import simplejpeg
 from pydantic import ValidationError
 
 from cloud.blobs import BlobStore
 from cloud.storage import FrameRow, Storage, Upload
+from shared.errors import UserError
 from shared.wire import FRAME_PATH, INDEX_NAME, UploadIndex
 
+log = logging.getLogger("hmd.cloud.ingest")
 INDEX_LIMIT = 8 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 3840 * 2160
+DEFAULT_MAX_META_BYTES = 4096
 _QUEUE_CHUNKS = 32  # body chunks buffered between the event loop and the parser thread
 _PENDING_DECODE_BYTES = 16 * 1024 * 1024  # frames handed to the decode pool and not yet checked
 _DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
@@ -51,6 +59,27 @@ class UploadRejected(Exception):
 
 def _bad(detail: str) -> UploadRejected:
     return UploadRejected(400, "bad_archive", detail)
+
+
+def server_fault(exc: OSError) -> UploadRejected:
+    """A fault of the server's storage while ingesting (disk full, file too large, too many open
+    files, I/O error): never the client's fault, so a 5xx the headset retries, never a 400 it
+    would skip. The exception text stays in the server log."""
+    log.warning("storing an upload failed: %s: %s", type(exc).__name__, exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return UploadRejected(507, "insufficient_storage", "the server is out of storage space; retry later")
+    return UploadRejected(503, "storage_unavailable", "the server could not store the upload; retry later")
+
+
+def validation_summary(exc: ValidationError | ValueError) -> str:
+    """The first problem of a pydantic error as ``field: message`` (no internals, no input echo)."""
+    errors = exc.errors(include_url=False, include_input=False) if isinstance(exc, ValidationError) else []
+    if not errors:
+        return "not valid JSON"
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"
 
 
 # -- frame check ---------------------------------------------------------------------------------
@@ -88,26 +117,46 @@ def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
     return None
 
 
-def check_frame(data: bytes) -> tuple[int, int] | None:
-    """(width, height) if ``data`` decodes as an image (as ``cv2.imdecode(.., IMREAD_COLOR)`` sees
-    it), else None.
+def png_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR, or None if ``data`` is not a PNG."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
 
-    A plain JPEG is decoded at 1/8 scale: libjpeg still parses every marker and entropy-decodes
-    every coefficient of every scan (a truncated or corrupt stream fails exactly as in a full
-    decode), it only skips the full-size inverse DCT and colour conversion. Anything else (EXIF,
-    whose orientation swaps the decoded size; other formats; a failed or odd-sized reduced
-    decode) gets the full decode."""
-    buf = np.frombuffer(data, np.uint8)
+
+def check_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of a JPEG frame that decodes completely and cleanly, as
+    ``cv2.imdecode(.., IMREAD_COLOR)`` sees it; raises :class:`UploadRejected` (400) otherwise.
+
+    The size comes from the frame header and is checked against ``max_pixels`` before anything
+    is decoded (an image bomb declares a huge size in a few bytes). The frame is then decoded
+    strictly by libjpeg-turbo (simplejpeg, ``strict``: any warning such as a premature end of the
+    entropy-coded data fails it, where OpenCV fills the rest with grey) at the smallest DCT
+    scale, which still entropy-decodes every coefficient of every scan but skips the full-size
+    inverse DCT and colour conversion. A frame with EXIF (whose orientation may swap the size)
+    also gets OpenCV's full decode, bounded by the same pixel limit."""
     head = jpeg_header(data)
-    if head is not None and not head[2]:
-        w, h, _ = head
-        small = cv2.imdecode(buf, cv2.IMREAD_REDUCED_GRAYSCALE_8)
-        if small is not None and small.shape[:2] == (-(-h // 8), -(-w // 8)):
-            return w, h
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if img is None:
-        return None
-    return img.shape[1], img.shape[0]
+    if head is None:
+        kind = "a PNG" if png_header(data) is not None else "not a JPEG"
+        raise _bad(f"{kind}; frames must be JPEG")
+    w, h, exif = head
+    if w < 1 or h < 1:
+        raise _bad(f"declares an empty {w}x{h} image")
+    if w * h > max_pixels:
+        raise _bad(f"declares {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=True, min_height=1, min_width=1, strict=True)
+    except ValueError:
+        raise _bad("is not a complete, decodable JPEG") from None
+    if exif:
+        try:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:
+            img = None
+        if img is None:
+            raise _bad("is not a decodable JPEG")
+        return img.shape[1], img.shape[0]
+    return w, h
 
 
 # -- streaming parser -----------------------------------------------------------------------------
@@ -162,10 +211,12 @@ class Received:
 
 class _Parser:
     def __init__(self, q: "queue.Queue[bytes | None]", blobs: BlobStore, spool_dir: Path, *, max_frames: int,
-                 max_frame_bytes: int):
+                 max_frame_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_meta_bytes: int = DEFAULT_MAX_META_BYTES):
         self.feed = _Feed(q)
         self.blobs, self.spool_dir = blobs, spool_dir
         self.max_frames, self.max_frame_bytes = max_frames, max_frame_bytes
+        self.max_pixels, self.max_meta_bytes = max_pixels, max_meta_bytes
         self.temps: list[Path] = []
         self.result: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -196,8 +247,8 @@ class _Parser:
     def _parse(self) -> Received:
         try:
             tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024)  # uncompressed only
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise _bad(f"not a tar archive ({exc})") from None
+        except (tarfile.TarError, OSError, EOFError):
+            raise _bad("not an uncompressed tar archive") from None
         members: dict[str, _Member] = {}
         pending: collections.deque = collections.deque()
         pending_bytes = 0
@@ -205,8 +256,11 @@ class _Parser:
         try:
             with tar:
                 for m in tar:
-                    if not m.isfile():
-                        raise _bad(f"member {m.name!r} is not a regular file")
+                    # only plain files: no links, devices, FIFOs, and no sparse members, whose
+                    # declared (expanded) size is not what crossed the wire and the size limit
+                    if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse():
+                        kind = "a sparse file" if m.issparse() else "not a regular file"
+                        raise _bad(f"member {m.name[:100]!r} is {kind}")
                     if m.name in members or (m.name == INDEX_NAME and index_bytes is not None):
                         raise _bad(f"member {m.name!r} appears twice")
                     if len(members) >= self.max_frames:
@@ -224,19 +278,22 @@ class _Parser:
                     sha = hashlib.sha256(data).hexdigest()
                     tmp = None
                     if not self.blobs.exists(sha):
-                        fh, tmp = self._temp()
-                        with fh:
-                            fh.write(data)
-                    fut = _DECODE_POOL.submit(check_frame, data)
+                        try:
+                            fh, tmp = self._temp()
+                            with fh:
+                                fh.write(data)
+                        except OSError as exc:  # the server's disk, not the archive
+                            raise server_fault(exc) from None
+                    fut = _DECODE_POOL.submit(check_frame, data, self.max_pixels)
                     members[m.name] = _Member(len(data), sha, tmp, fut)
                     pending.append((fut, len(data)))
                     pending_bytes += len(data)
                     while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
                         done, nbytes = pending.popleft()
-                        done.result()
+                        done.exception()  # waits; a bad frame is reported by _validate, in index order
                         pending_bytes -= nbytes
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise _bad(f"the archive is truncated or corrupt ({exc})") from None
+        except (tarfile.TarError, OSError, EOFError):
+            raise _bad("the archive is truncated or corrupt") from None
         finally:
             concurrent.futures.wait([f for f, _ in pending])
         return self._validate(index_bytes, members)
@@ -247,8 +304,7 @@ class _Parser:
         try:
             index = UploadIndex.model_validate_json(index_bytes)
         except (ValidationError, ValueError) as exc:
-            first = str(exc).splitlines()
-            raise _bad(f"{INDEX_NAME} is not a valid upload index: {' '.join(first[:3])}") from None
+            raise _bad(f"{INDEX_NAME} is not a valid upload index: {validation_summary(exc)}") from None
         if len(index.frames) > self.max_frames:
             raise _bad(f"{len(index.frames)} frames in one upload; the limit is {self.max_frames}")
         listed = [f.file for f in index.frames]
@@ -269,13 +325,16 @@ class _Parser:
                 raise _bad(f"frame {i}: {f.file} has {m.size} bytes, the index says {f.bytes}")
             if m.sha256 != f.sha256:
                 raise _bad(f"frame {i}: {f.file} does not match its sha256 in the index")
-            dims = m.check.result()
-            if dims is None:
-                raise _bad(f"frame {i}: {f.file} is not a decodable image")
-            w, h = dims
+            try:
+                w, h = m.check.result()
+            except UploadRejected as exc:
+                raise _bad(f"frame {i}: {f.file} {exc.detail}") from None
             if (f.width is not None and f.width != w) or (f.height is not None and f.height != h):
                 raise _bad(f"frame {i}: {f.file} is {w}x{h}, the index says {f.width}x{f.height}")
             meta = f.model_dump(exclude={"file", "sha256", "bytes", "width", "height"})
+            meta_bytes = len(json.dumps(meta, separators=(",", ":")))
+            if meta_bytes > self.max_meta_bytes:
+                raise _bad(f"frame {i}: {meta_bytes} bytes of metadata; the limit is {self.max_meta_bytes}")
             rows.append(FrameRow(f.sha256, w, h, meta))
             if m.tmp is not None:
                 temps.append((m.sha256, m.tmp))
@@ -283,13 +342,16 @@ class _Parser:
 
 
 async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
-                         max_frames: int, max_frame_bytes: int) -> Received:
-    """Stream, parse and validate an upload as it arrives; 413 past ``limit`` bytes, 400 if invalid.
+                         max_frames: int, max_frame_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                         max_meta_bytes: int = DEFAULT_MAX_META_BYTES) -> Received:
+    """Stream, parse and validate an upload as it arrives; 413 past ``limit`` bytes, 400 if invalid,
+    5xx if the server cannot store it.
 
     The whole body is read even after the archive is found invalid, so the client always gets
     the answer (not a reset connection)."""
     q: "queue.Queue[bytes | None]" = queue.Queue(maxsize=_QUEUE_CHUNKS)
-    parser = _Parser(q, blobs, spool_dir, max_frames=max_frames, max_frame_bytes=max_frame_bytes)
+    parser = _Parser(q, blobs, spool_dir, max_frames=max_frames, max_frame_bytes=max_frame_bytes,
+                     max_pixels=max_pixels, max_meta_bytes=max_meta_bytes)
     thread = threading.Thread(target=parser.run, name="upload-parser", daemon=True)
     thread.start()
     size = 0
@@ -334,6 +396,7 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
         content = received.index.content_sha256()
         existing = storage.find_upload(device_id, content)
         if existing is not None:
+            _check_same_metadata(received.index, existing, blobs)
             return existing, False
         adopt = getattr(blobs, "adopt", None)
         if adopt is not None and hasattr(blobs, "sync"):
@@ -350,18 +413,43 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
                 blobs.put_file(path, sha)
             index_sha = blobs.put_bytes(received.index_bytes)
         return storage.commit_upload(device_id, content, index_sha, received.size, received.rows)
+    except OSError as exc:
+        raise server_fault(exc) from None
     finally:
         for _, path in temps:
             path.unlink(missing_ok=True)
 
 
-def decode_frames(blobs: BlobStore, frames: list[FrameRow], size: tuple[int, int]) -> np.ndarray:
-    """N x H x W x 3 uint8 RGB at ``size`` (h, w) from stored JPEG blobs."""
+def metadata_digest(index: UploadIndex) -> str:
+    """What the device said about its frames, whatever the archive's member names: a repeat of an
+    upload must say the same."""
+    frames = [f.model_dump(exclude={"file"}) for f in index.frames]
+    return hashlib.sha256(json.dumps(frames, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_same_metadata(index: UploadIndex, existing: Upload, blobs: BlobStore) -> None:
+    with blobs.open(existing.index_sha256) as fh:
+        stored = UploadIndex.model_validate_json(fh.read())
+    if metadata_digest(stored) != metadata_digest(index):
+        raise UploadRejected(409, "conflict", f"these frames were uploaded before (upload {existing.id}) with "
+                                              "different metadata; the first upload is kept")
+
+
+def decode_frames(blobs: BlobStore, frames: list[FrameRow], size: tuple[int, int],
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """N x H x W x 3 uint8 RGB at ``size`` (h, w) from stored JPEG blobs. A blob whose header
+    declares more than ``max_pixels`` is never decoded (ingest refused it; this guards the store)."""
     h, w = size
     out = np.empty((len(frames), h, w, 3), np.uint8)
     for i, f in enumerate(frames):
         with blobs.open(f.sha256) as fh:
-            img = cv2.imdecode(np.frombuffer(fh.read(), np.uint8), cv2.IMREAD_COLOR)
+            data = fh.read()
+        head = jpeg_header(data)
+        if head is None or head[0] * head[1] > max_pixels:
+            raise UserError(f"stored frame {f.sha256[:12]}... is not a JPEG within {max_pixels} pixels; not decoded")
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise UserError(f"stored frame {f.sha256[:12]}... does not decode")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if img.shape[:2] != (h, w):
             interp = cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR

@@ -17,7 +17,7 @@ from shared.errors import UserError
 class JobQueue(Protocol):
     def submit(self, job: Job) -> None: ...
     def claim(self, timeout: float) -> Job | None: ...
-    def recover(self) -> list[str]: ...
+    def recover(self, max_attempts: int | None = None) -> tuple[list[str], list[str]]: ...
     def wake(self) -> None: ...
 
 
@@ -40,9 +40,10 @@ class DatabaseJobQueue:
             job = self.storage.claim_next_job()
         return job
 
-    def recover(self) -> list[str]:
-        """After a restart: jobs that were running when the process died are queued again."""
-        return self.storage.requeue_interrupted()
+    def recover(self, max_attempts: int | None = None) -> tuple[list[str], list[str]]:
+        """After a restart: jobs that were running when the process died are queued again, or
+        failed once tried ``max_attempts`` times; (requeued, failed)."""
+        return self.storage.requeue_interrupted(max_attempts)
 
 
 def open_queue(url: str, storage: Storage) -> JobQueue:

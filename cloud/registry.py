@@ -54,6 +54,12 @@ class ModelRegistry:
                 atomic_write_bytes(dest / name, fh.read())
         return dest
 
+    def sign(self, manifest: Manifest, device_id: int | None) -> Manifest:
+        """Sign with the next sequence number and the device it is for (None: every device)."""
+        device = self.storage.device(device_id) if device_id is not None else None
+        return self.key.sign_manifest(manifest, sequence=self.storage.next_manifest_sequence(),
+                                      device=device.name if device else None)
+
     def build_version(self, run_dir: str | os.PathLike, version: str, *, parent: str | None,
                       device_id: int | None, job_id: str | None = None,
                       extra_training: dict | None = None) -> Version:
@@ -74,7 +80,7 @@ class ModelRegistry:
             manifest = export_run(tmp, export_dir / "model.onnx", version=version, parent_version=parent,
                                   manifest_path=export_dir / "manifest.json", extra_training=extra_training,
                                   int8=self.int8)
-            signed = self.key.sign_manifest(manifest)
+            signed = self.sign(manifest, device_id)
             onnx_sha = self.blobs.put_file(export_dir / "model.onnx", manifest.sha256)
             manifest_sha = self.blobs.put_bytes(signed.to_json().encode("utf-8"))
             size = self.blobs.size(onnx_sha)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 
 from cloud.blobs import BlobStore, open_blob_store
 from cloud.events import EventBroker
 from cloud.jobqueue import JobQueue, open_queue
 from cloud.keys import SigningKey
+from cloud.limits import PerDeviceSlots
 from cloud.registry import ModelRegistry
 from cloud.settings import Settings
 from cloud.storage import Storage, open_storage
@@ -38,13 +40,15 @@ class Services:
     registry: ModelRegistry
     broker: EventBroker
     worker: Worker | None = None
+    uploads_in_flight: PerDeviceSlots = dataclasses.field(default_factory=PerDeviceSlots)
+    event_streams: PerDeviceSlots = dataclasses.field(default_factory=PerDeviceSlots)
 
     @classmethod
     def open(cls, settings: Settings, runner: JobRunner | None = None) -> "Services":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(settings.db_url)
         blobs = open_blob_store(settings.blobs_url)
-        key = SigningKey(settings.data_dir)
+        key = SigningKey(settings.data_dir, settings.signing_key)
         registry = ModelRegistry(settings.data_dir, storage, blobs, key, int8=settings.int8)
         services = cls(settings, storage, blobs, open_queue(settings.queue_url, storage), key, registry,
                        EventBroker())
@@ -64,7 +68,29 @@ class Services:
         if base is not None:
             self.registry.write_model_folder(base, self.settings.data_dir / "base-model")
 
+    def recover_files(self) -> dict[str, int]:
+        """Remove what a killed process left behind: temporary and spooled frames, half-made run
+        folders, and blobs no row names (frames renamed into the store whose upload never
+        committed). The embedded deployment is one process, so nothing else is writing now."""
+        removed = {"temporary": 0, "unreferenced_blobs": 0, "run_folders": 0}
+        if hasattr(self.blobs, "remove_temporary"):
+            removed["temporary"] += self.blobs.remove_temporary()
+        spool = self.settings.data_dir / "spool"
+        if spool.is_dir():
+            for path in spool.iterdir():
+                path.unlink(missing_ok=True)
+                removed["temporary"] += 1
+        for path in self.registry.runs_dir.glob(".*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed["run_folders"] += 1
+        if hasattr(self.blobs, "remove_unreferenced"):
+            removed["unreferenced_blobs"] = self.blobs.remove_unreferenced(self.storage.referenced_blobs())
+        if any(removed.values()):
+            log.warning("removed what an interrupted run left: %s", removed)
+        return removed
+
     def start(self) -> None:
+        self.recover_files()
         self.ensure_base()
         if self.worker is not None:
             self.worker.start()

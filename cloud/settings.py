@@ -27,6 +27,13 @@ class Settings:
     max_upload_bytes: int = 64 * 1024 * 1024
     max_frame_bytes: int = 4 * 1024 * 1024
     max_frames_per_upload: int = 4096
+    max_frame_pixels: int = 3840 * 2160  # frames are rejected from their header above this (decoded-size limit)
+    max_frame_meta_bytes: int = 4096  # JSON bytes of one frame's metadata in an upload index
+    max_uploads_in_flight: int = 4  # per device; more concurrent uploads answer 429
+    max_device_bytes: int = 4 * 1024 ** 3  # stored upload bytes per device (0: no quota); over it: 507
+    max_streams_per_device: int = 4  # open /v1/events streams per device; more answer 429
+    max_job_attempts: int = 3  # a job interrupted this many times (e.g. it kills the process) is failed
+    signing_key: Path | None = None  # the Ed25519 private key file (default DATA/signing.key)
     auto_job_frames: int = 64  # a job starts once a device uploaded this many new frames (0: never)
     job_max_frames: int = 512  # the most recent wearer frames a job trains on
     frame_size: int | None = None  # frames are resized to this side for training (default: the model's)
@@ -53,6 +60,7 @@ class Settings:
         self.data_dir = Path(self.data_dir)
         self.base_run = Path(self.base_run) if self.base_run else None
         self.teacher_run = Path(self.teacher_run) if self.teacher_run else None
+        self.signing_key = Path(self.signing_key) if self.signing_key else None
 
     @property
     def db_url(self) -> str:
@@ -94,6 +102,12 @@ class Settings:
             raise UserError("holdout_fraction must be between 0 and 1")
         if self.epochs < 1:
             raise UserError("epochs must be >= 1")
+        for name in ("max_frame_pixels", "max_frame_meta_bytes", "max_uploads_in_flight", "max_streams_per_device",
+                     "max_job_attempts"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1")
+        if self.max_device_bytes < 0:
+            raise UserError("max_device_bytes must be >= 0 (0: no quota)")
 
 
 def _coerce(name: str, typ: str, raw: str) -> Any:

@@ -157,6 +157,11 @@ class Storage(Protocol):
     def commit_upload(self, device_id: int, content_sha256: str, index_sha256: str, size: int,
                       frames: list[FrameRow]) -> tuple[Upload, bool]: ...
     def upload_count(self, device_id: int | None = None) -> int: ...
+    def device_bytes(self, device_id: int) -> int: ...
+    def device_bytes(self, device_id: int) -> int:
+        """Upload bytes stored for a device (its quota counts these)."""
+        return int(self._query("SELECT COALESCE(SUM(bytes), 0) FROM uploads WHERE device_id=?", (device_id,))[0][0])
+
     def frame_count(self, device_id: int | None = None) -> int: ...
     def frames_for_job(self, device_id: int, through_row: int, limit: int) -> list[FrameRow]: ...
     def create_job_if_due(self, device_id: int, min_new_frames: int, trigger: str,
@@ -164,13 +169,15 @@ class Storage(Protocol):
     def job(self, job_id: str, device_id: int | None = None) -> Job | None: ...
     def jobs(self, device_id: int | None = None, state: str | None = None) -> list[Job]: ...
     def claim_next_job(self) -> Job | None: ...
-    def requeue_interrupted(self) -> list[str]: ...
+    def requeue_interrupted(self, max_attempts: int | None = None) -> tuple[list[str], list[str]]: ...
     def update_job(self, job_id: str, **fields: Any) -> None: ...
     def finish_job(self, job_id: str, state: str, *, version: Version | None = None, **fields: Any) -> None: ...
     def add_version(self, version: Version) -> None: ...
     def version(self, name: str) -> Version | None: ...
     def base_version(self) -> Version | None: ...
     def current_version(self, device_id: int) -> Version | None: ...
+    def next_manifest_sequence(self) -> int: ...
+    def referenced_blobs(self) -> set[str]: ...
     def close(self) -> None: ...
 
 
@@ -272,6 +279,10 @@ class SQLiteStorage:
             return int(self._query("SELECT COUNT(*) FROM uploads")[0][0])
         return int(self._query("SELECT COUNT(*) FROM uploads WHERE device_id=?", (device_id,))[0][0])
 
+    def device_bytes(self, device_id: int) -> int:
+        """Upload bytes stored for a device (its quota counts these)."""
+        return int(self._query("SELECT COALESCE(SUM(bytes), 0) FROM uploads WHERE device_id=?", (device_id,))[0][0])
+
     def frame_count(self, device_id: int | None = None) -> int:
         if device_id is None:
             return int(self._query("SELECT COUNT(*) FROM frames")[0][0])
@@ -341,13 +352,22 @@ class SQLiteStorage:
                        (time.time(), row["id"]))
             return self._job(db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone())
 
-    def requeue_interrupted(self) -> list[str]:
-        """Jobs left running by a process that died go back to the queue (they re-run from the start)."""
+    def requeue_interrupted(self, max_attempts: int | None = None) -> tuple[list[str], list[str]]:
+        """Jobs left running by a process that died go back to the queue (they re-run from the
+        start), unless they have been tried ``max_attempts`` times already: those are failed, so a
+        job that kills its process is not re-run forever. Returns (requeued ids, failed ids)."""
         with self._tx() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state='running'").fetchall()]
-            db.execute("UPDATE jobs SET state='queued', progress=? WHERE state='running'",
-                       (json.dumps({"stage": "queued", "note": "interrupted by a restart; re-running"}),))
-        return ids
+            rows = db.execute("SELECT id, attempts FROM jobs WHERE state='running'").fetchall()
+            failed = [r["id"] for r in rows if max_attempts is not None and r["attempts"] >= max_attempts]
+            requeued = [r["id"] for r in rows if r["id"] not in failed]
+            for job_id in failed:
+                db.execute("UPDATE jobs SET state='failed', finished=?, reason=?, progress=? WHERE id=?",
+                           (time.time(), f"interrupted {max_attempts} times (the process died while running it)",
+                            json.dumps({"stage": "failed", "note": "attempt limit reached"}), job_id))
+            for job_id in requeued:
+                db.execute("UPDATE jobs SET state='queued', progress=? WHERE id=?",
+                           (json.dumps({"stage": "queued", "note": "interrupted by a restart; re-running"}), job_id))
+        return requeued, failed
 
     _JOB_FIELDS = {"progress", "evaluation", "base_version", "reason", "candidate_dir", "result_version", "state",
                    "finished", "frames"}
@@ -420,6 +440,22 @@ class SQLiteStorage:
         """Replace a device's token hash (the old token stops working); False if there is no such device."""
         with self._tx() as db:
             return db.execute("UPDATE devices SET token_sha256=? WHERE name=?", (token_sha256, name)).rowcount == 1
+
+
+    def next_manifest_sequence(self) -> int:
+        """A number larger than every one handed out before (signed into each manifest, so a
+        headset can refuse an older model than the one it runs)."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='manifest_sequence'").fetchone()
+            seq = (int(row["value"]) if row else 0) + 1
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('manifest_sequence', ?)", (str(seq),))
+        return seq
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob a row names: frames, upload indexes, model files and manifests."""
+        rows = self._query("SELECT sha256 FROM frames UNION SELECT index_sha256 FROM uploads "
+                           "UNION SELECT onnx_sha256 FROM versions UNION SELECT manifest_sha256 FROM versions")
+        return {r[0] for r in rows}
 
 
 def open_storage(url: str) -> Storage:

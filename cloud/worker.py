@@ -71,9 +71,12 @@ class Worker:
         self.completed = 0
 
     def start(self) -> None:
-        recovered = self.queue.recover()
+        recovered, failed = self.queue.recover(self.settings.max_job_attempts)
         if recovered:
             log.warning("re-running %d interrupted job(s): %s", len(recovered), ", ".join(recovered))
+        if failed:
+            log.error("failed %d job(s) interrupted %d times: %s", len(failed), self.settings.max_job_attempts,
+                      ", ".join(failed))
         self._thread = threading.Thread(target=self._loop, name="hmd-cloud-worker", daemon=True)
         self._thread.start()
 

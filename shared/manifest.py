@@ -67,6 +67,10 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     quantisation: dict[str, Any] | None = None
     training: dict[str, Any] = Field(default_factory=dict)  # command, config, data, method
+    # set by the cloud when it signs: a number above every earlier one (a headset refuses an older
+    # model than it runs) and the device the model is for (None: every device, e.g. the base)
+    sequence: int | None = Field(default=None, ge=0)
+    device: str | None = None
     signature: str | None = None  # base64 Ed25519 over canonical_bytes()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -77,6 +81,9 @@ class Manifest(BaseModel):
         """The bytes that are signed: the manifest without its signature, keys sorted."""
         data = self.model_dump(mode="json")
         data.pop("signature", None)
+        for optional in ("sequence", "device"):  # absent from manifests signed before they existed
+            if data.get(optional) is None:
+                data.pop(optional, None)
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     def to_json(self) -> str:

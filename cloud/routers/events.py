@@ -12,9 +12,9 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from cloud.deps import DeviceDep, ServicesDep
+from cloud.deps import ApiError, DeviceDep, ServicesDep
 from cloud.registry import model_info
-from shared.wire import ModelAvailable
+from shared.wire import ErrorBody, ModelAvailable
 
 router = APIRouter(prefix="/v1", tags=["events"])
 
@@ -24,8 +24,14 @@ def sse(event: str, data: dict, event_id: int | None = None) -> bytes:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode("utf-8")
 
 
-@router.get("/events")
+@router.get("/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}, 401: {"model": ErrorBody},
+                       429: {"model": ErrorBody}})
 async def events(request: Request, device: DeviceDep, services: ServicesDep) -> StreamingResponse:
+    limit = services.settings.max_streams_per_device
+    if not services.event_streams.try_enter(device.id, limit):
+        raise ApiError(429, "too_many_streams", f"{limit} event streams of this device are open already",
+                       {"Retry-After": "30"})
     broker = services.broker
     queue = broker.subscribe(device.id)
     keepalive = services.settings.sse_keepalive_s
@@ -33,7 +39,8 @@ async def events(request: Request, device: DeviceDep, services: ServicesDep) -> 
     async def stream():
         try:
             yield b"retry: 2000\n\n"
-            current = services.storage.current_version(device.id)
+            # the database is synchronous: never call it on the event loop
+            current = await asyncio.to_thread(services.storage.current_version, device.id)
             if current is not None:
                 info = model_info(current)
                 yield sse("model_available", ModelAvailable(
@@ -53,6 +60,7 @@ async def events(request: Request, device: DeviceDep, services: ServicesDep) -> 
                 yield sse(name, data, event_id)
         finally:
             broker.unsubscribe(device.id, queue)
+            services.event_streams.leave(device.id)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Response
 
 from cloud.deps import ApiError, DeviceDep, ServicesDep
 from cloud.storage import Job
-from shared.wire import JobCreate, JobInfo
+from shared.wire import ErrorBody, JobCreate, JobInfo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -17,9 +17,13 @@ def job_info(job: Job) -> JobInfo:
                    trigger=job.trigger)
 
 
-@router.post("", response_model=JobInfo, status_code=201, responses={409: {}})
+@router.post("", response_model=JobInfo, status_code=201,
+             responses={code: {"model": ErrorBody} for code in (401, 409, 422)})
 def create_job(device: DeviceDep, services: ServicesDep, response: Response, body: JobCreate | None = None) -> JobInfo:
     storage = services.storage
+    limit = services.settings.job_max_frames
+    if body is not None and body.max_frames is not None and body.max_frames > limit:
+        raise ApiError(422, "invalid_request", f"max_frames: at most {limit} frames per job on this service")
     active = [j for j in storage.jobs(device.id) if j.state in ("queued", "running")]
     if active:
         raise ApiError(409, "job_active", f"job {active[0].id} is {active[0].state}; wait for it to finish")

@@ -19,7 +19,7 @@ from shared.wire import ModelInfo
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 CHUNK = 256 * 1024
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # 18 digits: any real offset, never a huge int
 
 
 def visible_version(storage: Storage, device: Device, name: str) -> Version:

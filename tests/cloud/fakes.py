@@ -18,7 +18,7 @@ def resigned_version(ctx: JobContext) -> Version:
     device = ctx.storage.device(job.device_id)
     name = f"{device.name}-{job.id}"
     manifest = ctx.registry.manifest(base).model_copy(update={"version": name, "parent_version": base.version})
-    signed = ctx.registry.key.sign_manifest(manifest)
+    signed = ctx.registry.sign(manifest, job.device_id)
     manifest_sha = ctx.blobs.put_bytes(signed.to_json().encode())
     ctx.storage.update_job(job.id, base_version=base.version)
     return Version(name, job.device_id, base.version, base.onnx_sha256, manifest_sha, base.bytes, base.run_dir,

@@ -74,10 +74,10 @@ def test_upload_is_idempotent_by_content(data_dir):
     with make_client(data_dir) as c:
         r1 = post_upload(c, token, build_upload_archive(frames, 0, 3))
         assert r1.status_code == 201, r1.text
-        # the same frames re-packed (different archive bytes) are the same upload
+        # the same frames and metadata re-packed (other member names, other archive bytes) are the same upload
         r2 = post_upload(c, token, tar_of({"index.json": json.dumps({"format": 1, "frames": [
-            {"file": f"frames/x{i}.jpg", "sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)}
-            for i, (_, d) in enumerate(frames)]}).encode(), **{f"frames/x{i}.jpg": d for i, (_, d) in enumerate(frames)}}))
+            {"file": f"frames/x{i}.jpg", "sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d), **meta}
+            for i, (meta, d) in enumerate(frames)]}).encode(), **{f"frames/x{i}.jpg": d for i, (_, d) in enumerate(frames)}}))
         assert r2.status_code == 200 and r2.json()["duplicate"]
         assert r2.json()["upload_id"] == r1.json()["upload_id"]
         assert c.get(f"/v1/uploads/{r1.json()['upload_id']}", headers=auth(token)).json()["frames"] == 4
