@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=["time", "interleaved"], default="time",
                         help="held-out frames: the later ones (time, default) or every k-th (interleaved)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="base-set tolerance (default 0.05)")
+    parser.add_argument("--replay", type=float, default=3.0, help="base frames replayed per wearer frame (default 3)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="camera decoder: skip the least-squares output calibration on the wearer's training frames")
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--key-dir", default=None, metavar="DIR",
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     res = personalise(run_dir, frames, out / "run", base_data=base_data, base_val_data=base_val,
                       split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
                       max_steps_per_epoch=args.max_steps, holdout_fraction=args.holdout,
-                      tolerance=args.tolerance, seed=args.seed, lr=args.lr, batch_size=args.batch_size)
+                      tolerance=args.tolerance, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+                      replay_ratio=args.replay, calibrate=not args.no_calibrate)
     summary = res.to_dict()
     if res.accepted:
         key = SigningKey(args.key_dir or out)
