@@ -49,6 +49,7 @@ def command_line() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from models.defence import list_defences
+    from models.greace import DEFAULT_GREACE, GREACE_VARIANTS
 
     parser.add_argument("--method", required=True, choices=list_defences(), help="defence")
     add_classifier_training_arguments(parser)
@@ -56,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha-max", type=float, default=1.0, help="GREAT: final aux-loss weight (paper 1)")
     parser.add_argument("--beta-max", type=float, default=2.0,
                         help="GREACE: final penalty (paper: 2 CIFAR-10, 10 SVHN)")
+    parser.add_argument("--greace", choices=list(GREACE_VARIANTS), default=DEFAULT_GREACE,
+                        help="GREACE: reading of the paper's eq. 6 (default reweight; literal = the formula as "
+                             "printed, collapses at beta-max 20: see README)")
     parser.add_argument("--aux-lr", type=float, default=1e-3, help="GREAT/GREACE: aux classifier Adam lr")
     parser.add_argument("--aux-width", type=int, default=None,
                         help="GREAT/GREACE: aux classifier width (default: half of --width; --width = the "
@@ -71,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def defence_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"alpha_max": args.alpha_max, "beta_max": args.beta_max, "aux_lr": args.aux_lr,
             "aux_norm": args.aux_norm, "aux_width": args.aux_width, "eps": args.fgsm_eps, "seed": args.seed,
-            "grad_bn": args.grad_bn}
+            "grad_bn": args.grad_bn, "greace": args.greace}
 
 
 def train_defended(method: str, data: str, out: str | Path, *, epochs: int = 10, batch_size: int = 64,

@@ -11,9 +11,10 @@ GREAT / GREACE follow the paper's Algorithm 1:
 * ``great``: A descends CE(A(g), y); the main network gets -alpha * dCE(A(g), y)/dtheta
   through g (double backprop). Both come from ONE backward: g enters A through
   :func:`scale_gradient` (identity forward, gradient times -alpha);
-* ``greace``: the surrogate beta * sum_{k != y} sg(softmax(a')_k) * a_k (a' = A's logits)
-  is added to the loss: its logit gradient is exactly beta * p'_k on the negative classes
-  (:func:`greace_surrogate`);
+* ``greace``: eq. 6 adds beta * softmax(a')_k (a' = A's logits) to the cross-entropy's logit
+  gradient on the negative classes; ``greace="literal"`` adds exactly that, the default
+  ``"reweight"`` re-weights the cross-entropy's own negative-class gradient to (1 + beta p'_k) p_k
+  (the literal term collapses training at the patent's beta 20: see :mod:`models.greace`, README);
 * schedules alpha = alpha_max (1 - m), beta = beta_max (1 - m), m = (1 - e/e_max)^0.9.
   While alpha = 0 (epoch 0) g is taken without a graph: no double backprop is paid for.
 
@@ -67,6 +68,7 @@ from shared.errors import UserError
 from models.attacks import fgsm_step
 from models.classifier import (FrozenBatchNormStats, aux_copy_config, create_classifier, logits_and_input_vjp,
                                normalise_per_sample)
+from models.greace import DEFAULT_GREACE, GREACE_VARIANTS, greace_loss, greace_surrogate  # noqa: F401 (re-export)
 from models.network import NetConfig
 from models.registry import Registry, check_choice
 from models.weighting import poly_multiplier
@@ -117,14 +119,6 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1.0:
         return x
     return x.detach() + scale * (x - x.detach())
-
-
-def greace_surrogate(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mean_i sum_{k != y_i} sg(softmax(a'_i)_k) a_ik: its gradient w.r.t. a_ik is p'_ik / B on the
-    negative classes and 0 on the true class (times beta by the caller)."""
-    p_aux = torch.softmax(aux_logits.detach(), 1)
-    negatives = 1.0 - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    return (p_aux * negatives * logits).sum(1).mean()
 
 
 def ramp(max_value: float, epoch: float, epochs: int) -> float:
@@ -232,7 +226,7 @@ def _module_of(logits_fn: LogitsFn) -> nn.Module:
 
 class GradientAdversarialDefence(Defence):
     """GREAT and/or GREACE (Algorithm 1). Options: ``alpha_max`` (1), ``beta_max`` (2 CIFAR-10,
-    10 SVHN), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
+    10 SVHN), ``greace`` (a reading of eq. 6, :data:`models.greace.GREACE_VARIANTS`), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
     "none"), ``aux_width`` (None = half the main network's width; the main width is the paper's
     copy), ``aux_arch`` ("resnet"),
     ``input_grad`` ("explicit" / "autograd") and ``grad_bn`` ("detached" / "batch": the
@@ -244,8 +238,10 @@ class GradientAdversarialDefence(Defence):
 
     def __init__(self, net_cfg: NetConfig, seed: int = 0, alpha_max: float = 1.0, beta_max: float = 2.0,
                  aux_lr: float = 1e-3, aux_norm: str = "rms", aux_width: int | None = None,
-                 aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = "detached", **_: Any):
+                 aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = "detached",
+                 greace: str = DEFAULT_GREACE, **_: Any):
         super().__init__(net_cfg, seed)
+        self.greace_variant = check_choice("greace", greace, GREACE_VARIANTS)
         check_choice("grad_bn", grad_bn, ("batch", "detached"))
         self.grad_bn = grad_bn
         check_choice("input_grad", input_grad, ("explicit", "autograd"))
@@ -288,7 +284,7 @@ class GradientAdversarialDefence(Defence):
             total = total + ce
             logs["ce"] = float(ce.detach())
         if self.beta > 0.0:
-            total = total + self.beta * greace_surrogate(logits, aux_logits, y)
+            total = total + greace_loss(self.greace_variant, logits, aux_logits, y, self.beta)
         return total, logs
 
 
