@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.attacks import fgsm, ifgsm
 from models.classifier import LabelledImages, accuracy, create_classifier, fit
 from models.defence import create_defence
 from models.greace import GREACE_VARIANTS
@@ -87,8 +88,24 @@ def logit_stats(model: torch.nn.Module, data: LabelledImages) -> dict[str, Any]:
             "spread": round(float(a.std()), 3)}
 
 
+def attacked_accuracy(model: torch.nn.Module, val: LabelledImages, eps_list: list[float],
+                      transfer_from: torch.nn.Module | None) -> dict[str, dict[str, float | None]]:
+    """Per eps, held-out accuracy (%) under FGSM, iFGSM (10 steps of eps / 10) and iFGSM crafted on
+    ``transfer_from`` (the undefended model)."""
+    x, y = val.x, val.y
+
+    def acc(xa: torch.Tensor) -> float:
+        with torch.no_grad():
+            return round(100.0 * float((model.eval()(xa).argmax(1) == y).float().mean()), 2)
+
+    return {f"{eps:g}": {"fgsm": acc(fgsm(model, x, y, eps)), "ifgsm": acc(ifgsm(model, x, y, eps)),
+                         "transfer": acc(ifgsm(transfer_from, x, y, eps)) if transfer_from is not None else None}
+            for eps in eps_list}
+
+
 def run_one(method: str, variant: str | None, beta_max: float, train: LabelledImages, val: LabelledImages,
-            args: argparse.Namespace) -> dict[str, Any]:
+            args: argparse.Namespace, transfer_from: torch.nn.Module | None = None
+            ) -> tuple[dict[str, Any], torch.nn.Module]:
     torch.manual_seed(args.seed)
     cfg = NetConfig(num_classes=len(train.class_names), width=args.width, in_channels=3)
     model = create_classifier("resnet", cfg)
@@ -124,11 +141,12 @@ def run_one(method: str, variant: str | None, beta_max: float, train: LabelledIm
            "val_accuracy_by_epoch": [round(h["val_accuracy"], 1) for h in history],
            "last_epoch_ce": round(last.get("ce", float("nan")), 4),
            "last_epoch_aux_acc": round(last["aux_acc"], 3) if "aux_acc" in last else None,
+           "attacked_pct_by_eps": attacked_accuracy(model, val, args.eps, transfer_from),
            "cpu_seconds": round(time.process_time() - t0, 1), "logit_drift": drift}
     print(f"{tag}: held-out {row['val_accuracy_pct']}% train {row['train_accuracy_pct']}% "
           f"true/neg logit {drift[-1]['true']}/{drift[-1]['negative']} ({row['cpu_seconds']}s)",
-          file=sys.stderr, flush=True)
-    return row
+          f"attacked {row['attacked_pct_by_eps']}", file=sys.stderr, flush=True)
+    return row, model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--train-n", type=int, default=1500)
     ap.add_argument("--val-n", type=int, default=400)
+    ap.add_argument("--eps", default="0.05,0.1,0.2",
+                    help="comma-separated attack eps on held-out images (patent MNIST: 0.2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verbose", action="store_true", help="per-step progress on stderr")
@@ -156,16 +176,20 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise UserError(f"--variants: unknown {bad} (choose from {', '.join(GREACE_VARIANTS)})")
         betas = [float(b) for b in args.betas.split(",") if b]
+        args.eps = [float(e) for e in args.eps.split(",") if e]
         train, val = load_data(args.data, args.size, args.train_n, args.val_n, args.seed)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = [] if args.no_baseline else [run_one("none", None, 0.0, train, val, args)]
+    rows, baseline = [], None
+    if not args.no_baseline:
+        row, baseline = run_one("none", None, 0.0, train, val, args)
+        rows.append(row)
     for beta in betas:
         for v in variants:
-            rows.append(run_one(args.method, v, beta, train, val, args))
+            rows.append(run_one(args.method, v, beta, train, val, args, transfer_from=baseline)[0])
     table = {"data": args.data, "train": len(train), "val": len(val), "size": args.size, "width": args.width,
-             "epochs": args.epochs, "chance_pct": round(100.0 / len(train.class_names), 1),
+             "epochs": args.epochs, "eps": args.eps, "chance_pct": round(100.0 / len(train.class_names), 1),
              "command": "scripts/greace_experiment.py " + " ".join(sys.argv[1:] if argv is None else argv),
              "rows": rows}
     print(json.dumps(table, indent=1))
