@@ -17,6 +17,9 @@ DEFENCE_OPTIONS: list[tuple[str, str, type, Any, list[str] | None, str]] = [
      "GREAT/GREACE: aux classifier width (default: half of --width; --width = the paper's full copy)"),
     ("aux-norm", "aux_norm", str, "rms", ["rms", "none"],
      "per-sample RMS normalisation of the aux classifier's input gradient (default rms)"),
+    ("greace", "greace", str, "reweight", ["reweight", "literal", "scaled", "normalised"],
+     "GREACE: reading of the paper's eq. 6 (default reweight; literal = the formula as printed, collapses "
+     "at beta-max 20: see README and models/greace.py)"),
     ("fgsm-eps", "eps", float, 0.2, None, "fgsm-at: training eps (paper 0.2)"),
     ("grad-bn", "grad_bn", str, "detached", ["detached", "batch"],
      "BatchNorm batch statistics in the input-gradient path: 'batch' = the paper's exact maths, 'detached' "

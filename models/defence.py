@@ -11,9 +11,10 @@ GREAT / GREACE follow the paper's Algorithm 1:
 * ``great``: A descends CE(A(g), y); the main network gets -alpha * dCE(A(g), y)/dtheta
   through g (double backprop). Both come from ONE backward: g enters A through
   :func:`models.gradients.scale_gradient` (identity forward, gradient times -alpha);
-* ``greace``: the surrogate beta * sum_{k != y} sg(softmax(a')_k) * a_k (a' = A's logits)
-  is added to the loss: its logit gradient is exactly beta * p'_k on the negative classes
-  (:func:`greace_surrogate`);
+* ``greace``: eq. 6 adds beta * softmax(a')_k (a' = A's logits) to the cross-entropy's logit
+  gradient on the negative classes; ``greace="literal"`` adds exactly that, the default
+  ``"reweight"`` re-weights the cross-entropy's own negative-class gradient to (1 + beta p'_k) p_k
+  (the literal term collapses training at the patent's beta 20: see :mod:`models.greace`, README);
 * schedules alpha = alpha_max (1 - m), beta = beta_max (1 - m), m = (1 - e/e_max)^0.9.
   While alpha = 0 (epoch 0) g is taken without a graph: no double backprop is paid for.
 
@@ -70,6 +71,7 @@ from models.batchnorm import FrozenBatchNormStats
 from models.classifier import aux_copy_config
 from models.gradients import normalise_per_sample, scale_gradient
 from models.input_gradients import DEFAULT_GRAD_BN, GRAD_BN_CHOICES, INPUT_GRAD_CHOICES, logits_and_input_vjp
+from models.greace import DEFAULT_GREACE, GREACE_VARIANTS, greace_loss
 from models.network import NetConfig
 from models.own_optimizers import OwnOptimizers
 from models.registry import check_choice, create_classifier, create_defence
@@ -86,12 +88,6 @@ def masked_grad_outputs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (torch.softmax(logits, 1) - onehot) * onehot
 
 
-def greace_surrogate(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mean_i sum_{k != y_i} sg(softmax(a'_i)_k) a_ik: its gradient w.r.t. a_ik is p'_ik / B on the
-    negative classes and 0 on the true class (times beta by the caller)."""
-    p_aux = torch.softmax(aux_logits.detach(), 1)
-    negatives = 1.0 - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    return (p_aux * negatives * logits).sum(1).mean()
 
 
 # --- defences -------------------------------------------------------------------------------
@@ -171,7 +167,7 @@ def _module_of(logits_fn: LogitsFn) -> nn.Module:
 
 class GradientAdversarialDefence(Defence):
     """GREAT and/or GREACE (Algorithm 1). Options: ``alpha_max`` (1), ``beta_max`` (2 CIFAR-10,
-    10 SVHN), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
+    10 SVHN), ``greace`` (a reading of eq. 6, :data:`models.greace.GREACE_VARIANTS`), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
     "none"), ``aux_width`` (None = half the main network's width; the main width is the paper's
     copy), ``aux_arch`` ("resnet"), ``input_grad`` ("explicit" / "autograd") and ``grad_bn``
     ("detached" / "batch": the paper's), see the module docstring."""
@@ -181,8 +177,10 @@ class GradientAdversarialDefence(Defence):
 
     def __init__(self, net_cfg: NetConfig, seed: int = 0, alpha_max: float = 1.0, beta_max: float = 2.0,
                  aux_lr: float = 1e-3, aux_norm: str = "rms", aux_width: int | None = None,
-                 aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = DEFAULT_GRAD_BN, **_: Any):
+                 aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = DEFAULT_GRAD_BN,
+                 greace: str = DEFAULT_GREACE, **_: Any):
         super().__init__(net_cfg, seed)
+        self.greace_variant = check_choice("greace", greace, GREACE_VARIANTS)
         self.grad_bn = check_choice("grad_bn", grad_bn, GRAD_BN_CHOICES)
         self.input_grad = check_choice("input_grad", input_grad, INPUT_GRAD_CHOICES)
         self.aux_norm = check_choice("aux_norm", aux_norm, ("rms", "none"))
@@ -221,7 +219,7 @@ class GradientAdversarialDefence(Defence):
             total = total + ce
             logs["ce"] = float(ce.detach())
         if self.beta > 0.0:
-            total = total + self.beta * greace_surrogate(logits, aux_logits, y)
+            total = total + greace_loss(self.greace_variant, logits, aux_logits, y, self.beta)
         return total, logs
 
 

@@ -18,10 +18,13 @@ RUNS: dict[str, list[str]] = {
     "train-great": ["train", "--method", "great", "--size", "16", "--width", "4", "--batch-size", "4", *TINY],
     # --defence-aux-width 2 is the default for --width 4 (half): the option reaches the defence
     # (recorded in the run's config) and the numbers are those of the defaults
+    # --greace literal: the GREACE reading the numbers were pinned with (the default became "reweight"
+    # later, issue 17: a deliberate change of the method, not of the refactor)
     "train-equal-defence": ["train", "--method", "equal", "--defence", "great+ce", "--defence-aux-width", "2",
-                            "--size", "16", "--width", "4", "--batch-size", "4", *TINY],
-    "defend-great+ce": ["defend", "--method", "great+ce", "--size", "16", "--width", "4", "--batch-size", "4",
-                        *TINY],
+                            "--defence-greace", "literal", "--size", "16", "--width", "4", "--batch-size", "4",
+                            *TINY],
+    "defend-great+ce": ["defend", "--method", "great+ce", "--greace", "literal", "--size", "16", "--width", "4",
+                        "--batch-size", "4", *TINY],
     "distill-great": ["distill", "--teacher", "{defend-great+ce}", "--method", "great", "--width", "4",
                       "--batch-size", "4", *TINY],
 }

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from hmd.cli import main
 from models.checkpoints import load_classifier
-from models.defence import GradientAdversarialDefence, create_class_defence, greace_surrogate, masked_grad_outputs
+from models.defence import GradientAdversarialDefence, create_class_defence, masked_grad_outputs
+from models.greace import greace_surrogate
 from models.gradients import scale_gradient
 from models.input_gradients import forward_with_input_vjp
 from models.network import MultiTaskNet, NetConfig
@@ -148,7 +149,7 @@ def test_hmd_train_with_defence(pinned_runs):
     m = json.loads((pinned_runs / "train-equal-defence" / "metrics.json").read_text())
     assert "defence_aux_loss" in m["history"][-1]["train"]
     assert m["history"][-1]["train"]["defence_alpha"] > 0
-    assert m["config"]["defence"] == "great+ce" and m["config"]["defence_options"] == {"aux_width": 2}
+    assert m["config"]["defence"] == "great+ce" and m["config"]["defence_options"] == {"aux_width": 2, "greace": "literal"}
     ckpt = torch.load(pinned_runs / "train-equal-defence" / "checkpoint.pt", weights_only=False)
     assert ckpt["defence"]["defence.aux.encoder.stem.0.weight"].shape[0] == 2  # the aux net is that wide
 
@@ -161,13 +162,15 @@ def test_hmd_train_reaches_every_defence_option():
     cli_train.add_arguments(parser)
     args = parser.parse_args(["--out", "x", "--defence", "great+ce", "--defence-alpha-max", "0.5",
                               "--defence-beta-max", "3", "--defence-aux-lr", "0.01", "--defence-aux-width", "3",
-                              "--defence-aux-norm", "none", "--defence-fgsm-eps", "0.1", "--defence-grad-bn", "batch"])
+                              "--defence-aux-norm", "none", "--defence-fgsm-eps", "0.1", "--defence-grad-bn", "batch",
+                              "--defence-greace", "literal"])
     options = cli_train.defence_options(args, given_only=True)
     assert options == {"alpha_max": 0.5, "beta_max": 3.0, "aux_lr": 0.01, "aux_width": 3, "aux_norm": "none",
-                        "eps": 0.1, "grad_bn": "batch"}
+                        "eps": 0.1, "grad_bn": "batch", "greace": "literal"}
     assert set(options) == {key for _, key, *_ in DEFENCE_OPTIONS}
     d = create_defence("great+ce", TINY, **options)  # every option is one the defences take
-    assert (d.alpha_max, d.beta_max, d.aux_norm, d.grad_bn, d.aux.cfg.width) == (0.5, 3.0, "none", "batch", 3)
+    assert (d.alpha_max, d.beta_max, d.aux_norm, d.grad_bn, d.aux.cfg.width, d.greace_variant) == \
+        (0.5, 3.0, "none", "batch", 3, "literal")
     assert cli_train.defence_options(parser.parse_args(["--out", "x"]), given_only=True) == {}
 
 
