@@ -4,8 +4,9 @@ PATH holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-imag
 and ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``; the ``train-images.idx3-ubyte`` spelling
 some mirrors use works too), as shipped by yann.lecun.com, zalandoresearch/fashion-mnist and
 Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``). ``train`` reads the
-60,000 training images, ``val`` the 10,000 test images. The 28 x 28 gray digits are resized to
-``size`` x ``size`` (default 32, bilinear) and repeated to three channels: the classifiers take RGB.
+60,000 training images, ``val`` the 10,000 test images. The 28 x 28 gray images are resized to
+``size`` (a side, default 32, or (height, width)) and repeated to three channels: the classifiers
+take RGB.
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def _find(root: Path, stem: str, dims: int) -> Path:
                     f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)")
 
 
-def load_idx(kind: str, path: str, split: str, size: int | None = None):
+def load_idx(kind: str, path: str, split: str, size: int | tuple[int, int] | None = None):
     """``split`` ("train" / "val") of the ``kind`` ("mnist" / "fashion-mnist") idx files in ``path``,
-    as a :class:`models.data.FrameSet` of ``size`` x ``size`` RGB frames."""
+    as a :class:`models.data.FrameSet` of RGB frames of ``size`` (a side, or (height, width))."""
     from models.data import FrameSet
 
     if kind not in IDX_KINDS:
@@ -86,9 +87,10 @@ def load_idx(kind: str, path: str, split: str, size: int | None = None):
     if labels.size and int(labels.max()) >= 10:
         raise UserError(f"{root}: label {int(labels.max())} out of range for the 10 {kind} classes")
     size = size or DEFAULT_IDX_SIZE
-    if images.shape[1:] != (size, size):
-        interp = cv2.INTER_AREA if size < images.shape[1] else cv2.INTER_LINEAR
-        images = np.stack([cv2.resize(im, (size, size), interpolation=interp) for im in images]) if len(images) \
-            else np.zeros((0, size, size), np.uint8)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if images.shape[1:] != (h, w):
+        interp = cv2.INTER_AREA if h * w < images.shape[1] * images.shape[2] else cv2.INTER_LINEAR
+        images = np.stack([cv2.resize(im, (w, h), interpolation=interp) for im in images]) if len(images) \
+            else np.zeros((0, h, w), np.uint8)
     rgb = np.ascontiguousarray(np.repeat(images[..., None], 3, axis=3))
     return FrameSet(rgb, labels.astype(np.int64), list(CLASS_NAMES[kind]), f"{kind}:{path}")

@@ -52,6 +52,7 @@ def test_resizes_and_names_fashion_classes(tmp_path):
     assert frames.rgb.shape == (12, 16, 16, 3) and frames.rgb.dtype == np.uint8
     assert frames.class_names[0] == "T-shirt/top" and frames.class_names[9] == "Ankle boot"
     assert load_idx("fashion-mnist", str(tmp_path / "f"), "val").rgb.shape[1:3] == (32, 32)  # default size
+    assert load_idx("fashion-mnist", str(tmp_path / "f"), "val", (24, 40)).rgb.shape == (5, 24, 40, 3)  # (h, w)
 
 
 def test_read_idx_checks_the_header(tmp_path):
