@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch", metavar="DIR", help="hot-swap models dropped into this folder")
     parser.add_argument("--trusted-key", metavar="FILE",
                         help="base64 Ed25519 public key; every model must then carry a valid signature")
+    # issue 13 (harden): --watch needs a trusted key unless the user opts out
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="with --watch and no --trusted-key: accept unsigned models (unsafe)")
     parser.add_argument("--journal", metavar="DIR", help="opt in to keeping sampled frames here")
     parser.add_argument("--journal-mb", type=float, default=64.0, help="journal disk budget in MB (64)")
     parser.add_argument("--journal-every", type=int, default=30, help="journal every k-th frame (0: only scene changes)")
@@ -92,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--journal-mb must be positive")
     if args.watch and not Path(args.watch).is_dir():
         raise UserError(f"watch folder not found: {args.watch}")
+    if args.watch and not args.trusted_key and not args.allow_unsigned:  # issue 13 (harden)
+        raise UserError("--watch needs --trusted-key FILE (models dropped in are verified against it), "
+                        "or --allow-unsigned to accept unsigned models")
     if args.model is None and args.store is None:
         raise UserError("--model FILE.onnx is required (or --store DIR with a current version)")
     cfg = RuntimeConfig(mode=args.mode, hud=not args.no_hud, headless=True if args.headless else None,
@@ -135,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
             retrainer.stop()
     if retrainer is not None:
         summary["local_retraining"] = retrainer.history
+    if sync is not None:  # issue 16 (2), harden: uploads, frames, bytes, versions received, refused batches
+        summary["sync"] = sync.summary()
     print(json.dumps(summary, indent=2))
     if summary["frames_shown"] == 0:
         print(f"hmd device: error: no frame was shown ({summary['exit_reason']})", file=sys.stderr)
