@@ -14,6 +14,7 @@ from cloud.routers import events, health, jobs, models, uploads
 from cloud.services import Services
 from cloud.settings import Settings
 from cloud.worker import JobRunner
+from shared.wire import ErrorBody
 
 
 def create_app(settings: Settings, runner: JobRunner | None = None) -> FastAPI:
@@ -29,7 +30,9 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> FastAPI:
         finally:
             services.stop()
 
-    app = FastAPI(title="great-hmd cloud", version="1", lifespan=lifespan)
+    # every error is an ErrorBody, validation errors (422) included: the schema says so
+    app = FastAPI(title="great-hmd cloud", version="1", lifespan=lifespan,
+                  responses={422: {"model": ErrorBody, "description": "invalid request"}})
     for module in (health, uploads, jobs, models, events):
         app.include_router(module.router)
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from shared.atomic import fsync_dir
 from shared.errors import UserError
 from shared.hashing import sha256_file
 
@@ -38,13 +39,15 @@ class LocalBlobStore:
             raise ValueError(f"not a sha256: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
-    def _commit(self, tmp: Path, sha256: str) -> str:
+    def _commit(self, tmp: Path, sha256: str, durable: bool = False) -> str:
         dest = self._path(sha256)
         if dest.exists():  # content-addressed: same name, same bytes
             tmp.unlink(missing_ok=True)
             return sha256
         dest.parent.mkdir(exist_ok=True)
         os.replace(tmp, dest)
+        if durable:  # the rename too (bulk ingest makes everything durable with one sync())
+            fsync_dir(dest.parent)
         return sha256
 
     def put_bytes(self, data: bytes) -> str:
@@ -56,7 +59,7 @@ class LocalBlobStore:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        return self._commit(Path(tmp), sha)
+        return self._commit(Path(tmp), sha, durable=True)
 
     # -- bulk ingest: write many blobs without one fsync each -------------------------------
     def temp_file(self) -> tuple[BinaryIO, Path]:
@@ -84,7 +87,7 @@ class LocalBlobStore:
         shutil.copyfile(path, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        return self._commit(Path(tmp), sha)
+        return self._commit(Path(tmp), sha, durable=True)
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()

@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="--log-level debug")
     loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
                       help="--log-level warning")
+    # issue 13 (harden): the signing key outside the data folder of the process that parses uploads
+    serve.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                       help="Ed25519 key file (make one: python -m cloud.keys FILE; env HMD_CLOUD_SIGNING_KEY; "
+                            "default DATA/signing.key)")
 
     add = subs.add_parser(
         "add-device", help="provision a device; prints its token once and the key to trust",
@@ -192,7 +196,7 @@ def add_device(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if not DEVICE_NAME.match(args.name):
         raise UserError(f"device name {args.name!r}: use 1-63 letters, digits, '-' or '_' (starting alphanumeric)")
-    key = SigningKey(settings.data_dir)
+    key = SigningKey(settings.data_dir, settings.signing_key)  # issue 13 (harden): --signing-key / env
     storage = open_storage(settings.db_url)
     try:
         token = new_token(args.name)

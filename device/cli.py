@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch", metavar="DIR", help="hot-swap models dropped into this folder")
     parser.add_argument("--trusted-key", metavar="FILE",
                         help="base64 Ed25519 public key; every model must then carry a valid signature")
+    # issue 13 (harden): --watch needs a trusted key unless the user opts out
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="with --watch and no --trusted-key: accept unsigned models (unsafe)")
     parser.add_argument("--journal", metavar="DIR", help="opt in to keeping sampled frames here")
     parser.add_argument("--journal-mb", type=float, default=64.0, help="journal disk budget in MB")
     parser.add_argument("--journal-every", type=int, default=30, help="journal every k-th frame (0: only scene changes)")
@@ -192,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"watch folder not found: {args.watch}")
     if args.snapshot and not Path(args.snapshot).resolve().parent.is_dir():
         raise UserError(f"cannot write the snapshot {args.snapshot}: its folder does not exist")
+    if args.watch and not args.trusted_key and not args.allow_unsigned:  # issue 13 (harden)
+        raise UserError("--watch needs --trusted-key FILE (models dropped in are verified against it), "
+                        "or --allow-unsigned to accept unsigned models")
     if args.model is None and (args.store is None or not (Path(args.store) / "current").exists()):
         args.model = "base"  # the shipped headset model
     if args.model is not None:
@@ -239,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
             retrainer.stop()
     if retrainer is not None:
         summary["local_retraining"] = retrainer.history
+    if sync is not None:  # issue 16 (2), harden: uploads, frames, bytes, versions received, refused batches
+        summary["sync"] = sync.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:

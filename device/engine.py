@@ -28,6 +28,7 @@ is given, which halves to quarters the load time of a hot-swap.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from shared.atomic import atomic_write_text
 from shared.errors import UserError
 from shared.hashing import verify as verify_signature
 from shared.manifest import Manifest, manifest_path_for
@@ -200,6 +202,23 @@ def _dims_match(declared: list[int], actual: list) -> bool:
     return all(not isinstance(a, int) or a <= 0 or a == d for d, a in zip(declared, actual))
 
 
+def _read_checked_cache(cached: Path) -> bytes | None:
+    """The cached optimised graph, if its sha256 matches the one recorded when it was written
+    (a corrupt or replaced cache file is ignored and made again)."""
+    try:
+        data = cached.read_bytes()
+        expected = cached.with_name(cached.name + ".sha256").read_text().strip()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == expected else None
+
+
+def _commit_cache(tmp: Path, cached: Path) -> None:
+    """Record the new cache file's sha256, then rename it into place (atomically: never half-written)."""
+    atomic_write_text(cached.with_name(cached.name + ".sha256"), hashlib.sha256(tmp.read_bytes()).hexdigest() + "\n")
+    os.replace(tmp, cached)
+
+
 def load_model(path: str | os.PathLike, *, manifest_path: str | os.PathLike | None = None,
                public_key: bytes | None = None, threads: int | None = None,
                cache_dir: str | os.PathLike | None = None, warm_runs: int = 3) -> InferenceEngine:
@@ -218,11 +237,14 @@ def load_model(path: str | os.PathLike, *, manifest_path: str | os.PathLike | No
         raise ModelRejected(f"no manifest for {onnx_path} (expected {manifest_path})")
     try:
         manifest = Manifest.load(manifest_path)
-        manifest.check_file(onnx_path)
-    except ModelRejected:
-        raise
     except UserError as exc:
         raise ModelRejected(str(exc)) from None
+    # read once: the bytes that are hashed are the bytes that are loaded (the file is never reopened)
+    model_bytes = onnx_path.read_bytes()
+    actual = hashlib.sha256(model_bytes).hexdigest()
+    if actual != manifest.sha256:
+        raise ModelRejected(f"model file {onnx_path} does not match its manifest (sha256 {actual[:12]}... != "
+                            f"{manifest.sha256[:12]}...)")
     if public_key is not None:
         if not manifest.signature:
             raise ModelRejected(f"model {manifest.version} is not signed and a trusted key is configured")
@@ -234,18 +256,19 @@ def load_model(path: str | os.PathLike, *, manifest_path: str | os.PathLike | No
     if cache_dir is not None:
         cached = Path(cache_dir) / f"{manifest.sha256[:32]}-ort{ort.__version__}.onnx"
     try:
-        if cached is not None and cached.is_file():
-            session = ort.InferenceSession(str(cached), session_options(threads, optimise=False),
+        cached_bytes = _read_checked_cache(cached) if cached is not None else None
+        if cached_bytes is not None:
+            session = ort.InferenceSession(cached_bytes, session_options(threads, optimise=False),
                                            providers=["CPUExecutionProvider"])
         else:
             opt_path = None
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 opt_path = str(cached.with_name(f".{cached.name}.{os.getpid()}.tmp"))
-            session = ort.InferenceSession(str(onnx_path), session_options(threads, optimised_path=opt_path),
+            session = ort.InferenceSession(model_bytes, session_options(threads, optimised_path=opt_path),
                                            providers=["CPUExecutionProvider"])
             if opt_path and os.path.exists(opt_path):
-                os.replace(opt_path, cached)  # atomic: a half-written cache is never read
+                _commit_cache(Path(opt_path), cached)
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelRejected(f"model {onnx_path} could not be loaded by ONNX Runtime: {msg[:200]}") from None

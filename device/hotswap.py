@@ -8,6 +8,10 @@ the reference when a warmed candidate is waiting: a swap costs one attribute ass
 a frame. If the new model then raises or produces NaN/inf, the loop calls
 :meth:`ModelManager.report_failure`, which rolls back to the previous session (still loaded)
 and the loop reruns that same frame on it, so the failure costs no frame either.
+
+A rolled-back model is remembered in the model store (``rejected.json``), so it is not tried
+again after a restart. A model whose signed sequence is older than the running one's is refused
+unless the offer says ``allow_older=True`` (the user's explicit rollback).
 """
 from __future__ import annotations
 
@@ -75,22 +79,28 @@ class ModelManager:
         self._log = log or (lambda msg: print(f"hmd device: {msg}", file=sys.stderr, flush=True))
         self._lock = threading.Lock()
         self._pending: tuple[InferenceEngine, SwapTicket] | None = None
-        self._bad_sha: set[str] = set()
+        self._bad_sha: set[str] = set(store.rejected()) if store is not None else set()
         self._closed = False
-        self._queue: queue.Queue[tuple[str, str | None, SwapTicket] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, str | None, SwapTicket, bool] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="model-loader", daemon=True)
         self._worker.start()
 
     # -- any thread --------------------------------------------------------------------------
-    def offer(self, path: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> SwapTicket:
-        """Hand over a candidate (an ONNX file with its manifest beside it, or a model folder)."""
+    def offer(self, path: str | os.PathLike, manifest_path: str | os.PathLike | None = None, *,
+              allow_older: bool = False) -> SwapTicket:
+        """Hand over a candidate (an ONNX file with its manifest beside it, or a model folder).
+        ``allow_older``: the user rolls back on purpose (an older signed sequence is accepted)."""
         ticket = SwapTicket(str(path))
         if self._closed:
             ticket.error = "the runtime has stopped"
             ticket._verified.set()
             return ticket
-        self._queue.put((str(path), str(manifest_path) if manifest_path else None, ticket))
+        self._queue.put((str(path), str(manifest_path) if manifest_path else None, ticket, allow_older))
         return ticket
+
+    def is_bad(self, sha256: str) -> bool:
+        """The model with this ONNX sha256 was rolled back (now or in an earlier run)."""
+        return sha256 in self._bad_sha
 
     def close(self) -> None:
         self._closed = True
@@ -110,7 +120,7 @@ class ModelManager:
             item = self._queue.get()
             if item is None:
                 return
-            path, manifest_path, ticket = item
+            path, manifest_path, ticket, allow_older = item
             self._event(SwapEvent("offered", None, path))
             try:
                 engine = load_model(path, manifest_path=manifest_path, public_key=self.public_key,
@@ -119,6 +129,12 @@ class ModelManager:
                 sha = engine.manifest.sha256
                 if sha in self._bad_sha:
                     raise UserError(f"model {engine.version} was rolled back before; not trying it again")
+                running = self.active.manifest.sequence
+                new = engine.manifest.sequence
+                if running is not None and not allow_older and (new is None or new < running):
+                    raise UserError(f"model {engine.version} (sequence {new}) is older than the running "
+                                    f"{self.active.version} (sequence {running}); a downgrade needs an explicit "
+                                    "rollback")
                 if sha == self.active.manifest.sha256:
                     ticket.version, ticket.error = engine.version, "already serving"
                     self._event(SwapEvent("ignored", engine.version, "already serving"))
@@ -176,6 +192,7 @@ class ModelManager:
         self._bad_sha.add(bad.manifest.sha256)
         if self.store is not None:
             try:
+                self.store.mark_rejected(bad.manifest.sha256, bad.version, f"rolled back: {reason}")
                 self.store.rollback()
             except (UserError, OSError) as exc:
                 self._log(f"model store: rollback of the current pointer failed: {exc}")

@@ -8,6 +8,7 @@ Layout::
       current                            one line: the version in use (replaced atomically)
       previous                           one line: the version to roll back to
       cache/                             ONNX Runtime's optimised graphs, by model sha256
+      rejected.json                      models rolled back or refused: never tried again
 
 A version folder is written under a temporary name and renamed into place, so a reader sees
 either no folder or a complete one. ``current`` is replaced with an atomic rename, so a crash
@@ -16,6 +17,7 @@ never the current or previous one.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,7 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from shared.atomic import atomic_write_text
+from shared.atomic import atomic_write_json, atomic_write_text, fsync_dir
 from shared.errors import UserError
 from shared.manifest import Manifest
 
@@ -89,6 +91,7 @@ class ModelStore:
                 # the manifest is kept as signed (onnx_file too): the folder's model is model.onnx
                 manifest.save(tmp / "manifest.json")
                 os.replace(tmp, dest)
+                fsync_dir(self.versions_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -115,6 +118,21 @@ class ModelStore:
             if cur:
                 atomic_write_text(self.root / "previous", cur + "\n")
             return prev
+
+    # -- models never to try again -----------------------------------------------------------
+    def rejected(self) -> dict[str, dict]:
+        """sha256 -> {"version", "reason"} of models rolled back or refused (survives a restart)."""
+        try:
+            data = json.loads((self.root / "rejected.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def mark_rejected(self, sha256: str, version: str | None, reason: str) -> None:
+        with self._lock:
+            data = self.rejected()
+            data[sha256] = {"version": version, "reason": reason[:300]}
+            atomic_write_json(self.root / "rejected.json", data)
 
     def _prune(self) -> None:
         protected = {self.current_version(), self.previous_version()}

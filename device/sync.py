@@ -14,7 +14,15 @@ Two daemon threads, both of which survive any network failure:
   A ``model_available`` for a version it does not run yet is downloaded (resumable: ``Range``
   + ``If-Range`` on the ETag), verified (Ed25519 signature of the manifest with the trusted
   public key, sha256 of the ONNX file) and only then handed to ``offer(folder)`` -- the
-  runtime's verified hot-swap (:meth:`device.hotswap.ModelManager.offer`).
+  runtime's verified hot-swap (:meth:`device.hotswap.ModelManager.offer`). A signed manifest
+  for another device, or with an older sequence than the running model's, is refused (a
+  downgrade needs the user's explicit rollback); manifest and model sizes are bounded; URLs
+  are fetched with the token only on the cloud's own origin.
+
+What the cloud answers decides what happens to a batch: 200/201 acknowledged; 409 the same
+frames are stored already (acknowledged); 400/413 this batch can never be accepted (skipped,
+counted as refused); 401 the token is rejected (reported once, syncing stops, journaling goes
+on); anything else (429, 5xx, network) is retried with backoff, the batch kept.
 
 numpy/opencv-free and torch-free: httpx and the shared schemas only.
 """
@@ -26,16 +34,18 @@ import json
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable, Iterable, Protocol
 
 import httpx
 
-from shared.atomic import atomic_write_text
+from shared.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from shared.errors import UserError
 from shared.hashing import verify as verify_signature
 from shared.manifest import Manifest
@@ -80,9 +90,11 @@ class Backoff:
 class SyncStats:
     uploaded_batches: int = 0
     uploaded_frames: int = 0
+    uploaded_bytes: int = 0
     duplicate_batches: int = 0
-    refused_batches: int = 0  # the cloud answered 400 (e.g. an unreadable frame on disk): skipped
+    refused_batches: int = 0  # the cloud answered 400/413 (e.g. an unreadable frame on disk): skipped
     upload_failures: int = 0
+    token_rejected: bool = False  # the cloud answered 401: syncing stopped, journaling goes on
     sse_connects: int = 0
     sse_failures: int = 0
     polls: int = 0
@@ -92,6 +104,33 @@ class SyncStats:
     mode: str = "sse"
     last_error: str | None = None
     timeline: list[dict] = dataclasses.field(default_factory=list)  # model events with timestamps
+
+
+class TokenRejected(Exception):
+    """The cloud answered 401: the device token is wrong or was revoked."""
+
+
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+
+
+def token_device(token: str) -> str | None:
+    """The device name a ``NAME.SECRET`` token is for."""
+    name, sep, _ = token.partition(".")
+    return name if sep and name else None
+
+
+def check_manifest_binding(manifest: Manifest, device: str | None, running_sequence: int | None,
+                           allow_older: bool = False) -> None:
+    """Refuse a signed manifest made for another device, or older than the running model's."""
+    if manifest.device is not None and device is not None and manifest.device != device:
+        raise ModelVerificationError(f"model {manifest.version} is signed for device {manifest.device}, "
+                                     f"not this one ({device})")
+    if running_sequence is not None and not allow_older:
+        if manifest.sequence is None or manifest.sequence < running_sequence:
+            raise ModelVerificationError(
+                f"model {manifest.version} (sequence {manifest.sequence}) is older than the running model "
+                f"(sequence {running_sequence}); a downgrade needs an explicit rollback")
 
 
 def verify_manifest(manifest_bytes: bytes, public_key: bytes, expect_version: str | None = None) -> Manifest:
@@ -142,7 +181,12 @@ class SyncClient:
                  current_version: Callable[[], str | None] | None = None, batch_frames: int = 64,
                  upload_interval: float = 5.0, poll_interval: float = 30.0, backoff_initial: float = 1.0,
                  backoff_max: float = 60.0, sse_failures_before_polling: int = 3, timeout: float = 30.0,
-                 http: httpx.Client | None = None, log: Callable[[str], None] | None = None):
+                 http: httpx.Client | None = None, log: Callable[[str], None] | None = None,
+                 running_sequence: Callable[[], int | None] | None = None,
+                 known_bad: Callable[[str], bool] | None = None, max_model_bytes: int = MAX_MODEL_BYTES):
+        """``running_sequence()``: the running model's signed sequence (older ones are refused);
+        ``known_bad(sha256)``: the runtime rejected or rolled back that model before (not fetched
+        again, even after a restart)."""
         if len(trust_key) != 32:
             raise UserError("the trusted public key must be a raw 32-byte Ed25519 key (base64 in the key file)")
         self.base_url = cloud_url.rstrip("/")
@@ -157,6 +201,11 @@ class SyncClient:
         self._http = http or httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, read=timeout * 2))
         self._owns_http = http is None
         self._headers = {"Authorization": f"Bearer {token}"}
+        self.device = token_device(token)
+        self._running_sequence = running_sequence or (lambda: None)
+        self._known_bad = known_bad or (lambda sha: False)
+        self.max_model_bytes = max_model_bytes
+        self._download_failures: dict[str, int] = {}
         self._log = log or (lambda msg: print(f"hmd device sync: {msg}", file=sys.stderr, flush=True))
         self.stats = SyncStats()
         self._stop = threading.Event()
@@ -164,8 +213,9 @@ class SyncClient:
         self._threads: list[threading.Thread] = []
         self._stream: httpx.Response | None = None
         self._model_lock = threading.Lock()
-        self._handled: set[str] = set()  # sha256s offered or rejected: never fetched again
+        self._handled: set[tuple[str, str]] = set()  # (version, sha256) offered or rejected: never fetched again
         self.offered_versions: list[str] = []
+        self._stream_socket: socket.socket | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "SyncClient":
@@ -178,20 +228,34 @@ class SyncClient:
             t.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop both threads within ``timeout`` seconds: the event stream's socket is shut down
+        (a blocked read returns at once); an upload still in flight is abandoned (the batch is
+        not marked, so it is sent again, and recognised as a repeat, next time)."""
         self._stop.set()
         self._wake_upload.set()
-        stream = self._stream
-        if stream is not None:
+        sock = self._stream_socket
+        if sock is not None:
             try:
-                stream.close()  # unblocks the SSE read
-            except Exception:  # noqa: BLE001 - closing from another thread may race; it is best effort
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked reading the event stream
+            except OSError:
                 pass
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t for t in self._threads if t.is_alive()]
         self._threads = []
-        if self._owns_http:
+        if self._owns_http and not alive:
             self._http.close()
+
+    def summary(self) -> dict:
+        """The ``sync`` section of the device's JSON summary."""
+        st = self.stats
+        return {"cloud": self.base_url, "device": self.device, "token_rejected": st.token_rejected,
+                "uploads": st.uploaded_batches, "frames": st.uploaded_frames, "bytes": st.uploaded_bytes,
+                "duplicate_batches": st.duplicate_batches, "refused_batches": st.refused_batches,
+                "upload_failures": st.upload_failures, "versions_received": list(self.offered_versions),
+                "models_rejected": st.models_rejected, "mode": st.mode, "last_error": st.last_error}
 
     def nudge_upload(self) -> None:
         """New frames were journalled: upload now instead of at the next interval."""
@@ -200,6 +264,18 @@ class SyncClient:
     def _error(self, msg: str) -> None:
         self.stats.last_error = msg
         self._log(msg)
+
+    def _check_auth(self, r: httpx.Response) -> None:
+        if r.status_code == 401:
+            self._token_rejected()
+
+    def _token_rejected(self) -> None:
+        """Reported once; both threads then stop calling the cloud (no retry storm)."""
+        if not self.stats.token_rejected:
+            self.stats.token_rejected = True
+            self._error(f"token rejected by {self.base_url}: uploads and model updates stop, journaling goes on "
+                        "(provision the device again: `hmd cloud add-device NAME`)")
+        raise TokenRejected(self.base_url)
 
     # -- uploads ---------------------------------------------------------------------------------
     def upload_batch(self, batch: PendingBatch) -> dict | None:
@@ -211,9 +287,11 @@ class SyncClient:
         body = build_upload_archive(frames, first_seq=batch.first_seq, last_seq=batch.last_seq)
         r = self._http.post(f"{self.base_url}/v1/uploads", content=body,
                             headers={**self._headers, "Content-Type": UPLOAD_CONTENT_TYPE})
+        self._check_auth(r)
         if r.status_code in (200, 201):
             receipt = r.json()
             receipt["frames_sent"] = len(frames)
+            receipt["bytes_sent"] = len(body)
             return receipt
         raise UploadRefused(r.status_code, _error_detail(r))
 
@@ -239,22 +317,33 @@ class SyncClient:
                                 f"({exc.status}: {exc.detail}); skipping them")
                     self.journal.mark_uploaded(batch)
                     continue
-                raise
+                if exc.status == 409:  # these frames are stored already (with other metadata): done
+                    self.stats.duplicate_batches += 1
+                    self._log(f"frames {batch.first_seq}..{batch.last_seq}: {exc.detail}")
+                    self.journal.mark_uploaded(batch)
+                    done += 1
+                    continue
+                raise  # 429, 5xx: the server's problem; the batch is kept and retried
             self.journal.mark_uploaded(batch)
             done += 1
             if receipt is not None:
                 self.stats.uploaded_batches += 1
                 self.stats.uploaded_frames += receipt["frames_sent"]
+                self.stats.uploaded_bytes += receipt["bytes_sent"]
                 self.stats.duplicate_batches += int(bool(receipt.get("duplicate")))
         return done
 
     def _upload_loop(self) -> None:
         backoff = Backoff(self.backoff_initial, self.backoff_max)
         while not self._stop.is_set():
+            if self.stats.token_rejected:
+                return
             try:
                 self.upload_pending()
                 backoff.reset()
                 delay = self.upload_interval
+            except TokenRejected:
+                return
             except (httpx.HTTPError, UploadRefused, OSError) as exc:
                 self.stats.upload_failures += 1
                 delay = backoff.next()
@@ -276,6 +365,7 @@ class SyncClient:
         """Poll ``/v1/models/current``; fetch, verify and offer it if it is new. Returns the folder offered."""
         self.stats.polls += 1
         r = self._http.get(f"{self.base_url}/v1/models/current", headers=self._headers)
+        self._check_auth(r)
         if r.status_code == 404:
             return None
         if r.status_code != 200:
@@ -288,17 +378,29 @@ class SyncClient:
     def handle_model_available(self, event: ModelAvailable) -> Path | None:
         """Fetch, verify and offer a model unless it is the one running or was handled before."""
         with self._model_lock:
-            if event.version == self.current_version() or event.sha256 in self._handled:
+            key = (event.version, event.sha256)
+            if event.version == self.current_version() or key in self._handled:
+                return None
+            if self._known_bad(event.sha256):
+                self._handled.add(key)
+                self._log(f"model {event.version} was rejected or rolled back before; not fetching it again")
                 return None
             self._mark("event", event.version)
             try:
                 folder = self.fetch(event)
+            except DownloadCorrupt as exc:  # maybe a bad line or a bad resume: the next event or poll retries
+                failures = self._download_failures[event.sha256] = self._download_failures.get(event.sha256, 0) + 1
+                if failures >= 3:
+                    self._handled.add(key)
+                self.stats.models_rejected += 1
+                self._error(f"model {event.version}: {exc}" + ("; giving up on it" if failures >= 3 else ""))
+                return None
             except ModelVerificationError as exc:
-                self._handled.add(event.sha256)
+                self._handled.add(key)
                 self.stats.models_rejected += 1
                 self._error(f"model {event.version} rejected: {exc}")
                 return None
-            self._handled.add(event.sha256)
+            self._handled.add(key)
             if self.offer is not None:
                 self.offer(folder)
                 self.stats.models_offered += 1
@@ -309,38 +411,58 @@ class SyncClient:
 
     def fetch(self, event: ModelAvailable) -> Path:
         """Download and verify a version into ``download_dir/<version>/``; returns that folder."""
-        r = self._http.get(self._url(event.manifest_url), headers=self._headers)
-        if r.status_code != 200:
-            raise UploadRefused(r.status_code, _error_detail(r))
-        manifest_bytes = r.content
+        manifest_bytes = self._get_bounded(self._url(event.manifest_url), MAX_MANIFEST_BYTES, "manifest")
         manifest = verify_manifest(manifest_bytes, self.trust_key, expect_version=event.version)
         if manifest.sha256 != event.sha256:
             raise ModelVerificationError(f"model {event.version}: the signed manifest's sha256 differs from the "
                                          "announced one")
+        check_manifest_binding(manifest, self.device, self._running_sequence())
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in manifest.version).strip(".") or "model"
         partial_dir = self.download_dir / ".partial"
         partial_dir.mkdir(parents=True, exist_ok=True)
-        part = partial_dir / f"{safe}.onnx"
-        self._download(self._url(event.model_url), part, partial_dir / f"{safe}.etag")
+        part, etag_file = partial_dir / f"{safe}.onnx", partial_dir / f"{safe}.etag"
+        model_url = self._url(event.model_url)
+        resumed = self._download(model_url, part, etag_file)
         actual = _sha256_file(part)
+        if actual != manifest.sha256 and resumed:  # a corrupt partial file was resumed: start over once
+            part.unlink(missing_ok=True)
+            etag_file.unlink(missing_ok=True)
+            self._download(model_url, part, etag_file)
+            actual = _sha256_file(part)
         if actual != manifest.sha256:
             part.unlink(missing_ok=True)
-            raise ModelVerificationError(f"model {manifest.version}: downloaded model.onnx has sha256 {actual[:12]}..., "
-                                         f"the signed manifest says {manifest.sha256[:12]}...")
+            etag_file.unlink(missing_ok=True)
+            raise DownloadCorrupt(f"downloaded model.onnx has sha256 {actual[:12]}..., the signed manifest says "
+                                  f"{manifest.sha256[:12]}...")
         self.stats.models_downloaded += 1
         self._mark("downloaded", manifest.version)
         dest = self.download_dir / safe
         tmp = Path(tempfile.mkdtemp(dir=self.download_dir, prefix=f".{safe}."))
         os.replace(part, tmp / "model.onnx")
-        (tmp / "manifest.json").write_bytes(manifest_bytes)  # byte for byte: the signature stays valid
-        (partial_dir / f"{safe}.etag").unlink(missing_ok=True)
+        atomic_write_bytes(tmp / "manifest.json", manifest_bytes)  # byte for byte: the signature stays valid
+        etag_file.unlink(missing_ok=True)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+        fsync_dir(self.download_dir)
         return dest
 
-    def _download(self, url: str, part: Path, etag_file: Path) -> None:
-        """GET into ``part``, resuming a previous partial download when the ETag still matches."""
+    def _get_bounded(self, url: str, limit: int, what: str) -> bytes:
+        with self._http.stream("GET", url, headers=self._headers) as r:
+            self._check_auth(r)
+            if r.status_code != 200:
+                r.read()
+                raise UploadRefused(r.status_code, _error_detail(r))
+            data = bytearray()
+            for block in r.iter_bytes(1 << 16):
+                data += block
+                if len(data) > limit:
+                    raise ModelVerificationError(f"the {what} is larger than {limit} bytes")
+        return bytes(data)
+
+    def _download(self, url: str, part: Path, etag_file: Path) -> bool:
+        """GET into ``part``, resuming a previous partial download when the ETag still matches;
+        True if it resumed. Never more than ``max_model_bytes`` on disk."""
         have = part.stat().st_size if part.exists() else 0
         etag = etag_file.read_text().strip() if etag_file.exists() else None
         headers = dict(self._headers)
@@ -348,23 +470,37 @@ class SyncClient:
             headers["Range"] = f"bytes={have}-"
             headers["If-Range"] = etag
         with self._http.stream("GET", url, headers=headers) as r:
+            self._check_auth(r)
             if r.status_code == 416:  # the partial file is already complete (or bogus): start again
                 part.unlink(missing_ok=True)
                 etag_file.unlink(missing_ok=True)
                 r.close()
-                return self._download(url, part, etag_file) if have else None
+                return self._download(url, part, etag_file) if have else False
             if r.status_code not in (200, 206):
                 raise UploadRefused(r.status_code, r.read().decode("utf-8", "replace")[:200])
             if r.headers.get("etag"):
                 atomic_write_text(etag_file, r.headers["etag"])
-            mode = "ab" if r.status_code == 206 else "wb"
-            with open(part, mode) as fh:
+            resumed = r.status_code == 206
+            size = have if resumed else 0
+            with open(part, "ab" if resumed else "wb") as fh:
                 for block in r.iter_bytes(1 << 16):
+                    size += len(block)
+                    if size > self.max_model_bytes:
+                        fh.close()
+                        part.unlink(missing_ok=True)
+                        etag_file.unlink(missing_ok=True)
+                        raise ModelVerificationError(f"the model is larger than {self.max_model_bytes} bytes")
                     fh.write(block)
-        return None
+        return resumed
 
     def _url(self, path: str) -> str:
-        return path if path.startswith("http") else f"{self.base_url}{path}"
+        """A URL of the cloud's own origin: the token is never sent anywhere else."""
+        if path.startswith("/") and not path.startswith("//"):
+            return f"{self.base_url}{path}"
+        base, url = urlsplit(self.base_url), urlsplit(path)
+        if (url.scheme, url.netloc) != (base.scheme, base.netloc):
+            raise ModelVerificationError(f"refusing to fetch {path[:100]!r}: not on {base.scheme}://{base.netloc}")
+        return path
 
     def _mark(self, what: str, version: str) -> None:
         self.stats.timeline.append({"event": what, "version": version, "t": time.time()})
@@ -373,10 +509,14 @@ class SyncClient:
         backoff = Backoff(self.backoff_initial, self.backoff_max)
         failures = 0
         while not self._stop.is_set():
+            if self.stats.token_rejected:
+                return
             if failures >= self.sse_failures_before_polling:
                 self.stats.mode = "polling"
                 try:
                     self.check_for_model()
+                except TokenRejected:
+                    return
                 except (httpx.HTTPError, UploadRefused, OSError) as exc:
                     self._error(f"polling for models failed: {_describe(exc)}")
                 if self._stop.wait(self.poll_interval):
@@ -386,6 +526,8 @@ class SyncClient:
                 failures = 0
                 backoff.reset()
                 delay = backoff.next()
+            except TokenRejected:
+                return
             except (httpx.HTTPError, UploadRefused, OSError) as exc:
                 if self._stop.is_set():
                     return
@@ -406,9 +548,14 @@ class SyncClient:
         timeout = httpx.Timeout(self.timeout, read=max(60.0, self.timeout * 2))
         with self._http.stream("GET", f"{self.base_url}/v1/events",
                                headers={**self._headers, "Accept": "text/event-stream"}, timeout=timeout) as r:
+            self._check_auth(r)
             if r.status_code != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
                 raise UploadRefused(r.status_code, "the event stream is not available")
             self._stream = r
+            stream = r.extensions.get("network_stream")
+            self._stream_socket = stream.get_extra_info("socket") if stream is not None else None
+            if self._stop.is_set():
+                return
             self.stats.sse_connects += 1
             self.stats.mode = "sse"
             try:
@@ -418,6 +565,8 @@ class SyncClient:
                     if name == "model_available":
                         try:
                             self.handle_model_available(ModelAvailable.model_validate_json(data))
+                        except TokenRejected:
+                            raise
                         except (httpx.HTTPError, UploadRefused, OSError) as exc:
                             self._error(f"fetching a model failed ({_describe(exc)}); the next event or poll "
                                         "retries")
@@ -425,6 +574,11 @@ class SyncClient:
                             self._error(f"bad model_available event: {exc}")
             finally:
                 self._stream = None
+                self._stream_socket = None
+
+
+class DownloadCorrupt(ModelVerificationError):
+    """The downloaded file does not hash to the signed value (a bad line or a bad resume): retried."""
 
 
 class UploadRefused(Exception):
@@ -489,6 +643,9 @@ def start(runtime: Any, cloud_url: str, token: str | None, *, trust_key: bytes |
         from device.journal import Journal
 
         journal = Journal(cfg.journal_dir)
+    models = runtime.models
     client = SyncClient(cloud_url, token, trust_key=key, download_dir=download_dir, journal=journal,
-                        offer=runtime.offer_model, current_version=lambda: runtime.model_version, **options)
+                        offer=runtime.offer_model, current_version=lambda: runtime.model_version,
+                        running_sequence=lambda: models.active.manifest.sequence, known_bad=models.is_bad,
+                        **options)
     return client.start()

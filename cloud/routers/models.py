@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from cloud.deps import ApiError, DeviceDep, ServicesDep
 from cloud.registry import model_info
 from cloud.storage import Device, Storage, Version
-from shared.wire import ModelInfo
+from shared.wire import ErrorBody, ModelInfo
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 CHUNK = 256 * 1024
@@ -60,7 +60,12 @@ def _read(services, sha: str, start: int, end: int) -> Iterator[bytes]:
             yield block
 
 
-@router.api_route("/{version}/model.onnx", methods=["GET", "HEAD"])
+@router.head("/{version}/model.onnx", operation_id="head_model", response_class=Response,
+             responses={200: {"description": "the model's size and ETag"}})
+@router.get("/{version}/model.onnx", operation_id="get_model", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"},
+                       304: {"description": "not modified"}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody},
+                       416: {"model": ErrorBody}})
 def get_model(version: str, request: Request, device: DeviceDep, services: ServicesDep) -> Response:
     v = visible_version(services.storage, device, version)
     size, etag = v.bytes, f'"{v.onnx_sha256}"'

@@ -175,3 +175,61 @@ def test_watch_feeds_hot_swap_in_a_live_run(toy, tmp_path):
     summary = rt.run()
     assert summary["model_versions"] == ["v1", "v2"] and summary["watch"]["offered"] == 1
     assert summary["exit_reason"] == "stopped"
+
+
+def _with_sequence(folder, sequence):
+    """Give a toy model's manifest a signed-style sequence number (unsigned toy: no key involved)."""
+    m = Manifest.load(folder / "manifest.json")
+    m.sequence = sequence
+    m.save(folder / "manifest.json")
+    return folder
+
+
+def test_attack_downgrade_offer_is_refused_unless_rolled_back_explicitly(toy):
+    from device.hotswap import ModelManager
+
+    manager = ModelManager(load_model(_with_sequence(toy("v7"), 7)), log=lambda m: None)
+    try:
+        older = manager.offer(_with_sequence(toy("v3"), 3))
+        unsequenced = manager.offer(toy("plain"))
+        assert older.wait(20) and unsequenced.wait(20)
+        assert "older than the running v7" in older.error and "sequence None" in unsequenced.error
+        explicit = manager.offer(toy("v3"), allow_older=True)
+        assert explicit.wait(20) and explicit.error is None
+        assert manager.between_frames().version == "v3"
+    finally:
+        manager.close()
+
+
+def test_rolled_back_model_stays_refused_after_a_restart(toy, tmp_path):
+    from device.hotswap import ModelManager
+
+    store = ModelStore(tmp_path / "store")
+    bad = load_model(toy("bad"))
+    manager = ModelManager(load_model(toy("good")), store=store, log=lambda m: None)
+    store.install(manager.active.onnx_path, manager.active.manifest)
+    store.set_current("good")
+    ticket = manager.offer(toy("bad"))
+    assert ticket.wait(20) and ticket.error is None
+    engine = manager.between_frames()
+    assert manager.report_failure(engine, "NaN on a frame").version == "good"
+    manager.close()
+    restarted = ModelManager(load_model(toy("good")), store=ModelStore(tmp_path / "store"), log=lambda m: None)
+    try:
+        assert restarted.is_bad(bad.manifest.sha256)
+        again = restarted.offer(toy("bad"))
+        assert again.wait(20) and "rolled back before" in again.error
+    finally:
+        restarted.close()
+
+
+def test_attack_tampered_optimised_graph_cache_is_not_loaded(toy, tmp_path):
+    folder = toy("cached")
+    first = load_model(folder, cache_dir=tmp_path / "cache")
+    cached, = (tmp_path / "cache").glob("*.onnx")
+    good = cached.read_bytes()
+    cached.write_bytes(good[:100] + b"tampered" + good[108:])
+    second = load_model(folder, cache_dir=tmp_path / "cache")  # ignores the tampered cache and writes it again
+    x = np.full((1, 1, 32, 32), 0.25, np.float32)
+    assert np.allclose(first.infer(x)[0], second.infer(x)[0])
+    assert cached.read_bytes() != good[:100] + b"tampered" + good[108:]
