@@ -32,7 +32,16 @@ def _one_error_line(capsys, argv, match):
 
 def test_missing_model(capsys, tmp_path):
     _one_error_line(capsys, ["--model", tmp_path / "none.onnx", "--headless"], "model not found")
-    _one_error_line(capsys, ["--headless"], "--model FILE.onnx is required")
+    _one_error_line(capsys, ["--model", "no-such-shipped-model", "--headless"], "shipped models: base")
+
+
+def test_without_a_model_the_shipped_base_model_runs(capsys, tmp_path):
+    metrics = tmp_path / "m.json"
+    assert main(["device", "--headless", "--source", "synthetic", "--fps", "0", "--max-frames", "3",
+                 "--metrics", str(metrics)]) == 0
+    summary = json.loads(metrics.read_text())
+    assert summary["frames_shown"] == 3 and summary["model_versions"] == ["base-v1"]
+    assert "model base-v1" in capsys.readouterr().err  # the start line names it
 
 
 def test_corrupt_model_and_mismatching_manifest(capsys, toy):
