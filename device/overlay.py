@@ -25,7 +25,7 @@ MODE_KEYS = {ord(str(i + 1)): m for i, m in enumerate(MODES)}
 EDGE_COLOUR_BGR = np.array([0, 255, 0], np.float32)  # edges are drawn in green
 TILE_LABELS: tuple[str, ...] = ("camera", "edges", "colour", "denoised")  # side-by-side, row by row
 FONT = cv2.FONT_HERSHEY_SIMPLEX
-MIN_TEXT_SCALE = 0.5  # ~11 px capitals: the smallest that stays legible in a 320x240 window
+MIN_TEXT_SCALE = 0.5  # 10 px capitals: the smallest that stays legible in a 320x240 window
 WHITE, AMBER = (255, 255, 255), (0, 200, 255)
 HUD_BACKGROUND = 24  # gray level of the HUD band
 # the widest the HUD's statistics get: the one-line layout keeps room for them whatever the numbers

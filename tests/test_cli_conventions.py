@@ -157,7 +157,7 @@ def test_devices_and_rotate_token_over_http(tmp_path):
                 return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
-        wait_for(up, timeout=60, interval=0.2, what="hmd cloud serve")
+        wait_for(up, timeout=120, interval=0.2, what="hmd cloud serve")
 
         def status(token):
             return httpx.get(f"{url}/v1/models/current", headers={"Authorization": f"Bearer {token}"},
