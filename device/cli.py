@@ -169,6 +169,11 @@ def human_summary(summary: dict) -> list[str]:
         outputs.append(f"journal {j['dir']}: {j['written']} frames kept ({j['disk_bytes'] / 1e6:.1f} MB)")
     if outputs:
         lines.append("  " + "; ".join(outputs))
+    sync = summary.get("sync")
+    if sync:
+        state = "token rejected" if sync["token_rejected"] else f"{sync['uploads']} uploads"
+        lines.append(f"  cloud {sync['cloud']}: {state}, {sync['frames']} frames ({sync['bytes'] / 1e6:.1f} MB), "
+                     f"{len(sync['versions_received'])} versions received, {sync['refused_batches']} batches refused")
     return lines
 
 

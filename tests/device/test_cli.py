@@ -170,3 +170,18 @@ def test_quiet_prints_nothing_but_metrics_still_written(toy, tmp_path):
     summary = json.loads(metrics.read_text())
     assert summary["frames_shown"] == 3 and summary["display"] == "headless"
     assert summary["headless_reason"].startswith("no display")
+
+
+def test_the_human_summary_shows_the_sync_section():
+    from device.cli import human_summary
+
+    summary = {"frames_shown": 3, "duration_s": 1.0, "fps": 3.0, "camera_frames_dropped": 0,
+               "camera_frames_captured": 3, "exit_reason": "max frames", "latency_ms": {},
+               "model": {"events": [], "active": "v1"}, "model_versions": ["v1"], "inference_errors": 0,
+               "display": "headless",
+               "sync": {"cloud": "http://127.0.0.1:9", "token_rejected": False, "uploads": 2, "frames": 10,
+                        "bytes": 2_000_000, "versions_received": ["v2"], "refused_batches": 0}}
+    assert human_summary(summary)[-1] == ("  cloud http://127.0.0.1:9: 2 uploads, 10 frames (2.0 MB), "
+                                          "1 versions received, 0 batches refused")
+    summary["sync"]["token_rejected"] = True
+    assert "token rejected" in human_summary(summary)[-1]
