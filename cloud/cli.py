@@ -121,6 +121,8 @@ def configure_logging(level: str) -> None:
     """One format for the service's, uvicorn's and every library's lines (uvicorn is run without
     its own logging config, so its loggers propagate here); chatty libraries start at WARNING."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # whatever set them before: follow the root
+        logging.getLogger(name).setLevel(logging.NOTSET)
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
