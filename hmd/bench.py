@@ -17,6 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "device": ("hmd.bench_device", "ONNX Runtime FP32/INT8 vs torch eager, pipeline fps, memory"),
     "cloud": ("cloud.bench", "upload throughput vs copy, concurrent devices, upload-to-serving time"),
     "personalise": ("hmd.bench_personalise", "personalisation with GREAT vs equal weighting, same frames and budget"),
+    "soak": ("hmd.bench_soak", "headsets uploading while the server is killed, full and fed bad input: nothing lost"),
 }
 
 
