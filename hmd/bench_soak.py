@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,12 +35,13 @@ import numpy as np
 
 from cloud.storage import Version
 from cloud.worker import JobContext, JobOutcome
+from shared.wire import tar_members
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def resign_job(ctx: JobContext) -> JobOutcome:
-    """A fast job runner (no training): the current model re-signed as the device's next version."""
+def resigned_version(ctx: JobContext) -> Version:
+    """The device's current model re-signed under a new name: a new version without training."""
     job = ctx.job
     base = ctx.storage.current_version(job.device_id)
     device = ctx.storage.device(job.device_id)
@@ -49,10 +49,15 @@ def resign_job(ctx: JobContext) -> JobOutcome:
     manifest = ctx.registry.manifest(base).model_copy(update={"version": name, "parent_version": base.version})
     signed = ctx.registry.sign(manifest, job.device_id)
     manifest_sha = ctx.blobs.put_bytes(signed.to_json().encode())
+    ctx.storage.update_job(job.id, base_version=base.version)
+    return Version(name, job.device_id, base.version, base.onnx_sha256, manifest_sha, base.bytes, base.run_dir,
+                   job.id, time.time())
+
+
+def resign_job(ctx: JobContext) -> JobOutcome:
+    """A fast job runner (no training) for the soak."""
     time.sleep(0.5)  # long enough to be interrupted by a kill now and then
-    version = Version(name, job.device_id, base.version, base.onnx_sha256, manifest_sha, base.bytes, base.run_dir,
-                      job.id, time.time())
-    return JobOutcome(True, "soak: re-signed", {}, version, None)
+    return JobOutcome(True, "soak: re-signed", {}, resigned_version(ctx), None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,19 +154,10 @@ def _bad_inputs(url: str, token: str) -> dict[str, int]:
     """Every bad-input class of issue 13, sent once; the status each got."""
     auth = {"Authorization": f"Bearer {token}"}
 
-    def tar(members: list[tuple[str, bytes]]) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as t:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
-
     def upload(frames: dict[str, bytes], **meta) -> bytes:
         index = {"format": 1, "frames": [{"file": n, "sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d), **meta}
                                          for n, d in frames.items()]}
-        return tar([("index.json", json.dumps(index).encode()), *frames.items()])
+        return tar_members([("index.json", json.dumps(index).encode()), *frames.items()])
 
     img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
     jpg = cv2.imencode(".jpg", img)[1].tobytes()
@@ -173,7 +169,7 @@ def _bad_inputs(url: str, token: str) -> dict[str, int]:
     scan = jpg.index(b"\xff\xda")
     classes = {
         "not a tar": b"plain text" * 100,
-        "path traversal": tar([("../x.jpg", jpg)]),
+        "path traversal": tar_members([("../x.jpg", jpg)]),
         "symlink": b"",
         "image bomb (16000x16000 progressive JPEG)": upload({"frames/0.jpg": bytes(prog)}),
         "PNG under a .jpg name": upload({"frames/0.jpg": bytes(png)}),
