@@ -16,7 +16,6 @@ exception, a 5xx without a storage fault) is a crash, written as ``crash-*`` and
 """
 from __future__ import annotations
 
-import io
 import json
 import queue
 import shutil
@@ -64,16 +63,6 @@ def parse_body(body: bytes) -> None:
     assert received.rows and len(received.rows) == len(received.index.frames)
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def one_input(data: bytes) -> None:
     if not data:
         return
@@ -84,7 +73,7 @@ def one_input(data: bytes) -> None:
         fdp = atheris.FuzzedDataProvider(rest)
         index = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048))
         frame = fdp.ConsumeBytes(fdp.remaining_bytes())
-        parse_body(tar_bytes([(wire.INDEX_NAME, index), ("frames/0000000000.jpg", frame)]))
+        parse_body(wire.tar_members([(wire.INDEX_NAME, index), ("frames/0000000000.jpg", frame)]))
     else:
         ingest.jpeg_header(rest)
         try:
@@ -113,7 +102,7 @@ def make_corpus(folder: Path) -> None:
     seeds = {
         "valid-upload": b"\0" + valid,
         "truncated-upload": b"\0" + valid[: len(valid) // 2],
-        "png-frame": b"\0" + tar_bytes([("index.json", index.replace(hashlib.sha256(jpg).hexdigest().encode(),
+        "png-frame": b"\0" + wire.tar_members([("index.json", index.replace(hashlib.sha256(jpg).hexdigest().encode(),
                                                                     hashlib.sha256(png).hexdigest().encode())),
                                          ("frames/0000000000.jpg", png)]),
         "index-and-frame": b"\1" + bytes([0, 0, 0, len(index) & 0xFF]) + index + jpg,

@@ -137,3 +137,15 @@ def build_upload_archive(frames: Iterable[tuple[dict, bytes]], first_seq: int | 
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def tar_members(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A plain tar of (name, bytes) members, as given: for tests, fuzzing and bad-input probes
+    (uploads are built with :func:`build_upload_archive`)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -5,24 +5,11 @@ from __future__ import annotations
 import os
 import time
 
-from cloud.storage import Version
 from cloud.worker import JobContext, JobInterrupted, JobOutcome
+from hmd.bench_soak import resigned_version
 
 EVALUATION = {"wearer": {"before": {"rmse_colour": 0.2}, "after": {"rmse_colour": 0.1}},
               "base": {"before": {"rmse_colour": 0.2}, "after": {"rmse_colour": 0.2}}, "tolerance": 0.02}
-
-
-def resigned_version(ctx: JobContext) -> Version:
-    job = ctx.job
-    base = ctx.storage.current_version(job.device_id)
-    device = ctx.storage.device(job.device_id)
-    name = f"{device.name}-{job.id}"
-    manifest = ctx.registry.manifest(base).model_copy(update={"version": name, "parent_version": base.version})
-    signed = ctx.registry.sign(manifest, job.device_id)
-    manifest_sha = ctx.blobs.put_bytes(signed.to_json().encode())
-    ctx.storage.update_job(job.id, base_version=base.version)
-    return Version(name, job.device_id, base.version, base.onnx_sha256, manifest_sha, base.bytes, base.run_dir,
-                   job.id, time.time())
 
 
 def accept_job(ctx: JobContext) -> JobOutcome:
