@@ -19,7 +19,16 @@ from models.greace import DEFAULT_GREACE, GREACE_VARIANTS, greace_delta, greace_
 from models.network import NetConfig
 from shared.errors import UserError
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster than two, and immune to a busy machine's spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 LN2, LN3 = math.log(2.0), math.log(3.0)
 # two samples, three classes, chosen so that every softmax is a simple fraction:
 #   sample 0: a = (ln 2, 0, 0) -> p = (1/2, 1/4, 1/4); a' = (0, ln 3, 0) -> p' = (1/5, 3/5, 1/5); y = 0
