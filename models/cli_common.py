@@ -8,6 +8,8 @@ import shlex
 import sys
 from typing import Any
 
+from models.registry import ARCHITECTURES
+
 # flag, option name of the defence classes, type, `hmd defend` default, choices, help
 DEFENCE_OPTIONS: list[tuple[str, str, type, Any, list[str] | None, str]] = [
     ("alpha-max", "alpha_max", float, 1.0, None, "GREAT: final aux-loss weight (paper 1)"),
@@ -18,6 +20,9 @@ DEFENCE_OPTIONS: list[tuple[str, str, type, Any, list[str] | None, str]] = [
     ("aux-norm", "aux_norm", str, "rms", ["rms", "none"],
      "per-sample RMS normalisation of the aux classifier's input gradient (default rms)"),
     ("fgsm-eps", "eps", float, 0.2, None, "fgsm-at: training eps (paper 0.2)"),
+    ("aux-arch", "aux_arch", str, "resnet", ARCHITECTURES.names(), "GREAT/GREACE: aux classifier architecture"),
+    ("input-grad", "input_grad", str, "explicit", ["explicit", "autograd"],
+     "GREAT/GREACE: input gradient from explicit ops (default; same maths, faster) or autograd"),
     ("grad-bn", "grad_bn", str, "detached", ["detached", "batch"],
      "BatchNorm batch statistics in the input-gradient path: 'batch' = the paper's exact maths, 'detached' "
      "(default) = treated as constants, ~1.4x faster (see models/defence.py)"),
