@@ -45,17 +45,6 @@ def sample_mask(task: str, targets: dict[str, torch.Tensor]) -> torch.Tensor | N
     return None
 
 
-def task_outputs(model: MultiTaskNet, feats: dict[str, torch.Tensor], x: torch.Tensor,
-                 tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Each task's head on its feature ``feats[task]`` (a decoder with input skips also takes the
-    input image ``x``): the network's forward restricted to ``tasks``."""
-    out = {}
-    for t in tasks:
-        head = model.head(t)
-        out[t] = head(feats[t], x) if getattr(head, "input_skip", False) else head(feats[t])
-    return out
-
-
 def loss_logs(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {f"loss_{t}": float(v.detach()) for t, v in losses.items()}
 
@@ -82,7 +71,7 @@ class WeightingMethod(OwnOptimizers):
     def outputs(self, model: MultiTaskNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The heads of this method's tasks on ``x`` (one encoder forward)."""
         f = model.encode(x)
-        return task_outputs(model, {t: f for t in self.tasks}, x, self.tasks)
+        return {t: model.head(t)(f) for t in self.tasks}
 
     def step(self, model: MultiTaskNet, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
         raise NotImplementedError
@@ -148,7 +137,7 @@ def per_task_feature_gradients(model: MultiTaskNet, x: torch.Tensor, targets: di
     """
     f = model.encode(x)
     copies = {t: f.detach().requires_grad_(True) for t in tasks}
-    losses = task_losses(task_outputs(model, copies, x, tasks), targets)
+    losses = task_losses({t: model.head(t)(copies[t]) for t in tasks}, targets)
     total = sum(scale(t, j) for t, j in losses.items())
     total.backward()
     grads = {t: copies[t].grad for t in losses}
