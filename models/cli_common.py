@@ -8,6 +8,8 @@ import shlex
 import sys
 from typing import Any
 
+from models.registry import ARCHITECTURES
+
 # flag, option name of the defence classes, type, `hmd defend` default, choices, help
 DEFENCE_OPTIONS: list[tuple[str, str, type, Any, list[str] | None, str]] = [
     ("alpha-max", "alpha_max", float, 1.0, None, "GREAT: final aux-loss weight (paper 1)"),
@@ -21,6 +23,9 @@ DEFENCE_OPTIONS: list[tuple[str, str, type, Any, list[str] | None, str]] = [
      "GREACE: reading of the paper's eq. 6 (default reweight; literal = the formula as printed, collapses "
      "at beta-max 20: see README and models/greace.py)"),
     ("fgsm-eps", "eps", float, 0.2, None, "fgsm-at: training eps (paper 0.2)"),
+    ("aux-arch", "aux_arch", str, "resnet", ARCHITECTURES.names(), "GREAT/GREACE: aux classifier architecture"),
+    ("input-grad", "input_grad", str, "explicit", ["explicit", "autograd"],
+     "GREAT/GREACE: input gradient from explicit ops (default; same maths, faster) or autograd"),
     ("grad-bn", "grad_bn", str, "detached", ["detached", "batch"],
      "BatchNorm batch statistics in the input-gradient path: 'batch' = the paper's exact maths, 'detached' "
      "(default) = treated as constants, ~1.4x faster (see models/defence.py)"),

@@ -29,18 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disc-arch", choices=ARCHITECTURES.names(), default=None,
                         help="great: discriminator architecture (default resnet: stride-2 first layer)")
     parser.add_argument("--disc-width", type=int, default=None, help="great: discriminator width (default 8)")
+    parser.add_argument("--disc-lr", type=float, default=None, help="great: discriminator Adam lr (default 1e-3)")
+    parser.add_argument("--input-grad", choices=["explicit", "autograd"], default=None,
+                        help="great: input gradients from explicit ops (default; same maths, faster) or autograd")
     parser.add_argument("--grad-bn", choices=["detached", "batch"], default="detached",
                         help="great: BatchNorm batch statistics in the student's input gradient: 'batch' = the "
                              "paper's exact maths, 'detached' (default) = treated as constants (see models/defence.py)")
 
 
-def run(args: argparse.Namespace) -> int:
+def method_options(args: argparse.Namespace) -> dict:
+    """The chosen method's options: the paper's where not given (models.distill.distill_options)."""
     from models.distill import distill_options
+
+    return distill_options(args.method, args.fraction, args.temperature, args.alpha, args.disc_norm,
+                           args.disc_arch, args.disc_width, args.grad_bn, args.disc_lr, args.input_grad)
+
+
+def run(args: argparse.Namespace) -> int:
     from models.train_classifier import train_distilled
 
     set_threads(args.threads)
-    opts = distill_options(args.method, args.fraction, args.temperature, args.alpha, args.disc_norm,
-                           args.disc_arch, args.disc_width, args.grad_bn)
+    opts = method_options(args)
     m = train_distilled(args.teacher, args.method, args.data, args.out, fraction=args.fraction, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                         student_arch=args.student, width=args.width, options=opts, max_steps=args.max_steps,

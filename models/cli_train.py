@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=16, help="encoder width (shared feature has 4x this)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--alpha", type=float, default=0.6, help="GradNorm asymmetry alpha (paper: 0.6 on CIFAR)")
+    parser.add_argument("--weight-lr", type=float, default=None, help="GradNorm: Adam lr of the task weights (1e-3)")
     parser.add_argument("--gal-lr", type=float, default=1e-4, help="GREAT: Adam lr of the gradient-alignment layers")
+    parser.add_argument("--gal-floor", type=float, default=None, help="GREAT: lower clamp of the GALs (1e-3)")
     parser.add_argument("--aux-lr", type=float, default=1e-3, help="GREAT: Adam lr of the auxiliary task classifier")
     parser.add_argument("--aux-norm", choices=["rms", "none"], default="rms",
                         help="GREAT: per-sample RMS normalisation of the classifier's input (default rms)")
@@ -42,11 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict:
+    """The options of the chosen weighting (those without a default here only when given)."""
     if args.method == "gradnorm":
-        return {"alpha": args.alpha}
-    if args.method == "great":
-        return {"gal_lr": args.gal_lr, "aux_lr": args.aux_lr, "aux_norm": args.aux_norm}
-    return {}
+        opts = {"alpha": args.alpha, "weight_lr": args.weight_lr}
+    elif args.method == "great":
+        opts = {"gal_lr": args.gal_lr, "aux_lr": args.aux_lr, "aux_norm": args.aux_norm, "gal_floor": args.gal_floor}
+    else:
+        opts = {}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,15 +59,18 @@ DEFAULT_DISCRIMINATOR = {"arch": "resnet", "width": 8}
 
 def distill_options(method: str, fraction: float, temperature: float | None = None, alpha: float | None = None,
                     disc_norm: str = "rms", disc_arch: str | None = None, disc_width: int | None = None,
-                    grad_bn: str = DEFAULT_GRAD_BN) -> dict[str, Any]:
+                    grad_bn: str = DEFAULT_GRAD_BN, disc_lr: float | None = None,
+                    input_grad: str | None = None) -> dict[str, Any]:
     """The options `hmd distill` trains ``method`` with: the paper's where not given (kd's alpha
-    depends on the data fraction: dense 0.1, sparse 0.99)."""
+    depends on the data fraction: dense 0.1, sparse 0.99); ``disc_lr`` / ``input_grad`` only
+    when given (else the method's defaults)."""
     if method == "kd":
         a = alpha if alpha is not None else (PAPER_KD["alpha_dense"] if fraction >= 1.0 else PAPER_KD["alpha_sparse"])
         return {"temperature": temperature if temperature is not None else PAPER_KD["temperature"], "alpha": a}
     if method == "great":
+        extra = {k: v for k, v in (("disc_lr", disc_lr), ("input_grad", input_grad)) if v is not None}
         return {"alpha": PAPER_GREAT_ALPHA if alpha is None else alpha, "disc_norm": disc_norm,
-                "disc_arch": disc_arch, "disc_width": disc_width, "grad_bn": grad_bn}
+                "disc_arch": disc_arch, "disc_width": disc_width, "grad_bn": grad_bn, **extra}
     return {}
 
 

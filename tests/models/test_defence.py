@@ -163,14 +163,17 @@ def test_hmd_train_reaches_every_defence_option():
     args = parser.parse_args(["--out", "x", "--defence", "great+ce", "--defence-alpha-max", "0.5",
                               "--defence-beta-max", "3", "--defence-aux-lr", "0.01", "--defence-aux-width", "3",
                               "--defence-aux-norm", "none", "--defence-fgsm-eps", "0.1", "--defence-grad-bn", "batch",
+                              "--defence-aux-arch", "cnn5", "--defence-input-grad", "autograd",
                               "--defence-greace", "literal"])
     options = cli_train.defence_options(args, given_only=True)
     assert options == {"alpha_max": 0.5, "beta_max": 3.0, "aux_lr": 0.01, "aux_width": 3, "aux_norm": "none",
-                        "eps": 0.1, "grad_bn": "batch", "greace": "literal"}
+                        "eps": 0.1, "grad_bn": "batch", "aux_arch": "cnn5", "input_grad": "autograd",
+                        "greace": "literal"}
     assert set(options) == {key for _, key, *_ in DEFENCE_OPTIONS}
     d = create_defence("great+ce", TINY, **options)  # every option is one the defences take
-    assert (d.alpha_max, d.beta_max, d.aux_norm, d.grad_bn, d.aux.cfg.width, d.greace_variant) == \
-        (0.5, 3.0, "none", "batch", 3, "literal")
+    assert (d.alpha_max, d.beta_max, d.aux_norm, d.grad_bn, d.input_grad, d.greace_variant) == \
+        (0.5, 3.0, "none", "batch", "autograd", "literal")
+    assert (d.aux.name, d.aux.cfg.width, d.aux_optimizer.param_groups[0]["lr"]) == ("cnn5", 3, 0.01)
     assert cli_train.defence_options(parser.parse_args(["--out", "x"]), given_only=True) == {}
 
 

@@ -4,6 +4,7 @@ method is covered by adding it to models/registry.py."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 
 import pytest
@@ -159,3 +160,44 @@ def test_every_distillation_method_trains_the_student_only(name):
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
     assert not any(k.startswith("teacher") for k in m.state_dict())
     create_distiller(name, CLASSIFIER, teacher).load_state_dict(m.state_dict())
+
+
+# --- every option of every entry is reachable from the command that trains it ---------------------
+
+def _constructor_options(cls, positional: set[str]) -> set[str]:
+    return {p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name not in positional | {"self"} and p.kind is not p.VAR_KEYWORD}
+
+
+def _parsed(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_every_weighting_option_is_reachable_from_hmd_train(name):
+    from models import cli_train
+
+    args = _parsed(cli_train, ["--out", "x", "--method", name, "--weight-lr", "0.01", "--gal-floor", "0.01"])
+    options = cli_train.method_options(args)
+    assert set(options) == _constructor_options(WEIGHTINGS.get(name), {"tasks"})
+    create_weighting(name, None, **options)
+
+
+@pytest.mark.parametrize("name", DEFENCES.names())
+def test_every_defence_option_is_reachable_from_hmd_defend_and_hmd_train(name):
+    from models.cli_common import DEFENCE_OPTIONS
+
+    assert _constructor_options(DEFENCES.get(name), {"net_cfg", "seed"}) <= {key for _, key, *_ in DEFENCE_OPTIONS}
+
+
+@pytest.mark.parametrize("name", DISTILLERS.names())
+def test_every_distillation_option_is_reachable_from_hmd_distill(name):
+    from models import cli_distill
+
+    args = _parsed(cli_distill, ["--teacher", "t", "--out", "x", "--method", name, "--temperature", "4", "--alpha",
+                                 "0.5", "--disc-arch", "cnn5", "--disc-width", "4", "--disc-lr", "0.01",
+                                 "--input-grad", "autograd"])
+    options = cli_distill.method_options(args)
+    assert set(options) == _constructor_options(DISTILLERS.get(name), {"student_cfg", "teacher"})
