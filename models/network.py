@@ -241,7 +241,3 @@ class OnnxWrapper(nn.Module):
     def forward(self, image: torch.Tensor):
         out = self.net(image)
         return out["class"], out["colour"], out["edges"], out["denoised"]
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
