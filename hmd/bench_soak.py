@@ -144,7 +144,12 @@ class Headset:
 
     def journal_frame(self) -> None:
         img = self.base.copy()
-        img[0, :8] = np.frombuffer(self.n.to_bytes(8, "big"), np.uint8)[:, None]  # every frame distinct
+        # every frame distinct *after* JPEG compression: the frame number's 16 bits as black or white
+        # 8x8 blocks (a few changed pixel values can quantise to the same JPEG bytes, which the cloud
+        # then rightly stores once, and the soak would count the duplicates as lost)
+        for bit in range(16):
+            r, c = divmod(bit, 8)
+            img[8 * r:8 * r + 8, 8 * c:8 * c + 8] = 255 if (self.n >> bit) & 1 else 0
         self.n += 1
         while not self.journal.submit(img, {"frame_index": self.n}):
             time.sleep(0.01)
