@@ -380,4 +380,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"versions served: {' -> '.join(versions)}; {headset['frames_shown']} frames, "
           f"{headset['camera_frames_dropped']} camera frames dropped; {summary['seconds']} s")
     print(f"wrote {out / 'summary.json'}, {out / 'overlay.mp4'}, {out / 'metrics.png'}")
-    return 0 if new_version else 1
+    # the loop ran when the cloud finished a job: accepted (served and swapped) or rejected by the gate
+    # (then the wearer keeps the base model, as the verdict says); a failure or a timeout is exit 1
+    finished = any(j.get("state") in ("accepted", "rejected") for j in state["jobs"])
+    return 0 if new_version or finished else 1
