@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         env.pop("DISPLAY", None)
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
-        pipes = {}
+        pipes, cmds = {}, {}
         for precision in ("fp32", "int8"):
             metrics = tmp / f"pipeline-{precision}.json"
             cmd = [sys.executable, "-m", "hmd", "device", "--model", str(tmp / f"{precision}.onnx"), "--source",
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 print(proc.stderr, file=sys.stderr)
                 return 1
             pipes[precision] = json.loads(metrics.read_text())
+            cmds[precision] = cmd
         pipe = pipes["fp32"]
 
     # frames per second are a throughput, frames / time, on both sides: the pipeline's frames over its
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         "pipeline": {"fps": pipe["fps"], "inference_only_fps": round(inference_fps, 2),
                      "frames": pipe["frames_shown"], "camera_frames_dropped": pipe["camera_frames_dropped"],
                      "latency_ms_p50": {k: v.get("p50") for k, v in pipe["latency_ms"].items()},
-                     "command": " ".join(["hmd device"] + cmd[4:])},
+                     "command": " ".join(["hmd device"] + cmds["fp32"][4:])},
         "flops": {"per_frame_gflop": round(flops / 1e9, 4), "achieved_gflops_ort_fp32": round(achieved, 2),
                   "cpu_peak": peak,
                   "fraction_of_peak": round(achieved / peak["estimate_gflops"], 4) if peak.get("estimate_gflops") else None},
