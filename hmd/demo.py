@@ -165,8 +165,9 @@ def _run_headset(args, out: Path, url: str, token: str, trust_key: bytes, base_f
                 rt.stop()
                 return
             job = state["job"]
-            if job and job["state"] in ("rejected", "failed") and state["swapped_at_frame"] is None:
-                _say(f"the cloud did not accept a new model: {job['state']}: {job.get('reason')}")
+            ended = [j for j in state["jobs"] if j["state"] in ("rejected", "failed")]
+            if ended and state["swapped_at_frame"] is None:  # the first finished job decides (more may queue)
+                _say(f"the cloud did not accept a new model: {ended[0]['state']}: {ended[0].get('reason')}")
                 rt.stop()
                 return
             if now - t0 > args.timeout:
