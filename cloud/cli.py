@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--auto-job-frames", type=int, default=None, metavar="N",
                        help="start a personalisation job once a device uploaded N new frames (0: never; default 64)")
     serve.add_argument("--max-upload-bytes", type=int, default=None, help="upload size limit (default 64 MiB)")
-    serve.add_argument("--epochs", type=int, default=None, help="personalisation epochs (default 3)")
+    serve.add_argument("--epochs", type=int, default=None, help="personalisation epochs (default 8)")
     serve.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap personalisation steps (quick runs)")
     serve.add_argument("--lr", type=float, default=None, help="personalisation learning rate")
     serve.add_argument("--batch-size", type=int, default=None, help="personalisation batch size")

@@ -43,7 +43,7 @@ class Settings:
     base_val_data: str | None = None  # the gate's base set (None: the base run's recorded validation data)
     teacher_run: Path | None = None
     method: str = "great"
-    epochs: int = 3
+    epochs: int = 8  # 200 steps on 512 frames: what real footage needs (README "Real footage")
     max_steps_per_epoch: int | None = None
     lr: float | None = None  # personalisation learning rate (None: models.personalise's default)
     batch_size: int | None = None  # personalisation batch size (None: its default)

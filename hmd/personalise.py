@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--max-frames", type=int, default=512,
                         help="the most recent frames used (the cloud's job_max_frames; default 512)")
-    parser.add_argument("--stride", type=int, default=3,
-                        help="keep every k-th video frame (a journal keeps every k-th frame too; default 3)")
+    parser.add_argument("--stride", type=int, default=9,
+                        help="keep every k-th video frame (a journal keeps every k-th frame too; default 9: "
+                             "512 frames span about 5 minutes of 15 fps footage)")
     parser.add_argument("--base-data", default=None, metavar="SOURCE",
                         help="the base model's training data, replayed (default: what the model was trained on)")
     parser.add_argument("--base-val-data", default=None, metavar="SOURCE",
@@ -38,16 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the model's recorded validation data)")
     parser.add_argument("--teacher", default=None, metavar="RUN", help="class targets from this teacher (default: none)")
     parser.add_argument("--method", default="great", help="weighting method (default great)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of the footage judged on (default 0.2)")
     parser.add_argument("--split", choices=["time", "interleaved"], default="time",
                         help="held-out frames: the later ones (time, default) or every k-th (interleaved)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="base-set tolerance (default 0.05)")
-    parser.add_argument("--replay", type=float, default=3.0, help="base frames replayed per wearer frame (default 3)")
+    parser.add_argument("--replay", type=float, default=1.0, help="base frames replayed per wearer frame (default 1)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="camera decoder: skip the least-squares output calibration on the wearer's training frames")
-    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--key-dir", default=None, metavar="DIR",
                         help="folder with signing.key/signing.pub (default: DIR; made if missing)")

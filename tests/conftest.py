@@ -2,8 +2,11 @@ import os
 
 import pytest
 
-# Two cores on CI: keep torch from oversubscribing when tests run beside servers.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Two cores on CI: keep torch from oversubscribing when tests run beside servers. Under
+# pytest-xdist (`-n 2`, the README's test command) each worker and what it spawns gets one thread.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+_THREADS = 1 if _WORKERS > 1 else 2
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -13,7 +16,7 @@ def _torch_threads():
     except ImportError:  # device-only environments
         yield
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(_THREADS)
     yield
 
 
