@@ -145,3 +145,11 @@ def test_great_distillation_options():
     assert any(not torch.allclose(a, b) for a, b in zip(fast, slow))  # a different (documented) g_s
     with pytest.raises(UserError, match="grad_bn"):
         create_distiller("great", STUDENT, teacher, grad_bn="eval")
+
+
+def test_lr_schedule_reaches_the_discriminator_optimiser():
+    student, teacher = nets()
+    m = create_distiller("great", STUDENT, teacher, disc_lr=4e-3)
+    for e, mult in ((0, 1.0), (3, 0.7 ** 0.9)):
+        m.set_epoch(e, 10)
+        assert m.disc_optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * mult)
