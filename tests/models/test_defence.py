@@ -203,7 +203,8 @@ def test_hmd_train_with_defence(pinned_runs):
     m = json.loads((pinned_runs / "train-equal-defence" / "metrics.json").read_text())
     assert "defence_aux_loss" in m["history"][-1]["train"]
     assert m["history"][-1]["train"]["defence_alpha"] > 0
-    assert m["config"]["defence"] == "great+ce" and m["config"]["defence_options"] == {"aux_width": 2, "greace": "literal"}
+    assert m["config"]["defence"] == "great+ce" and m["config"]["defence_options"] == {"aux_width": 2, "greace": "literal",
+                                                                             "aux_norm": "rms", "grad_bn": "detached"}
     ckpt = torch.load(pinned_runs / "train-equal-defence" / "checkpoint.pt", weights_only=False)
     assert ckpt["defence"]["defence.aux.encoder.stem.0.weight"].shape[0] == 2  # the aux net is that wide
 
@@ -315,8 +316,9 @@ def test_detached_bn_gradient_is_the_gradient_with_batch_statistics_as_constants
             fm.running_var.copy_(stats[m].var((0, 2, 3), unbiased=False))
     frozen.eval()
     params = list(model.parameters())
-    d = create_defence("great", TINY, aux_norm="none").double()
-    assert d.grad_bn == "detached" and d.input_grad == "explicit"  # the defaults
+    d = create_defence("great", TINY, grad_bn="detached").double()
+    assert d.aux_norm == "none" and d.input_grad == "explicit"  # the defaults
+    assert create_defence("great", TINY).grad_bn == "batch"  # the paper's maths by default
     d.alpha = 0.3
     total, _ = d.loss(model, x, y, include_ce=False)
     got = torch.autograd.grad(total, params, allow_unused=True)
@@ -346,14 +348,16 @@ def test_gradient_options_are_checked():
         create_defence("great", TINY, input_grad="fast")
 
 
-def test_aux_classifier_is_half_width_by_default_and_the_papers_copy_on_request(tmp_path, capsys):
+def test_aux_classifier_is_the_papers_copy_by_default_and_narrower_on_request(tmp_path, capsys):
     from shared.errors import UserError
     cfg = NetConfig(num_classes=3, width=8, in_channels=3)
-    half = create_defence("great+ce", cfg)
-    assert half.aux.cfg.width == 4 and half.aux.cfg.activation == "leaky" and half.aux.cfg.num_classes == 3
-    copy = create_defence("great+ce", cfg, aux_width=8)
+    copy = create_defence("great+ce", cfg)
     main_net = create_classifier("resnet", cfg)
     assert [p.shape for p in copy.aux.parameters()] == [p.shape for p in main_net.parameters()]
+    assert copy.aux.cfg.activation == "leaky" and copy.aux.cfg.num_classes == 3
+    assert isinstance(copy.aux.encoder.stem[2], nn.LeakyReLU) and copy.aux.encoder.stem[2].negative_slope == 0.2
+    half = create_defence("great+ce", cfg, aux_width=4)
+    assert half.aux.cfg.width == 4
     with pytest.raises(UserError, match="aux width"):
         create_defence("great", cfg, aux_width=0)
     assert main(["defend", "--method", "great", "--aux-width", "0", "--data", "synthetic:16", "--size", "8",
