@@ -141,11 +141,26 @@ def _attack_all(args, out: Path, methods: list[str], test_set, train_eval, log_n
     return rows, reports
 
 
+def _train_and_attack(args, table: str, out: Path, methods: list[str], train_set, val_set, test_set, train_eval):
+    """Train every defence on the same data and budget, then attack each: (options, seconds, rows, reports)."""
+    from models.train_classifier import train_defended
+
+    options = _defence_options(args)
+    seconds = {}
+    for m in methods:
+        ts = time.perf_counter()
+        train_defended(m, args.data, out / m, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                       size=args.size, width=args.width, options=options, max_steps=args.max_steps,
+                       train_set=train_set, val_set=val_set, command=_command(table), log=_log)
+        seconds[m] = time.perf_counter() - ts
+        _log(f"{table}: {m} trained in {seconds[m]:.0f}s")
+    rows, reports = _attack_all(args, out, methods, test_set, train_eval, table)
+    return options, seconds, rows, reports
+
+
 def run_table1(args: argparse.Namespace) -> int:
     from models.attacks import format_table
     from models.labelled import load_labelled
-    from models.train_classifier import train_defended
-    from shared.errors import UserError
 
     torch.set_num_threads(args.threads)
     methods = _methods(args.methods)
@@ -155,16 +170,8 @@ def run_table1(args: argparse.Namespace) -> int:
     val_set = load_labelled(args.data, "val", args.size, args.seed)
     test_set = val_set.subset(torch.arange(min(args.limit, len(val_set))))
     train_eval = train_set.subset(torch.arange(min(args.train_limit, len(train_set))))
-    options = _defence_options(args)
-    seconds = {}
-    for m in methods:
-        ts = time.perf_counter()
-        train_defended(m, args.data, out / m, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                       size=args.size, width=args.width, options=options, max_steps=args.max_steps,
-                       train_set=train_set, val_set=val_set, command=_command("table1"), log=_log)
-        seconds[m] = time.perf_counter() - ts
-        _log(f"table1: {m} trained in {seconds[m]:.0f}s")
-    rows, reports = _attack_all(args, out, methods, test_set, train_eval, "table1")
+    options, seconds, rows, reports = _train_and_attack(args, "table1", out, methods, train_set, val_set, test_set,
+                                                        train_eval)
     result = {
         "table": "1", "data": train_set.source, "train_images": len(train_set), "test_images": len(test_set),
         "size": args.size, "epochs": args.epochs, "width": args.width, "eps": args.eps, "ifgsm_steps": args.steps,
@@ -226,7 +233,6 @@ def format_table5(rows: dict[str, dict[str, float | None]]) -> str:
 
 def run_table5(args: argparse.Namespace) -> int:
     from models.labelled import load_labelled
-    from models.train_classifier import train_defended
     from shared.errors import UserError
 
     torch.set_num_threads(args.threads)
@@ -240,16 +246,8 @@ def run_table5(args: argparse.Namespace) -> int:
     val_set = load_labelled(args.data, "val", args.size, args.seed)
     test_set = val_set.subset(torch.arange(min(args.limit, len(val_set))))
     train_eval = train_set.subset(torch.arange(min(args.train_limit, len(train_set))))
-    options = _defence_options(args)
-    seconds = {}
-    for m in methods:
-        ts = time.perf_counter()
-        train_defended(m, args.data, out / m, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                       size=args.size, width=args.width, options=options, max_steps=args.max_steps,
-                       train_set=train_set, val_set=test_set, command=_command("table5"), log=_log)
-        seconds[m] = time.perf_counter() - ts
-        _log(f"table5: {m} trained in {seconds[m]:.0f}s")
-    rows, reports = _attack_all(args, out, methods, test_set, train_eval, "table5")
+    options, seconds, rows, reports = _train_and_attack(args, "table5", out, methods, train_set, test_set, test_set,
+                                                        train_eval)
     result = {
         "table": "5 (patent)", "data": train_set.source, "train_images": len(train_set), "test_images": len(test_set),
         "size": args.size, "epochs": args.epochs, "width": args.width, "eps": args.eps, "ifgsm_steps": args.steps,
