@@ -16,6 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "table4": ("models.table4", "reduced-scale Table 4: all four weighting methods on one budget"),
     "table1": ("models.tables_robust", "reduced-scale Table 1: the five defence methods on one budget"),
     "table3": ("models.tables_robust", "reduced-scale Table 3: distillation, dense and sparse"),
+    "table5": ("models.tables_robust", "the patent's Table 5 (MNIST-style, eps 0.2, beta_max 20) on Fashion-MNIST"),
     "device": ("hmd.bench_device", "ONNX Runtime FP32/INT8 vs torch eager, pipeline fps, memory"),
     "cloud": ("hmd.bench_cloud", "upload throughput vs copy, concurrent devices, upload-to-serving time"),
     "real": ("hmd.bench_real", "the headset model vs classical tools on real footage (RMSE ratios per task)"),

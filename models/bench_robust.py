@@ -1,25 +1,25 @@
 """ms per training step of the defence and distillation methods vs plain training of the same
 network on the same batch, measured side by side in one run (``robust_step_ratios``).
 
-Each method is timed in the configuration the project trains it in (the defaults of
-``hmd defend`` / ``hmd distill`` / ``hmd bench table3``), against plain training of the same
-network on the same batch (one forward/backward of cross-entropy + Adam):
+Each method is timed with the defaults of ``hmd defend`` / ``hmd distill`` (the paper's choices),
+against plain training of the same network on the same batch (one forward/backward of
+cross-entropy + Adam), and beside it the fast variant (the former defaults, all flags):
 
 * ``defence-great+ce``: ``hmd defend --method great+ce``: the width-16 residual classifier,
   32x32 RGB, batch 64, at full strength (alpha = alpha_max, beta = beta_max: the double-backprop
-  path), with its auxiliary classifier; vs plain training of that classifier.
-* ``distill-great``: ``hmd distill --method great``: the paper's CNN-5 student (width 32),
-  a frozen residual teacher (width 16, Table 3's; BN running statistics set from the batch, as
-  a trained teacher's would be), ``hmd distill``'s discriminator; vs plain training of the
-  CNN-5 student.
-* secondary figures: ``distill-great (resnet student)``, the width-16 residual classifier as the
-  student of a same-size residual teacher; ``defence-great+ce (full-width aux)``, the defence
-  with the paper's full-width auxiliary copy (``hmd defend --aux-width 16``).
+  path), its auxiliary classifier the paper's full-width copy, BN statistics differentiated in g;
+  ``(fast)``: ``--aux-width 8 --grad-bn detached``.
+* ``distill-great``: ``hmd distill --method great``: the paper's CNN-5 student (width 32), a frozen
+  residual teacher (width 16, Table 3's; BN running statistics set from the batch, as a trained
+  teacher's would be), the paper's discriminator (CNN-5 at the student's width, leaky-ReLU 0.2,
+  teacher and student gradients as two BN batches); ``(fast)``: ``--disc-arch resnet --disc-width 8
+  --disc-bn joint --grad-bn detached``.
+* secondary: ``distill-great (resnet student)``, the width-16 residual classifier as the student
+  of a same-size residual teacher.
 
-``--compare-faithful`` also times the exact-maths variants in the same run (autograd double
-backprop, BN statistics differentiated in g, the paper's full-width auxiliary copy, a
-discriminator the student's size). Steps are interleaved round-robin so that load from other processes hits every
-variant alike; the median is reported.
+``--compare-faithful`` also times the defaults with autograd's double backprop
+(``--input-grad autograd``, the same maths) in the same run. Steps are interleaved round-robin so
+that load from other processes hits every variant alike; the median is reported.
 """
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def _plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
     return plain_step
 
 
+# the former defaults, each a flag of hmd defend / hmd distill (README, "Paper vs this implementation")
+FAST_DEFENCE = {"aux_width": DEFENCE_NET["width"] // 2, "grad_bn": "detached"}
+FAST_DISTILL = {"disc_arch": "resnet", "disc_width": 8, "disc_bn": "joint", "grad_bn": "detached"}
+# the same maths through autograd's double backprop (--compare-faithful)
+AUTOGRAD = {"input_grad": "autograd"}
+TARGETS = {"defence-great+ce/plain": 3.1, "distill-great/plain": 3.5}
+
+
 def _variants(batch_size: int, size: int, seed: int = 0, compare_faithful: bool = False,
               **options: Any) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
     """(name -> step, name -> the plain variant it is compared with)."""
@@ -67,33 +75,23 @@ def _variants(batch_size: int, size: int, seed: int = 0, compare_faithful: bool 
     base: dict[str, str] = {}
     steps["plain"] = _plain_step(_net(**DEFENCE_NET, seed=seed), x, y)
     steps["plain-cnn5"] = _plain_step(_net(**STUDENT_NET, seed=seed), x, y)
-    variants = [("", options, False)]
+    variants = [("", {}, {}), (" (fast)", FAST_DEFENCE, FAST_DISTILL)]
     if compare_faithful:
-        variants.append(("@faithful", {**options, **FAITHFUL}, True))
-    for suffix, opts, paper_sizes in variants:
-        steps["defence-great+ce" + suffix] = _defence_step(x, y, seed, opts, full_width_aux=paper_sizes)
+        variants.append((" (autograd)", AUTOGRAD, AUTOGRAD))
+    for suffix, dopts, sopts in variants:
+        steps["defence-great+ce" + suffix] = _defence_step(x, y, seed, {**dopts, **options})
         base["defence-great+ce" + suffix] = "plain"
-        steps["distill-great" + suffix] = _distill_step(STUDENT_NET, TEACHER_NET, x, y, seed, opts, paper_sizes)
+        steps["distill-great" + suffix] = _distill_step(STUDENT_NET, TEACHER_NET, x, y, seed, {**sopts, **options})
         base["distill-great" + suffix] = "plain-cnn5"
-        steps["distill-great (resnet student)" + suffix] = _distill_step(DEFENCE_NET, DEFENCE_NET, x, y, seed, opts,
-                                                                         paper_sizes)
-        base["distill-great (resnet student)" + suffix] = "plain"
-    steps["defence-great+ce (full-width aux)"] = _defence_step(x, y, seed, options, full_width_aux=True)
-    base["defence-great+ce (full-width aux)"] = "plain"
+    steps["distill-great (resnet student)"] = _distill_step(DEFENCE_NET, DEFENCE_NET, x, y, seed, options)
+    base["distill-great (resnet student)"] = "plain"
     return steps, base
 
 
-# the exact-maths variants: autograd double backprop, BN batch statistics differentiated in g (timed
-# with the paper's full-width auxiliary copy and a discriminator of the student's architecture and width)
-FAITHFUL = {"input_grad": "autograd", "grad_bn": "batch"}
-
-
-def _defence_step(x: torch.Tensor, y: torch.Tensor, seed: int, options: dict[str, Any],
-                  full_width_aux: bool = False):
+def _defence_step(x: torch.Tensor, y: torch.Tensor, seed: int, options: dict[str, Any]):
     dmodel = _net(**DEFENCE_NET, seed=seed)
     dopt = torch.optim.Adam(dmodel.parameters(), lr=1e-3)
-    opts = {**options, "aux_width": DEFENCE_NET["width"]} if full_width_aux else options
-    defence = create_defence("great+ce", dmodel.cfg, aux_arch=DEFENCE_NET["arch"], **opts)
+    defence = create_defence("great+ce", dmodel.cfg, aux_arch=DEFENCE_NET["arch"], **options)
     defence.set_epoch(1, 1)  # alpha = alpha_max, beta = beta_max
 
     def defence_step():
@@ -104,7 +102,7 @@ def _defence_step(x: torch.Tensor, y: torch.Tensor, seed: int, options: dict[str
 
 
 def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torch.Tensor, seed: int,
-                  options: dict[str, Any], student_sized_disc: bool = False):
+                  options: dict[str, Any]):
     student = _net(**student_net, seed=seed)
     sopt = torch.optim.Adam(student.parameters(), lr=1e-3)
     teacher = _net(**teacher_net, seed=seed + 1)
@@ -112,9 +110,8 @@ def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torc
         for _ in range(3):
             teacher(x)
     teacher.eval()
-    opts = {**distill_options("great", 1.0, None, None), **options}  # what `hmd distill` trains with
-    if student_sized_disc:
-        opts.update(disc_width=student_net["width"], disc_arch=student_net["arch"])
+    # what `hmd distill` trains with (train_distilled: the discriminator of the student's architecture)
+    opts = {**distill_options("great", 1.0, None, None), "disc_arch": student_net["arch"], **options}
     distiller = create_distiller("great", student.cfg, teacher, **opts)
 
     def distill_step():
@@ -127,10 +124,11 @@ def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torc
 def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 30, warmup: int = 2,
                        threads: int | None = None, compare_faithful: bool = False,
                        **options: Any) -> dict[str, Any]:
-    """{"defence-great+ce/plain": r1, "distill-great/plain": r2, "ms_per_step": {...}, ...} (medians).
+    """{"defence-great+ce/plain": r1, "distill-great/plain": r2, "... (fast)/plain": ..., "ms_per_step":
+    {...}, ...} (medians).
 
-    ``compare_faithful``: also the exact-maths variants (:data:`FAITHFUL`) in the same run, as
-    ``"...@faithful/plain"`` ratios; ``options`` go to both methods (e.g. ``grad_bn``)."""
+    ``compare_faithful``: also the defaults through autograd (:data:`AUTOGRAD`) in the same run, as
+    ``"... (autograd)/plain"`` ratios; ``options`` go to every variant of both methods."""
     if threads:
         torch.set_num_threads(threads)
     variants, base = _variants(batch_size, size, compare_faithful=compare_faithful, **options)
@@ -148,7 +146,8 @@ def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 30, 
         "compared_with": base,
         "networks": {"plain": DEFENCE_NET, "plain-cnn5": STUDENT_NET, "teacher": TEACHER_NET},
         "batch_size": batch_size, "size": size, "repeats": repeats,
-        "threads": torch.get_num_threads(), "targets": {"defence-great+ce/plain": 3.0, "distill-great/plain": 3.0},
+        "threads": torch.get_num_threads(), "targets": TARGETS,
+        "fast_variants": {"defence-great+ce (fast)": FAST_DEFENCE, "distill-great (fast)": FAST_DISTILL},
     }
 
 
@@ -158,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare-faithful", action="store_true",
-                        help="also time the exact-maths variants (autograd, BN statistics in g, full-width aux)")
+                        help="also time the defaults through autograd's double backprop (the same maths)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,13 +12,16 @@ from models.registry import ARCHITECTURES
 
 # flag, option name of the defence classes, type, `hmd defend` default, choices, help
 DEFENCE_OPTIONS: list[tuple[str, str, type, Any, list[str] | None, str]] = [
-    ("alpha-max", "alpha_max", float, 1.0, None, "GREAT: final aux-loss weight (paper 1)"),
-    ("beta-max", "beta_max", float, 2.0, None, "GREACE: final penalty (paper: 2 CIFAR-10, 10 SVHN)"),
+    ("alpha-max", "alpha_max", float, 1.0, None,
+     "GREAT: the aux-loss weight's ceiling (paper 1); alpha = max * (1 - (1 - e/E)^0.9) at epoch e of E: "
+     "0 in the first epoch, 1 - (1/E)^0.9 of the max in the last (never the max itself)"),
+    ("beta-max", "beta_max", float, 2.0, None,
+     "GREACE: the penalty's ceiling (paper: 2 CIFAR-10, 10 SVHN, patent 20 MNIST), ramped as alpha"),
     ("aux-lr", "aux_lr", float, 1e-3, None, "GREAT/GREACE: aux classifier Adam lr"),
     ("aux-width", "aux_width", int, None, None,
-     "GREAT/GREACE: aux classifier width (default: half of --width; --width = the paper's full copy)"),
-    ("aux-norm", "aux_norm", str, "rms", ["rms", "none"],
-     "per-sample RMS normalisation of the aux classifier's input gradient (default rms)"),
+     "GREAT/GREACE: aux classifier width (default: --width, the paper's copy; less is faster)"),
+    ("aux-norm", "aux_norm", str, "none", ["none", "rms"],
+     "aux classifier's input gradient: as it is (none, the paper's, default) or per-sample RMS-normalised"),
     ("greace", "greace", str, "reweight", ["reweight", "literal", "scaled", "normalised"],
      "GREACE: reading of the paper's eq. 6 (default reweight; literal = the formula as printed, collapses "
      "at beta-max 20: see README and models/greace.py)"),
@@ -26,9 +29,9 @@ DEFENCE_OPTIONS: list[tuple[str, str, type, Any, list[str] | None, str]] = [
     ("aux-arch", "aux_arch", str, "resnet", ARCHITECTURES.names(), "GREAT/GREACE: aux classifier architecture"),
     ("input-grad", "input_grad", str, "explicit", ["explicit", "autograd"],
      "GREAT/GREACE: input gradient from explicit ops (default; same maths, faster) or autograd"),
-    ("grad-bn", "grad_bn", str, "detached", ["detached", "batch"],
-     "BatchNorm batch statistics in the input-gradient path: 'batch' = the paper's exact maths, 'detached' "
-     "(default) = treated as constants, ~1.4x faster (see models/defence.py)"),
+    ("grad-bn", "grad_bn", str, "batch", ["batch", "detached"],
+     "BatchNorm batch statistics in the input-gradient path: 'batch' (default) = the paper's exact maths, "
+     "'detached' = treated as constants, faster (see models/defence.py)"),
 ]
 
 

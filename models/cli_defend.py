@@ -18,10 +18,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_defence_arguments(parser)
 
 
+def schedule_note(method: str, epochs: int) -> str | None:
+    """What the alpha / beta ramp (max * (1 - (1 - e/E)^0.9), epoch e = 0..E-1) does in this run, for
+    the defences that have one: a warning when it is 0 the whole run, else the share the last epoch reaches."""
+    if method not in ("great", "greace", "great+ce") or epochs < 1:
+        return None
+    if epochs == 1:
+        return (f"warning: with --epochs 1 the {method} weights stay at alpha = beta = 0 the whole run (they ramp "
+                f"from 0 in the first epoch): the defence is off; train for 2 epochs or more")
+    share = 1.0 - (1.0 / epochs) ** 0.9
+    return (f"note: alpha and beta ramp from 0 in the first epoch to {share:.2f} x their max in the last "
+            f"(1 - (1/E)^0.9, E = {epochs})")
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from models.train_classifier import train_defended
 
     set_threads(args.threads)
+    note = schedule_note(args.method, args.epochs)
+    if note:
+        print(note, file=sys.stderr)
     m = train_defended(args.method, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, size=args.size, width=args.width,
                        options={**defence_options(args), "seed": args.seed}, max_steps=args.max_steps,

@@ -24,17 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="kd: KL weight (paper 0.1 dense, 0.99 when --fraction < 1); great: the "
                              "discriminator weight (paper 0.1)")
-    parser.add_argument("--disc-norm", choices=["rms", "none"], default="rms",
-                        help="great: per-sample RMS normalisation of the discriminator's input (default rms)")
+    parser.add_argument("--disc-norm", choices=["none", "rms"], default="none",
+                        help="great: the discriminator's input gradients as they are (none, the paper's, default) "
+                             "or per-sample RMS-normalised")
     parser.add_argument("--disc-arch", choices=ARCHITECTURES.names(), default=None,
-                        help="great: discriminator architecture (default resnet: stride-2 first layer)")
-    parser.add_argument("--disc-width", type=int, default=None, help="great: discriminator width (default 8)")
+                        help="great: discriminator architecture (default: the student's, the paper's)")
+    parser.add_argument("--disc-width", type=int, default=None,
+                        help="great: discriminator width (default: the student's; less is faster)")
+    parser.add_argument("--disc-bn", choices=["separate", "joint"], default="separate",
+                        help="great: teacher and student gradients through the discriminator as two batches "
+                             "(separate, the paper's, default) or one (joint: BatchNorm mixes them, cheaper)")
     parser.add_argument("--disc-lr", type=float, default=None, help="great: discriminator Adam lr (default 1e-3)")
     parser.add_argument("--input-grad", choices=["explicit", "autograd"], default=None,
                         help="great: input gradients from explicit ops (default; same maths, faster) or autograd")
-    parser.add_argument("--grad-bn", choices=["detached", "batch"], default="detached",
-                        help="great: BatchNorm batch statistics in the student's input gradient: 'batch' = the "
-                             "paper's exact maths, 'detached' (default) = treated as constants (see models/defence.py)")
+    parser.add_argument("--grad-bn", choices=["batch", "detached"], default="batch",
+                        help="great: BatchNorm batch statistics in the student's input gradient: 'batch' (default) "
+                             "= the paper's exact maths, 'detached' = treated as constants, faster "
+                             "(see models/defence.py)")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -42,7 +48,8 @@ def method_options(args: argparse.Namespace) -> dict:
     from models.distill import distill_options
 
     return distill_options(args.method, args.fraction, args.temperature, args.alpha, args.disc_norm,
-                           args.disc_arch, args.disc_width, args.grad_bn, args.disc_lr, args.input_grad)
+                           args.disc_arch, args.disc_width, args.grad_bn, args.disc_lr, args.input_grad,
+                           args.disc_bn)
 
 
 def run(args: argparse.Namespace) -> int:

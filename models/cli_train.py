@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gal-lr", type=float, default=1e-4, help="GREAT: Adam lr of the gradient-alignment layers")
     parser.add_argument("--gal-floor", type=float, default=None, help="GREAT: lower clamp of the GALs (1e-3)")
     parser.add_argument("--aux-lr", type=float, default=1e-3, help="GREAT: Adam lr of the auxiliary task classifier")
-    parser.add_argument("--aux-norm", choices=["rms", "none"], default="rms",
-                        help="GREAT: per-sample RMS normalisation of the classifier's input (default rms)")
+    parser.add_argument("--aux-norm", choices=["none", "rms"], default="none",
+                        help="GREAT: the classifier's input gamma_i * g_i as it is (none, the paper's, default) or "
+                             "per-sample RMS-normalised (then the GALs cannot rescale a task's gradient)")
     parser.add_argument("--decoder", choices=["paper", "camera"], default="paper",
                         help="dense decoders: the paper's (feature only, sigmoid outputs) or the headset's "
                         "camera decoder (input skips, linear outputs, colour/denoised residual over the input)")

@@ -253,11 +253,15 @@ def load_source(source: str, split: str = "train", size: Size | None = None, see
         return _video(rest, split, size or 64)
     if kind == "walk":
         return _walk(source, split, size or (120, 160), seed)
+    if kind in ("mnist", "fashion-mnist"):  # the standard idx files (models.idx_data)
+        from models.idx_data import load_idx
+
+        return load_idx(kind, rest, split, size)
     if kind == "rooms":  # depth, normals and layout targets: models.room_data.load_rooms (the room task set)
         raise UserError("rooms[:N][:STYLE] has depth, normals and layout targets, not the cifar task set's; "
                         "load it with models.room_data.load_rooms (a room task set for hmd train is not built yet)")
     raise UserError(f"unknown data source {source!r}: use synthetic[:N][:WORLD], cifar10:PATH, images:DIR, "
-                    f"video:PATH, walk:DIR[:N] or rooms[:N][:STYLE]")
+                    f"video:PATH, walk:DIR[:N], mnist:DIR, fashion-mnist:DIR or rooms[:N][:STYLE]")
 
 
 # --- targets ---------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ GREAT / GREACE follow the paper's Algorithm 1:
 * masked input gradient g = d J_bar / dx: the cross-entropy's logit gradient masked to
   the true class, (softmax(a) - onehot(y)) * onehot(y) (:func:`masked_grad_outputs`), taken to
   x per sample; so g = (p_y - 1) * d a_y / dx (:mod:`models.input_gradients`);
-* an auxiliary classifier A (the main network's family, leaky-ReLU 0.2) classifies g
-  (per-sample RMS-normalised by default: an explicit, recorded choice) into y;
+* an auxiliary classifier A (a copy of the main network, leaky-ReLU 0.2: the paper's) classifies
+  g as it is (no normalisation, the paper's; ``aux_norm="rms"`` is a flag) into y;
 * ``great``: A descends CE(A(g), y); the main network gets -alpha * dCE(A(g), y)/dtheta
   through g (double backprop). Both come from ONE backward: g enters A through
   :func:`models.gradients.scale_gradient` (identity forward, gradient times -alpha);
@@ -18,31 +18,24 @@ GREAT / GREACE follow the paper's Algorithm 1:
 * schedules alpha = alpha_max (1 - m), beta = beta_max (1 - m), m = (1 - e/e_max)^0.9.
   While alpha = 0 (epoch 0) g is taken without a graph: no double backprop is paid for.
 
-Implementation choices (measured with ``python -m models.bench_robust --compare-faithful``):
+Defaults are the paper's; the faster variants are flags (README, "Paper vs this implementation";
+measured with ``python -m models.bench_robust --compare-faithful`` / ``hmd bench train``):
 
-* ``input_grad="explicit"`` (default): for our ``resnet`` / ``cnn5`` classifiers g is built from
-  explicit differentiable ops (:func:`models.input_gradients.forward_with_input_vjp`: transposed
-  convolutions, the BN and activation derivatives) instead of ``autograd.grad(create_graph=True)``.
-  Same values and same second derivatives (tests pin both); on CPU autograd's double backward of a
-  convolution is a slow large-kernel convolution, the explicit one a weight-gradient kernel.
-  Other networks (e.g. the multi-task class head) fall back to autograd (``grad_bn`` then has
-  no effect: the statistics are differentiated).
-* ``aux_width`` (default: half the main network's width) -- the auxiliary classifier is of the
-  main network's family (the paper: "a copy"), at half its width by default: a step costs
-  main forward + input gradient + its double backprop + the aux's forward/backward, and with a
-  full-width copy the convolutions alone make that 3x a plain step (measured 2.9-3.1x); at half
-  width the aux costs a quarter (2.6-2.8x). The full copy was a little more robust to the
-  transfer attack in the reduced Table 1 (README). ``hmd defend --aux-width W`` (W = the main
-  width) trains with the paper's copy.
-* ``grad_bn="detached"`` (default, :data:`models.input_gradients.DEFAULT_GRAD_BN`) -- a DEVIATION
-  from the paper, chosen because the faithful path misses the <= 3x-plain cost target: g is
-  taken with the BN layers' batch statistics held constant, i.e. g_i is the per-sample gradient
-  of the network normalised with this batch's statistics (what eval mode computes with running
-  := batch statistics), and the double backprop does not differentiate the statistics inside g.
-  The forward (CE, GREACE, the p_y factor of g) is the ordinary train-mode forward.
-  ``grad_bn="batch"`` is the exact paper maths (the batch statistics' cross-sample terms, as
-  autograd on the train-mode network gives them). In eval mode (running statistics) both are
-  the same.
+* ``input_grad="explicit"`` (default, not a deviation): for our ``resnet`` / ``cnn5`` classifiers g
+  is built from explicit differentiable ops (:func:`models.input_gradients.forward_with_input_vjp`:
+  transposed convolutions, the BN and activation derivatives) instead of
+  ``autograd.grad(create_graph=True)``. Same values and same second derivatives (tests pin both);
+  on CPU autograd's double backward of a convolution is a slow large-kernel convolution, the
+  explicit one a weight-gradient kernel. Other networks (e.g. the multi-task class head) fall
+  back to autograd.
+* ``aux_width`` (default: the main network's width, the paper's "copy of the main network").
+  ``--aux-width W`` with W < the main width is a faster flag (half width: the aux costs a quarter).
+* ``grad_bn="batch"`` (default, :data:`models.input_gradients.DEFAULT_GRAD_BN`): the exact maths,
+  the batch statistics' cross-sample terms differentiated inside g, as autograd on the train-mode
+  network gives them. ``grad_bn="detached"`` is a faster flag: g is taken with the BN layers' batch
+  statistics held constant (the per-sample gradient of the network normalised with this batch's
+  statistics), and the double backprop does not differentiate them. In eval mode both are the same.
+* ``aux_norm="none"`` (default, the paper's); ``"rms"`` normalises each g to unit RMS first.
 
 ``fgsm-at`` is the paper's adversarial-training baseline: each sample of the batch is
 replaced by its FGSM example (eps 0.2, generated with frozen BN statistics) with
@@ -167,16 +160,17 @@ def _module_of(logits_fn: LogitsFn) -> nn.Module:
 
 class GradientAdversarialDefence(Defence):
     """GREAT and/or GREACE (Algorithm 1). Options: ``alpha_max`` (1), ``beta_max`` (2 CIFAR-10,
-    10 SVHN), ``greace`` (a reading of eq. 6, :data:`models.greace.GREACE_VARIANTS`), ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("rms" per-sample normalisation of g, or
-    "none"), ``aux_width`` (None = half the main network's width; the main width is the paper's
-    copy), ``aux_arch`` ("resnet"), ``input_grad`` ("explicit" / "autograd") and ``grad_bn``
-    ("detached" / "batch": the paper's), see the module docstring."""
+    10 SVHN, 20 MNIST), ``greace`` (a reading of eq. 6, :data:`models.greace.GREACE_VARIANTS`),
+    ``aux_lr`` (Adam, 1e-3), ``aux_norm`` ("none", the paper's, or "rms" per-sample normalisation
+    of g), ``aux_width`` (None = the main network's width, the paper's copy), ``aux_arch``
+    ("resnet"), ``input_grad`` ("explicit" / "autograd") and ``grad_bn`` ("batch", the paper's, /
+    "detached"), see the module docstring."""
 
     reversal = True
     greace = True
 
     def __init__(self, net_cfg: NetConfig, seed: int = 0, alpha_max: float = 1.0, beta_max: float = 2.0,
-                 aux_lr: float = 1e-3, aux_norm: str = "rms", aux_width: int | None = None,
+                 aux_lr: float = 1e-3, aux_norm: str = "none", aux_width: int | None = None,
                  aux_arch: str = "resnet", input_grad: str = "explicit", grad_bn: str = DEFAULT_GRAD_BN,
                  greace: str = DEFAULT_GREACE, **_: Any):
         super().__init__(net_cfg, seed)
@@ -189,7 +183,7 @@ class GradientAdversarialDefence(Defence):
         if aux_width is not None and int(aux_width) < 1:
             raise UserError(f"aux width must be >= 1, got {aux_width}")
         aux_cfg = aux_copy_config(net_cfg)
-        aux_cfg = dataclasses.replace(aux_cfg, width=int(aux_width or max(1, net_cfg.width // 2)))
+        aux_cfg = dataclasses.replace(aux_cfg, width=int(aux_width or net_cfg.width))
         self.aux = create_classifier(aux_arch, aux_cfg)
         self.aux_optimizer = torch.optim.Adam(self.aux.parameters(), lr=aux_lr)
         self.alpha, self.beta = 0.0, 0.0

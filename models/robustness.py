@@ -45,11 +45,23 @@ def load_attack_target(run_dir: str | Path, what: str = "DIR") -> tuple[nn.Modul
     return classifier_from_checkpoint(check_classifier_checkpoint(ckpt, run_dir, what), what), ckpt
 
 
+def run_method(ckpt: dict) -> str:
+    """The method a run was trained with, for a classifier (``method``) or a multi-task run (whose
+    ``method`` is the weighting method's state; its name is ``method_name``), plus its defence."""
+    if ckpt.get("format") == MULTITASK_FORMAT:
+        name = str(ckpt.get("method_name") or ckpt.get("config", {}).get("method") or "multi-task")
+        defence = ckpt.get("config", {}).get("defence")
+        return f"{name} (class head{', defence ' + defence if defence else ''})"
+    return str(ckpt.get("method"))
+
+
 def attack_run(run_dir: str | Path, eps: float, steps: int = 10, step_size: float | None = None,
                pgd_step_size: float | None = None, transfer_from: str | Path | None = None,
                data: str | None = None, limit: int = 1000, train_limit: int = 2000, seed: int = 0,
-               test_set=None, train_set=None) -> dict:
-    """The robustness report of the run in ``run_dir`` (see :func:`models.attacks.robustness_report`)."""
+               test_set=None, train_set=None, autoattack: dict | None = None) -> dict:
+    """The robustness report of the run in ``run_dir`` (see :func:`models.attacks.robustness_report`);
+    ``autoattack`` (options of :func:`models.autoattack.evaluate`, e.g. ``{"steps": 100}``) adds the
+    standard AutoAttack, its masking checks and a verdict under ``"autoattack"``."""
     if not 0.0 <= eps <= 1.0:
         raise UserError(f"--eps {eps}: must be in [0, 1] (pixels are in [0, 1])")
     if steps < 1:
@@ -73,6 +85,11 @@ def attack_run(run_dir: str | Path, eps: float, steps: int = 10, step_size: floa
             raise UserError(f"--transfer-from {transfer_from}: trained at another input size than {run_dir}")
     report = robustness_report(model, test_set.x, test_set.y, eps, steps, step_size, pgd_step_size,
                                train=(train_set.x, train_set.y), transfer_from=source_model, seed=seed)
-    report.update({"run": str(run_dir), "method": ckpt.get("method") or ckpt.get("method_name"),
-                   "data": test_set.source, "transfer_from": str(transfer_from) if transfer_from else None})
+    report.update({"run": str(run_dir), "method": run_method(ckpt), "data": test_set.source,
+                   "transfer_from": str(transfer_from) if transfer_from else None})
+    if autoattack is not None:
+        from models.autoattack import evaluate
+
+        report["autoattack"] = evaluate(model, test_set.x, test_set.y, eps, len(test_set.class_names),
+                                        table1=report["accuracy_pct"], seed=seed, **autoattack)
     return report

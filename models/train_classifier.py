@@ -136,6 +136,8 @@ def train_distilled(teacher_dir: str | Path, method: str, data: str, out: str | 
     torch.manual_seed(seed)
     cfg = NetConfig(num_classes=len(train_full.class_names), width=width, in_channels=3)
     student = create_classifier(student_arch, cfg)
+    if method == "great" and not options.get("disc_arch"):
+        options["disc_arch"] = student_arch  # the paper's discriminator: the student's architecture
     distiller = create_distiller(method, cfg, teacher, **options)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     log(f"distill {method}: {len(train_part)} of {len(train_full)} train images ({100 * fraction:g} %), "

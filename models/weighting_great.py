@@ -66,14 +66,16 @@ class GreatWeighting(WeightingMethod):
     """Gradient adversarial training with gradient-alignment layers (Algorithm 3).
 
     Options: ``aux_lr`` (Adam, the paper: 1e-3), ``gal_lr`` (Adam; low keeps gamma positive),
-    ``gal_floor`` (clamp), ``aux_norm`` ("rms": per-sample RMS normalisation of the classifier
-    input, or "none": the raw gamma_i * g_i -- an implementation choice the paper leaves open).
+    ``gal_floor`` (clamp), ``aux_norm`` ("none", the default: the raw gamma_i * g_i, as the
+    paper; or "rms": per-sample RMS normalisation of the classifier input. With "rms" the aux
+    loss's gradient on each GAL is orthogonal to the GAL -- a sample's scale no longer reaches the
+    classifier -- so the GALs can reshape a task's gradient but never rescale it).
     """
 
     name = "great"
 
     def __init__(self, tasks, aux_lr: float = 1e-3, gal_lr: float = 1e-4, gal_floor: float = 1e-3,
-                 aux_norm: str = "rms"):
+                 aux_norm: str = "none"):
         super().__init__(tasks)
         if aux_norm not in ("rms", "none"):
             raise UserError(f"aux_norm must be 'rms' or 'none', got {aux_norm!r}")

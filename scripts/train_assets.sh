@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 HMD=.venv/bin/hmd
 PY=.venv/bin/python
 $PY scripts/fetch_real_data.py   # data/real/{train,val,test} from Debian and PyPI packages
-$HMD train --method great --decoder camera --data walk:data/real/train:1600 --val-data walk:data/real/val:240 \
+$HMD train --method great --aux-norm rms --decoder camera --data walk:data/real/train:1600 --val-data walk:data/real/val:240 \
            --size 160x120 --epochs 8 --batch-size 16 --max-steps 100 --clean-fraction 0.5 --threads 2 --out runs/base-d
 $PY -m models.calibrate runs/base-d --data walk:data/real/val:2000 --out runs/base-d-cal
-$HMD train --method great --data synthetic:2000:studio --epochs 12 --out runs/base-studio
-$HMD train --method great --data synthetic:3000:studio+forest+neon --width 24 --epochs 10 --out runs/teacher
+$HMD train --method great --aux-norm rms --data synthetic:2000:studio --epochs 12 --out runs/base-studio
+$HMD train --method great --aux-norm rms --data synthetic:3000:studio+forest+neon --width 24 --epochs 10 --out runs/teacher
 $PY - <<'PY'
 from models.train import slim_checkpoint
 slim_checkpoint("runs/base-d-cal", "hmd/assets/base")

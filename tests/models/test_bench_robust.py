@@ -6,11 +6,12 @@ from models.bench_robust import STUDENT_NET, TEACHER_NET, robust_step_ratios
 def test_ratios_compare_each_method_with_plain_training_of_its_own_network():
     res = robust_step_ratios(batch_size=4, size=16, repeats=1, warmup=0, threads=1)
     assert res["compared_with"] == {"defence-great+ce": "plain", "distill-great": "plain-cnn5",
-                                    "distill-great (resnet student)": "plain",
-                                    "defence-great+ce (full-width aux)": "plain"}
+                                    "defence-great+ce (fast)": "plain", "distill-great (fast)": "plain-cnn5",
+                                    "distill-great (resnet student)": "plain"}
     assert res["networks"]["plain-cnn5"] == STUDENT_NET == {"arch": "cnn5", "width": 32}
     assert res["networks"]["teacher"] == TEACHER_NET
     ms = res["ms_per_step"]
     for name, base in res["compared_with"].items():
         assert res[f"{name}/plain"] == ms[name] / ms[base]
-    assert set(res["targets"]) == {"defence-great+ce/plain", "distill-great/plain"}
+    assert res["targets"] == {"defence-great+ce/plain": 3.1, "distill-great/plain": 3.5}
+    assert res["fast_variants"]["defence-great+ce (fast)"] == {"aux_width": 8, "grad_bn": "detached"}

@@ -13,7 +13,7 @@ from hmd.cli import main
 from models.checkpoints import load_classifier
 from models.defence import GradientAdversarialDefence, create_class_defence, masked_grad_outputs
 from models.greace import greace_surrogate
-from models.gradients import scale_gradient
+from models.gradients import normalise_per_sample, scale_gradient
 from models.input_gradients import forward_with_input_vjp
 from models.network import MultiTaskNet, NetConfig
 from models.registry import DEFENCES, create_classifier, create_defence
@@ -90,12 +90,12 @@ def test_schedules_at_start_and_end():
         assert d.alpha == pytest.approx(a_max * (1 - 0.5 ** 0.9))
 
 
-@pytest.mark.parametrize("input_grad", ["explicit", "autograd"])
-def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient(input_grad):
+@pytest.mark.parametrize("input_grad,aux_norm", [("explicit", "none"), ("autograd", "none"), ("explicit", "rms")])
+def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient(input_grad, aux_norm):
     torch.manual_seed(0)
     model = create_classifier("resnet", TINY).double()
-    # the paper-faithful g: BN batch statistics differentiated (the default detaches them)
-    d: GradientAdversarialDefence = create_defence("great", TINY, aux_norm="none", grad_bn="batch",
+    # the paper-faithful g: BN batch statistics differentiated
+    d: GradientAdversarialDefence = create_defence("great", TINY, aux_norm=aux_norm, grad_bn="batch",
                                                    input_grad=input_grad).double()
     d.alpha = 0.3
     x, y = tiny_batch()
@@ -107,7 +107,7 @@ def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient(input_
     # by hand: the aux loss on the masked gradient, differentiated through g
     xr = x.clone().requires_grad_(True)
     g = masked_input_gradient(model(xr), xr, y, create_graph=True)
-    aux_loss = F.cross_entropy(d.aux(g), y)
+    aux_loss = F.cross_entropy(d.aux(normalise_per_sample(g) if aux_norm == "rms" else g), y)
     ref = torch.autograd.grad(aux_loss, params + list(d.aux.parameters()), allow_unused=True)
     n = len(params)
     compared = 0
@@ -119,6 +119,60 @@ def test_reversal_reaches_main_weights_with_opposite_sign_of_aux_gradient(input_
     assert compared > 5
     for a, r in zip(got[n:], ref[n:]):  # aux net: descends its own loss
         torch.testing.assert_close(a, r)
+
+
+def test_alpha_zero_sends_nothing_to_the_main_network_and_still_trains_the_aux():
+    torch.manual_seed(0)
+    model = create_classifier("resnet", TINY)
+    d = create_defence("great", TINY, grad_bn="batch")
+    d.set_epoch(0, 10)  # the first epoch: alpha = 0
+    assert d.alpha == 0.0
+    x, y = tiny_batch()
+    aux_before = [p.detach().clone() for p in d.aux.parameters()]
+    d.train_step(model, x, y, include_ce=False)
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(aux_before, d.aux.parameters()))  # the aux stepped
+
+
+def test_lr_schedule_reaches_the_aux_optimiser():
+    d = create_defence("great+ce", TINY, aux_lr=2e-3)
+    for e, m in ((0, 1.0), (5, 0.5 ** 0.9), (9, 0.1 ** 0.9)):
+        d.set_epoch(e, 10)
+        assert d.aux_optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * m)
+
+
+def test_fgsm_at_mixes_clean_and_fgsm_samples_at_its_eps():
+    from models.attacks import fgsm_step
+    from models.batchnorm import FrozenBatchNormStats
+
+    torch.manual_seed(0)
+    model = create_classifier("resnet", TINY).train()
+    x, y = tiny_batch(n=16)
+    d = create_defence("fgsm-at", TINY, seed=7, eps=0.05)
+    total, logs = d.loss(model, x, y)
+    # by hand: the same per-sample coin (the defence's seeded generator), FGSM at eps 0.05 with frozen BN
+    use_adv = torch.rand(16, generator=torch.Generator().manual_seed(7)) < 0.5
+    assert 0 < int(use_adv.sum()) < 16 and logs["adv_fraction"] == pytest.approx(float(use_adv.float().mean()))
+    with FrozenBatchNormStats(model):
+        x_adv = fgsm_step(model, x, y, 0.05)
+    assert float((x_adv - x).abs().max()) == pytest.approx(0.05, abs=1e-6)
+    x_mix = torch.where(use_adv.view(-1, 1, 1, 1), x_adv, x)
+    with FrozenBatchNormStats(model):
+        expect = F.cross_entropy(model(x_mix), y)
+    torch.testing.assert_close(total, expect)
+
+
+def test_hmd_defend_passes_fgsm_eps_to_the_defence():
+    from models import cli_defend
+    from models.cli_common import defence_options
+
+    parser = argparse.ArgumentParser()
+    cli_defend.add_arguments(parser)
+    args = parser.parse_args(["--method", "fgsm-at", "--fgsm-eps", "0.07", "--out", "x"])
+    d = create_defence("fgsm-at", TINY, **defence_options(args))
+    assert d.eps == 0.07
+    assert create_defence("fgsm-at", TINY, **defence_options(parser.parse_args(["--method", "fgsm-at", "--out",
+                                                                                 "x"]))).eps == 0.2
 
 
 @pytest.mark.parametrize("name", DEFENCES.names())
@@ -138,7 +192,7 @@ def test_multitask_hook_accumulates_and_skips_unlabelled(name):
     assert torch.equal(model.encoder.stem[1].running_mean, running)  # BN statistics untouched
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.grad, before[n])]
     if name == "none":
-        assert logs == {} or all(k.startswith("defence_") for k in logs) and not changed
+        assert logs == {} and not changed  # the undefended baseline adds nothing
     else:
         assert all(k.startswith("defence_") for k in logs) and logs
         assert any(n.startswith("encoder.") for n in changed) and "heads.class_head.fc.weight" in changed
@@ -149,7 +203,8 @@ def test_hmd_train_with_defence(pinned_runs):
     m = json.loads((pinned_runs / "train-equal-defence" / "metrics.json").read_text())
     assert "defence_aux_loss" in m["history"][-1]["train"]
     assert m["history"][-1]["train"]["defence_alpha"] > 0
-    assert m["config"]["defence"] == "great+ce" and m["config"]["defence_options"] == {"aux_width": 2, "greace": "literal"}
+    assert m["config"]["defence"] == "great+ce" and m["config"]["defence_options"] == {"aux_width": 2, "greace": "literal",
+                                                                             "aux_norm": "rms", "grad_bn": "detached"}
     ckpt = torch.load(pinned_runs / "train-equal-defence" / "checkpoint.pt", weights_only=False)
     assert ckpt["defence"]["defence.aux.encoder.stem.0.weight"].shape[0] == 2  # the aux net is that wide
 
@@ -261,8 +316,9 @@ def test_detached_bn_gradient_is_the_gradient_with_batch_statistics_as_constants
             fm.running_var.copy_(stats[m].var((0, 2, 3), unbiased=False))
     frozen.eval()
     params = list(model.parameters())
-    d = create_defence("great", TINY, aux_norm="none").double()
-    assert d.grad_bn == "detached" and d.input_grad == "explicit"  # the defaults
+    d = create_defence("great", TINY, grad_bn="detached").double()
+    assert d.aux_norm == "none" and d.input_grad == "explicit"  # the defaults
+    assert create_defence("great", TINY).grad_bn == "batch"  # the paper's maths by default
     d.alpha = 0.3
     total, _ = d.loss(model, x, y, include_ce=False)
     got = torch.autograd.grad(total, params, allow_unused=True)
@@ -292,14 +348,16 @@ def test_gradient_options_are_checked():
         create_defence("great", TINY, input_grad="fast")
 
 
-def test_aux_classifier_is_half_width_by_default_and_the_papers_copy_on_request(tmp_path, capsys):
+def test_aux_classifier_is_the_papers_copy_by_default_and_narrower_on_request(tmp_path, capsys):
     from shared.errors import UserError
     cfg = NetConfig(num_classes=3, width=8, in_channels=3)
-    half = create_defence("great+ce", cfg)
-    assert half.aux.cfg.width == 4 and half.aux.cfg.activation == "leaky" and half.aux.cfg.num_classes == 3
-    copy = create_defence("great+ce", cfg, aux_width=8)
+    copy = create_defence("great+ce", cfg)
     main_net = create_classifier("resnet", cfg)
     assert [p.shape for p in copy.aux.parameters()] == [p.shape for p in main_net.parameters()]
+    assert copy.aux.cfg.activation == "leaky" and copy.aux.cfg.num_classes == 3
+    assert isinstance(copy.aux.encoder.stem[2], nn.LeakyReLU) and copy.aux.encoder.stem[2].negative_slope == 0.2
+    half = create_defence("great+ce", cfg, aux_width=4)
+    assert half.aux.cfg.width == 4
     with pytest.raises(UserError, match="aux width"):
         create_defence("great", cfg, aux_width=0)
     assert main(["defend", "--method", "great", "--aux-width", "0", "--data", "synthetic:16", "--size", "8",

@@ -52,32 +52,39 @@ def test_discriminator_labels_teacher_one_student_zero():
     assert discriminator_labels(2, 3).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("input_grad", ["explicit", "autograd"])
-def test_great_distillation_discriminator_and_reversed_signal(input_grad):
+@pytest.mark.parametrize("input_grad,disc_bn,disc_norm", [("explicit", "separate", "none"),
+                                                           ("autograd", "separate", "none"),
+                                                           ("explicit", "joint", "rms")])
+def test_great_distillation_discriminator_and_reversed_signal(input_grad, disc_bn, disc_norm):
     student, teacher = nets()
     alpha = 0.25
-    # the paper-faithful g_s: BN batch statistics differentiated (the default detaches them)
-    m = create_distiller("great", STUDENT, teacher, alpha=alpha, grad_bn="batch", input_grad=input_grad).double()
+    m = create_distiller("great", STUDENT, teacher, alpha=alpha, input_grad=input_grad, disc_bn=disc_bn,
+                         disc_norm=disc_norm).double()
     disc = m.discriminator
     x, y = batch()
     sp, dp = list(student.parameters()), list(disc.parameters())
     total, _ = m.loss(student, x, y)
     got = torch.autograd.grad(total, sp + dp)
-    # by hand, Algorithm 2: C' = BCE(f(g_t), 1) + BCE(f(g_s), 0), one discriminator batch
+    # by hand, Algorithm 2: C' = BCE(f(g_t), 1) + BCE(f(g_s), 0), g_s with BN statistics differentiated
     xs = x.clone().requires_grad_(True)
     logits = student(xs)
     g_s = input_gradient(logits, xs, y, create_graph=True)
     xt = x.clone().requires_grad_(True)
     g_t = input_gradient(teacher(xt), xt, y, create_graph=False)
-    d = disc(torch.cat([normalise_per_sample(g_t), normalise_per_sample(g_s)])).squeeze(1)
+    prep = normalise_per_sample if disc_norm == "rms" else (lambda g: g)
+    if disc_bn == "separate":  # the paper's: two discriminator batches
+        d = torch.cat([disc(prep(g_t)), disc(prep(g_s))]).squeeze(1)
+    else:  # one batch: BN's statistics mix teacher and student gradients
+        d = disc(torch.cat([prep(g_t), prep(g_s)])).squeeze(1)
     n = len(y)
     d_teacher = F.binary_cross_entropy_with_logits(d[:n], torch.ones(n, dtype=d.dtype))
     d_student = F.binary_cross_entropy_with_logits(d[n:], torch.zeros(n, dtype=d.dtype))
     ce = F.cross_entropy(logits, y)
     ref_disc = torch.autograd.grad(d_teacher + d_student, dp, retain_graph=True)
-    # teacher and student gradients share the discriminator's BN batch, so C' as a whole
-    # (not only its student half) depends on theta: the student gets -alpha dC'/dtheta
     ref_student_adv = torch.autograd.grad(d_teacher + d_student, sp, retain_graph=True, allow_unused=True)
+    if disc_bn == "separate":  # only Algorithm 2's term reaches the student: the teacher half does not
+        teacher_half = torch.autograd.grad(d_teacher, sp, retain_graph=True, allow_unused=True)
+        assert all(t is None or float(t.abs().max()) == 0.0 for t in teacher_half)
     ref_ce = torch.autograd.grad(ce, sp)
     for a, r in zip(got[len(sp):], ref_disc):  # the discriminator descends C'
         torch.testing.assert_close(a, r)
@@ -88,6 +95,19 @@ def test_great_distillation_discriminator_and_reversed_signal(input_grad):
         torch.testing.assert_close(a, (1 - alpha) * r_ce - alpha * r_adv)
         reversed_seen += int(float(r_adv.abs().max()) > 0)
     assert reversed_seen > 3
+
+
+def test_joint_bn_batch_sends_the_student_a_term_algorithm_2_does_not_have():
+    student, teacher = nets()
+    x, y = batch()
+    grads = {}
+    for disc_bn in ("separate", "joint"):
+        m = create_distiller("great", STUDENT, teacher, alpha=0.25, disc_bn=disc_bn).double()
+        torch.manual_seed(1)
+        m.discriminator.load_state_dict(create_distiller("great", STUDENT, teacher).double()
+                                        .discriminator.state_dict())
+        grads[disc_bn] = torch.autograd.grad(m.loss(student, x, y)[0], list(student.parameters()))
+    assert any(not torch.allclose(a, b) for a, b in zip(grads["separate"], grads["joint"]))
 
 
 def test_hmd_distill_cli_and_bad_input(tmp_path, capsys, pinned_runs):
@@ -126,22 +146,33 @@ def test_hmd_distill_cli_and_bad_input(tmp_path, capsys, pinned_runs):
 def test_great_distillation_options():
     from shared.errors import UserError
     student, teacher = nets()
-    default = create_distiller("great", STUDENT, teacher)  # a small GAN-like discriminator, any student
-    assert default.discriminator.name == "resnet" and default.discriminator.cfg.width == 8
+    default = create_distiller("great", STUDENT, teacher)  # the paper's: the (CNN-5) student's, leaky-ReLU 0.2
+    assert default.discriminator.name == "cnn5" and default.discriminator.cfg.width == STUDENT.width
     assert default.discriminator.cfg.activation == "leaky" and default.discriminator.cfg.num_classes == 1
+    assert isinstance(default.discriminator.features[2], torch.nn.LeakyReLU)
+    assert default.discriminator.features[2].negative_slope == 0.2
+    assert (default.disc_norm, default.disc_bn) == ("none", "separate")
     cnn5 = create_distiller("great", STUDENT, teacher, disc_arch="cnn5", disc_width=3)
     assert cnn5.discriminator.features[0].out_channels == 3
     with pytest.raises(UserError, match="discriminator width"):
         create_distiller("great", STUDENT, teacher, disc_width=0)
-    m = create_distiller("great", STUDENT, teacher, disc_width=2).double()
-    assert (m.grad_bn, m.input_grad) == ("detached", "explicit")  # the defaults (module docstring)
+    m = create_distiller("great", STUDENT, teacher, disc_arch="resnet", disc_width=2, grad_bn="detached").double()
+    assert (m.input_grad, create_distiller("great", STUDENT, teacher).grad_bn) == ("explicit", "batch")
     assert m.discriminator.encoder.stem[0].out_channels == 2
     x, y = batch()
     fast = torch.autograd.grad(m.loss(student, x, y)[0], list(student.parameters()))
-    faithful = create_distiller("great", STUDENT, teacher, disc_width=2, grad_bn="batch").double()
+    faithful = create_distiller("great", STUDENT, teacher, disc_arch="resnet", disc_width=2).double()
     faithful.load_state_dict(m.state_dict())
     slow = torch.autograd.grad(faithful.loss(student, x, y)[0], list(student.parameters()))
     assert all(torch.isfinite(a).all() for a in fast)
     assert any(not torch.allclose(a, b) for a, b in zip(fast, slow))  # a different (documented) g_s
     with pytest.raises(UserError, match="grad_bn"):
         create_distiller("great", STUDENT, teacher, grad_bn="eval")
+
+
+def test_lr_schedule_reaches_the_discriminator_optimiser():
+    student, teacher = nets()
+    m = create_distiller("great", STUDENT, teacher, disc_lr=4e-3)
+    for e, mult in ((0, 1.0), (3, 0.7 ** 0.9)):
+        m.set_epoch(e, 10)
+        assert m.disc_optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * mult)

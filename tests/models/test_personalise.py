@@ -1,7 +1,11 @@
 import numpy as np
 import pytest
 
-from models.personalise import base_regressions, gate, personalise, split_wearer, wearer_score
+import cv2
+import torch
+
+from models.personalise import (_resize, base_regressions, gate, personalise, split_wearer, teacher_labels,
+                              wearer_score)
 from models.train import TrainConfig, load_model, train
 from shared.errors import UserError
 from shared.worlds import render_scene
@@ -55,9 +59,24 @@ def test_personalise_records_both_evaluations_and_keeps_lineage(tmp_path):
     assert ev["wearer"]["frames"] == 6 and ev["wearer"]["before"]["class_error_pct"] is None
     assert ev["base"]["before"]["class_error_pct"] is not None
     assert ev["tolerance"] == 0.05 and ev["split"] == "time"
-    assert res.accepted == (ev["wearer_score"] < 0 and not base_regressions(ev["base"]["before"],
-                                                                            ev["base"]["after"], ev["tolerance"]))
+    # the recorded decision is the gate's on the recorded evaluation (not a re-implementation of it)
+    assert (res.accepted, res.reason) == gate(ev, ev["tolerance"])
     _, ck = load_model(res.run_dir)
     assert ck["parent"] == str(tmp_path / "base") and (tmp_path / "cand" / "personalise.json").is_file()
     with pytest.raises(UserError, match="at least 10"):
         personalise(tmp_path / "base", frames[:5], tmp_path / "x", base_data="synthetic:64")
+
+
+def test_teacher_labels_are_the_teachers_confident_argmax(tmp_path):
+    train(TrainConfig(method="equal", data="synthetic:16", epochs=1, batch_size=8, size=16, width=4,
+                      decoder_width=8, max_steps_per_epoch=1), tmp_path / "t", log=lambda s: None)
+    frames = np.stack([render_scene("studio", 5, i, 24)[0] for i in range(6)])  # resized to the teacher's 16
+    model, _ = load_model(tmp_path / "t")
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in _resize(frames, 16, 16)])
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(gray[:, None].astype(np.float32) / 255.0))["class"], 1)
+    assert teacher_labels(tmp_path / "t", frames, threshold=0.0).tolist() == probs.argmax(1).tolist()
+    cut = float(probs.max(1).values.median())
+    expect = [int(a) if c >= cut else -1 for a, c in zip(probs.argmax(1), probs.max(1).values)]
+    assert teacher_labels(tmp_path / "t", frames, threshold=cut).tolist() == expect
+    assert (teacher_labels(tmp_path / "t", frames, threshold=1.01) == -1).all()

@@ -52,24 +52,32 @@ def test_unlabelled_batch_trains_dense_tasks_only():
     assert math.isnan(float(method.normalisers.initial[0]))  # no class normaliser yet
 
 
-def test_gal_is_identity_in_the_forward_pass():
-    model = tiny_net().train()
+def test_gals_act_in_the_backward_pass_only():
     x, targets = batch()
-    f = model.encode(x)
-    # GREAT's per-task decoding on detached copies gives exactly the plain forward's outputs
-    torch.manual_seed(0)
-    plain = {k: v.detach() for k, v in model(x).items()}
-    method = create_weighting("great")
-    f2 = model.encode(x)
-    copies = {t: f2.detach().requires_grad_(True) for t in TASKS}
-    via_copies = model.decode(copies)
+    runs = {}
+    for name, gamma in (("ones", None), ("random", 3)):
+        model = tiny_net().train()
+        method = create_weighting("great")
+        with torch.no_grad():
+            method.setup(model, model.encode(x[:1]).shape)
+            if gamma is not None:
+                g = torch.Generator().manual_seed(gamma)
+                method.gals.gamma.copy_(0.5 + torch.rand(method.gals.gamma.shape, generator=g))
+        model.zero_grad()
+        logs = method.step(model, x, targets)
+        runs[name] = (logs, grads_of(model.encoder), [grads_of(model.head(t)) for t in TASKS], model)
+    # the forward (every task loss, every decoder's gradient) does not see the GALs ...
     for t in TASKS:
-        assert torch.equal(plain[t], via_copies[t].detach())
-    # and the ONNX-exported network has no GAL or aux parameters at all: they live in the method
-    with torch.no_grad():
-        method.setup(model, f.shape)
-    names = [n for n, _ in model.named_parameters()]
-    assert not any("gamma" in n or "aux" in n for n in names)
+        assert runs["ones"][0][f"loss_{t}"] == runs["random"][0][f"loss_{t}"]
+    for a, b in zip(runs["ones"][2], runs["random"][2]):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q)
+    # ... the encoder's gradient does
+    assert any(not torch.allclose(p, q) for p, q in zip(runs["ones"][1], runs["random"][1]))
+    # and they live in the method, not in the network that is exported
+    model = runs["random"][3]
+    assert not any("gamma" in n or "aux" in n for n, _ in model.named_parameters())
+    assert not any("gamma" in n for n in model.state_dict())
 
 
 def test_great_encoder_receives_exactly_sum_of_gamma_times_task_gradients():
@@ -142,13 +150,37 @@ def test_gradient_reversal_flips_only_the_sign():
     torch.testing.assert_close(x.grad, -torch.arange(5.0))
 
 
-def test_great_step_moves_gammas_up_the_aux_loss_and_keeps_them_positive():
+def test_great_step_keeps_gammas_above_the_floor():
     model = tiny_net().train()
     x, targets = batch()
     method = GreatWeighting(TASKS, gal_lr=0.5, gal_floor=0.05)  # a huge lr: some entries would go negative without the clamp
     method.step(model, x, targets)
     assert float(method.gals.gamma.detach().min()) >= 0.05 - 1e-7
     assert not torch.equal(method.gals.gamma.detach(), torch.ones_like(method.gals.gamma))
+
+
+@pytest.mark.parametrize("aux_norm", ["none", "rms"])
+def test_great_step_moves_gammas_up_the_aux_loss(aux_norm):
+    import copy
+
+    model = tiny_net().train()
+    x, targets = batch()
+    method = GreatWeighting(TASKS, gal_lr=1e-2, aux_norm=aux_norm)
+    with torch.no_grad():
+        method.setup(model, model.encode(x[:1]).shape)
+    aux_before = copy.deepcopy(method.aux)
+    gamma_before = method.gals.gamma.detach().clone()
+    method.step(model, x, targets)
+    # the same task gradients the step saw (C_i = J_i / J_i^0), judged by the classifier before its step
+    _, _, grads = per_task_feature_gradients(model, x, targets, TASKS, lambda t, j: j / method.normalisers[t])
+
+    def aux_loss(gamma):
+        with torch.no_grad():
+            method.gals.gamma.copy_(gamma)
+            inp, labels = method.aux_inputs(grads, targets, reverse=False)
+            return float(F.cross_entropy(aux_before(inp), labels))
+    gamma_after = method.gals.gamma.detach().clone()
+    assert aux_loss(gamma_after) > aux_loss(gamma_before)  # the GALs ascend C'
 
 
 def test_normalisers_are_the_initial_losses():
@@ -210,3 +242,44 @@ def test_gradnorm_step_renormalises_weights_to_the_task_count():
     assert float(w.sum()) == pytest.approx(len(TASKS), rel=1e-5)
     assert not torch.allclose(w, torch.ones_like(w))
     assert float(w.min()) > 0
+
+
+def test_gradnorm_uses_this_steps_gradient_norms():
+    model = tiny_net().train()
+    method = GradNorm(TASKS)
+    seen = []
+    own_loss = method.gradnorm_loss
+
+    def spy(losses, norms):
+        seen.append({t: float(v) for t, v in norms.items()})
+        return own_loss(losses, norms)
+    method.gradnorm_loss = spy
+    for seed in (0, 1):
+        x, targets = batch(seed=seed)
+        # by hand: G_i = ||dJ_i/dW|| at this step's weights and batch (w_i factored out)
+        losses = task_losses(model(x), targets)
+        W = GradNorm.shared_layer(model)
+        expect = {t: float(torch.autograd.grad(j, W, retain_graph=True)[0].norm()) for t, j in losses.items()}
+        model.zero_grad()
+        method.step(model, x, targets)
+        with torch.no_grad():
+            for p in model.parameters():  # a main-network step: the next norms must be recomputed
+                p.sub_(1e-2 * p.grad.sign())
+        assert seen[-1] == pytest.approx(expect, rel=1e-4)
+    assert seen[0] != pytest.approx(seen[1], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["gradnorm", "great"])
+def test_lr_schedule_reaches_the_methods_own_optimisers(name):
+    model = tiny_net().train()
+    method = create_weighting(name)
+    x, targets = batch()
+    method.step(model, x, targets)  # GREAT builds its classifier and GALs on the first step
+    initial = [[g["lr"] for g in o.param_groups] for o in method._own_optimizers()]
+    assert initial
+    method.set_lr_multiplier(0.25)
+    for o, lrs in zip(method._own_optimizers(), initial):
+        assert [g["lr"] for g in o.param_groups] == pytest.approx([0.25 * lr for lr in lrs])
+    method.set_lr_multiplier(0.5)  # relative to the initial rate, not compounded
+    for o, lrs in zip(method._own_optimizers(), initial):
+        assert [g["lr"] for g in o.param_groups] == pytest.approx([0.5 * lr for lr in lrs])
