@@ -76,13 +76,14 @@ def make_activation(kind: str) -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    """The ResNet basic block (two 3x3 convs, BN, identity or 1x1 projection skip)."""
+    """The ResNet basic block (two 3x3 convs, BN, identity or 1x1 projection skip); ``dilation``
+    for the room model's dilated stages (padding follows, so the size is kept)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, activation: str = "relu"):
+    def __init__(self, cin: int, cout: int, stride: int = 1, activation: str = "relu", dilation: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, dilation, dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.act = make_activation(activation)
         self.skip: nn.Module = nn.Identity()
