@@ -16,7 +16,7 @@ from models.export import export_onnx
 from models.train import load_model
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size: int | None = None,
+def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size: int | tuple[int, int] | None = None,
                version: str | None = None, frames: int = 64, parent_version: str | None = None,
                extra_training: dict | None = None, manifest_path: str | Path | None = None):
     """Export a run folder; parity frames and calibration frames are real frames of its data."""
@@ -26,6 +26,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size
                                 parent_version=parent_version, extra_training=extra_training,
                                 manifest_path=manifest_path)
     h, w = ckpt["input_size"]
+    if isinstance(size, tuple):
+        raise UserError(f"--size {size[1]}x{size[0]}: a square side for this model (N)")
     if size is not None:
         if size % 8 or size < 8:
             raise UserError(f"--size {size}: must be a positive multiple of 8")
@@ -59,8 +61,8 @@ def _export_room_run(model, ckpt, run_dir, out, *, int8, size, version, frames, 
     """A room run: parity and calibration frames are rendered rooms of its own source and style."""
     from models.room_tasks import export_frames
 
-    side, cal_x, held_x, eval_targets = export_frames(ckpt, frames, size)
-    return _export(model, ckpt, run_dir, out, ckpt.get("source"), (side, side), int8, version, held_x, cal_x,
+    hw, cal_x, held_x, eval_targets = export_frames(ckpt, frames, size)
+    return _export(model, ckpt, run_dir, out, ckpt.get("source"), hw, int8, version, held_x, cal_x,
                    eval_targets, parent_version, extra_training, manifest_path)
 
 

@@ -159,24 +159,28 @@ def output_quality(outs: list[np.ndarray], targets: dict[str, np.ndarray]) -> di
             "rmse_keypoints": float(np.sqrt(((keypoints - targets["keypoints"]) ** 2).mean()))}
 
 
-def export_frames(ckpt: dict[str, Any], frames: int, size: int | None = None
-                  ) -> tuple[int, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """(side, calibration inputs, parity inputs, held-out targets) for exporting a room run: rendered
-    frames of its own ``rooms`` source (training split for calibration, held-out rooms for parity)."""
-    from models.room_data import load_rooms, parse_rooms
+def export_frames(ckpt: dict[str, Any], frames: int, size: int | tuple[int, int] | None = None
+                  ) -> tuple[tuple[int, int], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """((height, width), calibration inputs, parity inputs, held-out targets) for exporting a room run:
+    rendered frames of its own ``rooms`` source (training split for calibration, held-out rooms for
+    parity) at the export size (default the training side; the network is fully convolutional, so
+    (h, w) may be the camera's aspect)."""
+    from models.room_data import parse_rooms
+    from shared.rooms import room_frames
 
-    side = room_size(size or ckpt["input_size"][0])
+    hw = size if isinstance(size, tuple) else (room_size(size or ckpt["input_size"][0]),) * 2
+    if min(hw) < 16 or hw[0] % 8 or hw[1] % 8:
+        raise UserError(f"export size {hw[1]}x{hw[0]}: sides must be multiples of 8, at least 16")
     cfg = ckpt.get("config", {})
     seed = cfg.get("seed", 0)
     _, style = parse_rooms(ckpt.get("source") or "rooms")
     count = max(2, frames)
-    calib = RoomTaskData(load_rooms(f"rooms:{count}:{style}", "train", side, seed), "calibration")
+    calib = RoomTaskData(room_frames(count, style, seed, hw, "train"), "calibration")
     val_spec = cfg.get("val_data") or ckpt.get("source") or "rooms"
     _, val_style = parse_rooms(val_spec)
     # the held-out split has 15 % of N frames: ask for enough of them
-    held = RoomTaskData(load_rooms(f"rooms:{int(count / 0.15) + 1}:{val_style}", "val", side, seed), "held-out")
-    idx = torch.arange(min(count, len(held)))
-    held_x, held_t = held.batch(idx)
+    held = RoomTaskData(room_frames(count, val_style, seed, hw, "val"), "held-out")
+    held_x, held_t = held.batch(torch.arange(len(held)))
     cal_x, _ = calib.batch(torch.arange(len(calib)))
     targets = {"input": held_x.numpy(), **{k: v.numpy() for k, v in held_t.items()}}
-    return side, cal_x.numpy(), held_x.numpy(), targets
+    return hw, cal_x.numpy(), held_x.numpy(), targets
