@@ -26,8 +26,28 @@ RESIDUAL_TASKS = ("colour", "denoised")  # camera decoder: output = input gray +
 TASK_PRIORS = {"colour": 0.5, "edges": 0.05, "denoised": 0.5}  # initial output (edge pixels are ~5 %)
 
 
+class ArchitectureFields:
+    """``to_dict`` / ``from_dict`` of an architecture dataclass with a ``blocks`` tuple (a list in JSON)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["blocks"] = list(d["blocks"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
+        d = dict(d)
+        if "blocks" in d:
+            d["blocks"] = tuple(d["blocks"])
+        return cls(**d)
+
+
 @dataclasses.dataclass
-class NetConfig:
+class NetConfig(ArchitectureFields):
     """Architecture of :class:`MultiTaskNet`; stored in every checkpoint and manifest."""
 
     num_classes: int = 6
@@ -49,22 +69,6 @@ class NetConfig:
     @property
     def feature_channels(self) -> int:
         return 4 * self.width
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["blocks"] = list(self.blocks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-        d = dict(d)
-        if "blocks" in d:
-            d["blocks"] = tuple(d["blocks"])
-        return cls(**d)
 
 
 def make_activation(kind: str) -> nn.Module:

@@ -17,15 +17,13 @@ inside the model. The shared feature ``f`` (B x 4w x H/8 x W/8) is where GREAT's
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from shared.rooms import NUM_KEYPOINTS
 
-from models.network import ResidualBlock, make_activation
+from models.network import ArchitectureFields, ResidualBlock, make_activation
 
 ROOM_TASKS: tuple[str, ...] = ("depth", "normals", "keypoints")
 MIN_DEPTH_M = 0.05  # the exported depth is clamped to this (rendered depth is > 0.3 m)
@@ -33,7 +31,7 @@ DEPTH_PRIOR_M = 3.0  # the depth head starts here (a typical distance in a room)
 
 
 @dataclasses.dataclass
-class RoomNetConfig:
+class RoomNetConfig(ArchitectureFields):
     """Architecture of :class:`RoomNet`; stored in every checkpoint and manifest."""
 
     width: int = 16  # channels after the stem; the shared feature has 4 * width
@@ -53,22 +51,6 @@ class RoomNetConfig:
     @property
     def num_classes(self) -> int:  # no class head
         return 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["blocks"] = list(self.blocks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RoomNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown room architecture fields {sorted(unknown)}")
-        d = dict(d)
-        if "blocks" in d:
-            d["blocks"] = tuple(d["blocks"])
-        return cls(**d)
 
 
 STAGE_STRIDES = (1, 2, 2, 1, 1)

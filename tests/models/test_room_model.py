@@ -107,3 +107,9 @@ def test_room_metrics_json_names_its_task_set(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["tasks"] == "room" and saved["task_weights"].keys() == {"depth", "normals", "keypoints"}
     assert saved["method_options"] == {"alpha": 1.5}  # GradNorm's alpha on NYUv2 (the paper)
+
+
+def test_room_real_refuses_a_model_that_is_not_a_room_model(capsys):
+    assert cli.main(["bench", "room-real", "--model", "base"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "base is not a room model (task set cifar)" in err
