@@ -148,7 +148,8 @@ class RoomsSource(FrameSource):
     def __init__(self, style: str = "living", size: tuple[int, int] = (240, 320), fps: float = 30.0, seed: int = 0):
         from shared.rooms import RoomWalk
 
-        self.walk = RoomWalk(style, seed=seed, size=size, fps=fps)
+        # fps 0 = unpaced (as fast as frames come): the walk still advances 1/30 s a frame
+        self.walk = RoomWalk(style, seed=seed, size=size, fps=fps or 30.0)
         self.name, self.fps, self.size = f"rooms:{style}", float(fps), size
         self._i = 0
 

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "one) or a shipped model's name (default: base, the shipped headset "
                                         "model; with --store, the store's current version)")
     parser.add_argument("--mode", default="edges", choices=overlay.MODES,
-                        help="overlay (keys 1-5 / m switch it in the window, h toggles the HUD)")
+                        help="overlay (keys 1-5 / m switch it in the window, h toggles the HUD); a room model "
+                             "has depth, normals, layout, side-by-side and starts in depth unless one of those is given")
     parser.add_argument("--no-hud", action="store_true", help="no FPS/latency/version band above the view")
     parser.add_argument("--headless", action="store_true", help="no window even when a display is there")
     parser.add_argument("--record", metavar="OUT.mp4", help="write the overlaid video")
@@ -135,7 +136,7 @@ def start_line(runtime: HeadsetRuntime, args: argparse.Namespace) -> str:
         where, stop = f"headless ({runtime.headless_reason})", "Ctrl+C stops it"
     limits = [f"{args.max_frames} frames" if args.max_frames else "", f"{args.duration:g} s" if args.duration else ""]
     ends = " or ".join(x for x in limits if x)
-    return (f"hmd device: model {engine.version} ({engine.onnx_path}) on {source}, {runtime.mode} view, {where}; "
+    return (f"hmd device: model {engine.version} ({engine.onnx_path}) on {source}, {runtime.shown_mode} view, {where}; "
             + (f"ends after {ends}; " if ends else "") + stop)
 
 

@@ -69,7 +69,8 @@ def session_options(threads: int | None = None, optimise: bool = True,
 
 @dataclasses.dataclass
 class Prediction:
-    """One frame's outputs, as the overlay uses them (model resolution, float32 in [0, 1])."""
+    """One frame's outputs, as the overlay uses them (model resolution, float32 in [0, 1]; a room
+    model's depth in metres, unit normals H x W x 3, keypoint heatmaps K x H x W)."""
 
     class_index: int
     confidence: float
@@ -78,6 +79,10 @@ class Prediction:
     edges: np.ndarray | None  # H x W
     denoised: np.ndarray | None  # H x W
     version: str
+    depth: np.ndarray | None = None  # H x W metres (room models)
+    normals: np.ndarray | None = None  # H x W x 3 camera frame
+    keypoints: np.ndarray | None = None  # K x H x W heatmaps
+    task_set: str = "cifar"
 
     def summary(self) -> dict:
         out = {"class": self.class_name, "confidence": round(self.confidence, 4)}
@@ -85,6 +90,8 @@ class Prediction:
             out["edge_fraction"] = round(float((self.edges > 0.5).mean()), 4)
         if self.denoised is not None:
             out["denoised_mean"] = round(float(self.denoised.mean()), 4)
+        if self.depth is not None:
+            out["depth_median_m"] = round(float(np.median(self.depth)), 3)
         return out
 
 
@@ -123,6 +130,7 @@ class InferenceEngine:
         self.output_names = [o.name for o in manifest.outputs]
         self._tasks = {o.task: i for i, o in enumerate(manifest.outputs)}
         self._class_names = list(manifest.class_names)
+        self.task_set = manifest.task_set or "cifar"
 
     # -- the three stages ---------------------------------------------------------------
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
@@ -173,7 +181,10 @@ class InferenceEngine:
             a = outputs[i][0]
             return a.transpose(1, 2, 0) if a.shape[0] == 3 else a[0]
 
-        return Prediction(cls, conf, name, image("colour"), image("edges"), image("denoised"), self.version)
+        heatmaps = self._tasks.get("keypoints")
+        return Prediction(cls, conf, name, image("colour"), image("edges"), image("denoised"), self.version,
+                          depth=image("depth"), normals=image("normals"),
+                          keypoints=None if heatmaps is None else outputs[heatmaps][0], task_set=self.task_set)
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         return self.interpret(self.infer(self.preprocess(rgb)))

@@ -8,6 +8,11 @@ Text is sized from the frame height (:func:`text_style`), so the HUD and the til
 same at 320x240 and at 1280x720. The HUD is a band *above* the view (:func:`with_hud`): it never
 covers what the camera or the model shows, and its height depends only on the frame size, so a
 recording keeps one size for the whole run.
+
+Which modes a model has depends on its task set (its manifest's ``task_set``): the cifar set's
+edges / colour / denoised / side-by-side / class, the room set's depth / normals / layout /
+side-by-side (device/overlay_room.py draws them). :func:`mode_for` maps a requested mode to one the
+running model has (its first mode otherwise), so a hot-swap to a model of the other set keeps drawing.
 """
 from __future__ import annotations
 
@@ -17,13 +22,36 @@ import functools
 import cv2
 import numpy as np
 
+from device import overlay_room
 from device.engine import Prediction
 
-MODES: tuple[str, ...] = ("edges", "colour", "denoised", "side-by-side", "class")
-# keys in the window: 1..5 pick a mode, m cycles, h toggles the HUD, q / Esc quit
-MODE_KEYS = {ord(str(i + 1)): m for i, m in enumerate(MODES)}
+CIFAR_MODES: tuple[str, ...] = ("edges", "colour", "denoised", "side-by-side", "class")
+ROOM_MODES: tuple[str, ...] = ("depth", "normals", "layout", "side-by-side")
+TASK_SET_MODES = {"cifar": CIFAR_MODES, "room": ROOM_MODES}
+MODES: tuple[str, ...] = CIFAR_MODES + tuple(m for m in ROOM_MODES if m not in CIFAR_MODES)
+# keys in the window: 1..5 pick one of the running model's modes, m cycles, h toggles the HUD, q / Esc quit
+MODE_KEYS = {ord(str(i + 1)): m for i, m in enumerate(CIFAR_MODES)}  # a cifar model's (see mode_key)
 EDGE_COLOUR_BGR = np.array([0, 255, 0], np.float32)  # edges are drawn in green
 TILE_LABELS: tuple[str, ...] = ("camera", "edges", "colour", "denoised")  # side-by-side, row by row
+ROOM_TILE_LABELS: tuple[str, ...] = ("camera", "depth", "normals", "layout")
+
+
+def modes_for(task_set: str) -> tuple[str, ...]:
+    """The overlay modes of a model of ``task_set`` (an unknown set: the cifar set's)."""
+    return TASK_SET_MODES.get(task_set, CIFAR_MODES)
+
+
+def mode_for(mode: str, task_set: str) -> str:
+    """``mode`` if a model of ``task_set`` has it, else that set's first mode."""
+    modes = modes_for(task_set)
+    return mode if mode in modes else modes[0]
+
+
+def mode_key(key: int, task_set: str) -> str | None:
+    """The mode key ``key`` (1, 2, ...) picks for a model of ``task_set``; None for another key."""
+    modes = modes_for(task_set)
+    i = key - ord("1")
+    return modes[i] if 0 <= i < len(modes) else None
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 MIN_TEXT_SCALE = 0.5  # 10 px capitals: the smallest that stays legible in a 320x240 window
 WHITE, AMBER = (255, 255, 255), (0, 200, 255)
@@ -85,16 +113,21 @@ def denoised_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
 
 
 def side_by_side(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
-    """A 2 x 2 grid at the frame's size: view, edges, colour, denoised, each labelled in its
-    top-left corner (:data:`TILE_LABELS`) when the tile has room for it (from ~200x150 frames up). Each tile is drawn at tile size (the view shrunk once,
-    the outputs resized straight to it): a quarter of the pixels."""
+    """A 2 x 2 grid at the frame's size: view, edges, colour, denoised (a room model: view, depth,
+    normals, layout), each labelled in its top-left corner (:data:`TILE_LABELS`,
+    :data:`ROOM_TILE_LABELS`) when the tile has room for it (from ~200x150 frames up). Each tile is
+    drawn at tile size (the view shrunk once, the outputs resized straight to it): a quarter of the pixels."""
     h, w = view_bgr.shape[:2]
     hh, hw = h // 2, w // 2
     small = cv2.resize(view_bgr, (hw, hh), interpolation=cv2.INTER_AREA)
-    tiles = [small, edges_view(small, pred), colour_view(small, pred), denoised_view(small, pred)]
+    if pred.task_set == "room":
+        tiles, labels = [small] + [ROOM_RENDERERS[m](small, pred) for m in ROOM_MODES[:3]], ROOM_TILE_LABELS
+    else:
+        tiles = [small, edges_view(small, pred), colour_view(small, pred), denoised_view(small, pred)]
+        labels = TILE_LABELS
     out = np.zeros_like(view_bgr)
     style = text_style(h)
-    for k, (tile, label) in enumerate(zip(tiles, TILE_LABELS)):
+    for k, (tile, label) in enumerate(zip(tiles, labels)):
         r, c = divmod(k, 2)
         out[r * hh:(r + 1) * hh, c * hw:(c + 1) * hw] = tile
         bw, bh = label_box(label, style)
@@ -129,16 +162,38 @@ def class_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
     return out
 
 
+def depth_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    """The predicted depth on the fixed near-to-far colour scale of device/overlay_room.py."""
+    if pred.depth is None:
+        return view_bgr.copy()
+    return overlay_room.depth_view(view_bgr, pred.depth)
+
+
+def normals_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    if pred.normals is None:
+        return view_bgr.copy()
+    return overlay_room.normals_view(view_bgr, pred.normals)
+
+
+def layout_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+    """The room's wireframe, read from the predicted keypoint heatmaps, over the view."""
+    if pred.keypoints is None:
+        return view_bgr.copy()
+    return overlay_room.layout_view(view_bgr, heatmaps=pred.keypoints, thickness=max(1, view_bgr.shape[0] // 160))
+
+
+ROOM_RENDERERS = {"depth": depth_view, "normals": normals_view, "layout": layout_view}
 RENDERERS = {"edges": edges_view, "colour": colour_view, "denoised": denoised_view,
-             "side-by-side": side_by_side, "class": class_view}
+             "side-by-side": side_by_side, "class": class_view, **ROOM_RENDERERS}
 
 
 def render(frame_rgb: np.ndarray, pred: Prediction | None, mode: str) -> np.ndarray:
-    """The overlaid BGR image for ``mode``; the plain view when there is no prediction."""
+    """The overlaid BGR image for ``mode`` (one of the prediction's task set's: :func:`mode_for`);
+    the plain view when there is no prediction."""
     view = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR)
     if pred is None:
         return view
-    return RENDERERS[mode](view, pred)
+    return RENDERERS[mode_for(mode, pred.task_set)](view, pred)
 
 
 

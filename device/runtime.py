@@ -112,6 +112,11 @@ class HeadsetRuntime:
         self.mode = mode
 
     @property
+    def shown_mode(self) -> str:
+        """The mode drawn: the requested one if the running model has it, else its task set's first."""
+        return overlay.mode_for(self.mode, self.models.active.task_set)
+
+    @property
     def model_version(self) -> str:
         return self.models.active.version
 
@@ -140,10 +145,11 @@ class HeadsetRuntime:
         if key in (ord("q"), 27):
             self.exit_reason = "quit key"
             self._stop.set()
-        elif key in overlay.MODE_KEYS:
-            self.mode = overlay.MODE_KEYS[key]
+        elif overlay.mode_key(key, self.models.active.task_set) is not None:
+            self.mode = overlay.mode_key(key, self.models.active.task_set)
         elif key == ord("m"):
-            self.mode = overlay.MODES[(overlay.MODES.index(self.mode) + 1) % len(overlay.MODES)]
+            modes = overlay.modes_for(self.models.active.task_set)
+            self.mode = modes[(modes.index(self.shown_mode) + 1) % len(modes)]
         elif key == ord("h"):
             self.hud = not self.hud
 
@@ -202,12 +208,13 @@ class HeadsetRuntime:
                 waited_since = None
                 pred, pre_ms, inf_ms = self._predict(frame.image)
                 t2 = time.perf_counter()
-                shown = overlay.render(frame.image, pred, self.mode)
+                mode = self.shown_mode
+                shown = overlay.render(frame.image, pred, mode)
                 if self.hud:
                     p50, p95 = self.timer.recent_p50_p95()
                     note = "" if pred is not None else "NO MODEL OUTPUT"
                     shown = overlay.with_hud(shown, overlay.HudInfo(self.timer.fps(), p50, p95,
-                                                                    self.models.active.version, self.mode, note))
+                                                                    self.models.active.version, mode, note))
                 t3 = time.perf_counter()
                 if window is not None:
                     key = window.show(shown)
@@ -273,7 +280,7 @@ class HeadsetRuntime:
             "frames_without_overlay": self.frames_without_overlay,
             "source": dict(self.source.info(), end=capture.end_reason if capture.ended else None),
             "exit_reason": self.exit_reason,
-            "mode": self.mode,
+            "mode": self.shown_mode,
             "display": "window" if windowed else "headless",
             "headless_reason": None if windowed else self.headless_reason,
             "record": {"path": str(recorder.path), "frames": recorder.frames} if recorder else None,

@@ -5,6 +5,8 @@
                 (run folder + exported ``model.onnx`` / ``model.manifest.json``)
 ``base-studio`` the previous base model (64x64, the synthetic studio world only)
 ``teacher``     the cloud's larger teacher for class targets (width 24, three synthetic worlds)
+``room``        the room model: depth, normals, layout keypoints (GREAT, 480 rendered rooms at 64x64,
+                exported at 64x48; ``hmd device --model room --source rooms``)
 ==============  ==========================================================================
 
 Each run folder holds a weights-only ``checkpoint.pt`` and ``metrics.json``; every checkpoint's

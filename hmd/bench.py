@@ -21,6 +21,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "cloud": ("hmd.bench_cloud", "upload throughput vs copy, concurrent devices, upload-to-serving time"),
     "real": ("hmd.bench_real", "the headset model vs classical tools on real footage (RMSE ratios per task)"),
     "personalise": ("hmd.bench_personalise", "personalisation with GREAT vs equal weighting, same frames and budget"),
+    "room-real": ("models.room_real", "the room model's ordinal depth on a real stereo pair vs 'lower is nearer'"),
     "soak": ("hmd.bench_soak", "headsets uploading while the server is killed, full and fed bad input: nothing lost"),
 }
 

@@ -3,7 +3,8 @@
 Everything in one run, on one freshly exported model and the same frames: ``--model base`` (the
 default: the shipped headset model at its camera resolution, fed a walk over the shipped real test
 photos at the headset's 320x240 capture size) or ``--model none`` (an untrained MultiTaskNet at
-``--size``, synthetic frames, as in the first rounds): batch-1 latency of torch eager, ONNX Runtime FP32 and INT8 (the device's
+``--size``, synthetic frames, as in the first rounds), or ``--model room`` (the shipped room model at
+its exported size, fed a wearer's walk through a rendered room at 320x240, RGB input): batch-1 latency of torch eager, ONNX Runtime FP32 and INT8 (the device's
 own loader, device.engine.load_model, with the same thread count as torch); the full headset
 pipeline (`hmd device` in a subprocess, so its memory is the device's, free of torch) over the
 same frames; the model's FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s against an
@@ -106,16 +107,30 @@ def run(args: argparse.Namespace) -> int:
         from shared.paths import resolve_model
         from shared.walk import HeadWalk, load_photos
 
-        net, ck = load_run(resolve_model(args.model))
+        folder = resolve_model(args.model)
+        net, ck = load_run(folder)
         h, w = ck["input_size"]
         class_names = ck["class_names"]
-        walk = HeadWalk(load_photos(PHOTOS / "test"), size=(240, 320), seed=args.seed)
-        rgb = [walk.frame(9 * i) for i in range(32)]  # camera frames: the pipeline resizes them itself
+        if ck.get("task_set") == "room":
+            from shared.manifest import Manifest
+            from shared.rooms import RoomWalk
+
+            if (folder / "model.manifest.json").is_file():  # the size it ships at (the camera's aspect)
+                spec = Manifest.load(folder / "model.manifest.json").input
+                h, w = spec.height, spec.width
+            walk = RoomWalk("living", seed=args.seed, size=(240, 320))
+            rgb = [walk.render(9 * i).rgb for i in range(32)]
+        else:
+            walk = HeadWalk(load_photos(PHOTOS / "test"), size=(240, 320), seed=args.seed)
+            rgb = [walk.frame(9 * i) for i in range(32)]  # camera frames: the pipeline resizes them itself
     from shared.walk import fit_to
 
-    gray = np.stack([(np.dot(fit_to(f, (h, w)).astype(np.float32), [0.299, 0.587, 0.114]) / 255.0)[None]
-                     for f in rgb]).astype(np.float32)
-    inputs = [g[None] for g in gray]  # 1 x 1 x H x W each
+    if net.cfg.in_channels == 3:  # RGB models (room): 1 x 3 x H x W in [0, 1]
+        gray = np.stack([fit_to(f, (h, w)).astype(np.float32).transpose(2, 0, 1) / 255.0 for f in rgb])
+    else:
+        gray = np.stack([(np.dot(fit_to(f, (h, w)).astype(np.float32), [0.299, 0.587, 0.114]) / 255.0)[None]
+                         for f in rgb]).astype(np.float32)
+    inputs = [g[None] for g in gray]  # 1 x C x H x W each
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -175,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "command": "hmd bench device " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None
                                                    and k in ("model", "size", "runs", "frames", "threads", "seed")),
-        "model": {"name": args.model, "architecture": net.cfg.to_dict(), "input": [1, 1, h, w],
+        "model": {"name": args.model, "architecture": net.cfg.to_dict(), "input": [1, net.cfg.in_channels, h, w],
                   "parameters": int(sum(p.numel() for p in net.parameters())), "export_s": round(export_s, 1)},
         "threads": threads,
         "cpu_count": os.cpu_count(),

@@ -15,10 +15,12 @@ import torch
 
 from models.data import TaskData, load_source
 from models.network import MultiTaskNet, NetConfig
-from models.registry import WEIGHTINGS, create_weighting
+from models.registry import DEFAULT_TASK_SET, TASK_SETS, WEIGHTINGS, create_weighting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", default=DEFAULT_TASK_SET, choices=TASK_SETS.names(),
+                        help="task set: cifar (synthetic frames) or room (rendered rooms, the room network)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--width", type=int, default=16)
@@ -31,10 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
 
 
+def _model_and_data(args, frames: int = 256, seed: int = 0):
+    """The task set's network and ``frames`` training frames (with their targets) at ``args.size``."""
+    if getattr(args, "tasks", DEFAULT_TASK_SET) == "room":
+        from models.room_network import RoomNet
+        from models.room_tasks import RoomTaskData, net_config
+        from shared.rooms import room_frames
+
+        return RoomNet(net_config(args.width, 32)), RoomTaskData(room_frames(frames, seed=seed, size=args.size), "rooms")
+    return MultiTaskNet(NetConfig(width=args.width)), TaskData(load_source(f"synthetic:{frames}", "train", args.size,
+                                                                        seed))
+
+
 def _setup(method_name: str, args) -> tuple:
     torch.manual_seed(0)
-    model = MultiTaskNet(NetConfig(width=args.width)).train()
-    data = TaskData(load_source("synthetic:256", "train", args.size))
+    model, data = _model_and_data(args, frames=args.batch_size if args.tasks == "room" else 256)
+    model.train()
     g = torch.Generator().manual_seed(0)
     x, targets = data.batch(torch.arange(args.batch_size) % len(data), g)
     method = create_weighting(method_name, model.tasks)
@@ -66,7 +80,7 @@ def _memory_child(args) -> int:
 
 
 def measure_memory(method: str, args) -> dict:
-    cmd = [sys.executable, "-m", "hmd", "bench", "train", "--memory-child", method, "--batch-size",
+    cmd = [sys.executable, "-m", "hmd", "bench", "train", "--memory-child", method, "--tasks", args.tasks, "--batch-size",
            str(args.batch_size), "--size", str(args.size), "--width", str(args.width), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -90,17 +104,17 @@ def run(args: argparse.Namespace) -> int:
     ms = {m: 1000 * statistics.median(v) for m, v in times.items()}
     result: dict = {
         "benchmark": "train",
-        "config": {"batch_size": args.batch_size, "size": args.size, "width": args.width,
+        "config": {"tasks": args.tasks, "batch_size": args.batch_size, "size": args.size, "width": args.width,
                    "steps": args.steps, "threads": args.threads},
         "ms_per_step": ms,
         "ratios": {f"{m}/equal": ms[m] / ms["equal"] for m in methods if m != "equal"},
         "targets": {"great/equal": 1.15, "gradnorm/equal": 1.5, "great/equal memory": 1.2},
     }
-    # data generation must keep up with training
+    # data generation must keep up with training (frames and their targets, rendered anew)
+    n_gen = 24 if args.tasks == "room" else 200
     t = time.perf_counter()
-    frames = load_source("synthetic:200", "train", args.size)
-    TaskData(frames)
-    gen_ms = 1000 * (time.perf_counter() - t) / len(frames)
+    _model_and_data(args, frames=n_gen, seed=1)  # other scenes (rooms) than the timed batch: nothing cached
+    gen_ms = 1000 * (time.perf_counter() - t) / n_gen
     result["data"] = {"generate_and_targets_ms_per_frame": gen_ms,
                       "train_ms_per_frame_great": ms["great"] / args.batch_size,
                       "generation_speed_over_training_speed": (ms["great"] / args.batch_size) / gen_ms}
@@ -109,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         result["memory"] = mem
         result["ratios"]["great/equal memory"] = mem["great"]["step_mb"] / max(1e-6, mem["equal"]["step_mb"])
         result["ratios"]["great/equal peak rss"] = mem["great"]["peak_rss_mb"] / mem["equal"]["peak_rss_mb"]
-    if args.robust:
+    if args.robust and args.tasks == "cifar":
         from models.bench_robust import robust_step_ratios
 
         # the classifiers' own training configuration (hmd defend / hmd distill: batch 64, 32x32),

@@ -7,11 +7,14 @@ import argparse
 from shared.errors import UserError
 
 from models.cli_common import add_defence_arguments, add_run_arguments, command_line, defence_options, parse_size_arg
-from models.registry import DEFENCES, WEIGHTINGS
+from models.registry import DEFAULT_TASK_SET, DEFENCES, TASK_SETS, WEIGHTINGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="great", choices=WEIGHTINGS.names(), help="loss weighting (default: great)")
+    parser.add_argument("--tasks", default=DEFAULT_TASK_SET, choices=TASK_SETS.names(),
+                        help="task set: cifar (class, colour, edges, denoised) or room (depth, normals, layout "
+                        "keypoints; --data rooms[:N][:STYLE], default size 320)")
     add_run_arguments(parser, data_help="synthetic[:N][:WORLD] | cifar10:PATH | images:DIR | video:PATH "
                       "(default: synthetic)", size=None, batch_size=32,
                       size_type=parse_size_arg,
@@ -22,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out source (default: the held-out split of --data)")
     parser.add_argument("--width", type=int, default=16, help="encoder width (shared feature has 4x this)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--alpha", type=float, default=0.6, help="GradNorm asymmetry alpha (paper: 0.6 on CIFAR)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="GradNorm asymmetry alpha (default: the paper's, 0.6 for cifar, 1.5 for room)")
     parser.add_argument("--weight-lr", type=float, default=None, help="GradNorm: Adam lr of the task weights (1e-3)")
     parser.add_argument("--gal-lr", type=float, default=1e-4, help="GREAT: Adam lr of the gradient-alignment layers")
     parser.add_argument("--gal-floor", type=float, default=None, help="GREAT: lower clamp of the GALs (1e-3)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     options = defence_options(args, given_only=True)
     if options and not args.defence:
         raise UserError(f"--defence-* options need --defence (given: {', '.join(sorted(options))})")
-    cfg = TrainConfig(method=args.method, data=args.data, val_data=args.val_data, epochs=args.epochs,
+    cfg = TrainConfig(method=args.method, tasks=args.tasks, data=args.data, val_data=args.val_data, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                       width=args.width, decoder=args.decoder, clean_fraction=args.clean_fraction,
                       method_options=method_options(args), defence=args.defence,
@@ -73,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads)
     metrics = train(cfg, args.out, resume=args.resume, command=command_line())
     f = metrics["final"]
+    if args.tasks == "room":
+        from models.room_tasks import describe
+
+        print(f"{args.method}: {describe(f)} -> {args.out}/metrics.json")
+        return 0
     ce = f["class_error_pct"]
     print(f"{args.method}: class error {'n/a' if ce is None else f'{ce:.2f}%'}, RMSE colour "
           f"{f['rmse_colour']:.4f} edges {f['rmse_edges']:.4f} denoised {f['rmse_denoised']:.4f} "

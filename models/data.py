@@ -258,8 +258,8 @@ def load_source(source: str, split: str = "train", size: Size | None = None, see
 
         return load_idx(kind, rest, split, size)
     if kind == "rooms":  # depth, normals and layout targets: models.room_data.load_rooms (the room task set)
-        raise UserError("rooms[:N][:STYLE] has depth, normals and layout targets, not the cifar task set's; "
-                        "load it with models.room_data.load_rooms (a room task set for hmd train is not built yet)")
+        raise UserError("rooms[:N][:STYLE] has depth, normals and layout targets, not the cifar task set's: "
+                        "train on it with --tasks room")
     raise UserError(f"unknown data source {source!r}: use synthetic[:N][:WORLD], cifar10:PATH, images:DIR, "
                     f"video:PATH, walk:DIR[:N], mnist:DIR, fashion-mnist:DIR or rooms[:N][:STYLE]")
 

@@ -22,13 +22,18 @@ from shared.hashing import sha256_file
 from shared.manifest import InputSpec, Manifest, NoiseModel, OutputSpec
 
 from models.network import MultiTaskNet, OnnxWrapper
+from models.room_network import RoomNet, RoomOnnxWrapper
 
 PARITY_TOLERANCE = 1e-4
 OUTPUT_TASKS = ("class", "colour", "edges", "denoised")
 
 
+def _wrapper(net: MultiTaskNet | RoomNet) -> OnnxWrapper | RoomOnnxWrapper:
+    return RoomOnnxWrapper(net) if isinstance(net, RoomNet) else OnnxWrapper(net)
+
+
 def _onnx_export(net: MultiTaskNet, path: Path, height: int, width: int) -> None:
-    wrapper = OnnxWrapper(net).eval()
+    wrapper = _wrapper(net).eval()
     example = torch.rand(1, net.cfg.in_channels, height, width)
     # the dynamo exporter prints progress lines; keep them out of our output unless it fails
     buf = io.StringIO()
@@ -37,7 +42,7 @@ def _onnx_export(net: MultiTaskNet, path: Path, height: int, width: int) -> None
         with contextlib.redirect_stdout(buf), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (example,), str(path), input_names=["image"],
-                              output_names=list(OnnxWrapper.OUTPUT_NAMES), dynamo=True, external_data=False)
+                              output_names=list(wrapper.OUTPUT_NAMES), dynamo=True, external_data=False)
     except Exception:
         print(buf.getvalue())
         raise
@@ -60,7 +65,7 @@ def onnx_outputs(path: str | os.PathLike, frames: np.ndarray) -> list[np.ndarray
 def torch_outputs(net: MultiTaskNet, frames: np.ndarray) -> list[np.ndarray]:
     net.eval()
     with torch.no_grad():
-        out = OnnxWrapper(net)(torch.from_numpy(frames.astype(np.float32)))
+        out = _wrapper(net)(torch.from_numpy(frames.astype(np.float32)))
     return [o.numpy() for o in out]
 
 
@@ -72,6 +77,12 @@ def parity(net: MultiTaskNet, onnx_path: Path, frames: np.ndarray) -> float:
 
 
 def _output_specs(net: MultiTaskNet, height: int, width: int) -> list[OutputSpec]:
+    if isinstance(net, RoomNet):  # outputs at a quarter of the input size
+        ho, wo = height // 4, width // 4
+        return [OutputSpec(name="depth", task="depth", shape=[1, 1, ho, wo], kind="depth"),
+                OutputSpec(name="normals", task="normals", shape=[1, 3, ho, wo], kind="normals", range=[-1.0, 1.0]),
+                OutputSpec(name="keypoints", task="keypoints", shape=[1, net.cfg.num_keypoints, ho, wo],
+                           kind="heatmaps", range=[0.0, 1.0])]
     k = net.cfg.num_classes
     return [
         OutputSpec(name="class_logits", task="class", shape=[1, k], kind="logits"),
@@ -85,6 +96,10 @@ def _task_quality(outs: list[np.ndarray], targets: dict[str, np.ndarray] | None)
     """Table-4 style metrics of stacked ONNX outputs against targets (when given)."""
     if targets is None:
         return {}
+    if "depth" in targets:
+        from models.room_tasks import output_quality
+
+        return output_quality(outs, targets)
     logits, colour, edges, denoised = outs
     res: dict[str, float] = {}
     labels = targets.get("label")
@@ -173,6 +188,7 @@ def export_onnx(net: MultiTaskNet, out_path: str | os.PathLike, *, height: int, 
     out_path = Path(out_path)
     if height % 8 or width % 8:
         raise UserError(f"input size {height}x{width}: both sides must divide by 8")
+    room = isinstance(net, RoomNet)
     if len(class_names) != net.cfg.num_classes:
         raise UserError(f"{len(class_names)} class names for a {net.cfg.num_classes}-class model")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,10 +213,14 @@ def export_onnx(net: MultiTaskNet, out_path: str | os.PathLike, *, height: int, 
                 "method": int8_method(bool(layout["space_to_depth_convs"])),
                 "calibration_frames": int(len(calib_frames)),
                 "graph": layout,
-                "class_agreement_pct": float(100.0 * (ref[0].argmax(1) == got[0].argmax(1)).mean()),
-                "rmse_vs_fp32": {t: float(np.sqrt(((a - b) ** 2).mean()))
-                                 for t, a, b in zip(OUTPUT_TASKS[1:], ref[1:], got[1:])},
             }
+            if room:
+                quant["rmse_vs_fp32"] = {t: float(np.sqrt(((a - b) ** 2).mean()))
+                                         for t, a, b in zip(RoomOnnxWrapper.OUTPUT_NAMES, ref, got)}
+            else:
+                quant["class_agreement_pct"] = float(100.0 * (ref[0].argmax(1) == got[0].argmax(1)).mean())
+                quant["rmse_vs_fp32"] = {t: float(np.sqrt(((a - b) ** 2).mean()))
+                                         for t, a, b in zip(OUTPUT_TASKS[1:], ref[1:], got[1:])}
             if eval_targets is not None:
                 quant["fp32_quality"] = _task_quality(onnx_outputs(fp32, eval_targets["input"]), eval_targets)
                 quant["int8_quality"] = _task_quality(onnx_outputs(q, eval_targets["input"]), eval_targets)
@@ -214,13 +234,15 @@ def export_onnx(net: MultiTaskNet, out_path: str | os.PathLike, *, height: int, 
             precision="int8" if int8 else "fp32",
             sha256=sha256_file(final),
             input=InputSpec(height=height, width=width, channels=net.cfg.in_channels,
-                            noise=noise or NoiseModel()),
+                            colour="rgb" if net.cfg.in_channels == 3 else "gray",
+                            noise=noise or (NoiseModel(salt_pepper=0.0, speckle=0.0) if room else NoiseModel())),
             outputs=_output_specs(net, height, width),
             class_names=list(class_names),
             architecture=net.cfg.to_dict(),
             metrics=dict(metrics or {}, export_parity_max_abs=diff),
             quantisation=quant,
             training=dict(training or {}),
+            task_set="room" if room else None,
         )
         os.replace(final, out_path)  # same filesystem: atomic
     manifest.save(Path(manifest_path) if manifest_path else out_path.with_suffix(".manifest.json"))

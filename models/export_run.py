@@ -16,12 +16,18 @@ from models.export import export_onnx
 from models.train import load_model
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size: int | None = None,
+def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size: int | tuple[int, int] | None = None,
                version: str | None = None, frames: int = 64, parent_version: str | None = None,
                extra_training: dict | None = None, manifest_path: str | Path | None = None):
     """Export a run folder; parity frames and calibration frames are real frames of its data."""
     model, ckpt = load_model(run_dir)
+    if ckpt.get("task_set") == "room":
+        return _export_room_run(model, ckpt, run_dir, out, int8=int8, size=size, version=version, frames=frames,
+                                parent_version=parent_version, extra_training=extra_training,
+                                manifest_path=manifest_path)
     h, w = ckpt["input_size"]
+    if isinstance(size, tuple):
+        raise UserError(f"--size {size[1]}x{size[0]}: a square side for this model (N)")
     if size is not None:
         if size % 8 or size < 8:
             raise UserError(f"--size {size}: must be a positive multiple of 8")
@@ -46,13 +52,29 @@ def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, size
     held_x, held_t = held_td.batch(torch.arange(n_held), g)
     eval_targets = {"input": held_x.numpy(), "label": held_t["class"].numpy(),
                     **{k: held_t[k].numpy() for k in ("colour", "edges", "denoised")}}
+    return _export(model, ckpt, run_dir, out, source, (h, w), int8, version, held_x.numpy(), cal_x.numpy(),
+                   eval_targets, parent_version, extra_training, manifest_path)
+
+
+def _export_room_run(model, ckpt, run_dir, out, *, int8, size, version, frames, parent_version, extra_training,
+                     manifest_path):
+    """A room run: parity and calibration frames are rendered rooms of its own source and style."""
+    from models.room_tasks import export_frames
+
+    hw, cal_x, held_x, eval_targets = export_frames(ckpt, frames, size)
+    return _export(model, ckpt, run_dir, out, ckpt.get("source"), hw, int8, version, held_x, cal_x,
+                   eval_targets, parent_version, extra_training, manifest_path)
+
+
+def _export(model, ckpt, run_dir, out, source, hw, int8, version, held_x, cal_x, eval_targets, parent_version,
+            extra_training, manifest_path):
     cfg = ckpt["config"]
     version = version or f"{Path(run_dir).resolve().name}-e{ckpt['epoch']}{'-int8' if int8 else ''}"
     training = {"command": ckpt.get("command"), "method": ckpt.get("method_name"), "data": source,
                 "epochs": ckpt["epoch"], "config": cfg, **(extra_training or {})}
     last = ckpt["history"][-1]["val"] if ckpt.get("history") else {}
-    return export_onnx(model, out, height=h, width=w, class_names=ckpt["class_names"], version=version,
-                       parity_frames=held_x.numpy().astype(np.float32), int8=int8,
-                       calib_frames=cal_x.numpy().astype(np.float32), eval_targets=eval_targets,
+    return export_onnx(model, out, height=hw[0], width=hw[1], class_names=ckpt["class_names"], version=version,
+                       parity_frames=held_x.astype(np.float32), int8=int8,
+                       calib_frames=cal_x.astype(np.float32), eval_targets=eval_targets,
                        metrics={"held_out": last}, training=training, parent_version=parent_version,
                        manifest_path=manifest_path)

@@ -26,8 +26,28 @@ RESIDUAL_TASKS = ("colour", "denoised")  # camera decoder: output = input gray +
 TASK_PRIORS = {"colour": 0.5, "edges": 0.05, "denoised": 0.5}  # initial output (edge pixels are ~5 %)
 
 
+class ArchitectureFields:
+    """``to_dict`` / ``from_dict`` of an architecture dataclass with a ``blocks`` tuple (a list in JSON)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["blocks"] = list(d["blocks"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
+        d = dict(d)
+        if "blocks" in d:
+            d["blocks"] = tuple(d["blocks"])
+        return cls(**d)
+
+
 @dataclasses.dataclass
-class NetConfig:
+class NetConfig(ArchitectureFields):
     """Architecture of :class:`MultiTaskNet`; stored in every checkpoint and manifest."""
 
     num_classes: int = 6
@@ -50,22 +70,6 @@ class NetConfig:
     def feature_channels(self) -> int:
         return 4 * self.width
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["blocks"] = list(self.blocks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-        d = dict(d)
-        if "blocks" in d:
-            d["blocks"] = tuple(d["blocks"])
-        return cls(**d)
-
 
 def make_activation(kind: str) -> nn.Module:
     if kind == "relu":
@@ -76,13 +80,14 @@ def make_activation(kind: str) -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    """The ResNet basic block (two 3x3 convs, BN, identity or 1x1 projection skip)."""
+    """The ResNet basic block (two 3x3 convs, BN, identity or 1x1 projection skip); ``dilation``
+    for the room model's dilated stages (padding follows, so the size is kept)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, activation: str = "relu"):
+    def __init__(self, cin: int, cout: int, stride: int = 1, activation: str = "relu", dilation: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, dilation, dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.act = make_activation(activation)
         self.skip: nn.Module = nn.Identity()

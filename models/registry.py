@@ -49,6 +49,7 @@ ARCHITECTURES = Registry("classifier architecture", {
 })
 TASK_SETS = Registry("task set", {
     "cifar": "models.network:TASKS",  # the paper's CIFAR-10 set: class, colour, edges, denoised
+    "room": "models.room_network:ROOM_TASKS",  # the paper's NYUv2 set: depth, normals, layout keypoints
 })
 WEIGHTINGS = Registry("weighting method", {
     "equal": "models.weighting:EqualWeighting",

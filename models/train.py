@@ -26,7 +26,7 @@ from models.data import FrameSet, TaskData, load_source
 from models.engine import TrainingEngine
 from models.network import MultiTaskNet, NetConfig
 from models.defence import MultiTaskClassDefence
-from models.registry import DEFENCES, WEIGHTINGS, create_defence, create_weighting
+from models.registry import DEFENCES, TASK_SETS, WEIGHTINGS, create_defence, create_weighting
 
 __all__ = ["CHECKPOINT_NAME", "TrainConfig", "build_data", "evaluate", "freeze_batchnorm", "load_model",
            "model_from_checkpoint", "read_checkpoint", "slim_checkpoint", "train"]
@@ -34,6 +34,7 @@ __all__ = ["CHECKPOINT_NAME", "TrainConfig", "build_data", "evaluate", "freeze_b
 @dataclasses.dataclass
 class TrainConfig:
     method: str = "great"
+    tasks: str = "cifar"  # task set (models/registry.py TASK_SETS): "cifar" or "room" (models/room_tasks.py)
     data: str = "synthetic"
     val_data: str | None = None  # default: the held-out split of ``data``
     epochs: int = 10
@@ -111,8 +112,12 @@ def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskNet:
     try:
-        cfg = NetConfig.from_dict(ckpt["arch"])
-        model = MultiTaskNet(cfg)
+        if ckpt["arch"].get("task_set") == "room":
+            from models.room_network import RoomNet, RoomNetConfig
+
+            model = RoomNet(RoomNetConfig.from_dict(ckpt["arch"]))
+        else:
+            model = MultiTaskNet(NetConfig.from_dict(ckpt["arch"]))
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise UserError(f"checkpoint does not match the multi-task architecture: {str(exc).splitlines()[0]}") \
@@ -128,6 +133,11 @@ def load_model(run_dir: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
 # --- training -----------------------------------------------------------------------------------
 
 def build_data(cfg: TrainConfig) -> tuple[TaskData, TaskData, FrameSet]:
+    if cfg.tasks == "room":
+        from models.room_tasks import load_room_data
+
+        room_train, room_val = load_room_data(cfg.data, cfg.val_data, cfg.size, cfg.seed)
+        return room_train, room_val, room_train  # type: ignore[return-value]  # it has .source, .class_names
     train_frames = load_source(cfg.data, "train", cfg.size, cfg.seed)
     val_frames = load_source(cfg.val_data or cfg.data, "val", cfg.size, cfg.seed)
     if len(train_frames) == 0:
@@ -152,8 +162,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     """
     log = log or _stderr
     WEIGHTINGS.check(cfg.method)
+    TASK_SETS.check(cfg.tasks)
+    room = cfg.tasks == "room"
     if cfg.defence:
         DEFENCES.check(cfg.defence)
+        if room:
+            raise UserError("--defence protects a class head: the room task set has none")
     if cfg.epochs < 1:
         raise UserError("--epochs must be >= 1")
     out = Path(out_dir)
@@ -165,8 +179,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if resume:
         ckpt = read_checkpoint(out)
         saved = ckpt.get("config", {})
-        for key in ("method", "data", "size", "width", "blocks", "decoder_width", "decoder", "seed"):
-            a, b = saved.get(key, "paper" if key == "decoder" else None), cfg.to_dict().get(key)
+        for key in ("method", "tasks", "data", "size", "width", "blocks", "decoder_width", "decoder", "seed"):
+            a, b = saved.get(key, {"decoder": "paper", "tasks": "cifar"}.get(key)), cfg.to_dict().get(key)
             a, b = (list(a) if isinstance(a, tuple) else a), (list(b) if isinstance(b, tuple) else b)
             if a != b:
                 raise UserError(f"--resume: {key} differs from the checkpoint ({a!r} there, {b!r} here)")
@@ -178,9 +192,20 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         f"({data_seconds:.1f}s to load and build targets)")
 
     torch.manual_seed(cfg.seed)
-    net_cfg = NetConfig(num_classes=len(frames.class_names), width=cfg.width, blocks=tuple(cfg.blocks),
-                        decoder_width=cfg.decoder_width, decoder=cfg.decoder)
-    model = MultiTaskNet(net_cfg)
+    method_options = dict(cfg.method_options)
+    if room:
+        from models.room_network import RoomNet
+        from models.room_tasks import ROOM, describe, evaluate_room, net_config
+
+        net_cfg = net_config(cfg.width, cfg.decoder_width, tuple(cfg.blocks))
+        model = RoomNet(net_cfg)
+        method_options = {**ROOM.method_defaults.get(cfg.method, {}), **method_options}
+        evaluate_fn, describe_fn = evaluate_room, describe
+    else:
+        net_cfg = NetConfig(num_classes=len(frames.class_names), width=cfg.width, blocks=tuple(cfg.blocks),
+                            decoder_width=cfg.decoder_width, decoder=cfg.decoder)
+        model = MultiTaskNet(net_cfg)
+        evaluate_fn, describe_fn = evaluate, _describe_cifar
     parent = None
     if cfg.init_from and not resume:
         base_model = model_from_checkpoint(read_checkpoint(cfg.init_from))
@@ -188,7 +213,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             raise UserError(f"--init-from {cfg.init_from}: architecture {base_model.cfg} differs from {net_cfg}")
         model.load_state_dict(base_model.state_dict())
         parent = str(cfg.init_from)
-    method = create_weighting(cfg.method, model.tasks, **cfg.method_options)
+    method = create_weighting(cfg.method, model.tasks, **method_options)
     with torch.no_grad():
         model.eval()
         method.setup(model, model.encode(train_data.batch(torch.arange(1))[0]).shape)
@@ -229,11 +254,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             freeze_batchnorm(net)
 
     def end_epoch(epoch: int, m: float, seconds: float, averages: dict[str, float]) -> dict[str, Any]:
-        val = evaluate(model, val_data)
-        ce = val["class_error_pct"]
-        log(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} held-out: class error "
-            f"{'n/a' if ce is None else f'{ce:.1f}%'} rmse colour {val['rmse_colour']:.4f} "
-            f"edges {val['rmse_edges']:.4f} denoised {val['rmse_denoised']:.4f}")
+        val = evaluate_fn(model, val_data)
+        log(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} held-out: {describe_fn(val)}")
         return {"epoch": epoch + 1, "lr": cfg.lr * m, "seconds": seconds, "train": averages, "val": val,
                 "task_weights": method.task_weights()}
 
@@ -244,22 +266,28 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             "epoch": epoch + 1, "config": cfg.to_dict(),
             "defence": defence.state_dict() if defence is not None else None,
             "history": engine.history, "class_names": frames.class_names, "input_size": [h, w],
-            "source": frames.source, "parent": parent, "command": command,
+            "source": frames.source, "task_set": cfg.tasks, "parent": parent, "command": command,
             "rng": {"generator": engine.generator.get_state(), "torch": torch.get_rng_state()},
         })
 
     history = engine.run(step, end_epoch, on_epoch=on_epoch, train_mode=train_mode, checkpoint=checkpoint,
                          should_stop=should_stop)
-    final = history[-1]["val"] if history else evaluate(model, val_data)
+    final = history[-1]["val"] if history else evaluate_fn(model, val_data)
     metrics = {
-        "method": cfg.method, "data": frames.source, "epochs": len(history), "final": final,
+        "method": cfg.method, "tasks": cfg.tasks, "data": frames.source, "epochs": len(history), "final": final,
         "normalisers": getattr(getattr(method, "normalisers", None), "as_dict", lambda: None)(),
-        "task_weights": method.task_weights(), "history": history, "config": cfg.to_dict(),
+        "task_weights": method.task_weights(), "method_options": method_options, "history": history, "config": cfg.to_dict(),
         "class_names": frames.class_names, "input_size": [h, w], "stopped": engine.stopped, "command": command,
         "generation_ms_per_frame": 1000.0 * data_seconds / max(1, len(train_data) + len(val_data)),
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _describe_cifar(val: dict[str, Any]) -> str:
+    ce = val["class_error_pct"]
+    return (f"class error {'n/a' if ce is None else f'{ce:.1f}%'} rmse colour {val['rmse_colour']:.4f} "
+            f"edges {val['rmse_edges']:.4f} denoised {val['rmse_denoised']:.4f}")
 
 
 def _method_state(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +304,7 @@ def slim_checkpoint(run_dir: str | Path, out_dir: str | Path) -> Path:
     method or RNG state): the form in which models are shipped."""
     ckpt = read_checkpoint(run_dir)
     keep = ("format", "arch", "model", "method_name", "epoch", "config", "history", "class_names",
-            "input_size", "source", "parent", "command", "calibration")
+            "input_size", "source", "task_set", "parent", "command", "calibration")
     slim = {k: ckpt.get(k) for k in keep}
     slim["slim"] = True
     out = Path(out_dir)

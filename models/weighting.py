@@ -19,13 +19,15 @@ import torch.nn.functional as F
 
 from models.network import MultiTaskNet
 from models.own_optimizers import OwnOptimizers
+from models.room_tasks import normals_loss
 
 
 # --- losses ----------------------------------------------------------------------------------
 
 def task_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """J_i for every task in ``outputs`` present in the batch: cross-entropy for ``class`` (only
-    where labels exist, i.e. label >= 0), mean squared error for the dense tasks."""
+    where labels exist, i.e. label >= 0), 1 - |cos| for the room set's ``normals``, mean squared
+    error for the other dense tasks (colour, edges, denoised; depth, keypoint heatmaps)."""
     losses: dict[str, torch.Tensor] = {}
     for t, out in outputs.items():
         if t == "class":
@@ -33,6 +35,8 @@ def task_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
             labelled = labels >= 0
             if bool(labelled.any()):
                 losses["class"] = F.cross_entropy(out[labelled], labels[labelled])
+        elif t == "normals":
+            losses[t] = normals_loss(out, targets[t])
         else:
             losses[t] = F.mse_loss(out, targets[t])
     return losses

@@ -35,7 +35,7 @@ class InputSpec(BaseModel):
     height: int
     width: int
     channels: int = 1
-    colour: Literal["gray"] = "gray"  # RGB frame -> gray with OpenCV's BT.601 weights
+    colour: Literal["gray", "rgb"] = "gray"  # gray: RGB frame -> gray with OpenCV's BT.601 weights
     scale: float = 1.0 / 255.0  # uint8 -> [0, 1]; mean/std normalisation lives inside the model
     layout: Literal["NCHW"] = "NCHW"
     dtype: Literal["float32"] = "float32"
@@ -44,9 +44,9 @@ class InputSpec(BaseModel):
 
 class OutputSpec(BaseModel):
     name: str  # ONNX output name
-    task: Literal["class", "colour", "edges", "denoised"]
+    task: Literal["class", "colour", "edges", "denoised", "depth", "normals", "keypoints"]
     shape: list[int]  # e.g. [1, 10] or [1, 3, H, W]
-    kind: Literal["logits", "image"]
+    kind: Literal["logits", "image", "depth", "normals", "heatmaps"]  # depth in metres, unit normals
     range: list[float] | None = None  # value range for images ([0, 1])
 
 
@@ -67,6 +67,9 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     quantisation: dict[str, Any] | None = None
     training: dict[str, Any] = Field(default_factory=dict)  # command, config, data, method
+    # the task set (models/registry.py): None = "cifar" (manifests written before there were two); the
+    # headset picks its overlays by it
+    task_set: str | None = None
     # set by the cloud when it signs: a number above every earlier one (a headset refuses an older
     # model than it runs) and the device the model is for (None: every device, e.g. the base)
     sequence: int | None = Field(default=None, ge=0)
@@ -81,7 +84,7 @@ class Manifest(BaseModel):
         """The bytes that are signed: the manifest without its signature, keys sorted."""
         data = self.model_dump(mode="json")
         data.pop("signature", None)
-        for optional in ("sequence", "device"):  # absent from manifests signed before they existed
+        for optional in ("sequence", "device", "task_set"):  # absent from manifests signed before they existed
             if data.get(optional) is None:
                 data.pop(optional, None)
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")

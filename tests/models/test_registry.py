@@ -84,12 +84,20 @@ def test_every_architecture_classifies_and_has_the_explicit_input_gradient(name)
 
 # --- task sets -----------------------------------------------------------------------------------
 
+def task_set_network(name: str) -> torch.nn.Module:
+    """A tiny network of task set ``name``."""
+    from models.room_network import RoomNet, RoomNetConfig
+
+    return {"cifar": lambda: MultiTaskNet(MULTITASK),
+            "room": lambda: RoomNet(RoomNetConfig(width=4, decoder_width=8))}[name]()
+
+
 @pytest.mark.parametrize("name", TASK_SETS.names())
-def test_every_task_set_names_heads_of_the_multitask_network(name):
+def test_every_task_set_names_heads_of_its_network(name):
     tasks = get_task_set(name)
     assert tasks and len(set(tasks)) == len(tasks) and all(isinstance(t, str) for t in tasks)
-    model = MultiTaskNet(MULTITASK)
-    assert all(isinstance(model.head(t), torch.nn.Module) for t in tasks)
+    model = task_set_network(name)
+    assert model.tasks == tasks and all(isinstance(model.head(t), torch.nn.Module) for t in tasks)
 
 
 # --- weightings ----------------------------------------------------------------------------------
@@ -179,7 +187,8 @@ def _parsed(module, argv: list[str]) -> argparse.Namespace:
 def test_every_weighting_option_is_reachable_from_hmd_train(name):
     from models import cli_train
 
-    args = _parsed(cli_train, ["--out", "x", "--method", name, "--weight-lr", "0.01", "--gal-floor", "0.01"])
+    args = _parsed(cli_train, ["--out", "x", "--method", name, "--weight-lr", "0.01", "--gal-floor", "0.01",
+                               "--alpha", "1.0"])
     options = cli_train.method_options(args)
     assert set(options) == _constructor_options(WEIGHTINGS.get(name), {"tasks"})
     create_weighting(name, None, **options)
