@@ -173,6 +173,22 @@ def check_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int,
 
 
 # -- streaming parser -----------------------------------------------------------------------------
+EXTENDED_HEADER_LIMIT = 64 * 1024  # a PAX or GNU long-name header is read whole by tarfile: bound it
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX extended header or a GNU long name into memory whole, before any member
+    is seen; one of 60 MB (inside the upload limit) would be held three times over. Refused
+    above :data:`EXTENDED_HEADER_LIMIT`, from the size its own header block declares."""
+
+    def _proc_member(self, tarfile_):  # noqa: D401 - tarfile's hook, called for every header block
+        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
+        if self.type in extended and self.size > EXTENDED_HEADER_LIMIT:
+            raise _bad(f"an extended tar header of {self.size} bytes; the limit is {EXTENDED_HEADER_LIMIT}")
+        return super()._proc_member(tarfile_)
+
+
 class _Feed:
     """A blocking file-like view of the body chunks the event loop puts in a queue (None: the end)."""
 
@@ -259,7 +275,8 @@ class _Parser:
 
     def _parse(self) -> Received:
         try:
-            tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024)  # uncompressed only
+            tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024,  # uncompressed only
+                               tarinfo=_BoundedTarInfo)
         except (tarfile.TarError, OSError, EOFError):
             raise _bad("not an uncompressed tar archive") from None
         members: dict[str, _Member] = {}

@@ -116,7 +116,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "hmd", "cloud", "serve", "--data-dir", str(self.data),
                                       "--port", str(self.port), "--base-run", self.base_run, "--log-level", "warning"],
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 600  # generous: a loaded machine (2 cores, many processes) starts slowly
+        deadline = time.time() + 1800  # generous: on a loaded machine (2 cores shared) a start takes minutes
         while time.time() < deadline:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
@@ -127,7 +127,15 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}")
             time.sleep(0.2)
+        self.proc.kill()
+        self.proc.wait()
         raise RuntimeError("the server did not start")
+
+    def ensure_stopped(self) -> None:
+        """Kill the server if it still runs (the bench failed part-way)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def _status_mb(self, field: str) -> float:
         try:
@@ -218,6 +226,12 @@ def _bad_inputs(url: str, token: str) -> dict[str, int]:
         info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
         t.addfile(info)
     classes["symlink"] = buf.getvalue()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("frames/0.jpg")
+        info.size, info.pax_headers = len(jpg), {"comment": "x" * 60_000_000}
+        t.addfile(info, io.BytesIO(jpg))
+    classes["60 MB PAX header (read whole by tarfile)"] = buf.getvalue()
     out = {}
     with httpx.Client(timeout=60) as c:
         for name, body in classes.items():
@@ -290,6 +304,15 @@ def _distinct_frames(db: Path, device_ids: list[int]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    servers: list[Server] = []
+    try:
+        return _soak(args, servers)
+    finally:
+        for server in servers:
+            server.ensure_stopped()
+
+
+def _soak(args: argparse.Namespace, servers: list[Server]) -> int:
     from cloud.ingest import memory_bound
     from cloud.keys import new_token, token_sha256
     from cloud.services import Services
@@ -301,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hmd-soak-"))
     data = work / "data"
     server = Server(data, _free_port(), args.base_run)
+    servers.append(server)
     server.start(args.quota_bytes)  # registers the base version; the quota fills quickly ("disk full")
     proxy = FlakyProxy(server.port, cut_fraction=args.cut_fraction,
                        upstream_cut_bytes=args.cut_within_kib * 1024).start()

@@ -70,7 +70,7 @@ def test_train_out_existing_needs_resume_or_force_and_a_failed_start_leaves_no_f
     assert (existing / "checkpoint.pt").read_bytes() == b"an earlier run"
     a_file = tmp_path / "file"
     a_file.write_text("")
-    assert _one_error_line(capsys, ["distill", "--teacher", str(existing), *TINY, "--out", str(a_file)]) == (
+    assert _one_error_line(capsys, ["distill", "--method", "kd", "--teacher", str(existing), *TINY, "--out", str(a_file)]) == (
         f"hmd distill: error: --out {a_file} is a file, not a run folder")
 
     new = tmp_path / "new"
