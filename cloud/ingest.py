@@ -37,6 +37,7 @@ import simplejpeg
 from pydantic import ValidationError
 
 from cloud.blobs import BlobStore
+from cloud.limits import ReceivingSlots, ingest_memory_bound
 from cloud.storage import FrameRow, Storage, Upload
 from shared.errors import UserError
 from shared.wire import FRAME_PATH, INDEX_NAME, UploadIndex
@@ -45,10 +46,22 @@ log = logging.getLogger("hmd.cloud.ingest")
 INDEX_LIMIT = 8 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 3840 * 2160
 DEFAULT_MAX_META_BYTES = 4096
-_QUEUE_CHUNKS = 32  # body chunks buffered between the event loop and the parser thread
+_QUEUE_CHUNKS = 32  # body pieces buffered between the event loop and the parser thread
+_PIECE = 64 * 1024  # the largest piece queued (a socket read can be larger: it is split)
 _PENDING_DECODE_BYTES = 16 * 1024 * 1024  # frames handed to the decode pool and not yet checked
-_DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
-                                                     thread_name_prefix="frame-check")
+_DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
+_DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="frame-check")
+MAX_RECEIVING = 4  # uploads parsed at once by this process, all devices together; the others wait
+RECEIVING_WAIT_S = 30.0  # an upload waiting longer for a parser answers 503 (the headset retries)
+RECEIVING = ReceivingSlots(MAX_RECEIVING)
+
+
+def memory_bound(max_frame_bytes: int, max_frame_pixels: int, connections: int = 0) -> dict[str, int]:
+    """The ingest's memory bound in bytes, by term, for these limits (see ``ingest_memory_bound``)."""
+    return ingest_memory_bound(receiving=RECEIVING.limit, queue_bytes=_QUEUE_CHUNKS * _PIECE,
+                               pending_decode_bytes=_PENDING_DECODE_BYTES, max_frame_bytes=max_frame_bytes,
+                               index_bytes=INDEX_LIMIT, decode_workers=_DECODE_WORKERS,
+                               max_frame_pixels=max_frame_pixels, connections=connections)
 
 
 class UploadRejected(Exception):
@@ -160,6 +173,22 @@ def check_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int,
 
 
 # -- streaming parser -----------------------------------------------------------------------------
+EXTENDED_HEADER_LIMIT = 64 * 1024  # a PAX or GNU long-name header is read whole by tarfile: bound it
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX extended header or a GNU long name into memory whole, before any member
+    is seen; one of 60 MB (inside the upload limit) would be held three times over. Refused
+    above :data:`EXTENDED_HEADER_LIMIT`, from the size its own header block declares."""
+
+    def _proc_member(self, tarfile_):  # noqa: D401 - tarfile's hook, called for every header block
+        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
+        if self.type in extended and self.size > EXTENDED_HEADER_LIMIT:
+            raise _bad(f"an extended tar header of {self.size} bytes; the limit is {EXTENDED_HEADER_LIMIT}")
+        return super()._proc_member(tarfile_)
+
+
 class _Feed:
     """A blocking file-like view of the body chunks the event loop puts in a queue (None: the end)."""
 
@@ -246,7 +275,8 @@ class _Parser:
 
     def _parse(self) -> Received:
         try:
-            tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024)  # uncompressed only
+            tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024,  # uncompressed only
+                               tarinfo=_BoundedTarInfo)
         except (tarfile.TarError, OSError, EOFError):
             raise _bad("not an uncompressed tar archive") from None
         members: dict[str, _Member] = {}
@@ -347,8 +377,19 @@ async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir
     """Stream, parse and validate an upload as it arrives; 413 past ``limit`` bytes, 400 if invalid,
     5xx if the server cannot store it.
 
-    The whole body is read even after the archive is found invalid, so the client always gets
-    the answer (not a reset connection)."""
+    At most ``MAX_RECEIVING`` uploads are parsed at once (the others wait, unread, for a slot),
+    which with the limits above bounds the memory any uploads can make the server hold. The
+    whole body is read even after the archive is found invalid, so the client always gets the
+    answer (not a reset connection)."""
+    async with RECEIVING.slot(RECEIVING_WAIT_S) as slot:
+        if not slot:
+            raise UploadRejected(503, "busy", f"{RECEIVING.limit} uploads are being received; retry later")
+        return await _receive(body, blobs, spool_dir, limit=limit, max_frames=max_frames,
+                              max_frame_bytes=max_frame_bytes, max_pixels=max_pixels, max_meta_bytes=max_meta_bytes)
+
+
+async def _receive(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int, max_frames: int,
+                   max_frame_bytes: int, max_pixels: int, max_meta_bytes: int) -> Received:
     q: "queue.Queue[bytes | None]" = queue.Queue(maxsize=_QUEUE_CHUNKS)
     parser = _Parser(q, blobs, spool_dir, max_frames=max_frames, max_frame_bytes=max_frame_bytes,
                      max_pixels=max_pixels, max_meta_bytes=max_meta_bytes)
@@ -363,10 +404,12 @@ async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir
             size += len(chunk)
             if size > limit:
                 raise UploadRejected(413, "too_large", f"upload exceeds the limit of {limit} bytes")
-            try:
-                q.put_nowait(chunk)
-            except queue.Full:
-                await asyncio.to_thread(q.put, chunk)
+            for start in range(0, len(chunk), _PIECE):
+                piece = chunk if len(chunk) <= _PIECE else chunk[start:start + _PIECE]
+                try:
+                    q.put_nowait(piece)
+                except queue.Full:
+                    await asyncio.to_thread(q.put, piece)
         ok = True
     finally:
         try:

@@ -1,20 +1,30 @@
 """`hmd bench soak`: simulated headsets journal and upload against a real `hmd cloud serve`
-process that is SIGKILLed and restarted mid-upload, runs out of (quota) space, and is sent every
-class of bad input; prints one JSON report.
+process that is SIGKILLed and restarted mid-upload, runs out of (quota) space, has its
+connections cut, gets large uploads at once, and is sent every class of bad input; prints one
+JSON report.
 
-    hmd bench soak                                  # 50 headsets, 3 kills, ~3 minutes
-    hmd bench soak --headsets 3 --kills 1 --seconds 20 --out soak.json   # what the test runs
+    hmd bench soak                                  # 50 headsets, 3 kills, ~3 minutes of journaling
+    hmd bench soak --headsets 3 --kills 1 --seconds 12   # about what the test runs
 
-Report: uploads attempted and acknowledged, frames journaled vs stored (lost = journaled - stored
-once the headsets drained their journals: target 0), orphan files after a restart (temporary or
-spooled files, blobs no row names: target 0), the server's peak resident memory (VmHWM, per
-server process), jobs lost (not finished, not queued or running: target 0), and each bad-input
-class with the status it got. The "disk full" phase runs the first server with a per-device
-quota too small for the headsets' frames: they get 507 and keep their batches.
+The headsets talk to the server through :class:`hmd.soak_proxy.FlakyProxy`, which cuts part of
+their connections at a random point (mid-request or mid-response). The "disk full" phase runs the
+first server with a per-device quota too small for the headsets' frames: they get 507 and keep
+their batches. The memory phase sends several large uploads at once from other devices (big EXIF
+frames, the costliest decode, and an 8 MB index of metadata).
+
+Report: uploads attempted and acknowledged, connections cut, frames journaled vs stored (lost =
+journaled - distinct frames stored once the headsets drained their journals: target 0; frames
+stored twice, see :func:`_distinct_frames`), orphan files after a
+restart (temporary or spooled files, blobs no row names: target 0), the server's peak resident
+memory (VmHWM, per server process) against the stated bound (``cloud.ingest.memory_bound`` plus
+the server's memory at start: ``peak_rss_over_bound`` must stay below 1), jobs lost (not
+finished, or accepted without their version: target 0), jobs whose runner completed twice
+(target 0), and each bad-input class with the status it got.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -26,6 +36,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,10 +65,17 @@ def resigned_version(ctx: JobContext) -> Version:
                    job.id, time.time())
 
 
+COMPLETIONS = "soak-completions.log"  # in the data dir: one line per run of the runner that completed
+
+
 def resign_job(ctx: JobContext) -> JobOutcome:
-    """A fast job runner (no training) for the soak."""
+    """A fast job runner (no training) for the soak; it notes each completed run, so that a job
+    whose result was committed and which then ran again would show up as completed twice."""
     time.sleep(0.5)  # long enough to be interrupted by a kill now and then
-    return JobOutcome(True, "soak: re-signed", {}, resigned_version(ctx), None)
+    version = resigned_version(ctx)
+    with open(ctx.settings.data_dir / COMPLETIONS, "a") as fh:
+        fh.write(f"{ctx.job.id} {ctx.job.attempts}\n")
+    return JobOutcome(True, "soak: re-signed", {}, version, None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kills", type=int, default=3, help="SIGKILL + restart the server this many times")
     parser.add_argument("--fps", type=float, default=4.0, help="frames journaled per headset per second")
     parser.add_argument("--quota-bytes", type=int, default=60_000, help="per-device quota of the first server")
+    parser.add_argument("--cut-fraction", type=float, default=0.5,
+                        help="fraction of the headsets' connections the proxy cuts part-way")
+    parser.add_argument("--cut-within-kib", type=int, default=1024,
+                        help="a cut connection is cut within its first this many KiB of requests (or 1/64 of it "
+                             "of responses)")
+    parser.add_argument("--memory-uploads", type=int, default=6,
+                        help="concurrent large uploads (other devices) sent in the memory phase")
     parser.add_argument("--base-run", default=str(ROOT / "hmd" / "assets" / "base-studio"))
     parser.add_argument("--work", default=None, help="folder for the data dir and journals (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
@@ -82,7 +107,8 @@ class Server:
         self.data, self.port, self.base_run = data, port, base_run
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
-        self.peak_rss_mb: list[float] = []
+        self.peak_rss_mb: list[float] = []  # VmHWM of each server process, when it ended
+        self.start_rss_mb: list[float] = []  # VmRSS of each once it answered /healthz (nothing uploaded)
 
     def start(self, quota: int) -> None:
         env = dict(os.environ, HMD_CLOUD_RUNNER="hmd.bench_soak:resign_job", HMD_CLOUD_MAX_DEVICE_BYTES=str(quota),
@@ -90,26 +116,38 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "hmd", "cloud", "serve", "--data-dir", str(self.data),
                                       "--port", str(self.port), "--base-run", self.base_run, "--log-level", "warning"],
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 180
+        deadline = time.time() + 1800  # generous: on a loaded machine (2 cores shared) a start takes minutes
         while time.time() < deadline:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    self.start_rss_mb.append(round(self._status_mb("VmRSS"), 1))
                     return
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}")
             time.sleep(0.2)
+        self.proc.kill()
+        self.proc.wait()
         raise RuntimeError("the server did not start")
 
-    def _hwm(self) -> float:
+    def ensure_stopped(self) -> None:
+        """Kill the server if it still runs (the bench failed part-way)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _status_mb(self, field: str) -> float:
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         except (OSError, AttributeError):
             pass
         return 0.0
+
+    def _hwm(self) -> float:
+        return self._status_mb("VmHWM")
 
     def kill(self) -> None:
         self.peak_rss_mb.append(round(self._hwm(), 1))
@@ -188,6 +226,12 @@ def _bad_inputs(url: str, token: str) -> dict[str, int]:
         info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
         t.addfile(info)
     classes["symlink"] = buf.getvalue()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("frames/0.jpg")
+        info.size, info.pax_headers = len(jpg), {"comment": "x" * 60_000_000}
+        t.addfile(info, io.BytesIO(jpg))
+    classes["60 MB PAX header (read whole by tarfile)"] = buf.getvalue()
     out = {}
     with httpx.Client(timeout=60) as c:
         for name, body in classes.items():
@@ -205,33 +249,107 @@ def _bad_inputs(url: str, token: str) -> dict[str, int]:
     return out
 
 
+def _with_exif(jpg: bytes, tag: bytes) -> bytes:
+    """``jpg`` with an (empty) EXIF segment carrying ``tag``: the server then gives it OpenCV's
+    full decode, its costliest path; the tag makes each copy a distinct blob."""
+    payload = b"Exif\0\0II*\0\x08\0\0\0\0\0\0\0\0\0" + tag
+    return jpg[:2] + b"\xff\xe1" + (2 + len(payload)).to_bytes(2, "big") + payload + jpg[2:]
+
+
+def _memory_phase(url: str, tokens: list[str], frames_per_upload: int = 6) -> dict[str, object]:
+    """Large uploads sent at once by other devices while the headsets go on: each of several
+    2560x1440 EXIF frames of noise (~2.5 MB, the full decode path), plus one index of 8 MB of
+    frame metadata (parsed whole before it is refused). What each answered."""
+    rng = np.random.default_rng(1)
+    frames = [cv2.imencode(".jpg", rng.integers(0, 255, (1440, 2560, 3), np.uint8),
+                           [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes() for _ in range(frames_per_upload)]
+    bodies = []
+    for d, _ in enumerate(tokens[:-1]):
+        members = {f"frames/{i}.jpg": _with_exif(f, f"dev{d}".encode()) for i, f in enumerate(frames)}
+        index = {"format": 1, "frames": [{"file": n, "sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
+                                         for n, b in members.items()]}
+        bodies.append(tar_members([("index.json", json.dumps(index).encode()), *members.items()]))
+    meta = {"note": "x" * 3900}
+    index = {"format": 1, "frames": [{"file": f"frames/{i}.jpg", "sha256": "0" * 64, "bytes": 1, **meta}
+                                     for i in range(2000)]}
+    bodies.append(tar_members([("index.json", json.dumps(index).encode())]))
+    statuses: list[object] = [None] * len(bodies)
+
+    def send(i: int) -> None:
+        try:
+            statuses[i] = httpx.post(f"{url}/v1/uploads", content=bodies[i], timeout=120,
+                                     headers={"Authorization": f"Bearer {tokens[i]}",
+                                              "Content-Type": "application/x-tar"}).status_code
+        except httpx.HTTPError as exc:
+            statuses[i] = f"connection failed ({type(exc).__name__})"
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"uploads": len(bodies), "bytes_sent": sum(len(b) for b in bodies),
+            "large_frame_uploads": statuses[:-1], "8 MB index of metadata": statuses[-1]}
+
+
+def _distinct_frames(db: Path, device_ids: list[int]) -> int:
+    """Distinct frames stored for these devices (every journaled frame is distinct). A frame can
+    have two rows: an upload whose answer was cut is retried as a *larger* batch (the journal grew
+    meanwhile), a new upload to the server, which then stores its first frames a second time."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return sum(con.execute("SELECT COUNT(DISTINCT sha256) FROM frames WHERE device_id=?", (d,)).fetchone()[0]
+                   for d in device_ids)
+
+
 def run(args: argparse.Namespace) -> int:
+    servers: list[Server] = []
+    try:
+        return _soak(args, servers)
+    finally:
+        for server in servers:
+            server.ensure_stopped()
+
+
+def _soak(args: argparse.Namespace, servers: list[Server]) -> int:
+    from cloud.ingest import memory_bound
     from cloud.keys import new_token, token_sha256
     from cloud.services import Services
     from cloud.settings import Settings
     from cloud.storage import SQLiteStorage
+    from hmd.soak_proxy import FlakyProxy
     from shared.hashing import read_key
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hmd-soak-"))
     data = work / "data"
     server = Server(data, _free_port(), args.base_run)
+    servers.append(server)
     server.start(args.quota_bytes)  # registers the base version; the quota fills quickly ("disk full")
+    proxy = FlakyProxy(server.port, cut_fraction=args.cut_fraction,
+                       upstream_cut_bytes=args.cut_within_kib * 1024).start()
     storage = SQLiteStorage(data / "cloud.sqlite3")
-    tokens = {}
+    tokens, device_ids, memory_tokens = {}, [], []
     for i in range(args.headsets):
         token = new_token(f"soak{i}")
-        storage.add_device(f"soak{i}", token_sha256(token))
+        device_ids.append(storage.add_device(f"soak{i}", token_sha256(token)).id)
         tokens[f"soak{i}"] = token
+    for i in range(args.memory_uploads + 1 if args.memory_uploads else 0):
+        token = new_token(f"memory{i}")
+        storage.add_device(f"memory{i}", token_sha256(token))
+        memory_tokens.append(token)
     storage.close()
     key = read_key(data / "signing.pub")
-    headsets = [Headset(name, token, work / "journals", server.url, key, i) for i, (name, token) in
+    headsets = [Headset(name, token, work / "journals", proxy.url, key, i) for i, (name, token) in
                 enumerate(tokens.items())]
     for h in headsets:
         h.sync.start()
     t0 = time.time()
     kill_at = [t0 + args.seconds * (k + 1) / (args.kills + 1) for k in range(args.kills)]
     quota_phase_end = t0 + args.seconds / (2 * (args.kills + 1))
+    memory_at = t0 + args.seconds * 0.75 if memory_tokens else 0
     quota_507 = 0
+    memory: dict[str, object] = {}
     period = 1.0 / args.fps
     while time.time() - t0 < args.seconds:
         for h in headsets:
@@ -245,6 +363,9 @@ def run(args: argparse.Namespace) -> int:
             kill_at.pop(0)
             server.kill()  # mid-upload: the headsets upload continuously
             server.start(0)
+        if memory_at and time.time() > memory_at:  # the journaling pauses while it runs; uploads go on
+            memory = _memory_phase(server.url, memory_tokens)
+            memory_at = 0
         time.sleep(period)
     bad = _bad_inputs(server.url, tokens["soak0"])
     journaled = 0
@@ -256,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(0.5)
     for h in headsets:
         h.sync.stop()
+    proxy.stop()
     server.kill()  # a last kill, then count what a restart leaves
     services = Services.open(Settings(data_dir=data, worker=False))
     try:
@@ -265,8 +387,8 @@ def run(args: argparse.Namespace) -> int:
         orphans_after = sum(1 for p in (data / "blobs" / ".tmp").iterdir()) + \
             len(set(services.blobs.names()) - services.storage.referenced_blobs()) + \
             sum(1 for _ in (data / "spool").glob("*"))
-        stored = services.storage.frame_count()
-        jobs = services.storage.jobs()
+        rows = sum(services.storage.frame_count(d) for d in device_ids)
+        stored = _distinct_frames(data / "cloud.sqlite3", device_ids)
     finally:
         services.storage.close()
     server.start(0)  # jobs left running by the last kill re-run; wait for the queue to drain
@@ -276,8 +398,20 @@ def run(args: argparse.Namespace) -> int:
     while time.time() < deadline and any(j.state in ("queued", "running") for j in storage.jobs()):
         time.sleep(0.5)
     jobs = storage.jobs()
+    versions_by_job = {j.id: storage.version(j.result_version) for j in jobs if j.result_version}
     storage.close()
     server.stop()
+    completions: dict[str, int] = {}
+    log_path = data / COMPLETIONS
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        completions[line.split()[0]] = completions.get(line.split()[0], 0) + 1
+    # the bound holds the server's resident memory at start (code, model, database) plus what the
+    # ingest can hold: its uploads being parsed, decode workers, and every open connection's buffer
+    connections = 2 * args.headsets + len(memory_tokens) + 2
+    bound = memory_bound(Settings.max_frame_bytes, Settings.max_frame_pixels, connections)
+    bound_mb = [start + bound["total"] / 2 ** 20 for start in server.start_rss_mb]  # per server process
+    ratios = [peak / b for peak, b in zip(server.peak_rss_mb, bound_mb)]
+    worst = max(range(len(ratios)), key=ratios.__getitem__)
     report = {
         "headsets": args.headsets, "seconds": args.seconds, "kills": args.kills,
         "uploads_attempted": sum(h.sync.stats.uploaded_batches + h.sync.stats.upload_failures +
@@ -286,11 +420,20 @@ def run(args: argparse.Namespace) -> int:
         "upload_failures_retried": sum(h.sync.stats.upload_failures for h in headsets),
         "quota_phase_failures": quota_507,
         "refused_batches": sum(h.sync.stats.refused_batches for h in headsets),
+        "connections_cut": proxy.stats.as_dict(),
         "frames_journaled": journaled, "frames_stored": stored, "frames_lost": journaled - stored,
+        "frames_stored_twice": rows - stored,
         "orphans_left_by_the_kill": orphans_before, "orphan_files_after_restart": orphans_after,
-        "server_peak_rss_mb": max(server.peak_rss_mb), "server_peak_rss_mb_per_run": server.peak_rss_mb,
+        "server_peak_rss_mb": max(server.peak_rss_mb),
+        "server_start_rss_mb_per_run": server.start_rss_mb, "server_peak_rss_mb_per_run": server.peak_rss_mb,
+        "memory_bound_terms_mb": {k: round(v / 2 ** 20, 1) for k, v in bound.items()},
+        "peak_rss_over_bound": round(ratios[worst], 3),  # the worst server run: peak / (its start + bound)
+        "peak_rss_over_bound_per_run": [round(r, 3) for r in ratios],
+        "memory_phase": memory,
         "jobs": len(jobs), "jobs_accepted": sum(j.state == "accepted" for j in jobs),
-        "jobs_lost": sum(j.state not in ("accepted", "rejected", "failed") for j in jobs),
+        "jobs_lost": sum(j.state not in ("accepted", "rejected", "failed") for j in jobs) +
+        sum(v is None for v in versions_by_job.values()),
+        "jobs_completed_twice": sum(n > 1 for n in completions.values()),
         "jobs_max_attempts": max((j.attempts for j in jobs), default=0),
         "bad_inputs": bad,
     }

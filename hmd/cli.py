@@ -3,13 +3,16 @@
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 Only the module of the subcommand being run is imported, so `hmd device` never
 imports torch and `hmd --help` is instant. Every parser (sub-commands' sub-parsers
-included) shows each option's default in ``--help`` (:class:`HelpFormatter`).
+included) shows each option's default in ``--help`` (:class:`HelpFormatter`). Every command
+takes ``-v``/``-q`` (:func:`add_verbosity_arguments`, unless it defines its own), and a command
+can ask for checks that run on its parsed arguments before it starts (``run_checks``).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -28,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 from hmd import __version__  # noqa: E402
+from shared.console import set_verbosity  # noqa: E402
 from shared.errors import UserError  # noqa: E402  (re-exported for subcommands)
 
 
@@ -66,6 +70,22 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-v``/``-q`` on a command, or on each of its sub-commands (`hmd cloud devices -q`), unless
+    it has its own (`hmd device`, `hmd cloud serve`)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subs:
+        for sub in subs[0].choices.values():
+            add_verbosity_arguments(sub)
+        return
+    if "-v" in parser._option_string_actions or "-q" in parser._option_string_actions:
+        return
+    loud = parser.add_argument_group("output").add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="count", default=0,
+                      help="more detail: the DEBUG logs of great-hmd's modules, FFmpeg's own messages")
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress lines: only results and errors")
+
+
 def _top_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="hmd",
@@ -100,8 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = ArgumentParser(prog=f"hmd {name}", description=helptext)
     module.add_arguments(parser)
+    add_verbosity_arguments(parser)
     args = parser.parse_args(argv[1:])
+    verbose = int(getattr(args, "verbose", 0) or 0)
+    set_verbosity(verbose, bool(getattr(args, "quiet", False)))
+    if not verbose:  # FFmpeg's own lines ("moov atom not found") before our one-line error
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     try:
+        for check in getattr(args, "run_checks", ()):
+            check(args)
         return int(module.run(args) or 0)
     except UserError as exc:
         print(f"hmd {name}: error: {exc}", file=sys.stderr)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
+
+from shared.errors import UserError
 
 from models.registry import ARCHITECTURES
 
@@ -45,11 +48,28 @@ def parse_size_arg(text: str) -> int | tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT, got {text!r}")
 
 
+def check_run_folder(args: argparse.Namespace) -> None:
+    """A run never silently replaces another: ``--out`` must be new or empty, unless ``--resume``
+    (continue it, `hmd train`) or ``--force`` (write over it) is given."""
+    out = Path(args.out)
+    if getattr(args, "resume", False) or args.force:
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run folder")
+    if out.is_dir() and any(out.iterdir()):
+        how = "--resume to continue it or --force" if hasattr(args, "resume") else "--force"
+        raise UserError(f"--out {out} holds a run already: give {how} to overwrite it, or another --out")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, data_help: str, size: int | None, size_help: str,
                       batch_size: int, epochs: int = 10, size_type=int) -> None:
-    """--data --out --epochs --batch-size --lr --seed --size --max-steps --threads."""
+    """--data --out --force --epochs --batch-size --lr --seed --size --max-steps --threads; `hmd`
+    checks the run folder (:func:`check_run_folder`) before the command starts."""
     parser.add_argument("--data", default="synthetic", metavar="SOURCE", help=data_help)
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint.pt, metrics.json")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="run folder (new or empty): checkpoint.pt, metrics.json, curves.jsonl, curves.png")
+    parser.add_argument("--force", action="store_true", help="write over the run already in --out")
+    parser.set_defaults(run_checks=(check_run_folder,))
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (poly multiplier per epoch)")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from models.curves import hms
+
 
 class SmoothedValue:
     """A running window average plus the global average."""
@@ -45,7 +47,7 @@ class MetricLogger:
     def line(self, keys: list[str], steps_left: int) -> str:
         eta = self.step_time.avg * steps_left
         shown = " ".join(f"{k}={self.meters[k].avg:.4f}" for k in keys)
-        return f"{shown} {self.step_time.avg * 1000:.0f}ms/step eta {eta:.0f}s"
+        return f"{shown} {self.step_time.avg * 1000:.0f}ms/step eta {hms(eta)}"
 
 
 def check_finite(logs: dict[str, float], epoch: int, step: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from shared.atomic import atomic_write_json
+from shared.console import progress
 from shared.errors import UserError
 
 from models.batchnorm import freeze_batchnorm
@@ -148,7 +148,7 @@ def build_data(cfg: TrainConfig) -> tuple[TaskData, TaskData, FrameSet]:
 
 
 def _stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
+    progress(s)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
@@ -170,8 +170,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             raise UserError("--defence protects a class head: the room task set has none")
     if cfg.epochs < 1:
         raise UserError("--epochs must be >= 1")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # made once the data and options are checked: a failed start leaves no folder
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -221,10 +220,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if cfg.defence:
         defence = MultiTaskClassDefence(create_defence(cfg.defence, net_cfg, **cfg.defence_options))
     optimizer = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=cfg.lr)
+    out.mkdir(parents=True, exist_ok=True)
     engine = TrainingEngine(model, [optimizer], samples=len(train_data), batch_size=cfg.batch_size,
                             epochs=cfg.epochs, seed=cfg.seed, tag=cfg.method, log=log,
                             max_steps=cfg.max_steps_per_epoch, warmup_steps=cfg.warmup_steps,
-                            shown=lambda key: key.startswith("loss_"))
+                            shown=lambda key: key.startswith("loss_"), run_dir=out)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         method.load_state_dict(_method_state(ckpt))

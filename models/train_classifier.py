@@ -4,7 +4,6 @@ step, the engine the epochs, schedules, progress and checks. Each run writes ``c
 (:func:`models.checkpoints.save_classifier`) and ``metrics.json``."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from shared.atomic import atomic_write_json
+from shared.console import progress
 from shared.errors import UserError
 
 from models.checkpoints import load_classifier, save_classifier
@@ -21,10 +21,6 @@ from models.engine import TrainingEngine
 from models.labelled import LabelledImages, accuracy, augment, load_labelled
 from models.network import NetConfig
 from models.registry import create_classifier, create_defence, create_distiller
-
-
-def _stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
 
 
 def check_training_options(epochs: int, batch_size: int, size: int | None) -> None:
@@ -41,11 +37,12 @@ def fit(model: nn.Module, method_step: Callable[[torch.Tensor, torch.Tensor], di
         train_data: LabelledImages, val_data: LabelledImages, *, epochs: int, batch_size: int,
         optimizer: torch.optim.Optimizer, seed: int, tag: str,
         on_epoch: Callable[[int, int], None], augment_data: bool = True, max_steps: int | None = None,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+        log: Callable[[str], None] = print, run_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """The engine over labelled images: shuffled (augmented) batches, ``method_step(x, y)`` fills
-    the grads and steps the method's own optimizers; held-out accuracy after every epoch."""
+    the grads and steps the method's own optimizers; held-out accuracy after every epoch. With
+    ``run_dir`` the curves go there (``curves.jsonl``, ``curves.png``)."""
     engine = TrainingEngine(model, [optimizer], samples=len(train_data), batch_size=batch_size, epochs=epochs,
-                            seed=seed, tag=tag, log=log, max_steps=max_steps, reports_per_epoch=4)
+                            seed=seed, tag=tag, log=log, max_steps=max_steps, reports_per_epoch=4, run_dir=run_dir)
 
     def step(idx: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         x = train_data.x[idx]
@@ -67,7 +64,8 @@ def train_defended(method: str, data: str, out: str | Path, *, epochs: int = 10,
                    options: dict[str, Any] | None = None, max_steps: int | None = None, augment: bool = True,
                    train_set=None, val_set=None, command: str | None = None, log=None) -> dict[str, Any]:
     """Train a ``resnet`` classifier with defence ``method``; writes checkpoint.pt and metrics.json."""
-    log = log or _stderr
+    log = log or progress
+    out = Path(out)
     check_training_options(epochs, batch_size, size)
     options = dict(options or {})
     if not 0.0 <= options.get("eps", 0.2) <= 1.0:
@@ -84,11 +82,10 @@ def train_defended(method: str, data: str, out: str | Path, *, epochs: int = 10,
         f"at {size}x{size}, {epochs} epochs")
     history = fit(model, lambda x, y: defence.train_step(model, x, y), train_set, val_set, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, seed=seed, tag=method, on_epoch=defence.set_epoch,
-                  augment_data=augment, max_steps=max_steps, log=log)
+                  augment_data=augment, max_steps=max_steps, log=log, run_dir=out)
     model.eval()
     config = {"method": method, "data": data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "seed": seed, "size": size, "width": width, "options": options, "augment": augment}
-    out = Path(out)
     save_classifier(out, model, method=method, defence=defence.state_dict(), class_names=train_set.class_names,
                     input_size=[size, size], source=train_set.source, data=data, history=history,
                     config=config, command=command)
@@ -121,7 +118,8 @@ def train_distilled(teacher_dir: str | Path, method: str, data: str, out: str | 
                     train_set=None, val_set=None, command: str | None = None, log=None) -> dict[str, Any]:
     """Distil the classifier in ``teacher_dir`` into a ``student_arch`` student with ``method``
     (``size`` None: the teacher's input size); writes checkpoint.pt and metrics.json."""
-    log = log or _stderr
+    log = log or progress
+    out = Path(out)
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"--fraction {fraction}: must be in (0, 1]")
     check_training_options(epochs, batch_size, size)
@@ -144,12 +142,11 @@ def train_distilled(teacher_dir: str | Path, method: str, data: str, out: str | 
         f"{len(val_set)} held-out, {student_arch} student <- {tckpt['arch']} teacher, {epochs} epochs")
     history = fit(student, lambda x, y: distiller.train_step(student, x, y), train_part, val_set, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, seed=seed, tag=f"distill-{method}",
-                  on_epoch=distiller.set_epoch, augment_data=augment, max_steps=max_steps, log=log)
+                  on_epoch=distiller.set_epoch, augment_data=augment, max_steps=max_steps, log=log, run_dir=out)
     student.eval()
     config = {"method": method, "teacher": str(teacher_dir), "data": data, "fraction": fraction, "epochs": epochs,
               "batch_size": batch_size, "lr": lr, "seed": seed, "size": size, "student": student_arch,
               "width": width, "options": options, "augment": augment}
-    out = Path(out)
     save_classifier(out, student, method=f"distill-{method}", distiller=distiller.state_dict(),
                     class_names=train_full.class_names, input_size=[size, size], source=train_full.source,
                     data=data, history=history, config=config, command=command)

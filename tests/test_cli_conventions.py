@@ -193,3 +193,47 @@ def test_devices_and_rotate_token_over_http(tmp_path):
     ready = [i for i, line in enumerate(lines) if "Application startup complete" in line]
     assert len(serving) == 1 and ready and serving[0] > ready[0]
     assert f"on http://127.0.0.1:{port}" in lines[serving[0]]
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """The parsers that run something: sub-parsers' leaves, or the parser itself."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for sub in action.choices.values():
+            yield from _leaf_parsers(sub)
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_takes_v_and_q(name):
+    parser = _command_parser(name)
+    cli.add_verbosity_arguments(parser)
+    for leaf in _leaf_parsers(parser):
+        assert {"-v", "-q", "--verbose", "--quiet"} <= set(leaf._option_string_actions), leaf.prog
+
+
+def test_int8_quality_line_is_a_readable_line():
+    from models.cli_export import int8_quality_line
+
+    quant = {"fp32_quality": {"class_error_pct": 12.5, "rmse_colour": 0.1301, "rmse_edges": 0.2, "rmse_denoised": 0.09},
+             "int8_quality": {"class_error_pct": 13.75, "rmse_colour": 0.1301 - 6.4e-07, "rmse_edges": 0.2012,
+                              "rmse_denoised": 0.09},
+             "class_agreement_pct": 98.44}
+    assert int8_quality_line(quant) == (
+        "INT8 vs FP32: class error 12.50% -> 13.75% (+1.25), colour RMSE 0.1301 -> 0.1301 (+0.0000), "
+        "edges RMSE 0.2000 -> 0.2012 (+0.0012), denoised RMSE 0.0900 -> 0.0900 (+0.0000), "
+        "class agreement with FP32 98.4%")
+
+
+def test_a_truncated_mp4_as_training_data_gives_only_our_line(tmp_path):
+    """FFmpeg's own "moov atom not found" is silenced for every command, not only `hmd device`."""
+    bad = tmp_path / "cut.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + os.urandom(3000))
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}  # set by in-process runs
+    proc = subprocess.run([sys.executable, "-m", "hmd", "train", "--data", f"video:{bad}", "--out",
+                           str(tmp_path / "run")], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("hmd train: error: "), proc.stderr
+    assert "moov" not in proc.stderr and not (tmp_path / "run").exists()
