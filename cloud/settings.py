@@ -1,8 +1,8 @@
 """Service settings: defaults < environment (``HMD_CLOUD_*``) < command-line flags.
 
-The storage, blob and queue back-ends are named by URL so that PostgreSQL, an S3-compatible
-store or a real job queue become a configuration change: only the embedded ones
-(``sqlite:``, ``file:``, ``db:``) exist today and anything else is refused with a clear error.
+The storage and blob back-ends are named by URL: the embedded ``sqlite:///PATH`` and
+``file://PATH`` by default, or PostgreSQL (``postgresql://``) and an S3-compatible store
+(``s3://BUCKET/PREFIX`` with ``s3_endpoint_url``) for several API and worker processes.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class Settings:
     port: int = 8000
     database_url: str | None = None  # default sqlite:///DATA/cloud.sqlite3
     blob_url: str | None = None  # default file://DATA/blobs
+    s3_endpoint_url: str | None = None  # an S3-compatible server for s3:// blob URLs (default: AWS)
+    job_lease_s: float = 30.0  # a worker holds a job this long past its last heartbeat (shared queue)
     queue_url: str = "db:"  # jobs are rows of the metadata database
     max_upload_bytes: int = 64 * 1024 * 1024
     max_frame_bytes: int = 4 * 1024 * 1024
