@@ -1,5 +1,5 @@
-"""`hmd cloud serve | add-device | devices | rotate-token | import-base`: run and administer the
-retraining service.
+"""`hmd cloud serve | worker | add-device | devices | rotate-token | import-base`: run and
+administer the retraining service.
 
 Settings come from flags, else the environment (``HMD_CLOUD_<NAME>``, e.g. HMD_CLOUD_DATA_DIR,
 HMD_CLOUD_AUTO_JOB_FRAMES, HMD_CLOUD_MAX_UPLOAD_BYTES), else the defaults in cloud/settings.py.
@@ -20,6 +20,56 @@ from shared.errors import UserError
 def _data_dir(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                      help="metadata database, blobs, signing key, runs (env HMD_CLOUD_DATA_DIR)")
+
+
+def _backends(sub: argparse.ArgumentParser) -> None:
+    """Where metadata and blobs live (the embedded defaults are inside --data-dir)."""
+    sub.add_argument("--database-url", default=None, metavar="URL",
+                     help="sqlite:///PATH (default DATA/cloud.sqlite3) or postgresql://USER@HOST:PORT/DB, which "
+                          "several API and worker processes share (env HMD_CLOUD_DATABASE_URL)")
+    sub.add_argument("--blob-url", default=None, metavar="URL",
+                     help="file://PATH (default DATA/blobs) or s3://BUCKET/PREFIX (env HMD_CLOUD_BLOB_URL)")
+    sub.add_argument("--s3-endpoint-url", default=None, metavar="URL",
+                     help="an S3-compatible server for s3:// (default AWS; env HMD_CLOUD_S3_ENDPOINT_URL; "
+                          "credentials: the AWS_* environment variables)")
+
+
+def _training(sub: argparse.ArgumentParser) -> None:
+    """How a personalisation job trains (serve runs jobs in-process; worker processes run them too)."""
+    sub.add_argument("--teacher-run", type=Path, default=None, metavar="RUN_DIR",
+                     help="the larger cloud teacher whose class predictions are distilled")
+    sub.add_argument("--base-data", default=None, metavar="SOURCE",
+                     help="base training data replayed during personalisation (default: the base run's own)")
+    sub.add_argument("--base-val-data", default=None, metavar="SOURCE",
+                     help="the gate's guard against forgetting (default: the base run's validation data)")
+    sub.add_argument("--epochs", type=int, default=None, help="personalisation epochs (default 3)")
+    sub.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap personalisation steps (quick runs)")
+    sub.add_argument("--lr", type=float, default=None, help="personalisation learning rate")
+    sub.add_argument("--batch-size", type=int, default=None, help="personalisation batch size")
+    sub.add_argument("--frame-size", type=int, default=None,
+                     help="side wearer frames are resized to for training (default: the model's input)")
+    sub.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
+    sub.add_argument("--tolerance", type=float, default=None,
+                     help="allowed relative loss on the base set (default 0.05)")
+    sub.add_argument("--int8", action="store_const", const=True, default=None,
+                     help="export new model versions as static INT8 (faster on the headset; default FP32)")
+
+
+def _log_level(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                     help="log level (default info; -v is debug, -q is warning)")
+    loud = sub.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                      help="--log-level debug")
+    loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                      help="--log-level warning")
+
+
+def _signing_key(sub: argparse.ArgumentParser) -> None:
+    # issue 13 (harden): the signing key outside the data folder of the process that parses uploads
+    sub.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                     help="Ed25519 key file (make one: python -m cloud.keys FILE; env HMD_CLOUD_SIGNING_KEY; "
+                          "default DATA/signing.key)")
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,38 +95,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--base-run", type=Path, default=None, metavar="RUN_DIR",
                        help="training run registered as the base version on first start")
-    serve.add_argument("--teacher-run", type=Path, default=None, metavar="RUN_DIR",
-                       help="the larger cloud teacher whose class predictions are distilled")
-    serve.add_argument("--base-data", default=None, metavar="SOURCE",
-                       help="base training data replayed during personalisation (default: the base run's own)")
-    serve.add_argument("--base-val-data", default=None, metavar="SOURCE",
-                       help="the gate's guard against forgetting (default: the base run's validation data)")
     serve.add_argument("--auto-job-frames", type=int, default=None, metavar="N",
                        help="start a personalisation job once a device uploaded N new frames (0: never; default 64)")
     serve.add_argument("--max-upload-bytes", type=int, default=None, help="upload size limit (default 64 MiB)")
-    serve.add_argument("--epochs", type=int, default=None, help="personalisation epochs (default 3)")
-    serve.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap personalisation steps (quick runs)")
-    serve.add_argument("--lr", type=float, default=None, help="personalisation learning rate")
-    serve.add_argument("--batch-size", type=int, default=None, help="personalisation batch size")
-    serve.add_argument("--frame-size", type=int, default=None,
-                       help="side wearer frames are resized to for training (default: the model's input)")
-    serve.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
-    serve.add_argument("--tolerance", type=float, default=None, help="allowed relative loss on the base set (default 0.05)")
-    serve.add_argument("--int8", action="store_const", const=True, default=None,
-                       help="export new model versions as static INT8 (faster on the headset; default FP32)")
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False, default=None,
-                       help="API only (jobs queue up for a worker process)")
-    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                       help="log level (default info; -v is debug, -q is warning)")
-    loud = serve.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
-                      help="--log-level debug")
-    loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
-                      help="--log-level warning")
-    # issue 13 (harden): the signing key outside the data folder of the process that parses uploads
-    serve.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
-                       help="Ed25519 key file (make one: python -m cloud.keys FILE; env HMD_CLOUD_SIGNING_KEY; "
-                            "default DATA/signing.key)")
+                       help="API only (jobs queue up for `hmd cloud worker` processes)")
+    serve.add_argument("--workers", dest="api_processes", type=int, default=1, metavar="N",
+                       help="N API processes on the one port (needs a postgresql:// --database-url; default 1)")
+    _backends(serve)
+    _training(serve)
+    _log_level(serve)
+    _signing_key(serve)
+
+    worker = subs.add_parser(
+        "worker", help="run personalisation jobs from the shared queue (no HTTP)",
+        description="Claim queued jobs from the shared PostgreSQL queue and run them, until Ctrl+C or SIGTERM (the "
+                    "job in hand goes back to the queue). Any number of workers on any machines: each holds its "
+                    "job by a lease its heartbeat renews (--job-lease-s); a worker that dies loses the lease and "
+                    "another re-runs the job, up to the attempt limit. Needs --database-url postgresql://..., the "
+                    "blob store the API uses, and the data folder's runs/ and signing key (a shared volume).")
+    _data_dir(worker)
+    _backends(worker)
+    worker.add_argument("--job-lease-s", type=float, default=None, metavar="S",
+                        help="a job is another worker's S seconds after its worker's last heartbeat (default 30)")
+    worker.add_argument("--max-job-attempts", type=int, default=None, metavar="N",
+                        help="a job whose worker died N times is failed with that reason (default 3)")
+    _training(worker)
+    _log_level(worker)
+    _signing_key(worker)
 
     add = subs.add_parser(
         "add-device", help="provision a device; prints its token once and the key to trust",
@@ -113,7 +159,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"serve": serve, "add-device": add_device, "devices": list_devices, "rotate-token": rotate_token,
+    return {"serve": serve, "worker": worker, "add-device": add_device, "devices": list_devices, "rotate-token": rotate_token,
             "import-base": import_base}[args.action](args)
 
 
@@ -149,6 +195,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+SETTINGS_ENV = "HMD_CLOUD__SETTINGS_JSON"  # how `serve --workers N` hands its settings to each API process
+
+
 def serve(args: argparse.Namespace) -> int:
     from shared.paths import resolve_model
 
@@ -161,6 +210,12 @@ def serve(args: argparse.Namespace) -> int:
         raise UserError(f"--base-run {settings.base_run}: no checkpoint.pt there (expected a `hmd train` run folder)")
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UserError(f"--data-dir {settings.data_dir} is a file, not a folder")
+    processes = args.api_processes
+    if processes < 1:
+        raise UserError("--workers must be >= 1")
+    if processes > 1 and not settings.db_url.startswith(("postgresql://", "postgres://")):
+        raise UserError("--workers N needs a database the processes share: --database-url postgresql://... "
+                        "(SQLite is the one-process embedded service)")
     sock = bind_socket(settings.host, settings.port)
     configure_logging(settings.log_level)
     log = logging.getLogger("hmd.cloud")
@@ -168,6 +223,23 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cloud.app import create_app
+
+    if processes > 1:  # uvicorn's supervisor: N processes accept on the one socket, a dead one is replaced
+        import json
+        import os
+
+        from uvicorn.supervisors import Multiprocess
+
+        os.environ[SETTINGS_ENV] = json.dumps(settings.to_json())
+        config = uvicorn.Config("cloud.app:app_from_environment", factory=True, workers=processes, log_config=None,
+                                log_level=settings.log_level, timeout_graceful_shutdown=3)
+        log.info("serving %s on http://%s:%d with %d API processes (Ctrl+C stops them)", settings.data_dir,
+                 settings.host, settings.port, processes)
+        try:
+            Multiprocess(config, sockets=[sock]).run()
+        finally:
+            sock.close()
+        return 0
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -188,6 +260,41 @@ def serve(args: argparse.Namespace) -> int:
     if not server.started:
         print("hmd cloud: error: the service did not start (see the log above)", file=sys.stderr)
         return 1
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Jobs from the shared queue until SIGTERM/SIGINT; the job in hand goes back to the queue."""
+    import signal
+    import threading
+
+    from cloud.services import Services, is_shared
+    from shared.paths import resolve_model
+
+    settings = settings_from_args(args)
+    settings.worker = True
+    if settings.teacher_run is not None:
+        settings.teacher_run = resolve_model(settings.teacher_run)
+    if not settings.db_url.startswith(("postgresql://", "postgres://")):
+        raise UserError("hmd cloud worker needs the shared queue: --database-url postgresql://... (the embedded "
+                        "SQLite service runs its jobs inside `hmd cloud serve`)")
+    configure_logging(settings.log_level)
+    log = logging.getLogger("hmd.cloud")
+    services = Services.open(settings)
+    assert is_shared(services.storage)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    services.start(api=False)
+    log.info("worker %s: taking jobs from %s (lease %.0f s)", services.queue.owner, services.storage.where,
+             settings.job_lease_s)
+    try:
+        while not stop.wait(1.0):
+            if services.worker is not None and not services.worker.alive:
+                raise UserError("the job worker thread stopped")
+    finally:
+        services.stop()
+    log.info("worker stopped (%d jobs completed)", services.worker.completed if services.worker else 0)
     return 0
 
 

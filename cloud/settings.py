@@ -72,6 +72,16 @@ class Settings:
     def blobs_url(self) -> str:
         return self.blob_url or f"file://{self.data_dir / 'blobs'}"
 
+    def to_json(self) -> dict[str, Any]:
+        """Every field as JSON (paths as strings); :meth:`from_json` reverses it."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "Settings":
+        s = cls(**{k: v for k, v in values.items() if k in cls.field_names()})
+        s.validate()
+        return s
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -104,6 +114,8 @@ class Settings:
             raise UserError("holdout_fraction must be between 0 and 1")
         if self.epochs < 1:
             raise UserError("epochs must be >= 1")
+        if self.job_lease_s <= 0:
+            raise UserError("job_lease_s must be > 0")
         for name in ("max_frame_pixels", "max_frame_meta_bytes", "max_uploads_in_flight", "max_streams_per_device",
                      "max_job_attempts"):
             if getattr(self, name) < 1:

@@ -149,6 +149,7 @@ class Worker:
         lines: list[str] = list(job.progress.get("log", []))[-LOG_LINES_KEPT:]
         state = {"stage": "starting", "fraction": 0.0}
 
+        who = {"worker": owner} if owner else {}  # which worker process ran it (shared queue)
         stages: dict[str, float] = {}  # stage -> when it began (the bench splits latency by stage)
 
         def progress(stage: str | None = None, fraction: float | None = None, line: str | None = None) -> None:
@@ -161,7 +162,7 @@ class Worker:
                 lines.append(line.rstrip()[:300])
                 del lines[:-LOG_LINES_KEPT]
             self.storage.update_job(job.id, progress={**state, "attempt": job.attempts, "stages": stages,
-                                                      "log": lines})
+                                                      "log": lines, **who})
 
         def should_stop() -> bool:
             return self._stop.is_set() or lease_lost()
