@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.deps import ApiError, api_error_response
-from cloud.routers import events, health, jobs, models, uploads
+from cloud.routers import events, health, jobs, models, rollout, uploads
 from cloud.services import Services
 from cloud.settings import Settings
 from cloud.worker import JobRunner
@@ -33,7 +33,7 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> FastAPI:
     # every error is an ErrorBody, validation errors (422) included: the schema says so
     app = FastAPI(title="great-hmd cloud", version="1", lifespan=lifespan,
                   responses={422: {"model": ErrorBody, "description": "invalid request"}})
-    for module in (health, uploads, jobs, models, events):
+    for module in (health, uploads, jobs, models, events, rollout):
         app.include_router(module.router)
 
     @app.exception_handler(ApiError)

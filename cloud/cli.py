@@ -148,7 +148,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base = subs.add_parser("import-base", help="register a training run as the base version")
     base.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     base.add_argument("--version", default=None, help="version name (default base-RUNNAME-eEPOCHS)")
+    base.add_argument("--staged", action="store_true",
+                      help="register it without giving it to any device: `hmd cloud release VERSION --canary P%%` "
+                           "rolls it out")
     _data_dir(base)
+    _backends(base)
+
+    release = subs.add_parser(
+        "release", help="staged rollout of a base version: canary, promote, halt, status",
+        description="Give a base version (import-base --staged) to a stable fraction of the devices (--canary 10%%), "
+                    "widen it (--canary 50%%), make it every device's base (--promote) or halt it (--halt: its devices "
+                    "go back to the previous base, re-signed). Headsets' health reports (POST /v1/health) halt a "
+                    "canary by themselves when a threshold is crossed. Without an action: the releases and their "
+                    "canaries' health.")
+    release.add_argument("version", nargs="?", help="the base version (omit to list releases)")
+    action = release.add_mutually_exclusive_group()
+    action.add_argument("--canary", metavar="P%", help="give it to P percent of the devices")
+    action.add_argument("--promote", action="store_true", help="give it to every device (the new stable base)")
+    action.add_argument("--halt", action="store_true", help="stop the canary; its devices go back")
+    release.add_argument("--max-error-rate", type=float, default=0.01,
+                         help="halt above this many inference errors per frame (default 0.01)")
+    release.add_argument("--max-rollbacks", type=int, default=0,
+                         help="halt when headsets rolled the canary back more often than this (default 0)")
+    release.add_argument("--min-fps-ratio", type=float, default=0.8,
+                         help="halt when the canary's mean FPS falls below this fraction of the stable base's "
+                              "(default 0.8; 0: never)")
+    _data_dir(release)
+    _backends(release)
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -159,7 +185,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"serve": serve, "worker": worker, "add-device": add_device, "devices": list_devices, "rotate-token": rotate_token,
+    return {"serve": serve, "worker": worker, "release": release, "add-device": add_device, "devices": list_devices, "rotate-token": rotate_token,
             "import-base": import_base}[args.action](args)
 
 
@@ -363,14 +389,61 @@ def rotate_token(args: argparse.Namespace) -> int:
 
 
 def import_base(args: argparse.Namespace) -> int:
+    from cloud import rollout
     from cloud.services import Services
 
     settings = settings_from_args(args)
     settings.worker = False
     services = Services.open(settings)
     try:
+        if args.staged:
+            rollout.begin_staging(services.storage)
         v = services.registry.import_base(args.run_dir, version=args.version)
     finally:
         services.storage.close()
-    print(f"base version {v.version} (sha256 {v.onnx_sha256[:12]}..., {v.bytes} bytes)")
+    print(f"base version {v.version} (sha256 {v.onnx_sha256[:12]}..., {v.bytes} bytes)"
+          + (": staged, `hmd cloud release` rolls it out" if args.staged else ""))
+    return 0
+
+
+def release(args: argparse.Namespace) -> int:
+    from cloud import rollout
+    from cloud.services import Services
+
+    settings = settings_from_args(args)
+    settings.worker = False
+    services = Services.open(settings)
+    storage = services.storage
+    try:
+        if args.version is None:
+            if args.canary or args.promote or args.halt:
+                raise UserError("name the base version to release")
+            for r in storage.releases():
+                health = storage.health_summary([r.version])
+                print(f"{r.version}  {r.state}  {r.percent:g}%  previous={r.previous or '-'}  "
+                      f"reports={health['reports']} frames={health['frames']} errors={health['errors']} "
+                      f"rollbacks={health['rollbacks']} fps={health['fps']:.1f}"
+                      + (f"  reason: {r.reason}" if r.reason and r.state != "promoted" else ""))
+            return 0
+        if args.canary:
+            r = rollout.stage(storage, args.version, rollout.parse_percent(args.canary),
+                              max_error_rate=args.max_error_rate, max_rollbacks=args.max_rollbacks,
+                              min_fps_ratio=args.min_fps_ratio)
+        elif args.promote:
+            r = rollout.promote(storage, args.version)
+        elif args.halt:
+            halted = rollout.halt(storage, services.registry, args.version, "halted by hand")
+            if halted is None:
+                raise UserError(f"{args.version} is not a canary release")
+            r = halted
+        else:
+            r = storage.release(args.version)
+            if r is None:
+                raise UserError(f"no release of {args.version}")
+        told = rollout.notify_devices(storage, services.broker.publish, r)
+    finally:
+        storage.close()
+    print(f"{r.version}: {r.state} at {r.percent:g}% of the devices"
+          + (f" (back on {r.rollback_version}: {r.reason})" if r.state == "halted" else "")
+          + (f"; {told} device(s) told" if told else ""))
     return 0

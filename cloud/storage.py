@@ -12,6 +12,7 @@ in order on open and recorded in ``meta.schema``, the same on both.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -84,6 +85,30 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 )"""]),  # versions.device_id NULL: the base version every device starts on
     # 2: job leases, so that worker processes on other machines can hold a job and lose it by dying
     (2, ["ALTER TABLE jobs ADD COLUMN lease_owner TEXT", "ALTER TABLE jobs ADD COLUMN lease_expires {real}"]),
+    # 3: staged rollout of base versions (cloud/rollout.py) and the headsets' health reports
+    (3, ["""CREATE TABLE IF NOT EXISTS releases (
+    version TEXT PRIMARY KEY REFERENCES versions(version),
+    previous TEXT,
+    percent {real} NOT NULL,
+    state TEXT NOT NULL,
+    created {real} NOT NULL,
+    updated {real} NOT NULL,
+    reason TEXT,
+    max_error_rate {real} NOT NULL,
+    max_rollbacks INTEGER NOT NULL,
+    min_fps_ratio {real} NOT NULL,
+    rollback_version TEXT
+)""", """CREATE TABLE IF NOT EXISTS health (
+    id {pk},
+    device_id INTEGER NOT NULL REFERENCES devices(id),
+    version TEXT NOT NULL,
+    created {real} NOT NULL,
+    frames INTEGER NOT NULL,
+    fps {real} NOT NULL,
+    latency_ms {real} NOT NULL,
+    rollbacks INTEGER NOT NULL,
+    errors INTEGER NOT NULL
+)""", "CREATE INDEX IF NOT EXISTS health_by_version ON health (version)"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -141,6 +166,25 @@ class Job:
 
 
 @dataclasses.dataclass
+class Release:
+    """A staged rollout of a base version: ``percent`` of the devices (a stable hash of the device
+    name picks them) get ``version`` instead of ``previous`` while ``state`` is ``canary``;
+    ``promoted``: every device; ``halted``: the canary devices are back on ``previous``, re-signed
+    as ``rollback_version`` (a newer signed sequence, so headsets accept the step back)."""
+    version: str
+    previous: str | None
+    percent: float
+    state: str  # canary | promoted | halting | halted
+    created: float
+    updated: float
+    reason: str | None
+    max_error_rate: float
+    max_rollbacks: int
+    min_fps_ratio: float
+    rollback_version: str | None = None
+
+
+@dataclasses.dataclass
 class Version:
     version: str
     device_id: int | None
@@ -179,10 +223,25 @@ class Storage(Protocol):
     def add_version(self, version: Version) -> None: ...
     def version(self, name: str) -> Version | None: ...
     def base_version(self) -> Version | None: ...
+    def device_base(self, device: Device) -> Version | None: ...
     def current_version(self, device_id: int) -> Version | None: ...
+    def add_release(self, release: Release) -> None: ...
+    def releases(self) -> list[Release]: ...
+    def release(self, version: str) -> Release | None: ...
+    def update_release(self, version: str, *, only_if_state: str | None = None, **fields: Any) -> bool: ...
+    def add_health(self, device_id: int, version: str, frames: int, fps: float, latency_ms: float,
+                   rollbacks: int, errors: int) -> None: ...
+    def health_summary(self, versions: list[str]) -> dict[str, float]: ...
     def next_manifest_sequence(self) -> int: ...
     def referenced_blobs(self) -> set[str]: ...
     def close(self) -> None: ...
+
+
+def in_canary(release: Release, device_name: str) -> bool:
+    """Whether a device is in a release's canary: a stable hash of (release, device name) below
+    its percentage, so widening a canary keeps the devices already in."""
+    h = int.from_bytes(hashlib.sha256(f"{release.version}\0{device_name}".encode()).digest()[:8], "big")
+    return h / 2 ** 64 * 100.0 < release.percent
 
 
 def new_id(prefix: str) -> str:
@@ -476,16 +535,95 @@ class SQLStorage:
         return Version(**dict(rows[0])) if rows else None
 
     def base_version(self) -> Version | None:
+        """The stable base every device starts on: the newest base version; once releases are
+        staged (``hmd cloud release``), the last promoted one (before any: the base that was
+        stable when the first was staged)."""
+        releases = self.releases()
+        if releases:
+            promoted = [r.version for r in releases if r.state == "promoted"]
+            v = self.version(promoted[-1] if promoted else releases[0].previous or "")
+            if v is not None:
+                return v
         rows = self._query("SELECT * FROM versions WHERE device_id IS NULL ORDER BY created DESC LIMIT 1")
         return Version(**dict(rows[0])) if rows else None
 
-    def current_version(self, device_id: int) -> Version | None:
-        dev = self.device(device_id)
-        if dev is not None and dev.current_version:
-            v = self.version(dev.current_version)
+    def device_base(self, device: Device) -> Version | None:
+        """The base this device runs: the canary's when the newest release is a canary that
+        includes it, the re-signed previous base when that canary was halted, else the stable one."""
+        releases = self.releases()
+        if releases and releases[-1].state in ("canary", "halted") and in_canary(releases[-1], device.name):
+            name = releases[-1].version if releases[-1].state == "canary" else releases[-1].rollback_version
+            v = self.version(name) if name else None
             if v is not None:
                 return v
         return self.base_version()
+
+    def root_base(self, v: Version) -> Version:
+        """The base version a personalised version was trained from (itself for a base)."""
+        for _ in range(64):  # lineage is short; never loop on a corrupt cycle
+            if v.device_id is None or not v.parent_version:
+                return v
+            parent = self.version(v.parent_version)
+            if parent is None:
+                return v
+            v = parent
+        return v
+
+    def current_version(self, device_id: int) -> Version | None:
+        """The device's personalised version, else its base. With staged releases, a personalised
+        version counts only while it was trained from the base the device is on now (a canary
+        device gets the new base, and is personalised on top of it by its next job)."""
+        dev = self.device(device_id)
+        if dev is None:
+            return self.base_version()
+        staged = bool(self.releases())
+        base = self.device_base(dev) if staged else self.base_version()
+        if dev.current_version:
+            v = self.version(dev.current_version)
+            if v is not None and (not staged or base is None or self.root_base(v).onnx_sha256 == base.onnx_sha256):
+                return v
+        return base
+
+    # -- staged rollout (cloud/rollout.py) ------------------------------------------------------
+    def add_release(self, release: Release) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM releases WHERE version=?", (release.version,))
+            db.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(release))
+
+    def releases(self) -> list[Release]:
+        return [Release(**dict(r)) for r in self._query("SELECT * FROM releases ORDER BY created")]
+
+    def release(self, version: str) -> Release | None:
+        rows = self._query("SELECT * FROM releases WHERE version=?", (version,))
+        return Release(**dict(rows[0])) if rows else None
+
+    def update_release(self, version: str, *, only_if_state: str | None = None, **fields: Any) -> bool:
+        """Change a release (``only_if_state``: only from that state: one process wins a halt)."""
+        sets = ", ".join(f"{k}=?" for k in fields) + ", updated=?"
+        sql, args = f"UPDATE releases SET {sets} WHERE version=?", [*fields.values(), time.time(), version]
+        if only_if_state is not None:
+            sql, args = sql + " AND state=?", args + [only_if_state]
+        with self._tx() as db:
+            return db.execute(sql, tuple(args)).rowcount == 1
+
+    def add_health(self, device_id: int, version: str, frames: int, fps: float, latency_ms: float, rollbacks: int,
+                   errors: int) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO health (device_id, version, created, frames, fps, latency_ms, rollbacks, errors) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (device_id, version, time.time(), frames, fps, latency_ms, rollbacks, errors))
+
+    def health_summary(self, versions: list[str]) -> dict[str, float]:
+        """Totals of the health reports of devices running any of ``versions``."""
+        if not versions:
+            return {"reports": 0, "devices": 0, "frames": 0, "errors": 0, "rollbacks": 0, "fps": 0.0,
+                    "latency_ms": 0.0}
+        marks = ",".join("?" * len(versions))
+        r = self._query(f"SELECT COUNT(*), COUNT(DISTINCT device_id), COALESCE(SUM(frames), 0), "
+                        f"COALESCE(SUM(errors), 0), COALESCE(SUM(rollbacks), 0), COALESCE(AVG(fps), 0), "
+                        f"COALESCE(AVG(latency_ms), 0) FROM health WHERE version IN ({marks})", tuple(versions))[0]
+        return {"reports": int(r[0]), "devices": int(r[1]), "frames": int(r[2]), "errors": int(r[3]),
+                "rollbacks": int(r[4]), "fps": float(r[5]), "latency_ms": float(r[6])}
 
     # -- administration (`hmd cloud devices`, `hmd cloud rotate-token`) -------------------------
     def devices(self) -> list[Device]:

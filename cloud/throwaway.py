@@ -1,17 +1,19 @@
 """Throwaway PostgreSQL and S3 servers on 127.0.0.1, for the tests and `hmd bench cloud`.
 
 Both are the real thing over the network, started from what is installed: Debian's PostgreSQL
-(``initdb``/``pg_ctl``; it refuses to run as root, so as root the server runs as the
-``postgres`` user) and moto's S3 HTTP API in server mode (``python -m moto.server``).
+(``initdb``, ``postgres``; it refuses to run as root, so as root the server runs as the
+``postgres`` user, and it dies with the process that started it) and moto's S3 HTTP API in server mode (``python -m moto.server``).
 :func:`postgres_available`/:func:`s3_available` say why not when they cannot start.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 PG_USER = "postgres"  # who runs the server when we are root
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def free_port() -> int:
@@ -30,7 +33,7 @@ def free_port() -> int:
 
 
 def pg_bin_dir() -> Path | None:
-    on_path = shutil.which("pg_ctl")
+    on_path = shutil.which("initdb")
     if on_path:
         return Path(on_path).parent
     found = sorted(glob.glob(PG_BIN_GLOB), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0)
@@ -40,7 +43,7 @@ def pg_bin_dir() -> Path | None:
 def postgres_available() -> str | None:
     """None when :class:`PostgresServer` can start here, else why not."""
     if pg_bin_dir() is None:
-        return "PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)"
+        return "PostgreSQL's initdb/postgres are not installed (apt-get install postgresql)"
     if os.geteuid() == 0:
         try:
             pwd.getpwnam(PG_USER)
@@ -88,25 +91,48 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="hmd-pg-"))
         self.data = self.root / "data"
         self.fsync = fsync
-        self._as_user: list[str] = []
-        if os.geteuid() == 0:  # PostgreSQL refuses root
+        self.proc: subprocess.Popen | None = None
+        if os.geteuid() == 0:  # PostgreSQL refuses root: it runs as PG_USER, who must own its folder
             pw = pwd.getpwnam(PG_USER)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
-            self._as_user = ["runuser", "-u", PG_USER, "--"]
 
-    def _run(self, *argv: str) -> None:
-        subprocess.run([*self._as_user, *argv], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       cwd=self.root)
+    def _preexec(self, die_with_parent: bool = False):
+        """In the child: become the unprivileged user (as root) and, for the server, die with us
+        (a test run killed by a timeout leaves no server behind)."""
+        uid_gid = (pwd.getpwnam(PG_USER).pw_uid, pwd.getpwnam(PG_USER).pw_gid) if os.geteuid() == 0 else None
+
+        def run() -> None:
+            if die_with_parent:
+                _LIBC.prctl(1, signal.SIGQUIT)  # PR_SET_PDEATHSIG: SIGQUIT is PostgreSQL's immediate shutdown
+            if uid_gid is not None:
+                os.setgroups([])
+                os.setgid(uid_gid[1])
+                os.setuid(uid_gid[0])
+        return run
 
     def start(self) -> "PostgresServer":
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "hmd", "--auth=trust", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
-        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                f"-c max_connections=200 -c fsync={'on' if self.fsync else 'off'} -c full_page_writes=off "
-                "-c synchronous_commit=on -c shared_buffers=32MB")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"),
-                  "-w", "-t", "60", "start")
-        return self
+        subprocess.run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "hmd", "--auth=trust", "-E", "UTF8",
+                        "--no-sync", "--no-instructions"], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, cwd=self.root, preexec_fn=self._preexec())
+        log = open(self.root / "log", "wb")
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-c", "listen_addresses=127.0.0.1",
+             "-c", f"port={self.port}", "-c", f"unix_socket_directories={self.root}", "-c", "max_connections=200",
+             "-c", f"fsync={'on' if self.fsync else 'off'}", "-c", "full_page_writes=off", "-c", "shared_buffers=32MB"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, preexec_fn=self._preexec(die_with_parent=True))
+        log.close()
+        _wait_port(self.port, self.proc, "PostgreSQL", timeout=60)
+        import psycopg
+
+        deadline = time.time() + 60
+        while True:  # listening is not yet accepting connections (it may still be starting up)
+            try:
+                psycopg.connect(self.url(), connect_timeout=5).close()
+                return self
+            except psycopg.OperationalError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"PostgreSQL did not start: {(self.root / 'log').read_text()[-2000:]}") from None
+                time.sleep(0.1)
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://hmd@127.0.0.1:{self.port}/{dbname}"
@@ -121,10 +147,13 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        try:
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        except subprocess.CalledProcessError:
-            pass
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # immediate shutdown: the data is thrown away anyway
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "PostgresServer":
@@ -152,7 +181,8 @@ class S3Server:
     def start(self) -> "S3Server":
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, **S3_ENV})
+                                     env={**os.environ, **S3_ENV},
+                                     preexec_fn=lambda: _LIBC.prctl(1, signal.SIGTERM))  # dies with us
         _wait_port(self.port, self.proc, "moto's S3 server")
         return self
 
