@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.deps import ApiError, api_error_response
-from cloud.routers import events, health, jobs, models, uploads
+from cloud.routers import events, health, jobs, models, rollout, uploads
 from cloud.services import Services
 from cloud.settings import Settings
 from cloud.worker import JobRunner
@@ -33,7 +33,7 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> FastAPI:
     # every error is an ErrorBody, validation errors (422) included: the schema says so
     app = FastAPI(title="great-hmd cloud", version="1", lifespan=lifespan,
                   responses={422: {"model": ErrorBody, "description": "invalid request"}})
-    for module in (health, uploads, jobs, models, events):
+    for module in (health, uploads, jobs, models, events, rollout):
         app.include_router(module.router)
 
     @app.exception_handler(ApiError)
@@ -54,3 +54,16 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> FastAPI:
                             status_code=422)
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of `hmd cloud serve --workers N`'s processes (uvicorn's factory): the
+    settings the parent resolved, from its environment."""
+    import json
+    import os
+
+    from cloud.cli import SETTINGS_ENV, configure_logging
+
+    settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,8 +1,8 @@
 """Content-addressed blob storage for frames, manifests and models.
 
 :class:`BlobStore` is the interface; :class:`LocalBlobStore` keeps ``ROOT/ab/abcdef...`` files
-(the name is the sha256 of the content, so a blob is written once and never changes). An
-S3-compatible store implements the same five methods with object keys of the same names.
+(the name is the sha256 of the content, so a blob is written once and never changes);
+:class:`cloud.s3.S3BlobStore` implements the same five methods with object keys of the same names.
 """
 from __future__ import annotations
 
@@ -142,7 +142,13 @@ except OSError:  # pragma: no cover - not Linux
     _LIBC = None
 
 
-def open_blob_store(url: str) -> BlobStore:
+def open_blob_store(url: str, s3_endpoint_url: str | None = None) -> BlobStore:
+    """``file://PATH`` (the embedded default) or ``s3://BUCKET[/PREFIX]`` (at ``s3_endpoint_url``,
+    else AWS)."""
     if url.startswith("file://"):
         return LocalBlobStore(url[len("file://"):])
-    raise UserError(f"blob store {url!r}: only file://PATH is built in (S3 plugs in behind cloud.blobs.BlobStore)")
+    if url.startswith("s3://"):
+        from cloud.s3 import S3BlobStore
+
+        return S3BlobStore(url, endpoint_url=s3_endpoint_url)
+    raise UserError(f"blob store {url!r}: use file://PATH or s3://BUCKET[/PREFIX]")

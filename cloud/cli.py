@@ -1,5 +1,5 @@
-"""`hmd cloud serve | add-device | devices | rotate-token | import-base`: run and administer the
-retraining service.
+"""`hmd cloud serve | worker | add-device | devices | rotate-token | import-base`: run and
+administer the retraining service.
 
 Settings come from flags, else the environment (``HMD_CLOUD_<NAME>``, e.g. HMD_CLOUD_DATA_DIR,
 HMD_CLOUD_AUTO_JOB_FRAMES, HMD_CLOUD_MAX_UPLOAD_BYTES), else the defaults in cloud/settings.py.
@@ -20,6 +20,56 @@ from shared.errors import UserError
 def _data_dir(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                      help="metadata database, blobs, signing key, runs (env HMD_CLOUD_DATA_DIR)")
+
+
+def _backends(sub: argparse.ArgumentParser) -> None:
+    """Where metadata and blobs live (the embedded defaults are inside --data-dir)."""
+    sub.add_argument("--database-url", default=None, metavar="URL",
+                     help="sqlite:///PATH (default DATA/cloud.sqlite3) or postgresql://USER@HOST:PORT/DB, which "
+                          "several API and worker processes share (env HMD_CLOUD_DATABASE_URL)")
+    sub.add_argument("--blob-url", default=None, metavar="URL",
+                     help="file://PATH (default DATA/blobs) or s3://BUCKET/PREFIX (env HMD_CLOUD_BLOB_URL)")
+    sub.add_argument("--s3-endpoint-url", default=None, metavar="URL",
+                     help="an S3-compatible server for s3:// (default AWS; env HMD_CLOUD_S3_ENDPOINT_URL; "
+                          "credentials: the AWS_* environment variables)")
+
+
+def _training(sub: argparse.ArgumentParser) -> None:
+    """How a personalisation job trains (serve runs jobs in-process; worker processes run them too)."""
+    sub.add_argument("--teacher-run", type=Path, default=None, metavar="RUN_DIR",
+                     help="the larger cloud teacher whose class predictions are distilled")
+    sub.add_argument("--base-data", default=None, metavar="SOURCE",
+                     help="base training data replayed during personalisation (default: the base run's own)")
+    sub.add_argument("--base-val-data", default=None, metavar="SOURCE",
+                     help="the gate's guard against forgetting (default: the base run's validation data)")
+    sub.add_argument("--epochs", type=int, default=None, help="personalisation epochs (default 8)")
+    sub.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap personalisation steps (quick runs)")
+    sub.add_argument("--lr", type=float, default=None, help="personalisation learning rate")
+    sub.add_argument("--batch-size", type=int, default=None, help="personalisation batch size")
+    sub.add_argument("--frame-size", type=int, default=None,
+                     help="side wearer frames are resized to for training (default: the model's input)")
+    sub.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
+    sub.add_argument("--tolerance", type=float, default=None,
+                     help="allowed relative loss on the base set (default 0.05)")
+    sub.add_argument("--int8", action="store_const", const=True, default=None,
+                     help="export new model versions as static INT8 (faster on the headset; default FP32)")
+
+
+def _log_level(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                     help="log level (default info; -v is debug, -q is warning)")
+    loud = sub.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                      help="--log-level debug")
+    loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                      help="--log-level warning")
+
+
+def _signing_key(sub: argparse.ArgumentParser) -> None:
+    # issue 13 (harden): the signing key outside the data folder of the process that parses uploads
+    sub.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                     help="Ed25519 key file (make one: python -m cloud.keys FILE; env HMD_CLOUD_SIGNING_KEY; "
+                          "default DATA/signing.key)")
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,38 +95,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--base-run", type=Path, default=None, metavar="RUN_DIR",
                        help="training run registered as the base version on first start")
-    serve.add_argument("--teacher-run", type=Path, default=None, metavar="RUN_DIR",
-                       help="the larger cloud teacher whose class predictions are distilled")
-    serve.add_argument("--base-data", default=None, metavar="SOURCE",
-                       help="base training data replayed during personalisation (default: the base run's own)")
-    serve.add_argument("--base-val-data", default=None, metavar="SOURCE",
-                       help="the gate's guard against forgetting (default: the base run's validation data)")
     serve.add_argument("--auto-job-frames", type=int, default=None, metavar="N",
                        help="start a personalisation job once a device uploaded N new frames (0: never; default 64)")
     serve.add_argument("--max-upload-bytes", type=int, default=None, help="upload size limit (default 64 MiB)")
-    serve.add_argument("--epochs", type=int, default=None, help="personalisation epochs (default 8)")
-    serve.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap personalisation steps (quick runs)")
-    serve.add_argument("--lr", type=float, default=None, help="personalisation learning rate")
-    serve.add_argument("--batch-size", type=int, default=None, help="personalisation batch size")
-    serve.add_argument("--frame-size", type=int, default=None,
-                       help="side wearer frames are resized to for training (default: the model's input)")
-    serve.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
-    serve.add_argument("--tolerance", type=float, default=None, help="allowed relative loss on the base set (default 0.05)")
-    serve.add_argument("--int8", action="store_const", const=True, default=None,
-                       help="export new model versions as static INT8 (faster on the headset; default FP32)")
     serve.add_argument("--no-worker", dest="worker", action="store_const", const=False, default=None,
-                       help="API only (jobs queue up for a worker process)")
-    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                       help="log level (default info; -v is debug, -q is warning)")
-    loud = serve.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
-                      help="--log-level debug")
-    loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
-                      help="--log-level warning")
-    # issue 13 (harden): the signing key outside the data folder of the process that parses uploads
-    serve.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
-                       help="Ed25519 key file (make one: python -m cloud.keys FILE; env HMD_CLOUD_SIGNING_KEY; "
-                            "default DATA/signing.key)")
+                       help="API only (jobs queue up for `hmd cloud worker` processes)")
+    serve.add_argument("--workers", dest="api_processes", type=int, default=1, metavar="N",
+                       help="N API processes on the one port (needs a postgresql:// --database-url; default 1)")
+    _backends(serve)
+    _training(serve)
+    _log_level(serve)
+    _signing_key(serve)
+
+    worker = subs.add_parser(
+        "worker", help="run personalisation jobs from the shared queue (no HTTP)",
+        description="Claim queued jobs from the shared PostgreSQL queue and run them, until Ctrl+C or SIGTERM (the "
+                    "job in hand goes back to the queue). Any number of workers on any machines: each holds its "
+                    "job by a lease its heartbeat renews (--job-lease-s); a worker that dies loses the lease and "
+                    "another re-runs the job, up to the attempt limit. Needs --database-url postgresql://..., the "
+                    "blob store the API uses, and the data folder's runs/ and signing key (a shared volume).")
+    _data_dir(worker)
+    _backends(worker)
+    worker.add_argument("--job-lease-s", type=float, default=None, metavar="S",
+                        help="a job is another worker's S seconds after its worker's last heartbeat (default 30)")
+    worker.add_argument("--max-job-attempts", type=int, default=None, metavar="N",
+                        help="a job whose worker died N times is failed with that reason (default 3)")
+    _training(worker)
+    _log_level(worker)
+    _signing_key(worker)
 
     add = subs.add_parser(
         "add-device", help="provision a device; prints its token once and the key to trust",
@@ -102,7 +148,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base = subs.add_parser("import-base", help="register a training run as the base version")
     base.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     base.add_argument("--version", default=None, help="version name (default base-RUNNAME-eEPOCHS)")
+    base.add_argument("--staged", action="store_true",
+                      help="register it without giving it to any device: `hmd cloud release VERSION --canary P%%` "
+                           "rolls it out")
     _data_dir(base)
+    _backends(base)
+
+    release = subs.add_parser(
+        "release", help="staged rollout of a base version: canary, promote, halt, status",
+        description="Give a base version (import-base --staged) to a stable fraction of the devices (--canary 10%%), "
+                    "widen it (--canary 50%%), make it every device's base (--promote) or halt it (--halt: its devices "
+                    "go back to the previous base, re-signed). Headsets' health reports (POST /v1/health) halt a "
+                    "canary by themselves when a threshold is crossed. Without an action: the releases and their "
+                    "canaries' health.")
+    release.add_argument("version", nargs="?", help="the base version (omit to list releases)")
+    action = release.add_mutually_exclusive_group()
+    action.add_argument("--canary", metavar="P%", help="give it to P percent of the devices")
+    action.add_argument("--promote", action="store_true", help="give it to every device (the new stable base)")
+    action.add_argument("--halt", action="store_true", help="stop the canary; its devices go back")
+    release.add_argument("--max-error-rate", type=float, default=0.01,
+                         help="halt above this many inference errors per frame (default 0.01)")
+    release.add_argument("--max-rollbacks", type=int, default=0,
+                         help="halt when headsets rolled the canary back more often than this (default 0)")
+    release.add_argument("--min-fps-ratio", type=float, default=0.8,
+                         help="halt when the canary's mean FPS falls below this fraction of the stable base's "
+                              "(default 0.8; 0: never)")
+    _data_dir(release)
+    _backends(release)
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -113,7 +185,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"serve": serve, "add-device": add_device, "devices": list_devices, "rotate-token": rotate_token,
+    return {"serve": serve, "worker": worker, "release": release, "add-device": add_device, "devices": list_devices, "rotate-token": rotate_token,
             "import-base": import_base}[args.action](args)
 
 
@@ -149,6 +221,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+SETTINGS_ENV = "HMD_CLOUD__SETTINGS_JSON"  # how `serve --workers N` hands its settings to each API process
+
+
 def serve(args: argparse.Namespace) -> int:
     from shared.paths import resolve_model
 
@@ -161,6 +236,12 @@ def serve(args: argparse.Namespace) -> int:
         raise UserError(f"--base-run {settings.base_run}: no checkpoint.pt there (expected a `hmd train` run folder)")
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UserError(f"--data-dir {settings.data_dir} is a file, not a folder")
+    processes = args.api_processes
+    if processes < 1:
+        raise UserError("--workers must be >= 1")
+    if processes > 1 and not settings.db_url.startswith(("postgresql://", "postgres://")):
+        raise UserError("--workers N needs a database the processes share: --database-url postgresql://... "
+                        "(SQLite is the one-process embedded service)")
     sock = bind_socket(settings.host, settings.port)
     configure_logging(settings.log_level)
     log = logging.getLogger("hmd.cloud")
@@ -168,6 +249,23 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cloud.app import create_app
+
+    if processes > 1:  # uvicorn's supervisor: N processes accept on the one socket, a dead one is replaced
+        import json
+        import os
+
+        from uvicorn.supervisors import Multiprocess
+
+        os.environ[SETTINGS_ENV] = json.dumps(settings.to_json())
+        config = uvicorn.Config("cloud.app:app_from_environment", factory=True, workers=processes, log_config=None,
+                                log_level=settings.log_level, timeout_graceful_shutdown=3)
+        log.info("serving %s on http://%s:%d with %d API processes (Ctrl+C stops them)", settings.data_dir,
+                 settings.host, settings.port, processes)
+        try:
+            Multiprocess(config, sockets=[sock]).run()
+        finally:
+            sock.close()
+        return 0
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -188,6 +286,41 @@ def serve(args: argparse.Namespace) -> int:
     if not server.started:
         print("hmd cloud: error: the service did not start (see the log above)", file=sys.stderr)
         return 1
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Jobs from the shared queue until SIGTERM/SIGINT; the job in hand goes back to the queue."""
+    import signal
+    import threading
+
+    from cloud.services import Services, is_shared
+    from shared.paths import resolve_model
+
+    settings = settings_from_args(args)
+    settings.worker = True
+    if settings.teacher_run is not None:
+        settings.teacher_run = resolve_model(settings.teacher_run)
+    if not settings.db_url.startswith(("postgresql://", "postgres://")):
+        raise UserError("hmd cloud worker needs the shared queue: --database-url postgresql://... (the embedded "
+                        "SQLite service runs its jobs inside `hmd cloud serve`)")
+    configure_logging(settings.log_level)
+    log = logging.getLogger("hmd.cloud")
+    services = Services.open(settings)
+    assert is_shared(services.storage)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    services.start(api=False)
+    log.info("worker %s: taking jobs from %s (lease %.0f s)", services.queue.owner, services.storage.where,
+             settings.job_lease_s)
+    try:
+        while not stop.wait(1.0):
+            if services.worker is not None and not services.worker.alive:
+                raise UserError("the job worker thread stopped")
+    finally:
+        services.stop()
+    log.info("worker stopped (%d jobs completed)", services.worker.completed if services.worker else 0)
     return 0
 
 
@@ -256,14 +389,61 @@ def rotate_token(args: argparse.Namespace) -> int:
 
 
 def import_base(args: argparse.Namespace) -> int:
+    from cloud import rollout
     from cloud.services import Services
 
     settings = settings_from_args(args)
     settings.worker = False
     services = Services.open(settings)
     try:
+        if args.staged:
+            rollout.begin_staging(services.storage)
         v = services.registry.import_base(args.run_dir, version=args.version)
     finally:
         services.storage.close()
-    print(f"base version {v.version} (sha256 {v.onnx_sha256[:12]}..., {v.bytes} bytes)")
+    print(f"base version {v.version} (sha256 {v.onnx_sha256[:12]}..., {v.bytes} bytes)"
+          + (": staged, `hmd cloud release` rolls it out" if args.staged else ""))
+    return 0
+
+
+def release(args: argparse.Namespace) -> int:
+    from cloud import rollout
+    from cloud.services import Services
+
+    settings = settings_from_args(args)
+    settings.worker = False
+    services = Services.open(settings)
+    storage = services.storage
+    try:
+        if args.version is None:
+            if args.canary or args.promote or args.halt:
+                raise UserError("name the base version to release")
+            for r in storage.releases():
+                health = storage.health_summary([r.version])
+                print(f"{r.version}  {r.state}  {r.percent:g}%  previous={r.previous or '-'}  "
+                      f"reports={health['reports']} frames={health['frames']} errors={health['errors']} "
+                      f"rollbacks={health['rollbacks']} fps={health['fps']:.1f}"
+                      + (f"  reason: {r.reason}" if r.reason and r.state != "promoted" else ""))
+            return 0
+        if args.canary:
+            r = rollout.stage(storage, args.version, rollout.parse_percent(args.canary),
+                              max_error_rate=args.max_error_rate, max_rollbacks=args.max_rollbacks,
+                              min_fps_ratio=args.min_fps_ratio)
+        elif args.promote:
+            r = rollout.promote(storage, args.version)
+        elif args.halt:
+            halted = rollout.halt(storage, services.registry, args.version, "halted by hand")
+            if halted is None:
+                raise UserError(f"{args.version} is not a canary release")
+            r = halted
+        else:
+            r = storage.release(args.version)
+            if r is None:
+                raise UserError(f"no release of {args.version}")
+        told = rollout.notify_devices(storage, services.broker.publish, r)
+    finally:
+        storage.close()
+    print(f"{r.version}: {r.state} at {r.percent:g}% of the devices"
+          + (f" (back on {r.rollback_version}: {r.reason})" if r.state == "halted" else "")
+          + (f"; {told} device(s) told" if told else ""))
     return 0

@@ -1,20 +1,23 @@
 """The push channel: per-device subscribers of server-sent events.
 
 :class:`EventBroker` fans an event out to every open ``/v1/events`` stream of one device. It is
-in-process (the embedded single-process deployment); with several API processes the same two
-methods would sit on PostgreSQL LISTEN/NOTIFY or a message bus. Events are not stored: a stream
-starts with the device's current model, so a device that was offline catches up on reconnect.
+in-process (the embedded single-process deployment). With several API and worker processes
+(a PostgreSQL database) it is given a ``relay``: ``publish`` then sends the event through the
+database (NOTIFY, :mod:`cloud.postgres`), and each API process's listener hands it to its own
+broker's :meth:`EventBroker.deliver`. Events are not stored: a stream starts with the device's
+current model, so a device that was offline catches up on reconnect.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import threading
-from typing import Any
+from typing import Any, Callable
 
 
 class EventBroker:
-    def __init__(self) -> None:
+    def __init__(self, relay: Callable[[int, str, dict[str, Any]], None] | None = None) -> None:
+        self.relay = relay
         self._lock = threading.Lock()
         self._subscribers: dict[int, set[tuple[asyncio.AbstractEventLoop, asyncio.Queue]]] = {}
         self._ids = itertools.count(1)
@@ -37,7 +40,15 @@ class EventBroker:
             return len(self._subscribers.get(device_id, ()))
 
     def publish(self, device_id: int, event: str, data: dict[str, Any]) -> int:
-        """Thread-safe (the worker thread calls it); returns how many streams it was sent to."""
+        """Thread-safe (the worker thread calls it); returns how many local streams it was sent to
+        (0 with a relay: every process's listener delivers it)."""
+        if self.relay is not None:
+            self.relay(device_id, event, data)
+            return 0
+        return self.deliver(device_id, event, data)
+
+    def deliver(self, device_id: int, event: str, data: dict[str, Any]) -> int:
+        """Hand an event to this process's streams of the device."""
         item = (next(self._ids), event, data)
         with self._lock:
             subs = list(self._subscribers.get(device_id, ()))

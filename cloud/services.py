@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
+from typing import Any
 
 from cloud.blobs import BlobStore, open_blob_store
 from cloud.events import EventBroker
@@ -17,6 +19,11 @@ from cloud.worker import JobRunner, Worker
 from shared.errors import UserError
 
 log = logging.getLogger("hmd.cloud")
+
+
+def is_shared(storage: Storage) -> bool:
+    """Several processes share this database (PostgreSQL), so none may assume it is alone."""
+    return bool(getattr(storage, "FOR_UPDATE", ""))
 
 
 def load_runner(spec: str) -> JobRunner:
@@ -40,6 +47,7 @@ class Services:
     registry: ModelRegistry
     broker: EventBroker
     worker: Worker | None = None
+    bridge: Any = None  # cloud.postgres.PostgresEventBridge: events from other processes (shared database)
     uploads_in_flight: PerDeviceSlots = dataclasses.field(default_factory=PerDeviceSlots)
     event_streams: PerDeviceSlots = dataclasses.field(default_factory=PerDeviceSlots)
 
@@ -47,11 +55,17 @@ class Services:
     def open(cls, settings: Settings, runner: JobRunner | None = None) -> "Services":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(settings.db_url)
-        blobs = open_blob_store(settings.blobs_url)
+        blobs = open_blob_store(settings.blobs_url, settings.s3_endpoint_url)
         key = SigningKey(settings.data_dir, settings.signing_key)
         registry = ModelRegistry(settings.data_dir, storage, blobs, key, int8=settings.int8)
-        services = cls(settings, storage, blobs, open_queue(settings.queue_url, storage), key, registry,
-                       EventBroker())
+        queue = open_queue(settings.queue_url, storage, lease_s=settings.job_lease_s,
+                           max_attempts=settings.max_job_attempts)
+        broker = EventBroker()
+        if is_shared(storage):  # events go through the database to every API process
+            from cloud.postgres import publish_event
+
+            broker.relay = functools.partial(publish_event, storage)
+        services = cls(settings, storage, blobs, queue, key, registry, broker)
         if settings.worker:
             if runner is None:
                 runner = load_runner(settings.runner)
@@ -62,8 +76,12 @@ class Services:
         """Register ``--base-run`` as the base version on first start, and keep a signed copy of the
         base model in ``DATA/base-model/`` (model.onnx + manifest.json) for provisioning headsets."""
         if self.settings.base_run is not None and self.storage.base_version() is None:
-            v = self.registry.import_base(self.settings.base_run)
-            log.info("registered base version %s from %s", v.version, self.settings.base_run)
+            try:
+                v = self.registry.import_base(self.settings.base_run)
+                log.info("registered base version %s from %s", v.version, self.settings.base_run)
+            except UserError:  # another API process starting at the same time registered it first
+                if self.storage.base_version() is None:
+                    raise
         base = self.storage.base_version()
         if base is not None:
             self.registry.write_model_folder(base, self.settings.data_dir / "base-model")
@@ -89,13 +107,24 @@ class Services:
             log.warning("removed what an interrupted run left: %s", removed)
         return removed
 
-    def start(self) -> None:
-        self.recover_files()
-        self.ensure_base()
+    def start(self, api: bool = True) -> None:
+        """``api``: this process serves HTTP (registers the base, listens for events); False: a
+        worker process (`hmd cloud worker`)."""
+        if not is_shared(self.storage):  # the embedded deployment is one process: nobody else is writing
+            self.recover_files()
+        if api:
+            self.ensure_base()
+            if is_shared(self.storage):
+                from cloud.postgres import PostgresEventBridge
+
+                self.bridge = PostgresEventBridge(self.storage.url, self.broker.deliver)  # type: ignore[attr-defined]
+                self.bridge.start()
         if self.worker is not None:
             self.worker.start()
 
     def stop(self) -> None:
+        if self.bridge is not None:
+            self.bridge.stop()
         self.broker.close()
         if self.worker is not None:
             self.worker.stop()

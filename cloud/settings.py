@@ -1,8 +1,8 @@
 """Service settings: defaults < environment (``HMD_CLOUD_*``) < command-line flags.
 
-The storage, blob and queue back-ends are named by URL so that PostgreSQL, an S3-compatible
-store or a real job queue become a configuration change: only the embedded ones
-(``sqlite:``, ``file:``, ``db:``) exist today and anything else is refused with a clear error.
+The storage and blob back-ends are named by URL: the embedded ``sqlite:///PATH`` and
+``file://PATH`` by default, or PostgreSQL (``postgresql://``) and an S3-compatible store
+(``s3://BUCKET/PREFIX`` with ``s3_endpoint_url``) for several API and worker processes.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class Settings:
     port: int = 8000
     database_url: str | None = None  # default sqlite:///DATA/cloud.sqlite3
     blob_url: str | None = None  # default file://DATA/blobs
+    s3_endpoint_url: str | None = None  # an S3-compatible server for s3:// blob URLs (default: AWS)
+    job_lease_s: float = 30.0  # a worker holds a job this long past its last heartbeat (shared queue)
     queue_url: str = "db:"  # jobs are rows of the metadata database
     max_upload_bytes: int = 64 * 1024 * 1024
     max_frame_bytes: int = 4 * 1024 * 1024
@@ -70,6 +72,16 @@ class Settings:
     def blobs_url(self) -> str:
         return self.blob_url or f"file://{self.data_dir / 'blobs'}"
 
+    def to_json(self) -> dict[str, Any]:
+        """Every field as JSON (paths as strings); :meth:`from_json` reverses it."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "Settings":
+        s = cls(**{k: v for k, v in values.items() if k in cls.field_names()})
+        s.validate()
+        return s
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -102,6 +114,8 @@ class Settings:
             raise UserError("holdout_fraction must be between 0 and 1")
         if self.epochs < 1:
             raise UserError("epochs must be >= 1")
+        if self.job_lease_s <= 0:
+            raise UserError("job_lease_s must be > 0")
         for name in ("max_frame_pixels", "max_frame_meta_bytes", "max_uploads_in_flight", "max_streams_per_device",
                      "max_job_attempts"):
             if getattr(self, name) < 1:

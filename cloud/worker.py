@@ -4,7 +4,9 @@ Exactly-once completion: a job's result (its state, evaluations and, when accept
 version and the device's current pointer) is written in one transaction by
 :meth:`Storage.finish_job`. A process that dies before that commit leaves the job ``running``;
 the next start puts it back in the queue and it re-runs from the start, overwriting whatever
-half-made candidate folder the dead attempt left.
+half-made candidate folder the dead attempt left. On the shared queue (PostgreSQL) a job is
+leased: a heartbeat thread renews the lease while the job runs; when the lease is lost (the
+database says the job is no longer ours) the job is stopped and its result never written.
 """
 from __future__ import annotations
 
@@ -60,6 +62,34 @@ class JobRunner(Protocol):
     def __call__(self, ctx: JobContext) -> JobOutcome: ...
 
 
+class Heartbeat:
+    """Renews a job's lease every third of its length until stopped; ``lost`` once it failed."""
+
+    def __init__(self, storage: Storage, job_id: str, owner: str, lease_s: float):
+        self.storage, self.job_id, self.owner, self.lease_s = storage, job_id, owner, lease_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="hmd-cloud-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.storage.renew_lease(self.job_id, self.owner, self.lease_s):
+                    log.error("job %s: lease lost (another worker has it now); stopping it", self.job_id)
+                    self.lost.set()
+                    return
+            except Exception:  # the database is unreachable: keep trying until the lease runs out
+                log.exception("job %s: renewing the lease failed", self.job_id)
+
+
 class Worker:
     def __init__(self, settings: Settings, storage: Storage, queue: JobQueue, blobs: BlobStore,
                  registry: ModelRegistry, broker: EventBroker, runner: JobRunner):
@@ -102,14 +132,24 @@ class Worker:
                 continue
             self.current_job = job.id
             try:
-                self.run_job(job)
+                owner, lease_s = getattr(self.queue, "owner", None), getattr(self.queue, "lease_s", None)
+                if owner and lease_s:
+                    with Heartbeat(self.storage, job.id, owner, lease_s) as beat:
+                        self.run_job(job, owner, beat.lost.is_set)
+                else:
+                    self.run_job(job)
+            except Exception:  # e.g. the database went away while recording the outcome
+                log.exception("job %s: the worker could not record its outcome", job.id)
             finally:
                 self.current_job = None
 
-    def run_job(self, job: Job) -> None:
+    def run_job(self, job: Job, owner: str | None = None, lease_lost: Callable[[], bool] = lambda: False) -> None:
+        """Run one claimed job and record its outcome. ``owner``: the lease holder (shared queue),
+        whose lease must still hold when the outcome is written; ``lease_lost`` stops the job."""
         lines: list[str] = list(job.progress.get("log", []))[-LOG_LINES_KEPT:]
         state = {"stage": "starting", "fraction": 0.0}
 
+        who = {"worker": owner} if owner else {}  # which worker process ran it (shared queue)
         stages: dict[str, float] = {}  # stage -> when it began (the bench splits latency by stage)
 
         def progress(stage: str | None = None, fraction: float | None = None, line: str | None = None) -> None:
@@ -122,29 +162,38 @@ class Worker:
                 lines.append(line.rstrip()[:300])
                 del lines[:-LOG_LINES_KEPT]
             self.storage.update_job(job.id, progress={**state, "attempt": job.attempts, "stages": stages,
-                                                      "log": lines})
+                                                      "log": lines, **who})
 
-        ctx = JobContext(job, self.settings, self.storage, self.blobs, self.registry, progress, self._stop.is_set)
+        def should_stop() -> bool:
+            return self._stop.is_set() or lease_lost()
+
+        ctx = JobContext(job, self.settings, self.storage, self.blobs, self.registry, progress, should_stop)
         log.info("job %s (device %d, attempt %d) started", job.id, job.device_id, job.attempts)
         progress("starting", 0.0)
         try:
             outcome = self.runner(ctx)
-            if self._stop.is_set():
+            if should_stop():
                 raise JobInterrupted()
         except JobInterrupted:
-            self.storage.update_job(job.id, state="queued", progress={"stage": "queued", "note": "service stopped; "
-                                                                       "it re-runs at the next start"})
-            log.info("job %s interrupted by shutdown; queued again", job.id)
+            if lease_lost():
+                log.warning("job %s: stopped, its lease went to another worker", job.id)
+            elif owner is not None:
+                self.storage.release_job(job.id, owner, "worker stopped; another worker re-runs it")
+                log.info("job %s interrupted by shutdown; queued again", job.id)
+            else:
+                self.storage.update_job(job.id, state="queued", progress={
+                    "stage": "queued", "note": "service stopped; it re-runs at the next start"})
+                log.info("job %s interrupted by shutdown; queued again", job.id)
             return
         except Exception as exc:  # a failed job is recorded, the worker goes on
             log.error("job %s failed: %s", job.id, traceback.format_exc())
             progress("failed", None, f"{type(exc).__name__}: {exc}")
-            self.storage.finish_job(job.id, "failed", reason=f"{type(exc).__name__}: {exc}")
+            self.storage.finish_job(job.id, "failed", owner=owner, reason=f"{type(exc).__name__}: {exc}")
             return
         state_name = "accepted" if outcome.accepted and outcome.version is not None else "rejected"
         progress("done", 1.0)
         self.storage.finish_job(job.id, state_name, version=outcome.version if state_name == "accepted" else None,
-                                evaluation=outcome.evaluation, reason=outcome.reason,
+                                owner=owner, evaluation=outcome.evaluation, reason=outcome.reason,
                                 candidate_dir=outcome.candidate_dir)
         self.completed += 1
         log.info("job %s %s: %s", job.id, state_name, outcome.reason)

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--journal-frames", type=int, default=40, help="frames the latency headset uploads")
     parser.add_argument("--skip-latency", action="store_true", help="no training (the slow part)")
     parser.add_argument("--keep", metavar="DIR", default=None, help="work here and keep it (default: a temp dir)")
+    parser.add_argument("--no-scale", dest="scale", action="store_false",
+                        help="skip the PostgreSQL + S3 measurements (issue 15; skipped anyway when they cannot run)")
 
 
 def _free_port() -> int:
@@ -368,6 +370,16 @@ def _add_device_fresh(data: Path, base_run: Path) -> str:
     return _add_device(data, "headset")
 
 
+def _scale(work: Path, base_run: Path, args: argparse.Namespace) -> dict:
+    from hmd import bench_cloud_scale
+
+    why = None if args.scale else "--no-scale"
+    why = why or bench_cloud_scale.available()
+    if why:
+        return {"skipped": why}
+    return bench_cloud_scale.run_scale(work, base_run, args, _Server, bench_upload)
+
+
 def run(args: argparse.Namespace) -> int:
     from models.train import TrainConfig, train
 
@@ -389,8 +401,12 @@ def run(args: argparse.Namespace) -> int:
         finally:
             server.stop()
         latency = None if args.skip_latency else bench_latency(work, base_run, args.journal_frames)
+        scale = _scale(work, base_run, args)
         result = {
             "ratios": {"upload/copy throughput": round(upload.pop("ratio"), 3),
+                       "upload/decode-ceiling": round(upload["decode_only_s"] / upload["upload_s"], 3),
+                       **({"upload/decode-ceiling, postgresql+s3": scale["upload/decode-ceiling"],
+                           "api-2/api-1": scale["api-2/api-1"]} if "api-2/api-1" in scale else {}),
                        "upload/copy throughput, noise JPEGs (worst case)": round(noise.pop("ratio"), 3),
                        # what "every frame must decode" alone allows: decode time vs copy time
                        "ceiling: decode-only/copy throughput": upload["ceiling_decode_only/copy"]},
@@ -399,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
             "upload_noise_jpegs": noise,
             "concurrent_devices": concurrent,
             "upload_to_serving": latency,
+            "scale": scale,
             "command": "hmd bench cloud " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "hmd bench cloud",
             "cpus": os.cpu_count(),
         }
