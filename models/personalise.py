@@ -182,11 +182,15 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     if max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
     warmup_steps = min(warmup_steps, max(1, steps_per_epoch * epochs // 4))  # short jobs still move
+    # the base run's options of the same method carry over (e.g. GREAT's aux normalisation): a
+    # fine-tune continues the base model's training, it does not switch its variant
+    base_cfg = ck.get("config", {})
+    method_options = dict(base_cfg.get("method_options") or {}) if base_cfg.get("method") == method else {}
     cfg = TrainConfig(method=method, data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       size=(h, w), width=arch.width, blocks=tuple(arch.blocks), decoder_width=arch.decoder_width,
                       decoder=arch.decoder, clean_fraction=clean_fraction, base_data=base_data, val_data=base_val_data or base_data,
                       max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True,
-                      warmup_steps=warmup_steps)
+                      warmup_steps=warmup_steps, method_options=method_options)
     mixed_td = TaskData(mixed, clean_fraction=clean_fraction)
     metrics = train(cfg, out, log=log, data=(mixed_td, wearer_val_td, mixed), should_stop=should_stop,
                     command=f"personalise({base_run})")
