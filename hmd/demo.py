@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-val-data", default=None,
                         help="the base model's validation set for the gate (default: the base run's own)")
     parser.add_argument("--job-frames", type=int, default=480, help="uploaded frames that start a job (default 480)")
-    parser.add_argument("--epochs", type=int, default=8, help="personalisation epochs (default 8)")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="personalisation epochs (default 4: 100 steps, most of the 200-step gain in half the time)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap personalisation steps per epoch")
     parser.add_argument("--lr", type=float, default=None, help="personalisation learning rate (cloud default)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed relative loss on the base set")
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=20.0, help="the simulated camera's frame rate")
     parser.add_argument("--after-frames", type=int, default=200, help="frames to run on the new model")
     parser.add_argument("--eval-frames", type=int, default=120, help="held-out frames per evaluation set")
-    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument("--timeout", type=float, default=1500.0, help="give up after this many seconds (default 1500)")
     parser.add_argument("--port", type=int, default=0, help="cloud port (0: a free one)")
     parser.add_argument("--quick", action="store_true",
                         help="a short run for tests: few frames and steps, small base data")
