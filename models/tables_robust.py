@@ -141,6 +141,20 @@ def _attack_all(args, out: Path, methods: list[str], test_set, train_eval, log_n
     return rows, reports
 
 
+def _load_sets(args, train_images: int | None = None):
+    """(train, held-out, the first --limit held-out images attacked, the first --train-limit train
+    images for the Train column); ``train_images``: a class-stratified subset of the training split."""
+    from models.labelled import load_labelled
+
+    train_set = load_labelled(args.data, "train", args.size, args.seed)
+    if train_images is not None:
+        train_set = train_set.fraction(min(1.0, train_images / len(train_set)), args.seed)
+    val_set = load_labelled(args.data, "val", args.size, args.seed)
+    test_set = val_set.subset(torch.arange(min(args.limit, len(val_set))))
+    train_eval = train_set.subset(torch.arange(min(args.train_limit, len(train_set))))
+    return train_set, val_set, test_set, train_eval
+
+
 def _train_and_attack(args, table: str, out: Path, methods: list[str], train_set, val_set, test_set, train_eval):
     """Train every defence on the same data and budget, then attack each: (options, seconds, rows, reports)."""
     from models.train_classifier import train_defended
@@ -160,16 +174,12 @@ def _train_and_attack(args, table: str, out: Path, methods: list[str], train_set
 
 def run_table1(args: argparse.Namespace) -> int:
     from models.attacks import format_table
-    from models.labelled import load_labelled
 
     torch.set_num_threads(args.threads)
     methods = _methods(args.methods)
     out = Path(args.out or "runs/table1")
     t0 = time.perf_counter()
-    train_set = load_labelled(args.data, "train", args.size, args.seed)
-    val_set = load_labelled(args.data, "val", args.size, args.seed)
-    test_set = val_set.subset(torch.arange(min(args.limit, len(val_set))))
-    train_eval = train_set.subset(torch.arange(min(args.train_limit, len(train_set))))
+    train_set, val_set, test_set, train_eval = _load_sets(args)
     options, seconds, rows, reports = _train_and_attack(args, "table1", out, methods, train_set, val_set, test_set,
                                                         train_eval)
     result = {
@@ -232,20 +242,15 @@ def format_table5(rows: dict[str, dict[str, float | None]]) -> str:
 
 
 def run_table5(args: argparse.Namespace) -> int:
-    from models.labelled import load_labelled
     from shared.errors import UserError
 
     torch.set_num_threads(args.threads)
     methods = _methods(args.methods)
     out = Path(args.out or "runs/table5")
     t0 = time.perf_counter()
-    full = load_labelled(args.data, "train", args.size, args.seed)
     if args.train_images < 10:
         raise UserError("--train-images must be >= 10")
-    train_set = full.fraction(min(1.0, args.train_images / len(full)), args.seed)
-    val_set = load_labelled(args.data, "val", args.size, args.seed)
-    test_set = val_set.subset(torch.arange(min(args.limit, len(val_set))))
-    train_eval = train_set.subset(torch.arange(min(args.train_limit, len(train_set))))
+    train_set, _, test_set, train_eval = _load_sets(args, args.train_images)
     options, seconds, rows, reports = _train_and_attack(args, "table5", out, methods, train_set, test_set, test_set,
                                                         train_eval)
     result = {

@@ -113,13 +113,16 @@ def test_joint_bn_batch_sends_the_student_a_term_algorithm_2_does_not_have():
 def test_hmd_distill_cli_and_bad_input(tmp_path, capsys, pinned_runs):
     teacher = pinned_runs / "defend-great+ce"  # runs of `hmd defend` / `hmd distill` (tests/models/pinned_runs.py)
     opts = json.loads((pinned_runs / "distill-great" / "metrics.json").read_text())["config"]["options"]
-    assert opts["alpha"] == 0.1 and opts["grad_bn"] == "detached"  # the paper's alpha, our default
+    assert opts["alpha"] == 0.1 and opts["grad_bn"] == "detached"  # the paper's alpha; the pinned fast flag
     exact = tmp_path / "exact"
-    assert main(["distill", "--teacher", str(teacher), "--method", "great", "--grad-bn", "batch", "--disc-arch",
-                 "cnn5", "--disc-width", "4", "--data", "synthetic:24", "--epochs", "1", "--width", "4",
-                 "--max-steps", "1", "--out", str(exact)]) == 0
+    assert main(["distill", "--teacher", str(teacher), "--method", "great", "--data", "synthetic:24", "--epochs",
+                 "1", "--width", "4", "--max-steps", "1", "--out", str(exact)]) == 0
     opts = json.loads((exact / "metrics.json").read_text())["config"]["options"]
-    assert (opts["grad_bn"], opts["disc_arch"], opts["disc_width"]) == ("batch", "cnn5", 4)
+    # the paper's defaults, recorded: the student's architecture and width, two BN batches, no normalisation
+    assert (opts["grad_bn"], opts["disc_arch"], opts["disc_bn"], opts["disc_norm"]) == ("batch", "cnn5", "separate",
+                                                                                        "none")
+    assert torch.load(exact / "checkpoint.pt", weights_only=False)["distiller"][
+        "discriminator.features.0.weight"].shape[0] == 4  # as wide as the --width 4 student
     kd = tmp_path / "kd"
     assert main(["distill", "--teacher", str(teacher), "--method", "kd", "--fraction", "0.5",
                  "--data", "synthetic:24", "--epochs", "1", "--width", "4", "--max-steps", "1",
