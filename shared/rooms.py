@@ -953,7 +953,12 @@ def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | Non
     # world directions (z-depth parameterised: the camera-frame ray has z = 1)
     d = [rot[i, 0] * rx + rot[i, 1] * ry + rot[i, 2] for i in range(3)]
     p = [np.float32(c) for c in cam.position]
-    inv = [np.float32(1.0) / np.where(np.abs(di) < 1e-9, np.float32(1e-9), di) for di in d]
+    # a component within 1e-9 of zero (a ray parallel to a plane: exactly 0 on the middle row or column of
+    # an odd-sized view looking along an axis) gets +-1e-9 with the sign the plane choice below assumes
+    # (d > 0: the far plane, else the near one), so the parallel plane's t is huge and positive, never
+    # huge and negative
+    tiny = np.float32(1e-9)
+    inv = [np.float32(1.0) / np.where(np.abs(di) < tiny, np.where(di > 0, tiny, -tiny), di) for di in d]
     size3 = [np.float32(s) for s in room.size]
     # the room's planes: along each axis the ray leaves through the plane it moves towards
     ta = [(np.where(d[i] > 0, size3[i], np.float32(0.0)) - p[i]) * inv[i] for i in range(3)]

@@ -216,3 +216,14 @@ def test_bad_input_is_one_clear_line(call, message):
     with pytest.raises(UserError, match=message) as err:
         call()
     assert "\n" not in str(err.value)
+
+
+def test_a_ray_parallel_to_a_plane_still_meets_the_room_in_front():
+    # an odd-sized view looking straight along an axis: the middle row's rays have a y component of
+    # exactly 0 (parallel to the floor and ceiling); their depth was -1.6e9 before the fix
+    room = rooms.make_room("bare", 0, 0)
+    width, _, depth = room.size
+    cam = rooms.Camera.looking((width / 2, 1.6, depth / 2), 0.0, 0.0, 0.0, 66.0)
+    frame = rooms.render(room, cam, (61, 81))
+    assert np.isfinite(frame.depth).all() and frame.depth.min() > 0.3
+    assert frame.depth.max() < np.hypot(width, depth)
