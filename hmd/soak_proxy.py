@@ -47,6 +47,7 @@ class FlakyProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Future] = set()  # strong references: asyncio keeps only weak ones
 
     @property
     def url(self) -> str:
@@ -61,10 +62,10 @@ class FlakyProxy:
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
-            tasks = asyncio.all_tasks(self._loop)  # connections still open: close them
-            for task in tasks:
-                task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            while tasks := asyncio.all_tasks(self._loop):  # connections still open: close them
+                for task in tasks:
+                    task.cancel()
+                self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             self._server.close()
             self._loop.run_until_complete(self._server.wait_closed())
             self._loop.close()
@@ -78,7 +79,7 @@ class FlakyProxy:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(60)
 
     def _plan(self) -> tuple[str | None, int]:
         """(direction to cut or None, after how many bytes)."""
@@ -88,7 +89,13 @@ class FlakyProxy:
             return "up", self.rng.randrange(self.upstream_cut_bytes)
         return "down", self.rng.randrange(self.downstream_cut_bytes)
 
+    def _keep(self, task: asyncio.Future) -> asyncio.Future:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self._keep(asyncio.current_task())
         self.stats.connections += 1
         direction, at = self._plan()
         try:
@@ -123,17 +130,16 @@ class FlakyProxy:
             except (ConnectionError, OSError):
                 cut.set()
 
-        up = asyncio.ensure_future(pipe(client_r, server_w, "up"))
-        down = asyncio.ensure_future(pipe(server_r, client_w, "down"))
-        waiter = asyncio.ensure_future(cut.wait())
+        up = self._keep(asyncio.ensure_future(pipe(client_r, server_w, "up")))
+        down = self._keep(asyncio.ensure_future(pipe(server_r, client_w, "down")))
+        waiter = self._keep(asyncio.ensure_future(cut.wait()))
         pending = {up, down, waiter}
         try:
             while not cut.is_set() and not (up.done() and down.done()):
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        finally:  # no await here: the proxy's loop may be closing this coroutine
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
         if cut.is_set():
             client_w.transport.abort()
             server_w.transport.abort()
