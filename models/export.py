@@ -123,9 +123,9 @@ class _CalibrationReader:
 def int8_method(space_to_depth: bool) -> str:
     """The manifest's quantisation method string."""
     layout = ("decoder stages of <= 8 channels in space-to-depth form (nearest x2 upsample + conv "
-              "as one sub-pixel conv); " if space_to_depth else "")
+              "as one sub-pixel conv, also through a concat with the input image); " if space_to_depth else "")
     return ("onnxruntime static QDQ, per-channel symmetric int8 weights, uint8 activations, MinMax; " + layout
-            + "input normalisation, stem conv, output convs and sigmoids kept FP32")
+            + "input normalisation, stem conv and each output's path from its last conv kept FP32")
 
 
 def quantise_int8(fp32_path: Path, out_path: Path, calib_frames: np.ndarray) -> dict[str, Any]:

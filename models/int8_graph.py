@@ -27,6 +27,8 @@ The rewritten FP32 graph matches the original to float rounding (checked at expo
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -78,6 +80,22 @@ def s2d_weights(w: np.ndarray) -> tuple[np.ndarray, int]:
     return out, r
 
 
+def concat_weights(w: np.ndarray, parts: Sequence[tuple[int, bool]]) -> tuple[np.ndarray, int]:
+    """``conv(w)`` on the channel concat of parts (channels, upsampled): nearest-x2-upsampled maps
+    and full-resolution maps == ``conv(W)`` on the half-resolution concat of the upsampled parts'
+    inputs and the full-resolution parts' ``SpaceToDepth(2)``, then ``DepthToSpace(2, DCR)``: W is
+    each part's input-channel slice of w as its sub-pixel or s2d weight, side by side (the sum of
+    the parts' convs is one conv over their concat). Returns W and its padding."""
+    if sum(c for c, _ in parts) != w.shape[1]:
+        raise ValueError(f"parts of {[c for c, _ in parts]} channels for a weight of {w.shape[1]} inputs")
+    pieces, start, r = [], 0, 0
+    for c, up in parts:
+        piece, r = (subpixel_weights if up else s2d_weights)(w[:, start:start + c])
+        pieces.append(piece)
+        start += c
+    return np.concatenate(pieces, axis=1), r
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -86,10 +104,34 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Channel count (dim 1) of every tensor whose shape ONNX shape inference knows."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - onnx raises its own types; unknown shapes just mean no match
+        inferred = model
+    g = inferred.graph
+    out: dict[str, int] = {}
+    for v in list(g.input) + list(g.value_info) + list(g.output):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[1].HasField("dim_value"):
+            out[v.name] = dims[1].dim_value
+    for i in g.initializer:
+        if len(i.dims) == 4:
+            out[i.name] = i.dims[1]
+    return out
+
+
 def space_to_depth_rewrite(model: onnx.ModelProto, max_channels: int = S2D_MAX_CHANNELS) -> tuple[onnx.ModelProto, int]:
     """Rewrite nearest-x2-Resize + conv and the small-channel full-resolution region after it into
     space-to-depth form (see the module docstring). Returns a new model and the number of convs
-    rewritten (0: nothing matched, the model is returned unchanged)."""
+    rewritten (0: nothing matched, the model is returned unchanged).
+
+    The Resize may also reach its convs through a channel ``Concat`` with full-resolution tensors
+    (the camera decoder's ``conv(concat([up(h), x]))``). Split along its input channels, such a conv
+    is ``subpixel_conv(h) + s2d_conv(SpaceToDepth(x))``, both on the half-resolution grid with the
+    same kernel size, so it is emitted as one conv on ``Concat([h, SpaceToDepth(x)])`` whose weight
+    is the two parts' weights side by side (one bias)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
@@ -97,6 +139,7 @@ def space_to_depth_rewrite(model: onnx.ModelProto, max_channels: int = S2D_MAX_C
     for n in g.node:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
     graph_outputs = {o.name for o in g.output}
 
     def weight(n: onnx.NodeProto) -> np.ndarray | None:
@@ -119,31 +162,66 @@ def space_to_depth_rewrite(model: onnx.ModelProto, max_channels: int = S2D_MAX_C
     def bias(n: onnx.NodeProto) -> np.ndarray | None:
         return init[n.input[2]] if len(n.input) > 2 and n.input[2] else None
 
-    def upsample2(n: onnx.NodeProto) -> bool:
-        """A nearest x2 Resize whose every consumer is a plain conv small enough for s2d form."""
-        if n.op_type != "Resize" or len(n.input) < 3 or n.input[2] not in init:
-            return False
+    def small_conv(c: onnx.NodeProto, t: str) -> bool:
+        """``c`` is a plain conv on ``t`` with at most ``max_channels`` outputs."""
+        return c.input[0] == t and (w := weight(c)) is not None and w.shape[0] <= max_channels
+
+    def small_convs(t: str) -> bool:
+        """Every consumer of ``t`` is a small plain conv on it."""
+        cons = consumers.get(t, [])
+        return bool(cons) and t not in graph_outputs and all(small_conv(c, t) for c in cons)
+
+    def x2(t: str) -> str | None:
+        """The low-resolution input of ``t`` when ``t`` is a nearest x2 upsample, else None."""
+        n = producer.get(t)
+        if n is None or n.op_type != "Resize" or len(n.input) < 3 or n.input[2] not in init:
+            return None
         a = _attrs(n)
         scales = init[n.input[2]]
         if (_text(a.get("mode", "nearest")) != "nearest" or scales.shape != (4,) or list(scales) != [1, 1, 2, 2]
                 or (len(n.input) > 3 and n.input[3])):
-            return False
+            return None
         # for an exact x2 these modes all pick source pixel floor(out / 2)
         if _text(a.get("coordinate_transformation_mode", "half_pixel")) not in ("asymmetric", "half_pixel",
                                                                               "pytorch_half_pixel"):
-            return False
+            return None
         if _text(a.get("nearest_mode", "round_prefer_floor")) not in ("floor", "round_prefer_floor"):
-            return False
-        cons = consumers.get(n.output[0], [])
-        return bool(cons) and n.output[0] not in graph_outputs and all(
-            c.input[0] == n.output[0] and (w := weight(c)) is not None and w.shape[0] <= max_channels for c in cons)
+            return None
+        return n.input[0]
 
-    ups = {n.output[0]: n for n in g.node if upsample2(n)}
-    if not ups:
+    channels: dict[str, int] | None = None
+
+    def split_concat(n: onnx.NodeProto) -> list[tuple[str, int, bool]] | None:
+        """A channel Concat of at least one x2 upsample and full-resolution maps of at most
+        ``max_channels`` channels, read only by small plain convs: its parts as (tensor, channels,
+        upsampled), else None."""
+        nonlocal channels
+        a = _attrs(n)
+        if n.op_type != "Concat" or a.get("axis") not in (1, -3) or not any(x2(t) for t in n.input):
+            return None
+        if not small_convs(n.output[0]):
+            return None
+        if channels is None:
+            channels = _channels(model)
+        parts = [(t, channels.get(t), x2(t) is not None) for t in n.input]
+        if any(c is None or (not up and c > max_channels) for _, c, up in parts):
+            return None
+        total = sum(c for _, c, _ in parts)
+        if any(weight(c).shape[1] != total for c in consumers[n.output[0]]):
+            return None
+        return parts
+
+    concats = {n.output[0]: parts for n in g.node if (parts := split_concat(n)) is not None}
+    ups = {n.output[0]: n for n in g.node if x2(n.output[0]) is not None and n.output[0] not in graph_outputs
+           and consumers.get(n.output[0])
+           and all(c.output[0] in concats or small_conv(c, n.output[0]) for c in consumers[n.output[0]])}
+    if not ups and not concats:
         return model, 0
     nodes: list[onnx.NodeProto] = []
     new_init: list[onnx.TensorProto] = []
     s2d: dict[str, str] = {}  # full-resolution tensor -> its s2d form
+    low: dict[str, str] = {}  # rewritten Concat's output -> the half-resolution Concat of its parts
+    made: dict[str, str] = {}  # full-resolution tensor outside the region -> its SpaceToDepth
     restored: set[str] = set()
     count = [0, 0]  # unique-name counter, convs rewritten
 
@@ -171,11 +249,34 @@ def space_to_depth_rewrite(model: onnx.ModelProto, max_channels: int = S2D_MAX_C
                                           blocksize=2, mode="DCR"))
             restored.add(t)
 
+    def to_s2d(t: str) -> str:
+        """The s2d form of ``t``: the region's own, else one SpaceToDepth (shared by all users)."""
+        if t in s2d:
+            return s2d[t]
+        if t not in made:
+            made[t] = fresh(t)
+            nodes.append(helper.make_node("SpaceToDepth", [t], [made[t]], name=fresh("space_to_depth"), blocksize=2))
+        return made[t]
+
     for n in g.node:
         if n.op_type == "Resize" and n.output[0] in ups:
             continue  # every consumer becomes a sub-pixel conv
+        if n.op_type == "Concat" and n.output[0] in concats:
+            ins = []
+            for t, _, up in concats[n.output[0]]:
+                if up:
+                    restore(x2(t))  # the Resize input may itself be in s2d form
+                    ins.append(x2(t))
+                else:
+                    ins.append(to_s2d(t))
+            low[n.output[0]] = fresh(n.output[0])
+            nodes.append(helper.make_node("Concat", ins, [low[n.output[0]]], name=fresh(n.name or "concat"), axis=1))
+            continue
+        if n.op_type == "Conv" and n.input[0] in low:
+            emit_conv(n, low[n.input[0]], *concat_weights(weight(n), [(c, up) for _, c, up in concats[n.input[0]]]))
+            continue
         if n.op_type == "Conv" and n.input[0] in ups:
-            x = ups[n.input[0]].input[0]
+            x = x2(n.input[0])
             restore(x)  # the Resize input may itself be in s2d form
             emit_conv(n, x, *subpixel_weights(weight(n)))
             continue
@@ -206,11 +307,16 @@ def space_to_depth_rewrite(model: onnx.ModelProto, max_channels: int = S2D_MAX_C
     return model, count[1]
 
 
+_OUTPUT_PATH = ("Sigmoid", "Clip", "Add", "Sub", "Mul", "DepthToSpace", "Expand", "Slice")
+
+
 def float_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes the INT8 model keeps in FP32 (``nodes_to_exclude``), each slower or lossier in INT8:
     the input normalisation and the stem conv (1 input channel: 0.16 ms INT8 against 0.03 ms FP32,
-    and it would quantise the raw pixels), and each dense head's output conv, its sigmoid and
-    the DepthToSpace after it (the outputs stay full-precision)."""
+    and it would quantise the raw pixels), and each dense head's output path: from every graph
+    output back to its last conv, that conv included (the paper decoder's conv, sigmoid and
+    DepthToSpace; the camera decoder's linear 1x1 conv, DepthToSpace, the residual Add of the
+    input gray, its Expand/Slice, and the Clip), so the outputs stay full-precision."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     init = {i.name: i for i in g.initializer}
@@ -222,11 +328,12 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
             pre.update(n.output)
         elif n.op_type == "Conv" and n.input[1] in init and init[n.input[1]].dims[1] == 1:
             names.append(n.name)
-        elif n.op_type == "Sigmoid":
-            names.append(n.name)
-            p = producer.get(n.input[0])
-            if p is not None and p.op_type == "Conv":
-                names.append(p.name)
-        elif n.op_type == "DepthToSpace" and (p := producer.get(n.input[0])) is not None and p.op_type == "Sigmoid":
-            names.append(n.name)
+    todo = [o.name for o in g.output]
+    while todo:  # each output's path back to its last conv
+        n = producer.get(todo.pop())
+        if n is None or n.name in names or n.op_type not in _OUTPUT_PATH + ("Conv",):
+            continue
+        names.append(n.name)
+        if n.op_type != "Conv":
+            todo.extend(t for t in n.input if t and t not in init)
     return names

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.export import _onnx_export, export_onnx, onnx_outputs
-from models.int8_graph import float_nodes, s2d_weights, space_to_depth_rewrite, subpixel_weights
+from models.export import _onnx_export, export_onnx, onnx_outputs, quantise_int8
+from models.int8_graph import (concat_weights, float_nodes, s2d_weights, space_to_depth_rewrite,
+                               subpixel_weights)
 from models.network import MultiTaskNet, NetConfig
 
 
@@ -36,6 +37,55 @@ def test_weight_transforms_are_exact(k):
     np.testing.assert_allclose(depth_to_space(conv(x, wp, r)), conv(up, w, k // 2), atol=1e-4)
     ws, r = s2d_weights(w)
     np.testing.assert_allclose(depth_to_space(conv(space_to_depth(up), ws, r)), conv(up, w, k // 2), atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_concat_split_is_exact(k):
+    """conv(concat([up(h), x]), w) == DepthToSpace(conv(concat([h, SpaceToDepth(x)]), W))."""
+    rng = np.random.default_rng(k)
+    h = rng.standard_normal((1, 3, 5, 7)).astype(np.float32)
+    x = rng.standard_normal((1, 2, 10, 14)).astype(np.float32)
+    w = rng.standard_normal((4, 5, k, k)).astype(np.float32)
+    ref = conv(np.concatenate([np.repeat(np.repeat(h, 2, 2), 2, 3), x], 1), w, k // 2)
+    wc, r = concat_weights(w, [(3, True), (2, False)])
+    assert wc.shape == (16, 3 + 4 * 2, 2 * r + 1, 2 * r + 1)
+    np.testing.assert_allclose(depth_to_space(conv(np.concatenate([h, space_to_depth(x)], 1), wc, r)), ref, atol=1e-4)
+    with pytest.raises(ValueError):
+        concat_weights(w, [(3, True), (1, False)])
+
+
+def test_camera_decoder_is_rewritten_exactly_and_quantised_with_fp32_outputs(tiny_camera_model, tmp_path):
+    """The camera decoder (width 4, 48x64: every decoder stage has 8 channels): each stage's
+    conv(concat([up(h), image])) and everything after it runs in s2d form, the FP32 graph is
+    unchanged to float rounding, and the INT8 model keeps each output's path in FP32."""
+    fp32 = onnx.load(str(tiny_camera_model))
+    model, n = space_to_depth_rewrite(fp32)
+    convs = [x for x in fp32.graph.node if x.op_type == "Conv" and "heads" in x.input[1]]
+    assert n == len(convs) == 30  # 3 decoders x (3 stages x 3 convs + the output conv)
+    onnx.checker.check_model(model)
+    ops = [x.op_type for x in model.graph.node]
+    assert "Resize" not in ops and ops.count("SpaceToDepth") == 3  # the input at 1/4, 1/2 and full size
+    s2d = tmp_path / "s2d.onnx"
+    onnx.save(model, str(s2d))
+    frames = np.random.default_rng(0).random((8, 1, 48, 64), dtype=np.float32)
+    for a, b in zip(onnx_outputs(tiny_camera_model, frames[:3]), onnx_outputs(s2d, frames[:3])):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    by_name = {x.name: x for x in model.graph.node}
+    kept = [by_name[x].op_type for x in float_nodes(model)]
+    # stem conv + 3 output convs; the residual Add of the input gray and its Expand on colour and denoised
+    assert kept.count("Conv") == 4 and kept.count("Clip") == 3 and kept.count("DepthToSpace") == 3
+    assert kept.count("Add") == 2 and kept.count("Expand") == 2
+    q = tmp_path / "q.onnx"
+    info = quantise_int8(tiny_camera_model, q, frames)
+    assert info["space_to_depth_convs"] == 30 and info["space_to_depth_max_abs_diff"] < 1e-4
+    qg = onnx.load(str(q)).graph
+    producer = {o: x for x in qg.node for o in x.output}
+    for out in qg.output[1:]:  # each dense output: Clip of FP32 values, not of a dequantised tensor
+        clip = producer[out.name]
+        assert clip.op_type == "Clip" and producer[clip.input[0]].op_type in ("Add", "DepthToSpace")
+    assert sum(x.op_type == "QuantizeLinear" for x in qg.node) > 20
+    for a, b in zip(onnx_outputs(tiny_camera_model, frames[:4])[1:], onnx_outputs(q, frames[:4])[1:]):
+        assert np.sqrt(((a - b) ** 2).mean()) < 0.02
 
 
 def _trained_like(cfg: NetConfig) -> MultiTaskNet:
