@@ -39,35 +39,9 @@ def _wait_processes(proc: subprocess.Popen, n: int, timeout: float = 180.0) -> N
 
 
 def _load(url: str, tokens: list[str], bodies: list[list[bytes]]) -> dict:
-    """Every device posts its batches at once, retrying like the sync client; acknowledged counts."""
-    import httpx
+    from hmd.bench_cloud import post_batches
 
-    from shared.wire import UPLOAD_CONTENT_TYPE
-
-    acked = [0] * len(tokens)
-    errors: list[str] = []
-
-    def device(i: int) -> None:
-        with httpx.Client(timeout=120) as http:
-            for body in bodies[i]:
-                for attempt in range(12):
-                    try:
-                        r = http.post(f"{url}/v1/uploads", content=body, headers={
-                            "Authorization": f"Bearer {tokens[i]}", "Content-Type": UPLOAD_CONTENT_TYPE})
-                        if r.status_code in (200, 201):
-                            acked[i] += 1
-                            break
-                        errors.append(f"{r.status_code}")
-                    except httpx.HTTPError as exc:  # a killed API process: retry, as a headset does
-                        errors.append(type(exc).__name__)
-                    time.sleep(min(5.0, 0.2 * 2 ** attempt))
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=device, args=(i,)) for i in range(len(tokens))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    acked, errors, elapsed = post_batches(url, tokens, bodies, attempts=12, max_sleep=5.0)
     sent = sum(len(b) for b in bodies)
     return {"uploads_sent": sent, "uploads_acknowledged": sum(acked), "seconds": round(elapsed, 2),
             "uploads_per_s": round(sent / elapsed, 2), "retried_errors": len(errors)}
