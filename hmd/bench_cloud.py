@@ -77,7 +77,7 @@ class _Server:
                                       "--port", str(self.port), "--log-level", "warning", *flags], cwd=ROOT,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})})
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # a loaded machine: several processes import torch/fastapi at once
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited: {Path(self.log.name).read_text()[-2000:]}")
