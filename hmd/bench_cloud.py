@@ -384,7 +384,7 @@ def _scale(work: Path, base_run: Path, args: argparse.Namespace) -> dict:
     why = why or bench_cloud_scale.available()
     if why:
         return {"skipped": why}
-    return bench_cloud_scale.run_scale(work, base_run, args, _Server, bench_upload)
+    return bench_cloud_scale.run_scale(work, base_run, args, sys.modules[__name__])
 
 
 def run(args: argparse.Namespace) -> int:
