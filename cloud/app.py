@@ -55,15 +55,3 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> FastAPI:
 
     return app
 
-
-def app_from_environment() -> FastAPI:
-    """The app of one of `hmd cloud serve --workers N`'s processes (uvicorn's factory): the
-    settings the parent resolved, from its environment."""
-    import json
-    import os
-
-    from cloud.cli import SETTINGS_ENV, configure_logging
-
-    settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
-    configure_logging(settings.log_level)
-    return create_app(settings)

@@ -140,15 +140,3 @@ try:
     _LIBC = ctypes.CDLL(None, use_errno=True)
 except OSError:  # pragma: no cover - not Linux
     _LIBC = None
-
-
-def open_blob_store(url: str, s3_endpoint_url: str | None = None) -> BlobStore:
-    """``file://PATH`` (the embedded default) or ``s3://BUCKET[/PREFIX]`` (at ``s3_endpoint_url``,
-    else AWS)."""
-    if url.startswith("file://"):
-        return LocalBlobStore(url[len("file://"):])
-    if url.startswith("s3://"):
-        from cloud.s3 import S3BlobStore
-
-        return S3BlobStore(url, endpoint_url=s3_endpoint_url)
-    raise UserError(f"blob store {url!r}: use file://PATH or s3://BUCKET[/PREFIX]")

@@ -257,7 +257,7 @@ def serve(args: argparse.Namespace) -> int:
         from uvicorn.supervisors import Multiprocess
 
         os.environ[SETTINGS_ENV] = json.dumps(settings.to_json())
-        config = uvicorn.Config("cloud.app:app_from_environment", factory=True, workers=processes, log_config=None,
+        config = uvicorn.Config("cloud.cli:app_from_environment", factory=True, workers=processes, log_config=None,
                                 log_level=settings.log_level, timeout_graceful_shutdown=3)
         log.info("serving %s on http://%s:%d with %d API processes (Ctrl+C stops them)", settings.data_dir,
                  settings.host, settings.port, processes)
@@ -287,6 +287,20 @@ def serve(args: argparse.Namespace) -> int:
         print("hmd cloud: error: the service did not start (see the log above)", file=sys.stderr)
         return 1
     return 0
+
+
+def app_from_environment():
+    """The app of one of `serve --workers N`'s processes (uvicorn's factory): the settings the
+    parent resolved, from its environment."""
+    import json
+    import os
+
+    from cloud.app import create_app
+    from cloud.settings import Settings
+
+    settings = Settings.from_json(json.loads(os.environ[SETTINGS_ENV]))
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -326,7 +340,7 @@ def worker(args: argparse.Namespace) -> int:
 
 def add_device(args: argparse.Namespace) -> int:
     from cloud.keys import DEVICE_NAME, SigningKey, new_token, token_sha256
-    from cloud.storage import open_storage
+    from cloud.backends import open_storage
 
     settings = settings_from_args(args)
     if not DEVICE_NAME.match(args.name):
@@ -347,7 +361,7 @@ def add_device(args: argparse.Namespace) -> int:
 
 def _open_existing_storage(settings):
     """The metadata database of an existing data folder (listing or rotating never creates one)."""
-    from cloud.storage import open_storage
+    from cloud.backends import open_storage
 
     if settings.database_url is None and not (settings.data_dir / "cloud.sqlite3").is_file():
         raise UserError(f"no cloud data in {settings.data_dir} (`hmd cloud add-device` or `serve` creates it)")

@@ -7,14 +7,15 @@ import logging
 import shutil
 from typing import Any
 
-from cloud.blobs import BlobStore, open_blob_store
+from cloud.backends import open_blob_store, open_storage
+from cloud.blobs import BlobStore
 from cloud.events import EventBroker
 from cloud.jobqueue import JobQueue, open_queue
 from cloud.keys import SigningKey
 from cloud.limits import PerDeviceSlots
 from cloud.registry import ModelRegistry
 from cloud.settings import Settings
-from cloud.storage import Storage, open_storage
+from cloud.storage import Storage
 from cloud.worker import JobRunner, Worker
 from shared.errors import UserError
 

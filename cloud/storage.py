@@ -691,15 +691,3 @@ class SQLiteStorage(SQLStorage):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def open_storage(url: str) -> Storage:
-    """``sqlite:///PATH`` (the embedded default) or ``postgresql://USER[:PASSWORD]@HOST[:PORT]/DB``."""
-    if url.startswith("sqlite:///"):
-        return SQLiteStorage(url[len("sqlite:///"):])
-    if url.startswith(("postgresql://", "postgres://")):
-        from cloud.postgres import PostgresStorage
-
-        return PostgresStorage(url)
-    raise UserError(f"database {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
-

@@ -38,47 +38,21 @@ def _wait_processes(proc: subprocess.Popen, n: int, timeout: float = 180.0) -> N
         time.sleep(0.2)
 
 
-def _load(url: str, tokens: list[str], bodies: list[list[bytes]]) -> dict:
-    """Every device posts its batches at once, retrying like the sync client; acknowledged counts."""
-    import httpx
-
-    from shared.wire import UPLOAD_CONTENT_TYPE
-
-    acked = [0] * len(tokens)
-    errors: list[str] = []
-
-    def device(i: int) -> None:
-        with httpx.Client(timeout=120) as http:
-            for body in bodies[i]:
-                for attempt in range(12):
-                    try:
-                        r = http.post(f"{url}/v1/uploads", content=body, headers={
-                            "Authorization": f"Bearer {tokens[i]}", "Content-Type": UPLOAD_CONTENT_TYPE})
-                        if r.status_code in (200, 201):
-                            acked[i] += 1
-                            break
-                        errors.append(f"{r.status_code}")
-                    except httpx.HTTPError as exc:  # a killed API process: retry, as a headset does
-                        errors.append(type(exc).__name__)
-                    time.sleep(min(5.0, 0.2 * 2 ** attempt))
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=device, args=(i,)) for i in range(len(tokens))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+def _load(bench, url: str, tokens: list[str], bodies: list[list[bytes]]) -> dict:
+    acked, errors, elapsed = bench.post_batches(url, tokens, bodies, attempts=12, max_sleep=5.0)
     sent = sum(len(b) for b in bodies)
     return {"uploads_sent": sent, "uploads_acknowledged": sum(acked), "seconds": round(elapsed, 2),
             "uploads_per_s": round(sent / elapsed, 2), "retried_errors": len(errors)}
 
 
-def run_scale(work: Path, base_run: Path, args, server_cls, add_upload_bench) -> dict:
-    """``server_cls``/``add_upload_bench``: bench_cloud's server wrapper and large-upload bench."""
+def run_scale(work: Path, base_run: Path, args, bench) -> dict:
+    """``bench``: the hmd.bench_cloud module (its server wrapper, upload bench and frame makers;
+    passed in, not imported, so the two modules do not import each other)."""
     from cloud.keys import new_token, token_sha256
     from cloud.services import Services
     from cloud.settings import Settings
-    from hmd.bench_cloud import _scene_frames
+
+    server_cls, add_upload_bench, _scene_frames = bench._Server, bench.bench_upload, bench._scene_frames
 
     for k, v in S3_ENV.items():
         os.environ.setdefault(k, v)
@@ -117,13 +91,13 @@ def run_scale(work: Path, base_run: Path, args, server_cls, add_upload_bench) ->
                 server = server_cls(data, "--auto-job-frames", "0", "--no-worker", "--workers", str(n), env=env)
                 try:
                     _wait_processes(server.proc, n) if n > 1 else None
-                    rounds.setdefault(n, []).append(_load(server.url, sims, bodies))
+                    rounds.setdefault(n, []).append(_load(bench, server.url, sims, bodies))
                 finally:
                     server.stop()
             per_s = {n: sum(r["uploads_per_s"] for r in rs) / len(rs) for n, rs in rounds.items()}
 
             # 3. kills: two API processes and two workers; one of each is SIGKILLed mid-run
-            kills = _kill_round(data, env, server_cls, storage, tokens, args)
+            kills = _kill_round(bench, data, env, storage, tokens, args)
         finally:
             storage.close()
     return {"upload/decode-ceiling": round(upload["decode_only_s"] / upload["upload_s"], 3), "upload": upload,
@@ -137,9 +111,8 @@ def _body(make, n: int, start: int) -> bytes:
     return build_upload_archive(make(n, start))
 
 
-def _kill_round(data: Path, env: dict, server_cls, storage, tokens: dict, args) -> dict:
-    from hmd.bench_cloud import _scene_frames
-
+def _kill_round(bench, data: Path, env: dict, storage, tokens: dict, args) -> dict:
+    server_cls, _scene_frames = bench._Server, bench._scene_frames
     kill_env = {**env, "HMD_CLOUD_RUNNER": KILL_RUNNER, "HMD_CLOUD_JOB_LEASE_S": "3"}
     per = args.frames_per_batch
     sims = [tokens[f"sim{i:02d}"] for i in range(args.devices)]
@@ -155,7 +128,7 @@ def _kill_round(data: Path, env: dict, server_cls, storage, tokens: dict, args) 
     try:
         _wait_processes(server.proc, 2)
         result: dict = {}
-        loader = threading.Thread(target=lambda: result.update(_load(server.url, sims, bodies)))
+        loader = threading.Thread(target=lambda: result.update(_load(bench, server.url, sims, bodies)))
         loader.start()
         time.sleep(2.0)
         victim = _children(server.proc.pid)[0]  # uvicorn's supervisor starts a new one in its place

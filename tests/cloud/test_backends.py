@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from cloud.blobs import open_blob_store
-from cloud.storage import MIGRATIONS, SCHEMA_VERSION, FrameRow, SQLiteStorage, Version, open_storage
+from cloud.backends import open_blob_store, open_storage
+from cloud.storage import MIGRATIONS, SCHEMA_VERSION, FrameRow, SQLiteStorage, Version
 from shared.errors import UserError
 
 

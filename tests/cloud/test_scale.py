@@ -93,22 +93,21 @@ def test_worker_killed_mid_job_loses_its_lease_and_another_finishes_it(shared):
         stop(second, signal.SIGKILL)
 
 
-def test_a_job_that_keeps_killing_workers_ends_at_the_attempt_limit(shared):
+def test_a_job_that_kills_its_worker_ends_at_the_attempt_limit_with_its_reason(shared):
+    """Attempt limit 1 (the contract tests count attempts; here a real worker process dies)."""
     data, url, storage = shared
     _, job = queued_job(storage)
-    for attempt in (1, 2):
-        proc = worker(data, url, "tests.cloud.scale_fakes:kill_worker", "--job-lease-s", "0.5",
-                      "--max-job-attempts", "2")
-        try:
-            assert proc.wait(60) == -signal.SIGKILL  # the job killed it
-        finally:
-            stop(proc, signal.SIGKILL)
-        assert (data / f"attempt-{job.id}-{attempt}").exists()
-    wait_for(lambda: storage.requeue_expired(max_attempts=2)[1] == [job.id], timeout=10,
-             what="the last lease to expire")  # what every worker's claim loop does
+    proc = worker(data, url, "tests.cloud.scale_fakes:kill_worker", "--job-lease-s", "0.5", "--max-job-attempts", "1")
+    try:
+        assert proc.wait(60) == -signal.SIGKILL  # the job killed it
+    finally:
+        stop(proc, signal.SIGKILL)
+    assert (data / f"attempt-{job.id}-1").exists() and storage.job(job.id).state == "running"
+    wait_for(lambda: storage.requeue_expired(max_attempts=1)[1] == [job.id], timeout=10,
+             what="the dead worker's lease to expire")  # what every worker's claim loop does
     failed = storage.job(job.id)
-    assert failed.state == "failed" and failed.attempts == 2
-    assert failed.reason == "interrupted 2 times (its worker died (lease expired) each time)"
+    assert failed.state == "failed" and failed.attempts == 1
+    assert failed.reason == "interrupted 1 times (its worker died (lease expired) each time)"
     assert storage.claim_next_job("w", 30) is None
 
 
@@ -168,3 +167,47 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_api_on_postgresql_and_s3_stores_uploads_once_and_serves_the_model(shared, s3_server):
+    """The HTTP API in-process on both scaled back-ends: an upload's frames are S3 objects and
+    its rows PostgreSQL's, a repeat is the same upload, and the model downloads with its ETag."""
+    import hashlib
+    import secrets
+
+    from fastapi.testclient import TestClient
+
+    from cloud.app import create_app
+    from cloud.backends import open_blob_store
+    from cloud.blobs import LocalBlobStore
+    from cloud.keys import new_token, token_sha256
+    from cloud.settings import Settings
+    from tests.cloud import fakes
+
+    data, url, storage = shared
+    blob_url = f"s3://hmd-api-{secrets.token_hex(4)}/b"
+    s3 = open_blob_store(blob_url, s3_server.endpoint)
+    base = storage.version("base-v1")
+    local = LocalBlobStore(data / "blobs")
+    for sha in (base.onnx_sha256, base.manifest_sha256):  # the base model moves to the object store
+        assert s3.put_file(local._path(sha), sha) == sha
+    token = new_token("wearer1")
+    storage.add_device("wearer1", token_sha256(token))
+    headers = {"Authorization": f"Bearer {token}"}
+    frames = jpeg_frames(3)
+    settings = Settings(data_dir=data, database_url=url, blob_url=blob_url, s3_endpoint_url=s3_server.endpoint,
+                        auto_job_frames=0, worker=False)
+    with TestClient(create_app(settings, runner=fakes.accept_job)) as client:
+        body = build_upload_archive(frames)
+        first = client.post("/v1/uploads", content=body, headers={**headers, "Content-Type": UPLOAD_CONTENT_TYPE})
+        again = client.post("/v1/uploads", content=body, headers={**headers, "Content-Type": UPLOAD_CONTENT_TYPE})
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert again.json()["upload_id"] == first.json()["upload_id"] and again.json()["duplicate"]
+        model = client.get("/v1/models/base-v1/model.onnx", headers=headers)
+        assert model.status_code == 200 and hashlib.sha256(model.content).hexdigest() == base.onnx_sha256
+        assert model.headers["etag"] == f'"{base.onnx_sha256}"'
+        part = client.get("/v1/models/base-v1/model.onnx", headers={**headers, "Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == model.content[10:20]
+    assert storage.upload_count() == 1 and storage.frame_count() == 3
+    assert all(s3.exists(hashlib.sha256(jpg).hexdigest()) for _, jpg in frames)
+    assert not (data / "spool").exists() or not list((data / "spool").iterdir())  # spooled frames removed
