@@ -20,7 +20,6 @@ Canny edges with sigma 1 of the colour frame, and the clean gray frame
 """
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import zlib
 from pathlib import Path
@@ -34,6 +33,8 @@ from shared.manifest import NoiseModel
 from shared.walk import HeadWalk, fit_to, hw, load_photos, parse_walk, walk_seed
 from shared.worlds import CLASS_NAMES, DEFAULT_WORLD, WORLDS, render_scene
 
+from models.frames import FrameSet  # noqa: F401 (re-exported: models.data.FrameSet is the public name)
+
 Size = int | tuple[int, int]  # a square side or (height, width)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -43,26 +44,6 @@ WALK_STRIDE = 5  # frames between two kept walk frames (neighbours are near-dupl
 WALK_CAMERA = (240, 320)  # the simulated camera's resolution (the headset's default capture size)
 WALK_VAL_OFFSET = 1_000_003  # held-out views of a walk: far along the same (seeded) walk
 VAL_FRACTION = 0.15
-
-
-@dataclasses.dataclass
-class FrameSet:
-    """Colour frames (N x H x W x 3 uint8 RGB) with class labels (-1 = unlabelled)."""
-
-    rgb: np.ndarray
-    labels: np.ndarray
-    class_names: list[str]
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.rgb)
-
-    @property
-    def labelled(self) -> bool:
-        return bool((self.labels >= 0).any())
-
-    def subset(self, idx: np.ndarray) -> "FrameSet":
-        return FrameSet(self.rgb[idx], self.labels[idx], self.class_names, self.source)
 
 
 # --- sources ---------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def _find(root: Path, stem: str, dims: int) -> Path:
 def load_idx(kind: str, path: str, split: str, size: int | tuple[int, int] | None = None):
     """``split`` ("train" / "val") of the ``kind`` ("mnist" / "fashion-mnist") idx files in ``path``,
     as a :class:`models.data.FrameSet` of RGB frames of ``size`` (a side, or (height, width))."""
-    from models.data import FrameSet
+    from models.frames import FrameSet
 
     if kind not in IDX_KINDS:
         raise ValueError(kind)
