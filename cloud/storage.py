@@ -109,6 +109,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     rollbacks INTEGER NOT NULL,
     errors INTEGER NOT NULL
 )""", "CREATE INDEX IF NOT EXISTS health_by_version ON health (version)"]),
+    # v4: a frame the device already stored (same bytes) is not stored again, e.g. when the answer to
+    # an upload was lost and the headset resends those frames inside a larger batch
+    (4, ["CREATE INDEX IF NOT EXISTS frames_by_device_sha ON frames (device_id, sha256)"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -340,9 +343,24 @@ class SQLStorage:
                 return Upload(**dict(row)), False
             up = Upload(new_id("u"), device_id, content_sha256, len(frames), size, index_sha256, time.time())
             db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(up))
-            db.executemany(
-                "INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta) VALUES (?,?,?,?,?,?,?)",
-                [(up.id, device_id, i, f.sha256, f.width, f.height, json.dumps(f.meta)) for i, f in enumerate(frames)])
+            # frames this device already stored (a resent batch that overlaps an earlier one) are not
+            # stored twice; the upload still answers for all of them
+            have: set[str] = set()
+            shas = sorted({f.sha256 for f in frames})
+            for i in range(0, len(shas), 500):
+                part = shas[i:i + 500]
+                have.update(r[0] for r in db.execute(
+                    f"SELECT sha256 FROM frames WHERE device_id=? AND sha256 IN ({','.join('?' * len(part))})",
+                    (device_id, *part)).fetchall())
+            new, seen = [], set(have)
+            for i, f in enumerate(frames):
+                if f.sha256 not in seen:
+                    seen.add(f.sha256)
+                    new.append((up.id, device_id, i, f.sha256, f.width, f.height, json.dumps(f.meta)))
+            if new:
+                db.executemany(
+                    "INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta) VALUES (?,?,?,?,?,?,?)",
+                    new)
         return up, True
 
     def upload_count(self, device_id: int | None = None) -> int:

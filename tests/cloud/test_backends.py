@@ -50,6 +50,22 @@ def test_devices_uploads_and_frames(storage):
     assert "i" * 64 in storage.referenced_blobs() and frames(1)[0].sha256 in storage.referenced_blobs()
 
 
+def test_a_resent_batch_that_overlaps_stores_each_frame_once(storage):
+    """The answer to an upload was cut; the headset resends those frames inside a larger batch
+    (its journal grew meanwhile): a new upload, but each frame is stored once (the soak found 1-4
+    frames stored twice before)."""
+    d = storage.add_device("wearer1", "0" * 64)
+    other = storage.add_device("wearer2", "1" * 64)
+    storage.commit_upload(d.id, "c" * 64, "i" * 64, 100, frames(3))
+    up, created = storage.commit_upload(d.id, "e" * 64, "j" * 64, 100, frames(5))  # frames 0-2 again + 3-4
+    assert created and up.frames == 5
+    assert storage.frame_count(d.id) == 5
+    assert [f.meta["seq"] for f in storage.frames_for_job(d.id, 10 ** 9, 10)] == [0, 1, 2, 3, 4]
+    # another device's identical frames are its own
+    storage.commit_upload(other.id, "c" * 64, "i" * 64, 100, frames(3))
+    assert storage.frame_count(other.id) == 3
+
+
 def test_jobs_versions_and_sequence(storage):
     d = storage.add_device("wearer1", "0" * 64)
     storage.commit_upload(d.id, "c" * 64, "i" * 64, 10, frames(4))
