@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cloud import ingest
-from cloud.blobs import open_blob_store
+from cloud.backends import open_blob_store
 from cloud.limits import ReceivingSlots
 
 

@@ -1,5 +1,7 @@
 """device/ must run on a headset: onnxruntime, OpenCV, numpy and shared/ only, never torch or models/."""
 import ast
+
+from tests.conftest import parse_source
 import json
 import os
 import subprocess
@@ -12,7 +14,7 @@ FORBIDDEN = ("torch", "models", "torchvision")
 
 def _imports(path: Path) -> list[str]:
     names = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse_source(path)):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
