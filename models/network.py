@@ -194,7 +194,18 @@ class ClassHead(nn.Module):
         return self.fc(f.mean(dim=(2, 3)))
 
 
-class MultiTaskNet(nn.Module):
+class SharedEncoderNet(nn.Module):
+    """One shared encoder (``self.encoder``) and one head per task (``self.heads["<task>_head"]``):
+    the interface the weightings, GREAT's GALs and the export use, for every task set."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def head(self, task: str) -> nn.Module:
+        return self.heads[f"{task}_head"]
+
+
+class MultiTaskNet(SharedEncoderNet):
     def __init__(self, cfg: NetConfig | None = None):
         super().__init__()
         self.cfg = cfg or NetConfig()
@@ -214,12 +225,6 @@ class MultiTaskNet(nn.Module):
     @property
     def tasks(self) -> tuple[str, ...]:
         return TASKS
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def head(self, task: str) -> nn.Module:
-        return self.heads[f"{task}_head"]
 
     def decode(self, f: torch.Tensor | dict[str, torch.Tensor],
                image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

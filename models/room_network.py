@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from shared.rooms import NUM_KEYPOINTS
 
-from models.network import ArchitectureFields, ResidualBlock, make_activation
+from models.network import ArchitectureFields, ResidualBlock, SharedEncoderNet, make_activation
 
 ROOM_TASKS: tuple[str, ...] = ("depth", "normals", "keypoints")
 MIN_DEPTH_M = 0.05  # the exported depth is clamped to this (rendered depth is > 0.3 m)
@@ -100,7 +100,7 @@ class RoomDecoder(nn.Module):
         return self.out(self.convs(self.up(f)))
 
 
-class RoomNet(nn.Module):
+class RoomNet(SharedEncoderNet):
     """Same interface as :class:`models.network.MultiTaskNet` (``encode``, ``decode``, ``head``,
     ``tasks``, ``encoder.stages[-1][-1].conv2`` for GradNorm): every weighting method trains it."""
 
@@ -120,12 +120,6 @@ class RoomNet(nn.Module):
     @property
     def tasks(self) -> tuple[str, ...]:
         return ROOM_TASKS
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def head(self, task: str) -> nn.Module:
-        return self.heads[f"{task}_head"]
 
     def decode(self, f: torch.Tensor | dict[str, torch.Tensor],
                image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
