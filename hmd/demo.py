@@ -322,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(5)  # a job still running (the next one) stops at its next step; its store is crash-safe
         except subprocess.TimeoutExpired:
             proc.kill()
     versions = headset["model_versions"]

@@ -193,31 +193,53 @@ def _video(path: str, split: str, size: Size) -> FrameSet:
     return FrameSet(frames[idx], np.full(len(idx), -1, np.int64), list(CLASS_NAMES), f"video:{path}")
 
 
-def _walk(spec: str, split: str, size: Size, seed: int) -> FrameSet:
+def _walk_count(n: int, split: str) -> int:
+    return max(32, int(round(n * VAL_FRACTION))) if split == "val" else n
+
+
+def _walk(spec: str, split: str, size: Size, seed: int, only: np.ndarray | None = None) -> FrameSet:
     folder, n = parse_walk(spec)
     h, w = hw(size)
     # the camera films at its own resolution (blur and sensor noise happen there); the model sees the
     # frame resized, as on the headset
     camera = (max(h, WALK_CAMERA[0]), max(w, WALK_CAMERA[1]))
     walk = HeadWalk(load_photos(folder), size=camera, seed=walk_seed(folder, seed))
-    if split == "val":
-        start, count = WALK_VAL_OFFSET, max(32, int(round(n * VAL_FRACTION)))
-    else:
-        start, count = 0, n
-    rgb = np.stack([fit_to(walk.frame(start + k * WALK_STRIDE), (h, w)) for k in range(count)])
-    return FrameSet(rgb, np.full(count, -1, np.int64), list(CLASS_NAMES), f"walk:{folder}:{n}")
+    start = WALK_VAL_OFFSET if split == "val" else 0
+    ks = np.arange(_walk_count(n, split)) if only is None else np.asarray(only, np.int64)
+    rgb = np.stack([fit_to(walk.frame(start + int(k) * WALK_STRIDE), (h, w)) for k in ks])
+    return FrameSet(rgb, np.full(len(ks), -1, np.int64), list(CLASS_NAMES), f"walk:{folder}:{n}")
+
+
+def source_length(source: str, split: str = "train") -> int | None:
+    """How many frames ``load_source(source, split)`` gives, where that is known without making
+    them (a walk is rendered frame by frame); None otherwise."""
+    if source.startswith("walk:"):
+        return _walk_count(parse_walk(source)[1], split)
+    return None
+
+
+def load_source_subset(source: str, split: str, size: Size, seed: int, idx: np.ndarray) -> FrameSet:
+    """``load_source(source, split, size, seed).subset(idx)``, rendering only those frames of a walk."""
+    if source.startswith("walk:"):
+        _check_split_and_size(split, size)
+        return _walk(source, split, size, seed, only=idx)
+    return load_source(source, split, size, seed).subset(idx)
+
+
+def _check_split_and_size(split: str, size: Size | None) -> None:
+    if split not in ("train", "val"):
+        raise ValueError(split)
+    if size is not None:
+        h, w = hw(size)
+        if min(h, w) < 8 or h % 8 or w % 8:
+            raise UserError(f"image size {w}x{h}: both sides must be positive multiples of 8")
 
 
 def load_source(source: str, split: str = "train", size: Size | None = None, seed: int = 0) -> FrameSet:
     """Load ``split`` ("train" or "val") of SOURCE at ``size`` (a side or (height, width); sides
     divisible by 8)."""
-    if split not in ("train", "val"):
-        raise ValueError(split)
+    _check_split_and_size(split, size)
     kind, _, rest = source.partition(":")
-    if size is not None:
-        h, w = hw(size)
-        if min(h, w) < 8 or h % 8 or w % 8:
-            raise UserError(f"image size {w}x{h}: both sides must be positive multiples of 8")
     if kind == "synthetic":
         return _synthetic(source, split, size or 64, seed)
     if kind == "cifar10":

@@ -32,8 +32,39 @@ def _wrapper(net: MultiTaskNet | RoomNet) -> OnnxWrapper | RoomOnnxWrapper:
     return RoomOnnxWrapper(net) if isinstance(net, RoomNet) else OnnxWrapper(net)
 
 
+# The last few graphs this process exported, by what determines them (the wrapper's class, the
+# architecture, every parameter and buffer, the input size): exporting the same weights again (the
+# FP32 and the INT8 export of one run) reuses the graph instead of tracing it again (~10 s each).
+_EXPORTED: dict[str, bytes] = {}
+_EXPORTED_KEEP = 2
+
+
+def _export_key(wrapper: torch.nn.Module, net: MultiTaskNet | RoomNet, height: int, width: int) -> str:
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([type(wrapper).__qualname__, type(net).__qualname__, net.cfg.to_dict(),
+                                   height, width], sort_keys=True, default=str).encode())
+    for name, t in net.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _onnx_export(net: MultiTaskNet, path: Path, height: int, width: int) -> None:
     wrapper = _wrapper(net).eval()
+    key = _export_key(wrapper, net, height, width)
+    if key in _EXPORTED:
+        Path(path).write_bytes(_EXPORTED[key])
+        return
+    _trace_export(wrapper, net, path, height, width)
+    _EXPORTED[key] = Path(path).read_bytes()
+    while len(_EXPORTED) > _EXPORTED_KEEP:
+        _EXPORTED.pop(next(iter(_EXPORTED)))
+
+
+def _trace_export(wrapper: torch.nn.Module, net: MultiTaskNet | RoomNet, path: Path, height: int, width: int) -> None:
     example = torch.rand(1, net.cfg.in_channels, height, width)
     # the dynamo exporter prints progress lines; keep them out of our output unless it fails
     buf = io.StringIO()

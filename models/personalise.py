@@ -33,7 +33,7 @@ import torch
 from shared.atomic import atomic_write_json
 from shared.errors import UserError
 
-from models.data import FrameSet, TaskData, load_source
+from models.data import FrameSet, TaskData, load_source, load_source_subset, source_length
 from shared.walk import fit_to
 from models.train import TrainConfig, evaluate, load_model, train
 
@@ -159,14 +159,18 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     wearer_train = FrameSet(frames[tr_idx], labels[tr_idx], class_names, "wearer")
     wearer_val = FrameSet(frames[va_idx], labels[va_idx], class_names, "wearer-holdout")
 
-    base_train = load_source(base_data, "train", (h, w), seed)
+    n_base = source_length(base_data, "train")  # a walk: render only the frames replay draws
+    base_train = load_source(base_data, "train", (h, w), seed) if n_base is None else None
+    n_base = len(base_train) if base_train is not None else n_base
     base_val = TaskData(load_source(base_val_data or base_data, "val", (h, w), seed))
     rng = np.random.default_rng(seed)
-    n_replay = min(len(base_train), max(1, int(round(len(wearer_train) * replay_ratio))))
-    replay = base_train.subset(rng.choice(len(base_train), n_replay, replace=False))
+    n_replay = min(n_base, max(1, int(round(len(wearer_train) * replay_ratio))))
+    pick = rng.choice(n_base, n_replay, replace=False)
+    replay = (base_train.subset(pick) if base_train is not None
+              else load_source_subset(base_data, "train", (h, w), seed, pick))
     mixed = FrameSet(np.concatenate([wearer_train.rgb, replay.rgb]),
                      np.concatenate([wearer_train.labels, replay.labels]), class_names,
-                     f"wearer({len(wearer_train)})+replay({n_replay} of {base_train.source})")
+                     f"wearer({len(wearer_train)})+replay({n_replay} of {replay.source})")
     wearer_val_td = TaskData(wearer_val)
     # a headset model (camera decoder) is judged as the headset uses it: clean frames for colour and edges
     protocol = HEADSET_CLEAN_TASKS if base_model.cfg.decoder == "camera" else ()

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import TaskData, canny_edges, corrupt, load_source, parse_synthetic
+from models.data import (TaskData, canny_edges, corrupt, load_source, load_source_subset, parse_synthetic,
+                         source_length)
 from shared.errors import UserError
 from shared.manifest import NoiseModel
 from shared.worlds import WORLDS, render_scene
@@ -118,6 +119,20 @@ def test_walk_source_gives_camera_aspect_frames_deterministically(tmp_path):
     assert np.array_equal(a.rgb, b.rgb)
     val = load_source(f"walk:{d}:12", "val", (24, 32), seed=1)
     assert len(val) == 32 and not np.array_equal(val.rgb[:12], a.rgb)  # held-out views of the same photos
+
+
+def test_a_walk_subset_renders_only_the_chosen_frames_and_equals_the_full_load(tmp_path):
+    d = _photo_dir(tmp_path)
+    full = load_source(f"walk:{d}:12", "train", (24, 32), seed=2)
+    idx = np.array([7, 0, 11, 3])
+    part = load_source_subset(f"walk:{d}:12", "train", (24, 32), 2, idx)
+    assert np.array_equal(part.rgb, full.rgb[idx]) and part.source == full.source
+    assert source_length(f"walk:{d}:12", "train") == 12 and source_length(f"walk:{d}:12", "val") == 32
+    assert source_length("synthetic:12", "train") is None  # not known without making the frames
+    syn = load_source_subset("synthetic:12", "train", 16, 0, idx)
+    assert np.array_equal(syn.rgb, load_source("synthetic:12", "train", 16, 0).rgb[idx])
+    with pytest.raises(UserError, match="multiples of 8"):
+        load_source_subset(f"walk:{d}:12", "train", (20, 32), 0, idx)
 
 
 def test_walk_and_size_errors_are_one_clear_line(tmp_path):

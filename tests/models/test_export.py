@@ -58,3 +58,23 @@ def test_a_failed_parity_check_writes_nothing(run_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="parity"):
         export_run(run_dir, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "bad.manifest.json").exists()
+
+
+def test_exporting_the_same_weights_again_reuses_the_graph_and_changed_weights_do_not(run_dir, tmp_path, monkeypatch):
+    import models.export as ex
+
+    traced = []
+    real = ex._trace_export
+    monkeypatch.setattr(ex, "_trace_export", lambda *a: (traced.append(a[3:]), real(*a)))
+    monkeypatch.setattr(ex, "_EXPORTED", {})
+    model, _ = load_model(run_dir)
+    ex._onnx_export(model, tmp_path / "a.onnx", 32, 32)
+    ex._onnx_export(model, tmp_path / "b.onnx", 32, 32)  # the same weights and size: no second trace
+    assert len(traced) == 1 and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)  # other weights: traced, and the graph holds them
+    ex._onnx_export(model, tmp_path / "d.onnx", 32, 32)
+    assert len(traced) == 2 and (tmp_path / "d.onnx").read_bytes() != (tmp_path / "a.onnx").read_bytes()
+    frames = np.random.default_rng(1).random((2, 1, 32, 32), dtype=np.float32)
+    for a, b in zip(torch_outputs(model, frames), onnx_outputs(tmp_path / "d.onnx", frames)):
+        assert np.abs(a - b).max() <= PARITY_TOLERANCE
