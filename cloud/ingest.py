@@ -451,9 +451,9 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
                 adopt(path, sha)
             blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
             index_sha = temps[-1][0]
-        elif hasattr(blobs, "put_files"):  # an object store: several requests in flight (cloud/s3.py)
-            blobs.put_files(temps)  # type: ignore[attr-defined]
-            index_sha = blobs.put_bytes(received.index_bytes)
+        elif hasattr(blobs, "put_files"):  # an object store: the frames and the index in one pack (cloud/s3.py)
+            index_sha = hashlib.sha256(received.index_bytes).hexdigest()
+            blobs.put_files([*temps, (index_sha, received.index_bytes)])  # type: ignore[attr-defined]
         else:
             for sha, path in temps:
                 blobs.put_file(path, sha)
@@ -487,9 +487,14 @@ def decode_frames(blobs: BlobStore, frames: list[FrameRow], size: tuple[int, int
     declares more than ``max_pixels`` is never decoded (ingest refused it; this guards the store)."""
     h, w = size
     out = np.empty((len(frames), h, w, 3), np.uint8)
+    read_many = getattr(blobs, "read_many", None)  # an object store: one ranged GET per pack
+    fetched = read_many([f.sha256 for f in frames]) if read_many is not None else None
     for i, f in enumerate(frames):
-        with blobs.open(f.sha256) as fh:
-            data = fh.read()
+        if fetched is not None:
+            data = fetched[f.sha256]
+        else:
+            with blobs.open(f.sha256) as fh:
+                data = fh.read()
         head = jpeg_header(data)
         if head is None or head[0] * head[1] > max_pixels:
             raise UserError(f"stored frame {f.sha256[:12]}... is not a JPEG within {max_pixels} pixels; not decoded")

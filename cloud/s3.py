@@ -5,6 +5,14 @@ content), so a blob is written once and never changes and writing it again is ha
 endpoint (``HMD_CLOUD_S3_ENDPOINT_URL``, e.g. an S3-compatible server on your own machines) and
 credentials (the AWS SDK's usual environment variables or files) come from the environment.
 boto3 is imported only when an ``s3://`` URL is opened (the ``scale`` extra).
+
+An upload's frames are not one object each: one request per frame is what an object store
+charges for, in latency and in money. :meth:`S3BlobStore.put_files` writes them as one object,
+``PREFIX/packs/<sha256 of the pack>``, their bytes one after the other, and records each frame's
+(pack, offset, length) in the metadata database (table ``blob_packs``, schema v5) before the
+upload that names them is committed; reading a frame back is a ``Range`` GET of its bytes.
+Blobs stored one object each (manifests, models, and frames stored before packing) are read as
+before: a blob with no pack location is looked up under its own key.
 """
 from __future__ import annotations
 
@@ -12,12 +20,21 @@ import concurrent.futures
 import hashlib
 import io
 import os
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from shared.errors import UserError
 from shared.hashing import sha256_file
 
 PUT_THREADS = 8  # one request per object: several in flight hide the round trips
+
+
+class PackIndex(Protocol):
+    """Where packed blobs are (:class:`cloud.storage.Storage` implements it)."""
+
+    def add_blob_locations(self, rows: list[tuple[str, str, int, int]]) -> None: ...
+    def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]: ...
+    def packed_blobs(self) -> set[str]: ...
 
 
 class S3BlobStore:
@@ -46,6 +63,17 @@ class S3BlobStore:
             self.client.create_bucket(Bucket=bucket)
         except self._errors.BotoCoreError as exc:
             raise UserError(f"blob store {url} ({endpoint_url or 'AWS'}): {exc}") from None
+        self.index: PackIndex | None = None
+
+    def attach_index(self, index: PackIndex) -> None:
+        """Pack uploads' frames from now on, locating them in ``index`` (the metadata database)."""
+        self.index = index
+
+    def _pack_key(self, pack: str) -> str:
+        return f"{self.prefix}/packs/{pack}" if self.prefix else f"packs/{pack}"
+
+    def _location(self, sha256: str) -> tuple[str, int, int] | None:
+        return self.index.blob_locations([sha256]).get(sha256) if self.index is not None else None
 
     def _key(self, sha256: str) -> str:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -63,13 +91,35 @@ class S3BlobStore:
             self.client.put_object(Bucket=self.bucket, Key=self._key(sha), Body=fh)
         return sha
 
-    def put_files(self, items: list[tuple[str, os.PathLike]]) -> None:
-        """Many (sha256, path) at once, several requests in flight; returns when all are stored."""
-        with concurrent.futures.ThreadPoolExecutor(PUT_THREADS) as pool:
-            for fut in [pool.submit(self.put_file, path, sha) for sha, path in items]:
-                fut.result()
+    def put_files(self, items: list[tuple[str, os.PathLike | bytes]]) -> None:
+        """Many (sha256, path or bytes) at once; returns when all are stored and locatable. With an
+        index: one pack object, one request, and one transaction of locations; without: one object
+        each, several requests in flight."""
+        if self.index is None:
+            with concurrent.futures.ThreadPoolExecutor(PUT_THREADS) as pool:
+                for fut in [pool.submit(self._put_one, sha, item) for sha, item in items]:
+                    fut.result()
+            return
+        body, rows, seen = io.BytesIO(), [], set()
+        for sha, item in items:
+            if sha in seen:
+                continue
+            seen.add(sha)
+            data = item if isinstance(item, bytes) else Path(item).read_bytes()
+            rows.append((sha, body.tell(), len(data)))
+            body.write(data)
+        if not rows:
+            return
+        pack = hashlib.sha256(body.getbuffer()).hexdigest()
+        self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body.getvalue())
+        self.index.add_blob_locations([(sha, pack, offset, length) for sha, offset, length in rows])
+
+    def _put_one(self, sha256: str, item: os.PathLike | bytes) -> str:
+        return self.put_bytes(item) if isinstance(item, bytes) else self.put_file(item, sha256)
 
     def exists(self, sha256: str) -> bool:
+        if self._location(sha256) is not None:
+            return True
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(sha256))
             return True
@@ -79,12 +129,22 @@ class S3BlobStore:
             raise
 
     def size(self, sha256: str) -> int:
+        loc = self._location(sha256)
+        if loc is not None:
+            return loc[2]
         return int(self.client.head_object(Bucket=self.bucket, Key=self._key(sha256))["ContentLength"])
 
     def open(self, sha256: str) -> BinaryIO:
-        """The whole object in memory (frames, manifests and models are MBs at most), seekable."""
+        """The whole blob in memory (frames, manifests and models are MBs at most), seekable: a
+        packed blob is the byte range of its pack."""
+        loc = self._location(sha256)
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(sha256))["Body"]
+            if loc is not None:
+                pack, offset, length = loc
+                body = self.client.get_object(Bucket=self.bucket, Key=self._pack_key(pack),
+                                              Range=f"bytes={offset}-{offset + length - 1}")["Body"]
+            else:
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(sha256))["Body"]
         except self._errors.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
                 raise FileNotFoundError(f"no blob {sha256} in s3://{self.bucket}/{self.prefix}") from None
@@ -92,10 +152,38 @@ class S3BlobStore:
         with body:
             return io.BytesIO(body.read())
 
-    def names(self) -> list[str]:
-        """Every blob's sha256."""
+    def read_many(self, shas: list[str]) -> dict[str, bytes]:
+        """Several blobs' bytes: packed ones with one ranged GET per pack (from the first to the
+        last wanted byte), the others one GET each."""
+        locations = self.index.blob_locations(list(set(shas))) if self.index is not None else {}
+        by_pack: dict[str, list[tuple[str, int, int]]] = {}
+        for sha, (pack, offset, length) in locations.items():
+            by_pack.setdefault(pack, []).append((sha, offset, length))
+        out: dict[str, bytes] = {}
+        for pack, parts in by_pack.items():
+            start, end = min(p[1] for p in parts), max(p[1] + p[2] for p in parts)
+            body = self.client.get_object(Bucket=self.bucket, Key=self._pack_key(pack),
+                                          Range=f"bytes={start}-{end - 1}")["Body"]
+            with body:
+                data = body.read()
+            for sha, offset, length in parts:
+                out[sha] = data[offset - start: offset - start + length]
+        for sha in shas:
+            if sha not in out:
+                with self.open(sha) as fh:
+                    out[sha] = fh.read()
+        return out
+
+    def objects(self) -> list[str]:
+        """Every object's key (blobs stored one object each, and packs)."""
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                            Prefix=f"{self.prefix}/" if self.prefix else ""):
-            out += [obj["Key"].rsplit("/", 1)[-1] for obj in page.get("Contents", [])]
+            out += [obj["Key"] for obj in page.get("Contents", [])]
         return out
+
+    def names(self) -> list[str]:
+        """Every blob's sha256: those stored one object each, and those in packs."""
+        packs = f"{self.prefix}/packs/" if self.prefix else "packs/"
+        single = [key.rsplit("/", 1)[-1] for key in self.objects() if not key.startswith(packs)]
+        return sorted(set(single) | (self.index.packed_blobs() if self.index is not None else set()))

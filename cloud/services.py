@@ -57,6 +57,8 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(settings.db_url)
         blobs = open_blob_store(settings.blobs_url, settings.s3_endpoint_url)
+        if hasattr(blobs, "attach_index"):  # an object store packs uploads, located in the database
+            blobs.attach_index(storage)
         key = SigningKey(settings.data_dir, settings.signing_key)
         registry = ModelRegistry(settings.data_dir, storage, blobs, key, int8=settings.int8)
         queue = open_queue(settings.queue_url, storage, lease_s=settings.job_lease_s,

@@ -112,6 +112,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     # v4: a frame the device already stored (same bytes) is not stored again, e.g. when the answer to
     # an upload was lost and the headset resends those frames inside a larger batch
     (4, ["CREATE INDEX IF NOT EXISTS frames_by_device_sha ON frames (device_id, sha256)"]),
+    # v5: an object store keeps an upload's frames in one object (a pack); a blob stored that way is
+    # read back as the byte range [pack_offset, pack_offset + pack_length) of object ``pack``
+    (5, ["""CREATE TABLE IF NOT EXISTS blob_packs (
+    sha256 TEXT PRIMARY KEY,
+    pack TEXT NOT NULL,
+    pack_offset BIGINT NOT NULL,
+    pack_length BIGINT NOT NULL
+)"""]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -237,6 +245,9 @@ class Storage(Protocol):
     def health_summary(self, versions: list[str]) -> dict[str, float]: ...
     def next_manifest_sequence(self) -> int: ...
     def referenced_blobs(self) -> set[str]: ...
+    def add_blob_locations(self, rows: list[tuple[str, str, int, int]]) -> None: ...
+    def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]: ...
+    def packed_blobs(self) -> set[str]: ...
     def close(self) -> None: ...
 
 
@@ -666,6 +677,26 @@ class SQLStorage:
         rows = self._query("SELECT sha256 FROM frames UNION SELECT index_sha256 FROM uploads "
                            "UNION SELECT onnx_sha256 FROM versions UNION SELECT manifest_sha256 FROM versions")
         return {r[0] for r in rows}
+
+    # -- packed blobs (cloud/s3.py): where in which pack object a blob's bytes are ----------------
+    def add_blob_locations(self, rows: list[tuple[str, str, int, int]]) -> None:
+        """(sha256, pack, offset, length) rows; a blob located already keeps its first location."""
+        if rows:
+            with self._tx() as db:
+                db.executemany("INSERT INTO blob_packs (sha256, pack, pack_offset, pack_length) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (sha256) DO NOTHING", rows)
+
+    def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]:
+        out: dict[str, tuple[str, int, int]] = {}
+        for i in range(0, len(shas), 500):
+            part = shas[i:i + 500]
+            for r in self._query(f"SELECT sha256, pack, pack_offset, pack_length FROM blob_packs WHERE sha256 IN "
+                                 f"({','.join('?' * len(part))})", tuple(part)):
+                out[r[0]] = (r[1], int(r[2]), int(r[3]))
+        return out
+
+    def packed_blobs(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT sha256 FROM blob_packs")}
 
 
 class SQLiteStorage(SQLStorage):

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="journal on scene change above this thumbnail difference (0..1; 0 disables)")
     parser.add_argument("--cloud", metavar="URL", help="cloud service URL (sync client, when installed)")
     parser.add_argument("--token", help="device token for --cloud")
+    parser.add_argument("--health-interval", type=float, default=30.0, metavar="S",
+                        help="with --cloud: report this headset's model health (frames, FPS, latency, rollbacks, "
+                             "inference errors) every S seconds (staged rollout)")
     parser.add_argument("--retrain-locally", action="store_true",
                         help="personalise on the headset itself while idle (optional extra: needs torch)")
     parser.add_argument("--base-run", metavar="RUN_DIR", default=None,
@@ -216,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
                         store_dir=args.store, watch_dir=args.watch, public_key=_public_key(args.trusted_key),
                         journal_dir=args.journal, journal_mb=args.journal_mb, journal_every=args.journal_every,
                         journal_scene_threshold=args.journal_scene, snapshot_path=args.snapshot)
+    if not args.health_interval > 0:
+        raise UserError(f"--health-interval {args.health_interval:g}: a number of seconds above 0")
     source_kind = args.source.partition(":")[0]
     # a file source is checked before paying for the model load; a camera is opened after it
     source = open_source(args.source, size=args.size, fps=args.fps, loop=args.loop, seed=args.seed) \
@@ -230,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             from device import sync as sync_module  # written with the cloud issue
         except ImportError:
             raise UserError("--cloud needs the sync client (device/sync.py), which is not in this build") from None
-        sync = sync_module.start(runtime, args.cloud, args.token)
+        sync = sync_module.start(runtime, args.cloud, args.token, health_interval=args.health_interval)
     retrainer = None
     if args.retrain_locally:
         from device.retrain import LocalRetrainer

@@ -22,6 +22,7 @@ import numpy as np
 from device import overlay
 from device.capture import CaptureThread, FrameSource, open_source
 from device.engine import InferenceEngine, Prediction, load_model
+from device.health import HealthMeter
 from device.hotswap import ModelManager, SwapTicket
 from device.journal import Journal, JournalSampler
 from device.metrics import StageTimer, peak_rss_mb
@@ -92,6 +93,7 @@ class HeadsetRuntime:
         self.frames_shown = 0
         self.inference_errors = 0
         self.frames_without_overlay = 0
+        self.health = HealthMeter()  # per-version counts the sync client reports (POST /v1/health)
         self._stop = threading.Event()
         self.exit_reason = "not started"
         self.journal: Journal | None = None
@@ -133,10 +135,12 @@ class HeadsetRuntime:
                 return engine.interpret(outs), (t1 - t0) * 1000, (t2 - t1) * 1000
             except Exception as exc:
                 self.inference_errors += 1
+                self.health.inference_error(engine.version)
                 reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                 retry = self.models.report_failure(engine, reason)
                 if retry is None:
                     break
+                self.health.rollback(engine.version)
                 engine = retry
         self.frames_without_overlay += 1
         return None, 0.0, 0.0
@@ -241,6 +245,7 @@ class HeadsetRuntime:
                 timer.add("output", (t4 - t3) * 1000)
                 timer.add("total", (t4 - t1) * 1000)
                 timer.frame_done(t4)
+                self.health.frame(pred.version if pred is not None else self.models.active.version, inf_ms)
         except KeyboardInterrupt:
             self.exit_reason = "interrupted"
         finally:

@@ -24,6 +24,14 @@ frames are stored already (acknowledged); 400/413 this batch can never be accept
 counted as refused); 401 the token is rejected (reported once, syncing stops, journaling goes
 on); anything else (429, 5xx, network) is retried with backoff, the batch kept.
 
+A third thread, **health** (when the runtime's :class:`device.health.HealthMeter` is given),
+posts one ``POST /v1/health`` report per model version every ``health_interval`` seconds and
+once more when the client stops: frames, FPS, mean inference latency, rollbacks and inference
+errors since the last report, so that a staged release's canary halts by itself on real
+headsets' numbers (cloud/rollout.py). A report the cloud did not take (network, 429, 5xx) is
+put back into the meter and merged into the next; one it can never take (404: the cloud does
+not know that version, e.g. a model from ``--watch``; 400/422) is dropped with a log line.
+
 numpy/opencv-free and torch-free: httpx and the shared schemas only.
 """
 from __future__ import annotations
@@ -61,6 +69,13 @@ class PendingBatch(Protocol):
     last_seq: int
 
     def load(self) -> list[tuple[dict, bytes]]: ...
+
+
+class HealthLike(Protocol):
+    """What the client needs of :class:`device.health.HealthMeter`."""
+
+    def take(self) -> list[dict]: ...
+    def restore(self, reports: list[dict]) -> None: ...
 
 
 class JournalLike(Protocol):
@@ -101,6 +116,9 @@ class SyncStats:
     models_downloaded: int = 0
     models_offered: int = 0
     models_rejected: int = 0
+    health_reports: int = 0  # reports the cloud took (202)
+    health_dropped: int = 0  # reports it can never take (404: a version it does not know; 400/422)
+    health_failures: int = 0  # sends that failed and were put back
     mode: str = "sse"
     last_error: str | None = None
     timeline: list[dict] = dataclasses.field(default_factory=list)  # model events with timestamps
@@ -183,10 +201,12 @@ class SyncClient:
                  backoff_max: float = 60.0, sse_failures_before_polling: int = 3, timeout: float = 30.0,
                  http: httpx.Client | None = None, log: Callable[[str], None] | None = None,
                  running_sequence: Callable[[], int | None] | None = None,
-                 known_bad: Callable[[str], bool] | None = None, max_model_bytes: int = MAX_MODEL_BYTES):
+                 known_bad: Callable[[str], bool] | None = None, max_model_bytes: int = MAX_MODEL_BYTES,
+                 health: HealthLike | None = None, health_interval: float = 30.0):
         """``running_sequence()``: the running model's signed sequence (older ones are refused);
         ``known_bad(sha256)``: the runtime rejected or rolled back that model before (not fetched
-        again, even after a restart)."""
+        again, even after a restart); ``health``: the runtime's health meter, reported every
+        ``health_interval`` seconds."""
         if len(trust_key) != 32:
             raise UserError("the trusted public key must be a raw 32-byte Ed25519 key (base64 in the key file)")
         self.base_url = cloud_url.rstrip("/")
@@ -205,6 +225,7 @@ class SyncClient:
         self._running_sequence = running_sequence or (lambda: None)
         self._known_bad = known_bad or (lambda sha: False)
         self.max_model_bytes = max_model_bytes
+        self.health, self.health_interval = health, health_interval
         self._download_failures: dict[str, int] = {}
         self._log = log or (lambda msg: print(f"hmd device sync: {msg}", file=sys.stderr, flush=True))
         self.stats = SyncStats()
@@ -224,14 +245,17 @@ class SyncClient:
             self._threads.append(threading.Thread(target=self._upload_loop, name="hmd-sync-upload", daemon=True))
         if self.offer is not None:
             self._threads.append(threading.Thread(target=self._model_loop, name="hmd-sync-models", daemon=True))
+        if self.health is not None:
+            self._threads.append(threading.Thread(target=self._health_loop, name="hmd-sync-health", daemon=True))
         for t in self._threads:
             t.start()
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop both threads within ``timeout`` seconds: the event stream's socket is shut down
+        """Stop the threads within ``timeout`` seconds: the event stream's socket is shut down
         (a blocked read returns at once); an upload still in flight is abandoned (the batch is
-        not marked, so it is sent again, and recognised as a repeat, next time)."""
+        not marked, so it is sent again, and recognised as a repeat, next time); the health
+        thread sends its last report first."""
         self._stop.set()
         self._wake_upload.set()
         sock = self._stream_socket
@@ -255,7 +279,8 @@ class SyncClient:
                 "uploads": st.uploaded_batches, "frames": st.uploaded_frames, "bytes": st.uploaded_bytes,
                 "duplicate_batches": st.duplicate_batches, "refused_batches": st.refused_batches,
                 "upload_failures": st.upload_failures, "versions_received": list(self.offered_versions),
-                "models_rejected": st.models_rejected, "mode": st.mode, "last_error": st.last_error}
+                "models_rejected": st.models_rejected, "health_reports": st.health_reports,
+                "mode": st.mode, "last_error": st.last_error}
 
     def nudge_upload(self) -> None:
         """New frames were journalled: upload now instead of at the next interval."""
@@ -354,6 +379,54 @@ class SyncClient:
                 self._error(f"upload error {type(exc).__name__}: {exc}; retrying in {delay:.1f}s")
             self._wake_upload.wait(delay)
             self._wake_upload.clear()
+
+    # -- health ----------------------------------------------------------------------------------
+    def send_health(self) -> int:
+        """Post the meter's reports since the last send; returns how many the cloud took. What was
+        not delivered (network, 429, 5xx) goes back into the meter; raises what stopped it."""
+        assert self.health is not None
+        pending = self.health.take()
+        sent = 0
+        try:
+            while pending:
+                report = pending[0]
+                r = self._http.post(f"{self.base_url}/v1/health", json=report, headers=self._headers)
+                self._check_auth(r)
+                if r.status_code in (400, 404, 422):
+                    self.stats.health_dropped += 1
+                    self._log(f"health report for {report['version']} not taken ({r.status_code}: "
+                              f"{_error_detail(r)}); dropped")
+                elif r.status_code != 202:
+                    raise UploadRefused(r.status_code, _error_detail(r))
+                else:
+                    self.stats.health_reports += 1
+                    sent += 1
+                pending = pending[1:]
+        except BaseException:
+            self.health.restore(pending)
+            raise
+        return sent
+
+    def _health_loop(self) -> None:
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
+        delay = self.health_interval
+        while True:
+            stopping = self._stop.wait(delay)
+            if self.stats.token_rejected:
+                return
+            try:
+                self.send_health()
+                backoff.reset()
+                delay = self.health_interval
+            except TokenRejected:
+                return
+            except Exception as exc:  # noqa: BLE001 - network, 429, 5xx, anything: kept for the next send
+                self.stats.health_failures += 1
+                delay = max(self.health_interval, backoff.next())
+                if not stopping:
+                    self._error(f"health report failed ({_describe(exc)}); kept for the next one")
+            if stopping:
+                return
 
     # -- models ----------------------------------------------------------------------------------
     def current_version(self) -> str | None:
@@ -647,5 +720,5 @@ def start(runtime: Any, cloud_url: str, token: str | None, *, trust_key: bytes |
     client = SyncClient(cloud_url, token, trust_key=key, download_dir=download_dir, journal=journal,
                         offer=runtime.offer_model, current_version=lambda: runtime.model_version,
                         running_sequence=lambda: models.active.manifest.sequence, known_bad=models.is_bad,
-                        **options)
+                        health=runtime.health, **options)
     return client.start()

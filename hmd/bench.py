@@ -13,7 +13,7 @@ import sys
 
 BENCHES: dict[str, tuple[str, str]] = {
     "train": ("models.bench", "ms per training step of every method vs equal weighting, memory ratio"),
-    "table4": ("models.table4", "reduced-scale Table 4: all four weighting methods on one budget"),
+    "table4": ("models.table4", "reduced-scale Table 4: weightings and architectures (--methods all), one budget"),
     "table1": ("models.tables_robust", "reduced-scale Table 1: the five defence methods on one budget"),
     "table3": ("models.tables_robust", "reduced-scale Table 3: distillation, dense and sparse"),
     "table5": ("models.tables_robust", "the patent's Table 5 (MNIST-style, eps 0.2, beta_max 20) on Fashion-MNIST"),

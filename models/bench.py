@@ -15,7 +15,8 @@ import torch
 
 from models.data import TaskData, load_source
 from models.network import MultiTaskNet, NetConfig
-from models.registry import DEFAULT_TASK_SET, TASK_SETS, WEIGHTINGS, create_weighting
+from models.mtl_architectures import method_spec, parse_methods
+from models.registry import DEFAULT_TASK_SET, TASK_SETS, create_mtl_architecture, create_weighting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     parser.add_argument("--robust", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the defence (great+ce) and GREAT distillation steps")
+    parser.add_argument("--methods", default="all",
+                        help="all (every weighting on the shared network, then mtan and astmt) or a comma list")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
 
 
@@ -49,12 +52,14 @@ def _model_and_data(args, frames: int = 256, seed: int = 0):
 
 
 def _setup(method_name: str, args) -> tuple:
+    """One training step of ``method_name`` (a weighting, or an architecture method: mtan, astmt)."""
+    weighting, architecture = method_spec(method_name)
     torch.manual_seed(0)
     model, data = _model_and_data(args, frames=args.batch_size if args.tasks == "room" else 256)
-    model.train()
+    model = create_mtl_architecture(architecture, model).train()
     g = torch.Generator().manual_seed(0)
     x, targets = data.batch(torch.arange(args.batch_size) % len(data), g)
-    method = create_weighting(method_name, model.tasks)
+    method = create_weighting(weighting, model.tasks)
     with torch.no_grad():
         method.setup(model, model.encode(x[:1]).shape)
     opt = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=1e-3)
@@ -89,23 +94,32 @@ def measure_memory(method: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.memory_child:
-        return _memory_child(args)
-    torch.set_num_threads(args.threads)
-    methods = WEIGHTINGS.names()
+def step_times(methods: list[str], args, clock_name: str | None = None) -> dict[str, float]:
+    """Median ms per training step of every method on the same network and batch, round-robin
+    (machine noise hits every method alike); ``args``: tasks, batch_size, size, width, warmup, steps."""
     steps = {m: _setup(m, args) for m in methods}
     for m in methods:
         for _ in range(args.warmup):
             steps[m]()
     times: dict[str, list[float]] = {m: [] for m in methods}
-    clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
-    for _ in range(args.steps):  # round-robin: machine noise hits every method alike
+    clock = time.process_time if (clock_name or getattr(args, "clock", "wall")) == "cpu" else time.perf_counter
+    for _ in range(args.steps):
         for m in methods:
             t = clock()
             steps[m]()
             times[m].append(clock() - t)
-    ms = {m: 1000 * statistics.median(v) for m, v in times.items()}
+    return {m: 1000 * statistics.median(v) for m, v in times.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.memory_child:
+        return _memory_child(args)
+    torch.set_num_threads(args.threads)
+    methods = parse_methods(getattr(args, "methods", "all"))
+    for needed in ("equal", "great"):
+        if needed not in methods:
+            methods.insert(0, needed)
+    ms = step_times(methods, args)
     result: dict = {
         "benchmark": "train",
         "config": {"tasks": args.tasks, "clock": args.clock, "batch_size": args.batch_size, "size": args.size, "width": args.width,

@@ -7,7 +7,7 @@ import argparse
 from shared.errors import UserError
 
 from models.cli_common import add_defence_arguments, add_run_arguments, command_line, defence_options, parse_size_arg
-from models.registry import DEFAULT_TASK_SET, DEFENCES, TASK_SETS, WEIGHTINGS
+from models.registry import DEFAULT_TASK_SET, DEFENCES, MTL_ARCHITECTURES, TASK_SETS, WEIGHTINGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux-norm", choices=["none", "rms"], default="none",
                         help="GREAT: the classifier's input gamma_i * g_i as it is (none, the paper's, default) or "
                              "per-sample RMS-normalised (then the GALs cannot rescale a task's gradient)")
+    parser.add_argument("--temperature", type=float, default=2.0, help="DWA: softmax temperature T (2, as MTAN)")
+    parser.add_argument("--cagrad-c", type=float, default=0.4, help="CAGrad: the ball's radius c (0.4)")
+    parser.add_argument("--disc-weight", type=float, default=0.01,
+                        help="ASTMT: the discriminator loss's weight w in (1 - w) J + w CE (0.01)")
+    parser.add_argument("--disc-lr", type=float, default=1e-2, help="ASTMT: Adam lr of the discriminator (1e-2)")
+    parser.add_argument("--architecture", default="shared", choices=MTL_ARCHITECTURES.names(),
+                        help="shared (the paper's: one encoder feature for every head), mtan (per-task attention "
+                        "masks) or astmt (per-task squeeze-and-excitation; train it with --method astmt)")
     parser.add_argument("--decoder", choices=["paper", "camera"], default="paper",
                         help="dense decoders: the paper's (feature only, sigmoid outputs) or the headset's "
                         "camera decoder (input skips, linear outputs, colour/denoised residual over the input)")
@@ -54,6 +62,12 @@ def method_options(args: argparse.Namespace) -> dict:
         opts = {"alpha": args.alpha, "weight_lr": args.weight_lr}
     elif args.method == "great":
         opts = {"gal_lr": args.gal_lr, "aux_lr": args.aux_lr, "aux_norm": args.aux_norm, "gal_floor": args.gal_floor}
+    elif args.method == "dwa":
+        opts = {"temperature": args.temperature}
+    elif args.method == "cagrad":
+        opts = {"c": args.cagrad_c}
+    elif args.method == "astmt":
+        opts = {"disc_weight": args.disc_weight, "disc_lr": args.disc_lr}
     else:
         opts = {}
     return {k: v for k, v in opts.items() if v is not None}
@@ -69,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     options = defence_options(args, given_only=True)
     if options and not args.defence:
         raise UserError(f"--defence-* options need --defence (given: {', '.join(sorted(options))})")
-    cfg = TrainConfig(method=args.method, tasks=args.tasks, data=args.data, val_data=args.val_data, epochs=args.epochs,
+    cfg = TrainConfig(method=args.method, tasks=args.tasks, architecture=args.architecture, data=args.data, val_data=args.val_data, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                       width=args.width, decoder=args.decoder, clean_fraction=args.clean_fraction,
                       method_options=method_options(args), defence=args.defence,

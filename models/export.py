@@ -28,8 +28,13 @@ PARITY_TOLERANCE = 1e-4
 OUTPUT_TASKS = ("class", "colour", "edges", "denoised")
 
 
+def _is_room(net: torch.nn.Module) -> bool:
+    """A room network, plain or in a multi-task architecture (MTAN, ASTMT: ``base`` is the plain one)."""
+    return isinstance(getattr(net, "base", net), RoomNet)
+
+
 def _wrapper(net: MultiTaskNet | RoomNet) -> OnnxWrapper | RoomOnnxWrapper:
-    return RoomOnnxWrapper(net) if isinstance(net, RoomNet) else OnnxWrapper(net)
+    return RoomOnnxWrapper(net) if _is_room(net) else OnnxWrapper(net)
 
 
 # The last few graphs this process exported, by what determines them (the wrapper's class, the
@@ -108,7 +113,7 @@ def parity(net: MultiTaskNet, onnx_path: Path, frames: np.ndarray) -> float:
 
 
 def _output_specs(net: MultiTaskNet, height: int, width: int) -> list[OutputSpec]:
-    if isinstance(net, RoomNet):  # outputs at a quarter of the input size
+    if _is_room(net):  # outputs at a quarter of the input size
         ho, wo = height // 4, width // 4
         return [OutputSpec(name="depth", task="depth", shape=[1, 1, ho, wo], kind="depth"),
                 OutputSpec(name="normals", task="normals", shape=[1, 3, ho, wo], kind="normals", range=[-1.0, 1.0]),

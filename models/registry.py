@@ -56,6 +56,15 @@ WEIGHTINGS = Registry("weighting method", {
     "uncertainty": "models.weighting:UncertaintyWeighting",
     "gradnorm": "models.weighting:GradNorm",
     "great": "models.weighting_great:GreatWeighting",
+    "dwa": "models.mtl_weightings:DynamicWeightAverage",
+    "pcgrad": "models.mtl_weightings:PCGrad",  # on the shared feature's per-task gradients
+    "cagrad": "models.mtl_weightings:CAGrad",  # on the shared feature's per-task gradients
+    "astmt": "models.astmt:ASTMTTraining",  # ASTMT's adversarial task discriminator (with --architecture astmt: ASTMT)
+})
+MTL_ARCHITECTURES = Registry("multi-task architecture", {
+    "shared": "models.mtl_architectures:shared_encoder",  # the paper's: one shared feature for every head
+    "mtan": "models.mtan:MTANNet",
+    "astmt": "models.astmt:ASTMTNet",
 })
 DEFENCES = Registry("defence", {
     "none": "models.defence:NoDefence",
@@ -84,6 +93,11 @@ def get_task_set(name: str = DEFAULT_TASK_SET) -> tuple[str, ...]:
 def create_weighting(name: str, tasks: tuple[str, ...] | None = None, **options: Any) -> Any:
     """Weighting method ``name`` over ``tasks`` (default: the default task set's)."""
     return WEIGHTINGS.create(name, tuple(tasks) if tasks is not None else get_task_set(), **options)
+
+
+def create_mtl_architecture(name: str, base: Any) -> Any:
+    """The multi-task network ``base`` (MultiTaskNet or RoomNet) in architecture ``name``."""
+    return MTL_ARCHITECTURES.create(name, base)
 
 
 def create_defence(name: str, net_cfg: Any, **options: Any) -> Any:

@@ -26,7 +26,9 @@ from models.data import FrameSet, TaskData, load_source
 from models.engine import TrainingEngine
 from models.network import MultiTaskNet, NetConfig
 from models.defence import MultiTaskClassDefence
-from models.registry import DEFENCES, TASK_SETS, WEIGHTINGS, create_defence, create_weighting
+from models.mtl_architectures import check_pair
+from models.registry import (DEFENCES, MTL_ARCHITECTURES, TASK_SETS, WEIGHTINGS, create_defence,
+                             create_mtl_architecture, create_weighting)
 
 __all__ = ["CHECKPOINT_NAME", "TrainConfig", "build_data", "evaluate", "freeze_batchnorm", "load_model",
            "model_from_checkpoint", "read_checkpoint", "slim_checkpoint", "train"]
@@ -35,6 +37,7 @@ __all__ = ["CHECKPOINT_NAME", "TrainConfig", "build_data", "evaluate", "freeze_b
 class TrainConfig:
     method: str = "great"
     tasks: str = "cifar"  # task set (models/registry.py TASK_SETS): "cifar" or "room" (models/room_tasks.py)
+    architecture: str = "shared"  # models/registry.py MTL_ARCHITECTURES: shared (the paper's), mtan, astmt
     data: str = "synthetic"
     val_data: str | None = None  # default: the held-out split of ``data``
     epochs: int = 10
@@ -118,6 +121,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskNet:
             model = RoomNet(RoomNetConfig.from_dict(ckpt["arch"]))
         else:
             model = MultiTaskNet(NetConfig.from_dict(ckpt["arch"]))
+        model = create_mtl_architecture(ckpt.get("architecture") or "shared", model)
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise UserError(f"checkpoint does not match the multi-task architecture: {str(exc).splitlines()[0]}") \
@@ -163,6 +167,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     log = log or _stderr
     WEIGHTINGS.check(cfg.method)
     TASK_SETS.check(cfg.tasks)
+    MTL_ARCHITECTURES.check(cfg.architecture)
     room = cfg.tasks == "room"
     if cfg.defence:
         DEFENCES.check(cfg.defence)
@@ -178,8 +183,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if resume:
         ckpt = read_checkpoint(out)
         saved = ckpt.get("config", {})
-        for key in ("method", "tasks", "data", "size", "width", "blocks", "decoder_width", "decoder", "seed"):
-            a, b = saved.get(key, {"decoder": "paper", "tasks": "cifar"}.get(key)), cfg.to_dict().get(key)
+        for key in ("method", "tasks", "architecture", "data", "size", "width", "blocks", "decoder_width", "decoder", "seed"):
+            a, b = saved.get(key, {"decoder": "paper", "tasks": "cifar", "architecture": "shared"}.get(key)), cfg.to_dict().get(key)
             a, b = (list(a) if isinstance(a, tuple) else a), (list(b) if isinstance(b, tuple) else b)
             if a != b:
                 raise UserError(f"--resume: {key} differs from the checkpoint ({a!r} there, {b!r} here)")
@@ -205,6 +210,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                             decoder_width=cfg.decoder_width, decoder=cfg.decoder)
         model = MultiTaskNet(net_cfg)
         evaluate_fn, describe_fn = evaluate, _describe_cifar
+    model = create_mtl_architecture(cfg.architecture, model)
+    check_pair(cfg.architecture, cfg.method, model)
     parent = None
     if cfg.init_from and not resume:
         base_model = model_from_checkpoint(read_checkpoint(cfg.init_from))
@@ -245,6 +252,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
 
     def on_epoch(epoch: int, epochs: int, m: float) -> None:
         method.set_lr_multiplier(m)
+        method.set_epoch(epoch, epochs)
         if defence is not None:
             defence.set_epoch(epoch, epochs)
 
@@ -263,7 +271,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         save_checkpoint(out / CHECKPOINT_NAME, {
             "format": MULTITASK_FORMAT, "arch": net_cfg.to_dict(), "model": model.state_dict(),
             "method_name": cfg.method, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1, "config": cfg.to_dict(),
+            "epoch": epoch + 1, "config": cfg.to_dict(), "architecture": cfg.architecture,
             "defence": defence.state_dict() if defence is not None else None,
             "history": engine.history, "class_names": frames.class_names, "input_size": [h, w],
             "source": frames.source, "task_set": cfg.tasks, "parent": parent, "command": command,

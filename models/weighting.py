@@ -72,6 +72,9 @@ class WeightingMethod(OwnOptimizers):
     def task_weights(self) -> dict[str, float]:
         return {t: 1.0 for t in self.tasks}
 
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop at the start of every epoch (DWA's epoch losses, ASTMT's alpha)."""
+
     def outputs(self, model: MultiTaskNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The heads of this method's tasks on ``x`` (one encoder forward)."""
         f = model.encode(x)

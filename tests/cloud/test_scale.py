@@ -187,6 +187,7 @@ def test_api_on_postgresql_and_s3_stores_uploads_once_and_serves_the_model(share
     data, url, storage = shared
     blob_url = f"s3://hmd-api-{secrets.token_hex(4)}/b"
     s3 = open_blob_store(blob_url, s3_server.endpoint)
+    s3.attach_index(storage)
     base = storage.version("base-v1")
     local = LocalBlobStore(data / "blobs")
     for sha in (base.onnx_sha256, base.manifest_sha256):  # the base model moves to the object store
@@ -210,4 +211,6 @@ def test_api_on_postgresql_and_s3_stores_uploads_once_and_serves_the_model(share
         assert part.status_code == 206 and part.content == model.content[10:20]
     assert storage.upload_count() == 1 and storage.frame_count() == 3
     assert all(s3.exists(hashlib.sha256(jpg).hexdigest()) for _, jpg in frames)
+    packs = [key for key in s3.objects() if "/packs/" in key]
+    assert len(packs) == 1  # the upload's three frames and its index: one object
     assert not (data / "spool").exists() or not list((data / "spool").iterdir())  # spooled frames removed
