@@ -49,6 +49,7 @@ DEFAULT_MAX_META_BYTES = 4096
 _QUEUE_CHUNKS = 32  # body pieces buffered between the event loop and the parser thread
 _PIECE = 64 * 1024  # the largest piece queued (a socket read can be larger: it is split)
 _PENDING_DECODE_BYTES = 16 * 1024 * 1024  # frames handed to the decode pool and not yet checked
+_CHECK_BATCH_BYTES = 256 * 1024  # frames checked by one pool task (one task per frame cost locks per frame)
 _DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 _DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="frame-check")
 MAX_RECEIVING = 4  # uploads parsed at once by this process, all devices together; the others wait
@@ -219,12 +220,36 @@ class _Feed:
         self.buf.clear()
 
 
+def _check_batch(frames: list[bytes], max_pixels: int) -> list[tuple[int, int] | UploadRejected]:
+    out: list[tuple[int, int] | UploadRejected] = []
+    for data in frames:
+        try:
+            out.append(check_frame(data, max_pixels))
+        except UploadRejected as exc:
+            out.append(exc)
+    return out
+
+
+@dataclasses.dataclass
+class _Check:
+    """One frame's answer in a batch checked by the decode pool."""
+
+    batch: concurrent.futures.Future
+    position: int
+
+    def result(self) -> tuple[int, int]:
+        answer = self.batch.result()[self.position]
+        if isinstance(answer, UploadRejected):
+            raise answer
+        return answer
+
+
 @dataclasses.dataclass
 class _Member:
     size: int
     sha256: str
     tmp: Path | None  # None: the blob is in the store already
-    check: concurrent.futures.Future
+    check: _Check
 
 
 @dataclasses.dataclass
@@ -280,9 +305,20 @@ class _Parser:
         except (tarfile.TarError, OSError, EOFError):
             raise _bad("not an uncompressed tar archive") from None
         members: dict[str, _Member] = {}
-        pending: collections.deque = collections.deque()
-        pending_bytes = 0
+        pending: collections.deque = collections.deque()  # (batch future, bytes) submitted
+        pending_bytes = 0  # submitted and not yet checked, and in the batch being filled
+        batch: list[bytes] = []
+        batch_checks: list[_Check] = []
+        batch_bytes = 0
         index_bytes: bytes | None = None
+
+        def submit() -> None:
+            nonlocal batch, batch_checks, batch_bytes
+            fut = _DECODE_POOL.submit(_check_batch, batch, self.max_pixels)
+            for c in batch_checks:
+                c.batch = fut
+            pending.append((fut, batch_bytes))
+            batch, batch_checks, batch_bytes = [], [], 0
         try:
             with tar:
                 for m in tar:
@@ -314,14 +350,20 @@ class _Parser:
                                 fh.write(data)
                         except OSError as exc:  # the server's disk, not the archive
                             raise server_fault(exc) from None
-                    fut = _DECODE_POOL.submit(check_frame, data, self.max_pixels)
-                    members[m.name] = _Member(len(data), sha, tmp, fut)
-                    pending.append((fut, len(data)))
+                    check = _Check(None, len(batch))  # type: ignore[arg-type]  # its batch is set on submit
+                    batch.append(data)
+                    batch_checks.append(check)
+                    batch_bytes += len(data)
+                    members[m.name] = _Member(len(data), sha, tmp, check)
                     pending_bytes += len(data)
+                    if batch_bytes >= _CHECK_BATCH_BYTES or pending_bytes > _PENDING_DECODE_BYTES:
+                        submit()
                     while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
                         done, nbytes = pending.popleft()
                         done.exception()  # waits; a bad frame is reported by _validate, in index order
                         pending_bytes -= nbytes
+            if batch:
+                submit()
         except (tarfile.TarError, OSError, EOFError):
             raise _bad("the archive is truncated or corrupt") from None
         finally:
@@ -447,10 +489,12 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             with fh:
                 fh.write(received.index_bytes)
             temps.append((hashlib.sha256(received.index_bytes).hexdigest(), tmp))
-            for sha, path in temps:
-                adopt(path, sha)
-            blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
             index_sha = temps[-1][0]
+            while temps:  # each one adopted is no longer ours to remove
+                sha, path = temps[-1]
+                adopt(path, sha)
+                temps.pop()
+            blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
         elif hasattr(blobs, "put_files"):  # an object store: the frames and the index in one pack (cloud/s3.py)
             index_sha = hashlib.sha256(received.index_bytes).hexdigest()
             blobs.put_files([*temps, (index_sha, received.index_bytes)])  # type: ignore[attr-defined]
