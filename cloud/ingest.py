@@ -273,6 +273,9 @@ class _Parser:
         self.max_pixels, self.max_meta_bytes = max_pixels, max_meta_bytes
         self.temps: list[Path] = []
         self.result: concurrent.futures.Future = concurrent.futures.Future()
+        # skip frames stored already: a stat on a folder store; an object store (a request per
+        # frame) skips them when it stores the upload, with one query for all (cloud/s3.py)
+        self.lookup_each = getattr(blobs, "cheap_exists", True)
 
     def _temp(self):
         make = getattr(self.blobs, "temp_file", None)
@@ -343,7 +346,7 @@ class _Parser:
                     data = tar.extractfile(m).read()  # type: ignore[union-attr]
                     sha = hashlib.sha256(data).hexdigest()
                     tmp = None
-                    if not self.blobs.exists(sha):
+                    if not self.lookup_each or not self.blobs.exists(sha):
                         try:
                             fh, tmp = self._temp()
                             with fh:
