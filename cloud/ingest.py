@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import threading
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, BinaryIO
 
 import cv2
 import numpy as np
@@ -261,6 +261,8 @@ class Received:
     rows: list[FrameRow]
     temps: list[tuple[str, Path]]  # (sha256, temporary file)
     size: int = 0
+    pack: Path | None = None  # an object store's upload: every frame in this one spool file...
+    pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length)
 
 
 class _Parser:
@@ -276,6 +278,25 @@ class _Parser:
         # skip frames stored already: a stat on a folder store; an object store (a request per
         # frame) skips them when it stores the upload, with one query for all (cloud/s3.py)
         self.lookup_each = getattr(blobs, "cheap_exists", True)
+        # an object store that packs: the frames go one after the other into one spool file,
+        # which becomes the pack object (one file created per upload, not one per frame)
+        self.packing = bool(getattr(blobs, "packing", False))
+        self.pack: Path | None = None
+        self._pack_fh: BinaryIO | None = None
+        self.pack_rows: dict[str, tuple[int, int]] = {}
+        self._pack_size = 0
+
+    def _to_pack(self, sha: str, data: bytes) -> None:
+        if sha in self.pack_rows:
+            return
+        if self._pack_fh is None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
+            self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
+            self.temps.append(self.pack)
+        self._pack_fh.write(data)
+        self.pack_rows[sha] = (self._pack_size, len(data))
+        self._pack_size += len(data)
 
     def _temp(self):
         make = getattr(self.blobs, "temp_file", None)
@@ -298,6 +319,8 @@ class _Parser:
             self.feed.drain()  # never leave the event loop blocked on a full queue
 
     def cleanup(self) -> None:
+        if self._pack_fh is not None:
+            self._pack_fh.close()
         for path in self.temps:
             path.unlink(missing_ok=True)
 
@@ -346,7 +369,12 @@ class _Parser:
                     data = tar.extractfile(m).read()  # type: ignore[union-attr]
                     sha = hashlib.sha256(data).hexdigest()
                     tmp = None
-                    if not self.lookup_each or not self.blobs.exists(sha):
+                    if self.packing:
+                        try:
+                            self._to_pack(sha, data)
+                        except OSError as exc:
+                            raise server_fault(exc) from None
+                    elif not self.lookup_each or not self.blobs.exists(sha):
                         try:
                             fh, tmp = self._temp()
                             with fh:
@@ -371,6 +399,11 @@ class _Parser:
             raise _bad("the archive is truncated or corrupt") from None
         finally:
             concurrent.futures.wait([f for f, _ in pending])
+        if self._pack_fh is not None:
+            try:
+                self._pack_fh.close()
+            except OSError as exc:
+                raise server_fault(exc) from None
         return self._validate(index_bytes, members)
 
     def _validate(self, index_bytes: bytes | None, members: dict[str, _Member]) -> Received:
@@ -413,7 +446,8 @@ class _Parser:
             rows.append(FrameRow(f.sha256, w, h, meta))
             if m.tmp is not None:
                 temps.append((m.sha256, m.tmp))
-        return Received(index, index_bytes, rows, temps)
+        pack_rows = [(sha, offset, length) for sha, (offset, length) in self.pack_rows.items()]
+        return Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows)
 
 
 async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
@@ -498,7 +532,14 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
                 adopt(path, sha)
                 temps.pop()
             blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
-        elif hasattr(blobs, "put_files"):  # an object store: the frames and the index in one pack (cloud/s3.py)
+        elif received.pack is not None:  # an object store: the spooled frames and the index are the pack
+            index_sha = hashlib.sha256(received.index_bytes).hexdigest()
+            with open(received.pack, "ab") as fh:
+                offset = fh.tell()
+                fh.write(received.index_bytes)
+            blobs.put_pack(received.pack, [*received.pack_rows,  # type: ignore[attr-defined]
+                                           (index_sha, offset, len(received.index_bytes))])
+        elif hasattr(blobs, "put_files"):  # an object store without packs: several requests in flight
             index_sha = hashlib.sha256(received.index_bytes).hexdigest()
             blobs.put_files([*temps, (index_sha, received.index_bytes)])  # type: ignore[attr-defined]
         else:
@@ -511,6 +552,8 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
     finally:
         for _, path in temps:
             path.unlink(missing_ok=True)
+        if received.pack is not None:
+            received.pack.unlink(missing_ok=True)
 
 
 def metadata_digest(index: UploadIndex) -> str:

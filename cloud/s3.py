@@ -74,6 +74,11 @@ class S3BlobStore:
         """Pack uploads' frames from now on, locating them in ``index`` (the metadata database)."""
         self.index = index
 
+    @property
+    def packing(self) -> bool:
+        """Whether uploads are stored as packs (the ingest then spools them as one file)."""
+        return self.index is not None
+
     def _pack_key(self, pack: str) -> str:
         return f"{self.prefix}/packs/{pack}" if self.prefix else f"packs/{pack}"
 
@@ -105,7 +110,7 @@ class S3BlobStore:
                 for fut in [pool.submit(self._put_one, sha, item) for sha, item in items]:
                     fut.result()
             return
-        rows, offset, digest = [], 0, hashlib.sha256()
+        rows, offset = [], 0
         seen = set(self.index.blob_locations([sha for sha, _ in items]))  # packed before: not again
         # an upload can be tens of MB: in memory up to PACK_IN_MEMORY, then on disk
         with tempfile.SpooledTemporaryFile(max_size=PACK_IN_MEMORY) as body:
@@ -116,14 +121,26 @@ class S3BlobStore:
                 data = item if isinstance(item, bytes) else Path(item).read_bytes()
                 rows.append((sha, offset, len(data)))
                 body.write(data)
-                digest.update(data)
                 offset += len(data)
-            if not rows:
-                return
-            pack = digest.hexdigest()
-            body.seek(0)
-            self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body, ContentLength=offset)
-        self.index.add_blob_locations([(sha, pack, start, length) for sha, start, length in rows])
+            if rows:
+                self._put_pack(body, offset, rows)
+
+    def put_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> None:
+        """A file that holds blobs one after the other, stored as one pack object; ``rows``:
+        (sha256, offset, length) of each blob in it. Blobs packed before keep their first location."""
+        with open(path, "rb") as fh:
+            self._put_pack(fh, os.fstat(fh.fileno()).st_size, rows)
+
+    def _put_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> None:
+        assert self.index is not None
+        body.seek(0)
+        digest = hashlib.sha256()
+        while block := body.read(1 << 20):
+            digest.update(block)
+        pack = digest.hexdigest()  # content-addressed, as every other object
+        body.seek(0)
+        self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body, ContentLength=size)
+        self.index.add_blob_locations([(sha, pack, offset, length) for sha, offset, length in rows])
 
     def _put_one(self, sha256: str, item: os.PathLike | bytes) -> str:
         return self.put_bytes(item) if isinstance(item, bytes) else self.put_file(item, sha256)
