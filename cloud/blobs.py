@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +19,9 @@ from typing import BinaryIO, Protocol
 from shared.atomic import fsync_dir
 from shared.errors import UserError
 from shared.hashing import sha256_file
+
+
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 class BlobStore(Protocol):
@@ -33,21 +38,31 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / ".tmp"
         self.tmp.mkdir(exist_ok=True)
+        self._root, self._tmp = str(self.root), str(self.tmp)
+        self._dirs: set[str] = set()  # ab/ folders known to exist (never removed)
+        self._temp_names = itertools.count()
 
     def _path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        return Path(self._file(sha256))
+
+    def _file(self, sha256: str) -> str:
+        """The blob's path as a string (an upload asks for hundreds: pathlib's parsing showed in profiles)."""
+        if not SHA256_NAME.fullmatch(sha256):
             raise ValueError(f"not a sha256: {sha256!r}")
-        return self.root / sha256[:2] / sha256
+        return f"{self._root}/{sha256[:2]}/{sha256}"
 
     def _commit(self, tmp: Path, sha256: str, durable: bool = False) -> str:
-        dest = self._path(sha256)
-        if dest.exists():  # content-addressed: same name, same bytes
-            tmp.unlink(missing_ok=True)
+        dest = self._file(sha256)
+        if os.path.exists(dest):  # content-addressed: same name, same bytes
+            Path(tmp).unlink(missing_ok=True)
             return sha256
-        dest.parent.mkdir(exist_ok=True)
+        folder = dest[:-65]
+        if folder not in self._dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
         os.replace(tmp, dest)
         if durable:  # the rename too (bulk ingest makes everything durable with one sync())
-            fsync_dir(dest.parent)
+            fsync_dir(folder)
         return sha256
 
     def put_bytes(self, data: bytes) -> str:
@@ -63,9 +78,15 @@ class LocalBlobStore:
 
     # -- bulk ingest: write many blobs without one fsync each -------------------------------
     def temp_file(self) -> tuple[BinaryIO, Path]:
-        """An open, empty file in the store's temporary folder (same filesystem as the blobs)."""
-        fd, tmp = tempfile.mkstemp(dir=self.tmp)
-        return os.fdopen(fd, "wb"), Path(tmp)
+        """An open, empty file in the store's temporary folder (same filesystem as the blobs):
+        named by process and counter (cheaper than mkstemp's random names, one per frame); a name
+        taken already (another host's process on a shared folder) falls back to mkstemp."""
+        name = f"{self._tmp}/{os.getpid()}-{next(self._temp_names)}"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd, name = tempfile.mkstemp(dir=self.tmp)
+        return os.fdopen(fd, "wb"), Path(name)
 
     def adopt(self, tmp: str | os.PathLike, sha256: str) -> str:
         """Move a :meth:`temp_file` whose content hashes to ``sha256`` into the store (or drop it
@@ -90,7 +111,7 @@ class LocalBlobStore:
         return self._commit(Path(tmp), sha, durable=True)
 
     def exists(self, sha256: str) -> bool:
-        return self._path(sha256).is_file()
+        return os.path.isfile(self._file(sha256))
 
     def size(self, sha256: str) -> int:
         return self._path(sha256).stat().st_size

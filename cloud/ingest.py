@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import threading
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, BinaryIO
 
 import cv2
 import numpy as np
@@ -49,6 +49,7 @@ DEFAULT_MAX_META_BYTES = 4096
 _QUEUE_CHUNKS = 32  # body pieces buffered between the event loop and the parser thread
 _PIECE = 64 * 1024  # the largest piece queued (a socket read can be larger: it is split)
 _PENDING_DECODE_BYTES = 16 * 1024 * 1024  # frames handed to the decode pool and not yet checked
+_CHECK_BATCH_BYTES = 256 * 1024  # frames checked by one pool task (one task per frame cost locks per frame)
 _DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 _DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="frame-check")
 MAX_RECEIVING = 4  # uploads parsed at once by this process, all devices together; the others wait
@@ -219,12 +220,36 @@ class _Feed:
         self.buf.clear()
 
 
+def _check_batch(frames: list[bytes], max_pixels: int) -> list[tuple[int, int] | UploadRejected]:
+    out: list[tuple[int, int] | UploadRejected] = []
+    for data in frames:
+        try:
+            out.append(check_frame(data, max_pixels))
+        except UploadRejected as exc:
+            out.append(exc)
+    return out
+
+
+@dataclasses.dataclass
+class _Check:
+    """One frame's answer in a batch checked by the decode pool."""
+
+    batch: concurrent.futures.Future
+    position: int
+
+    def result(self) -> tuple[int, int]:
+        answer = self.batch.result()[self.position]
+        if isinstance(answer, UploadRejected):
+            raise answer
+        return answer
+
+
 @dataclasses.dataclass
 class _Member:
     size: int
     sha256: str
     tmp: Path | None  # None: the blob is in the store already
-    check: concurrent.futures.Future
+    check: _Check
 
 
 @dataclasses.dataclass
@@ -236,6 +261,8 @@ class Received:
     rows: list[FrameRow]
     temps: list[tuple[str, Path]]  # (sha256, temporary file)
     size: int = 0
+    pack: Path | None = None  # an object store's upload: every frame in this one spool file...
+    pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length)
 
 
 class _Parser:
@@ -248,6 +275,28 @@ class _Parser:
         self.max_pixels, self.max_meta_bytes = max_pixels, max_meta_bytes
         self.temps: list[Path] = []
         self.result: concurrent.futures.Future = concurrent.futures.Future()
+        # skip frames stored already: a stat on a folder store; an object store (a request per
+        # frame) skips them when it stores the upload, with one query for all (cloud/s3.py)
+        self.lookup_each = getattr(blobs, "cheap_exists", True)
+        # an object store that packs: the frames go one after the other into one spool file,
+        # which becomes the pack object (one file created per upload, not one per frame)
+        self.packing = bool(getattr(blobs, "packing", False))
+        self.pack: Path | None = None
+        self._pack_fh: BinaryIO | None = None
+        self.pack_rows: dict[str, tuple[int, int]] = {}
+        self._pack_size = 0
+
+    def _to_pack(self, sha: str, data: bytes) -> None:
+        if sha in self.pack_rows:
+            return
+        if self._pack_fh is None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
+            self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
+            self.temps.append(self.pack)
+        self._pack_fh.write(data)
+        self.pack_rows[sha] = (self._pack_size, len(data))
+        self._pack_size += len(data)
 
     def _temp(self):
         make = getattr(self.blobs, "temp_file", None)
@@ -270,6 +319,8 @@ class _Parser:
             self.feed.drain()  # never leave the event loop blocked on a full queue
 
     def cleanup(self) -> None:
+        if self._pack_fh is not None:
+            self._pack_fh.close()
         for path in self.temps:
             path.unlink(missing_ok=True)
 
@@ -280,9 +331,20 @@ class _Parser:
         except (tarfile.TarError, OSError, EOFError):
             raise _bad("not an uncompressed tar archive") from None
         members: dict[str, _Member] = {}
-        pending: collections.deque = collections.deque()
-        pending_bytes = 0
+        pending: collections.deque = collections.deque()  # (batch future, bytes) submitted
+        pending_bytes = 0  # submitted and not yet checked, and in the batch being filled
+        batch: list[bytes] = []
+        batch_checks: list[_Check] = []
+        batch_bytes = 0
         index_bytes: bytes | None = None
+
+        def submit() -> None:
+            nonlocal batch, batch_checks, batch_bytes
+            fut = _DECODE_POOL.submit(_check_batch, batch, self.max_pixels)
+            for c in batch_checks:
+                c.batch = fut
+            pending.append((fut, batch_bytes))
+            batch, batch_checks, batch_bytes = [], [], 0
         try:
             with tar:
                 for m in tar:
@@ -307,25 +369,41 @@ class _Parser:
                     data = tar.extractfile(m).read()  # type: ignore[union-attr]
                     sha = hashlib.sha256(data).hexdigest()
                     tmp = None
-                    if not self.blobs.exists(sha):
+                    if self.packing:
+                        try:
+                            self._to_pack(sha, data)
+                        except OSError as exc:
+                            raise server_fault(exc) from None
+                    elif not self.lookup_each or not self.blobs.exists(sha):
                         try:
                             fh, tmp = self._temp()
                             with fh:
                                 fh.write(data)
                         except OSError as exc:  # the server's disk, not the archive
                             raise server_fault(exc) from None
-                    fut = _DECODE_POOL.submit(check_frame, data, self.max_pixels)
-                    members[m.name] = _Member(len(data), sha, tmp, fut)
-                    pending.append((fut, len(data)))
+                    check = _Check(None, len(batch))  # type: ignore[arg-type]  # its batch is set on submit
+                    batch.append(data)
+                    batch_checks.append(check)
+                    batch_bytes += len(data)
+                    members[m.name] = _Member(len(data), sha, tmp, check)
                     pending_bytes += len(data)
+                    if batch_bytes >= _CHECK_BATCH_BYTES or pending_bytes > _PENDING_DECODE_BYTES:
+                        submit()
                     while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
                         done, nbytes = pending.popleft()
                         done.exception()  # waits; a bad frame is reported by _validate, in index order
                         pending_bytes -= nbytes
+            if batch:
+                submit()
         except (tarfile.TarError, OSError, EOFError):
             raise _bad("the archive is truncated or corrupt") from None
         finally:
             concurrent.futures.wait([f for f, _ in pending])
+        if self._pack_fh is not None:
+            try:
+                self._pack_fh.close()
+            except OSError as exc:
+                raise server_fault(exc) from None
         return self._validate(index_bytes, members)
 
     def _validate(self, index_bytes: bytes | None, members: dict[str, _Member]) -> Received:
@@ -368,7 +446,8 @@ class _Parser:
             rows.append(FrameRow(f.sha256, w, h, meta))
             if m.tmp is not None:
                 temps.append((m.sha256, m.tmp))
-        return Received(index, index_bytes, rows, temps)
+        pack_rows = [(sha, offset, length) for sha, (offset, length) in self.pack_rows.items()]
+        return Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows)
 
 
 async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
@@ -447,11 +526,20 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             with fh:
                 fh.write(received.index_bytes)
             temps.append((hashlib.sha256(received.index_bytes).hexdigest(), tmp))
-            for sha, path in temps:
-                adopt(path, sha)
-            blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
             index_sha = temps[-1][0]
-        elif hasattr(blobs, "put_files"):  # an object store: the frames and the index in one pack (cloud/s3.py)
+            while temps:  # each one adopted is no longer ours to remove
+                sha, path = temps[-1]
+                adopt(path, sha)
+                temps.pop()
+            blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
+        elif received.pack is not None:  # an object store: the spooled frames and the index are the pack
+            index_sha = hashlib.sha256(received.index_bytes).hexdigest()
+            with open(received.pack, "ab") as fh:
+                offset = fh.tell()
+                fh.write(received.index_bytes)
+            blobs.put_pack(received.pack, [*received.pack_rows,  # type: ignore[attr-defined]
+                                           (index_sha, offset, len(received.index_bytes))])
+        elif hasattr(blobs, "put_files"):  # an object store without packs: several requests in flight
             index_sha = hashlib.sha256(received.index_bytes).hexdigest()
             blobs.put_files([*temps, (index_sha, received.index_bytes)])  # type: ignore[attr-defined]
         else:
@@ -464,6 +552,8 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
     finally:
         for _, path in temps:
             path.unlink(missing_ok=True)
+        if received.pack is not None:
+            received.pack.unlink(missing_ok=True)
 
 
 def metadata_digest(index: UploadIndex) -> str:

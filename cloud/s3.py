@@ -20,6 +20,7 @@ import concurrent.futures
 import hashlib
 import io
 import os
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -27,6 +28,8 @@ from shared.errors import UserError
 from shared.hashing import sha256_file
 
 PUT_THREADS = 8  # one request per object: several in flight hide the round trips
+PACK_IN_MEMORY = 8 * 1024 * 1024  # a larger pack is put from a temporary file
+SPAN_WASTE = 4  # read_many reads a pack's span in one GET unless it is 4x the bytes wanted
 
 
 class PackIndex(Protocol):
@@ -38,6 +41,8 @@ class PackIndex(Protocol):
 
 
 class S3BlobStore:
+    cheap_exists = False  # a request each: the ingest does not ask per frame (put_files skips what is stored)
+
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None):
         try:
             import boto3
@@ -68,6 +73,11 @@ class S3BlobStore:
     def attach_index(self, index: PackIndex) -> None:
         """Pack uploads' frames from now on, locating them in ``index`` (the metadata database)."""
         self.index = index
+
+    @property
+    def packing(self) -> bool:
+        """Whether uploads are stored as packs (the ingest then spools them as one file)."""
+        return self.index is not None
 
     def _pack_key(self, pack: str) -> str:
         return f"{self.prefix}/packs/{pack}" if self.prefix else f"packs/{pack}"
@@ -100,18 +110,36 @@ class S3BlobStore:
                 for fut in [pool.submit(self._put_one, sha, item) for sha, item in items]:
                     fut.result()
             return
-        body, rows, seen = io.BytesIO(), [], set()
-        for sha, item in items:
-            if sha in seen:
-                continue
-            seen.add(sha)
-            data = item if isinstance(item, bytes) else Path(item).read_bytes()
-            rows.append((sha, body.tell(), len(data)))
-            body.write(data)
-        if not rows:
-            return
-        pack = hashlib.sha256(body.getbuffer()).hexdigest()
-        self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body.getvalue())
+        rows, offset = [], 0
+        seen = set(self.index.blob_locations([sha for sha, _ in items]))  # packed before: not again
+        # an upload can be tens of MB: in memory up to PACK_IN_MEMORY, then on disk
+        with tempfile.SpooledTemporaryFile(max_size=PACK_IN_MEMORY) as body:
+            for sha, item in items:
+                if sha in seen:
+                    continue
+                seen.add(sha)
+                data = item if isinstance(item, bytes) else Path(item).read_bytes()
+                rows.append((sha, offset, len(data)))
+                body.write(data)
+                offset += len(data)
+            if rows:
+                self._put_pack(body, offset, rows)
+
+    def put_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> None:
+        """A file that holds blobs one after the other, stored as one pack object; ``rows``:
+        (sha256, offset, length) of each blob in it. Blobs packed before keep their first location."""
+        with open(path, "rb") as fh:
+            self._put_pack(fh, os.fstat(fh.fileno()).st_size, rows)
+
+    def _put_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> None:
+        assert self.index is not None
+        body.seek(0)
+        digest = hashlib.sha256()
+        while block := body.read(1 << 20):
+            digest.update(block)
+        pack = digest.hexdigest()  # content-addressed, as every other object
+        body.seek(0)
+        self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body, ContentLength=size)
         self.index.add_blob_locations([(sha, pack, offset, length) for sha, offset, length in rows])
 
     def _put_one(self, sha256: str, item: os.PathLike | bytes) -> str:
@@ -162,6 +190,11 @@ class S3BlobStore:
         out: dict[str, bytes] = {}
         for pack, parts in by_pack.items():
             start, end = min(p[1] for p in parts), max(p[1] + p[2] for p in parts)
+            if end - start > SPAN_WASTE * sum(p[2] for p in parts):  # a few frames far apart: one range each
+                for sha, _, _ in parts:
+                    with self.open(sha) as fh:
+                        out[sha] = fh.read()
+                continue
             body = self.client.get_object(Bucket=self.bucket, Key=self._pack_key(pack),
                                           Range=f"bytes={start}-{end - 1}")["Body"]
             with body:

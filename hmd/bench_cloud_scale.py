@@ -118,6 +118,9 @@ def _kill_round(bench, data: Path, env: dict, storage, tokens: dict, args) -> di
     sims = [tokens[f"sim{i:02d}"] for i in range(args.devices)]
     bodies = [[_body(_scene_frames, per, 10_000_000 + (d * args.batches + b) * per) for b in range(args.batches)]
               for d in range(args.devices)]
+    def stored_uploads() -> int:
+        return sum(storage.upload_count(storage.device_by_name(f"sim{i:02d}").id) for i in range(args.devices))
+    before = stored_uploads()  # the api-2/api-1 rounds' uploads, by the same devices
     server = server_cls(data, "--auto-job-frames", str(per), "--no-worker", "--workers", "2", env=kill_env)
 
     def worker() -> subprocess.Popen:
@@ -151,7 +154,7 @@ def _kill_round(bench, data: Path, env: dict, storage, tokens: dict, args) -> di
             w.wait(30)
         server.stop()
     jobs = storage.jobs()
-    stored = sum(storage.upload_count(storage.device_by_name(f"sim{i:02d}").id) for i in range(args.devices))
+    stored = stored_uploads() - before
     versions = [r for r in storage._query("SELECT job_id, COUNT(*) FROM versions WHERE job_id IS NOT NULL "  # noqa: SLF001
                                          "GROUP BY job_id")]
     return {**killed, "uploads_acknowledged": result.get("uploads_acknowledged"), "uploads_stored": stored,

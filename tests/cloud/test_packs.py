@@ -44,4 +44,9 @@ def test_frames_are_packed_and_old_single_objects_still_read(s3_server, tmp_path
     assert blobs.read_many(wanted) == {hashlib.sha256(d).hexdigest(): d for d in (new[2], old[1], new[0])}
     assert sorted(blobs.names()) == sorted(hashlib.sha256(d).hexdigest() for d in old + new + [index])
     assert not blobs.exists("0" * 64)
+
+    later = jpeg_frames(1, start=5)[0][1]  # a resent frame is not packed again
+    blobs.put_files([spooled[1], (hashlib.sha256(later).hexdigest(), later)])
+    (newest,) = set(blobs.objects()) - set(objects)
+    assert blobs.client.get_object(Bucket=blobs.bucket, Key=newest)["Body"].read() == later
     storage.close()
