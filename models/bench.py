@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
         # the classifiers' own training configuration (hmd defend / hmd distill: batch 64, 32x32),
         # not the multi-task one above
-        robust = robust_step_ratios(batch_size=64, size=32, repeats=max(30, args.steps), threads=args.threads)
+        robust = robust_step_ratios(batch_size=64, size=32, repeats=max(30, args.steps), threads=args.threads,
+                                    clock=args.clock)
         result["robust"] = robust
         # the paper's defaults against their targets, the fast variants (flags) beside them
         for k in ("defence-great+ce/plain", "distill-great/plain", "defence-great+ce (fast)/plain",

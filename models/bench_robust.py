@@ -122,30 +122,33 @@ def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torc
 
 
 def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 30, warmup: int = 2,
-                       threads: int | None = None, compare_faithful: bool = False,
+                       threads: int | None = None, compare_faithful: bool = False, clock: str = "wall",
                        **options: Any) -> dict[str, Any]:
     """{"defence-great+ce/plain": r1, "distill-great/plain": r2, "... (fast)/plain": ..., "ms_per_step":
     {...}, ...} (medians).
 
     ``compare_faithful``: also the defaults through autograd (:data:`AUTOGRAD`) in the same run, as
-    ``"... (autograd)/plain"`` ratios; ``options`` go to every variant of both methods."""
+    ``"... (autograd)/plain"`` ratios; ``clock="cpu"`` times this process's CPU time (steadier on a
+    loaded machine: other processes' work is not counted); ``options`` go to every variant of both
+    methods."""
     if threads:
         torch.set_num_threads(threads)
     variants, base = _variants(batch_size, size, compare_faithful=compare_faithful, **options)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for i in range(warmup + repeats):
         for name, fn in variants.items():
-            t = time.perf_counter()
+            t = now()
             fn()
             if i >= warmup:
-                times[name].append(1000.0 * (time.perf_counter() - t))
+                times[name].append(1000.0 * (now() - t))
     ms = {k: statistics.median(v) for k, v in times.items()}
     return {
         **{f"{k}/plain": ms[k] / ms[b] for k, b in base.items()},
         "ms_per_step": ms, "ms_min": {k: min(v) for k, v in times.items()},
         "compared_with": base,
         "networks": {"plain": DEFENCE_NET, "plain-cnn5": STUDENT_NET, "teacher": TEACHER_NET},
-        "batch_size": batch_size, "size": size, "repeats": repeats,
+        "batch_size": batch_size, "size": size, "repeats": repeats, "clock": clock,
         "threads": torch.get_num_threads(), "targets": TARGETS,
         "fast_variants": {"defence-great+ce (fast)": FAST_DEFENCE, "distill-great (fast)": FAST_DISTILL},
     }
@@ -156,13 +159,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time steps by the wall clock or by this process's CPU time (steadier under load)")
     parser.add_argument("--compare-faithful", action="store_true",
                         help="also time the defaults through autograd's double backprop (the same maths)")
 
 
 def run(args: argparse.Namespace) -> int:
     res = robust_step_ratios(args.batch_size, args.size, args.repeats, threads=args.threads,
-                             compare_faithful=getattr(args, "compare_faithful", False))
+                             compare_faithful=getattr(args, "compare_faithful", False),
+                             clock=getattr(args, "clock", "wall"))
     print(json.dumps(res, indent=2))
     return 0
 

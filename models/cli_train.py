@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", default="shared", choices=MTL_ARCHITECTURES.names(),
                         help="shared (the paper's: one encoder feature for every head), mtan (per-task attention "
                         "masks) or astmt (per-task squeeze-and-excitation; train it with --method astmt)")
+    parser.add_argument("--aux-stride", type=int, choices=[1, 2], default=None,
+                        help="GREAT: the task classifier's first conv stride (default 2 on a feature map of at "
+                             "least 4x4, a deviation for cost; 1: the paper's ResNet-11)")
     parser.add_argument("--decoder", choices=["paper", "camera"], default="paper",
                         help="dense decoders: the paper's (feature only, sigmoid outputs) or the headset's "
                         "camera decoder (input skips, linear outputs, colour/denoised residual over the input)")
@@ -61,7 +64,8 @@ def method_options(args: argparse.Namespace) -> dict:
     if args.method == "gradnorm":
         opts = {"alpha": args.alpha, "weight_lr": args.weight_lr}
     elif args.method == "great":
-        opts = {"gal_lr": args.gal_lr, "aux_lr": args.aux_lr, "aux_norm": args.aux_norm, "gal_floor": args.gal_floor}
+        opts = {"gal_lr": args.gal_lr, "aux_lr": args.aux_lr, "aux_norm": args.aux_norm, "gal_floor": args.gal_floor,
+                "aux_stride": args.aux_stride}
     elif args.method == "dwa":
         opts = {"temperature": args.temperature}
     elif args.method == "cagrad":

@@ -69,16 +69,21 @@ class GreatWeighting(WeightingMethod):
     ``gal_floor`` (clamp), ``aux_norm`` ("none", the default: the raw gamma_i * g_i, as the
     paper; or "rms": per-sample RMS normalisation of the classifier input. With "rms" the aux
     loss's gradient on each GAL is orthogonal to the GAL -- a sample's scale no longer reaches the
-    classifier -- so the GALs can reshape a task's gradient but never rescale it).
+    classifier -- so the GALs can reshape a task's gradient but never rescale it), ``aux_stride``
+    (the classifier's first conv: None, the default, strides 2 when the feature map is at least
+    4x4; 1 is the paper's ResNet-11, which states no stride; README, "Paper vs this implementation").
     """
 
     name = "great"
 
     def __init__(self, tasks, aux_lr: float = 1e-3, gal_lr: float = 1e-4, gal_floor: float = 1e-3,
-                 aux_norm: str = "none"):
+                 aux_norm: str = "none", aux_stride: int | None = None):
         super().__init__(tasks)
         if aux_norm not in ("rms", "none"):
             raise UserError(f"aux_norm must be 'rms' or 'none', got {aux_norm!r}")
+        if aux_stride not in (None, 1, 2):
+            raise UserError(f"aux_stride must be 1 or 2, got {aux_stride!r}")
+        self.aux_stride = aux_stride
         self.aux_lr, self.gal_lr, self.gal_floor, self.aux_norm = aux_lr, gal_lr, gal_floor, aux_norm
         self.normalisers = LossNormalisers(self.tasks)
         self.gals: GradientAlignmentLayers | None = None
@@ -94,7 +99,8 @@ class GreatWeighting(WeightingMethod):
                                  f"this batch gives {(c, h, w)}: train GREAT at one input size")
             return
         self.gals = GradientAlignmentLayers(self.tasks, (c, h, w), self.gal_floor)
-        self.aux = AuxiliaryTaskClassifier(c, len(self.tasks), stride=2 if min(h, w) >= 4 else 1)
+        stride = self.aux_stride if self.aux_stride is not None else (2 if min(h, w) >= 4 else 1)
+        self.aux = AuxiliaryTaskClassifier(c, len(self.tasks), stride=stride)
         self.aux_optimizer = torch.optim.Adam(self.aux.parameters(), lr=self.aux_lr)
         self.gal_optimizer = torch.optim.Adam(self.gals.parameters(), lr=self.gal_lr)
 

@@ -283,3 +283,25 @@ def test_lr_schedule_reaches_the_methods_own_optimisers(name):
     method.set_lr_multiplier(0.5)  # relative to the initial rate, not compounded
     for o, lrs in zip(method._own_optimizers(), initial):
         assert [g["lr"] for g in o.param_groups] == pytest.approx([0.5 * lr for lr in lrs])
+
+
+def test_aux_stride_chooses_the_task_classifiers_first_conv_stride():
+    """Default: stride 2 on a feature map of at least 4x4 (a deviation for cost); --aux-stride 1 is
+    the paper's ResNet-11; hmd train passes the flag through."""
+    from models.cli_train import method_options
+
+    model = tiny_net()
+    x, _ = batch(size=32)
+    shape = model.encode(x[:1]).shape
+    assert min(shape[2:]) >= 4
+    strides = {}
+    for option in (None, 1, 2):
+        method = GreatWeighting(TASKS, aux_stride=option)
+        method.setup(model, shape)
+        strides[option] = method.aux.stem[0].stride
+    assert strides == {None: (2, 2), 1: (1, 1), 2: (2, 2)}
+    with pytest.raises(UserError):
+        GreatWeighting(TASKS, aux_stride=3)
+    args = type("Args", (), {"method": "great", "gal_lr": 1e-4, "aux_lr": 1e-3, "aux_norm": "none",
+                             "gal_floor": None, "aux_stride": 1})()
+    assert method_options(args)["aux_stride"] == 1
