@@ -54,7 +54,8 @@ class ASTMTNet(TaskStages):
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
-        self.excite = nn.ModuleDict({t: nn.ModuleList([SqueezeExcitation(c) for c in self.stage_channels])
+        # keys "<task>_excite": a bare "class" breaks torch.export's generated code
+        self.excite = nn.ModuleDict({f"{t}_excite": nn.ModuleList([SqueezeExcitation(c) for c in self.stage_channels])
                                      for t in self.tasks})
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ class ASTMTNet(TaskStages):
     def task_feature(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """The encoder run for ``task``: every stage's output rescaled by the task's SE module."""
         h = self.stem(x)
-        for stage, se in zip(self.base.encoder.stages, self.excite[task]):
+        for stage, se in zip(self.base.encoder.stages, self.excite[f"{task}_excite"]):
             h = se(stage(h))
         return h
 

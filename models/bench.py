@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         if needed not in methods:
             methods.insert(0, needed)
     ms = step_times(methods, args)
+    clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
     result: dict = {
         "benchmark": "train",
         "config": {"tasks": args.tasks, "clock": args.clock, "batch_size": args.batch_size, "size": args.size, "width": args.width,

@@ -53,7 +53,8 @@ class MTANNet(TaskStages):
     def __init__(self, base: nn.Module):
         super().__init__(base)
         chans, strides = self.stage_channels, self.stage_strides
-        self.attention = nn.ModuleDict({t: nn.ModuleList([
+        # keys "<task>_attention": a bare "class" breaks torch.export's generated code
+        self.attention = nn.ModuleDict({f"{t}_attention": nn.ModuleList([
             TaskAttention(c, chans[j - 1] if j else 0, strides[j]) for j, c in enumerate(chans)])
             for t in self.tasks})
 
@@ -66,7 +67,7 @@ class MTANNet(TaskStages):
 
     def task_feature(self, feats: StageFeatures, task: str) -> torch.Tensor:
         t = None
-        for p, att in zip(feats, self.attention[task]):
+        for p, att in zip(feats, self.attention[f"{task}_attention"]):
             t = att(p, t)
         assert t is not None
         return t
@@ -74,7 +75,7 @@ class MTANNet(TaskStages):
     def masks(self, feats: StageFeatures, task: str) -> list[torch.Tensor]:
         """The task's attention masks a_j at every stage (for inspection and tests)."""
         out, t = [], None
-        for p, att in zip(feats, self.attention[task]):
+        for p, att in zip(feats, self.attention[f"{task}_attention"]):
             out.append(att.attention(p, t))
             t = out[-1] * p
         return out

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from models.network import MultiTaskNet, NetConfig
-from models.registry import (ARCHITECTURES, DEFENCES, DISTILLERS, TASK_SETS, WEIGHTINGS, create_classifier,
+from models.registry import (ARCHITECTURES, DEFENCES, DISTILLERS, MTL_ARCHITECTURES, TASK_SETS, WEIGHTINGS,
+                             create_classifier,
                              create_defence, create_distiller, create_weighting, get_task_set)
 from shared.errors import UserError
 
@@ -36,7 +37,7 @@ def finite_logs(logs: dict[str, float]) -> bool:
     return bool(logs) and all(math.isfinite(v) for v in logs.values())
 
 
-@pytest.mark.parametrize("registry", [ARCHITECTURES, TASK_SETS, WEIGHTINGS, DEFENCES, DISTILLERS],
+@pytest.mark.parametrize("registry", [ARCHITECTURES, TASK_SETS, WEIGHTINGS, DEFENCES, DISTILLERS, MTL_ARCHITECTURES],
                          ids=lambda r: r.kind)
 def test_an_unknown_name_is_one_user_error_listing_the_known_names(registry):
     with pytest.raises(UserError) as err:
@@ -56,6 +57,7 @@ def test_command_line_choices_are_the_registry_names():
         return next(a.choices for a in parser._actions if option in a.option_strings)
 
     assert choices(cli_train, "--method") == WEIGHTINGS.names()
+    assert choices(cli_train, "--architecture") == MTL_ARCHITECTURES.names()
     assert choices(cli_train, "--defence") == DEFENCES.names()
     assert choices(cli_defend, "--method") == DEFENCES.names()
     assert choices(cli_distill, "--method") == DISTILLERS.names()

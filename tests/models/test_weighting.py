@@ -35,7 +35,7 @@ def grads_of(module):
 
 
 def test_registry_lists_the_paper_methods():
-    assert set(WEIGHTINGS.names()) == {"equal", "gradnorm", "uncertainty", "great"}
+    assert {"equal", "gradnorm", "uncertainty", "great"} <= set(WEIGHTINGS.names())
     with pytest.raises(UserError, match="great"):
         create_weighting("nope")
 
