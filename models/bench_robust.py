@@ -123,14 +123,16 @@ def _distill_step(student_net: dict, teacher_net: dict, x: torch.Tensor, y: torc
 
 def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 30, warmup: int = 2,
                        threads: int | None = None, compare_faithful: bool = False, clock: str = "wall",
-                       **options: Any) -> dict[str, Any]:
+                       flops: bool = False, **options: Any) -> dict[str, Any]:
     """{"defence-great+ce/plain": r1, "distill-great/plain": r2, "... (fast)/plain": ..., "ms_per_step":
     {...}, ...} (medians).
 
     ``compare_faithful``: also the defaults through autograd (:data:`AUTOGRAD`) in the same run, as
     ``"... (autograd)/plain"`` ratios; ``clock="cpu"`` times this process's CPU time (steadier on a
-    loaded machine: other processes' work is not counted); ``options`` go to every variant of both
-    methods."""
+    loaded machine: other processes' work is not counted); ``flops``: also each step's floating-point
+    operations (convolutions and matrix products, ``torch.utils.flop_counter``) and their ratios, the
+    floor an exact rewrite of a method cannot go below at equal kernel efficiency; ``options`` go
+    to every variant of both methods."""
     if threads:
         torch.set_num_threads(threads)
     variants, base = _variants(batch_size, size, compare_faithful=compare_faithful, **options)
@@ -143,8 +145,18 @@ def robust_step_ratios(batch_size: int = 64, size: int = 32, repeats: int = 30, 
             if i >= warmup:
                 times[name].append(1000.0 * (now() - t))
     ms = {k: statistics.median(v) for k, v in times.items()}
+    extra: dict[str, Any] = {}
+    if flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        gflop = {}
+        for name, fn in variants.items():
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            gflop[name] = counter.get_total_flops() / 1e9
+        extra = {"gflop_per_step": gflop, "flop_ratios": {f"{k}/plain": gflop[k] / gflop[b] for k, b in base.items()}}
     return {
-        **{f"{k}/plain": ms[k] / ms[b] for k, b in base.items()},
+        **{f"{k}/plain": ms[k] / ms[b] for k, b in base.items()}, **extra,
         "ms_per_step": ms, "ms_min": {k: min(v) for k, v in times.items()},
         "compared_with": base,
         "networks": {"plain": DEFENCE_NET, "plain-cnn5": STUDENT_NET, "teacher": TEACHER_NET},
@@ -161,6 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="time steps by the wall clock or by this process's CPU time (steadier under load)")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each step's floating-point operations (the floor of an exact rewrite)")
     parser.add_argument("--compare-faithful", action="store_true",
                         help="also time the defaults through autograd's double backprop (the same maths)")
 
@@ -168,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     res = robust_step_ratios(args.batch_size, args.size, args.repeats, threads=args.threads,
                              compare_faithful=getattr(args, "compare_faithful", False),
-                             clock=getattr(args, "clock", "wall"))
+                             clock=getattr(args, "clock", "wall"), flops=getattr(args, "flops", False))
     print(json.dumps(res, indent=2))
     return 0
 
