@@ -18,7 +18,7 @@ from device.capture import ArraySource
 from device.runtime import HeadsetRuntime, RuntimeConfig
 from shared.manifest import Manifest
 from tests.cloud import fakes
-from tests.cloud.conftest import ThreadedServer, public_key, wait_for
+from tests.cloud.conftest import ThreadedServer, public_key
 from tests.device.conftest import make_toy_model
 
 BRIGHT = np.full((48, 64, 3), 220, np.uint8)  # mean 0.86: the toy canary model's logits are NaN above 0.6
