@@ -37,7 +37,7 @@ from shared.errors import UserError
 from shared.rooms import STYLES, RoomFrames, room_frame, room_frames
 from shared.walk import fit_to
 
-from models.personalise import PersonaliseResult, split_wearer
+from models.personalise import PersonaliseResult, gate, split_wearer
 from models.room_network import ROOM_TASKS, RoomNet
 from models.room_tasks import RoomTaskData, evaluate_room, pool_targets
 
@@ -61,15 +61,9 @@ def room_regressions(before: dict[str, float], after: dict[str, float], toleranc
 
 def room_gate(evaluation: dict[str, Any], tolerance: float, min_gain: float = 0.0) -> tuple[bool, str]:
     """Accept when better on the style set and within ``tolerance`` on the base set."""
-    score = room_score(evaluation["style"]["before"], evaluation["style"]["after"])
-    evaluation["style_score"] = score
-    where = f"held-out {evaluation.get('style_name', 'style')} rooms"
-    if not score < -min_gain:
-        return False, f"not better on {where} (mean relative change {score:+.3f})"
-    bad = room_regressions(evaluation["base"]["before"], evaluation["base"]["after"], tolerance)
-    if bad:
-        return False, "worse on the base validation set beyond tolerance: " + "; ".join(bad)
-    return True, f"better on {where} (mean relative change {score:+.3f}), base set within tolerance"
+    return gate(evaluation, tolerance, min_gain, judged="style",
+                where=f"held-out {evaluation.get('style_name', 'style')} rooms",
+                score_fn=room_score, regressions_fn=room_regressions)
 
 
 def judge(base: RoomNet, candidate: RoomNet, style_set: RoomTaskData, base_set: RoomTaskData,
