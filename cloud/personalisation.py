@@ -31,6 +31,10 @@ def personalise_job(ctx: JobContext) -> JobOutcome:
     manifest = ctx.registry.manifest(base)
     side = s.frame_size
     size = (side, side) if side else (manifest.input.height, manifest.input.width)
+    if manifest.task_set == "room" and not side:  # decoded at the camera's aspect, at least the training side
+        from models.room_personalise import decode_size
+
+        size = decode_size((manifest.input.height, manifest.input.width), read_checkpoint(ctx.registry.run_dir(base)))
     rows = ctx.storage.frames_for_job(job.device_id, job.frames_through, job.max_frames or s.job_max_frames)
     frames = decode_frames(ctx.blobs, rows, size)
     ctx.storage.update_job(job.id, frames=len(rows))
@@ -52,11 +56,18 @@ def personalise_job(ctx: JobContext) -> JobOutcome:
     optional = {k: v for k, v in (("lr", s.lr), ("batch_size", s.batch_size)) if v is not None}
     run_dir = ctx.registry.run_dir(base)
     base_data, base_val_data = default_base_sources(run_dir, read_checkpoint(run_dir))
-    res = personalise(run_dir, frames, out_dir, base_data=s.base_data or base_data,
-                      base_val_data=s.base_val_data or base_val_data,
-                      teacher_run=str(s.teacher_run) if s.teacher_run else None, method=s.method, epochs=s.epochs,
-                      max_steps_per_epoch=s.max_steps_per_epoch, holdout_fraction=s.holdout_fraction,
-                      tolerance=s.tolerance, seed=s.seed, log=log_line, should_stop=ctx.should_stop, **optional)
+    common = dict(base_data=s.base_data or base_data, base_val_data=s.base_val_data or base_val_data,
+                  method=s.method, epochs=s.epochs, max_steps_per_epoch=s.max_steps_per_epoch,
+                  holdout_fraction=s.holdout_fraction, tolerance=s.tolerance, seed=s.seed, log=log_line,
+                  should_stop=ctx.should_stop, **optional)
+    if manifest.task_set == "room":  # the device runs a room model: a room teacher labels its frames
+        from models.room_personalise import personalise_room, room_teacher
+
+        res = personalise_room(run_dir, frames, out_dir, teacher_run=room_teacher(s.teacher_run),
+                               export_hw=(manifest.input.height, manifest.input.width), **common)
+    else:
+        res = personalise(run_dir, frames, out_dir, teacher_run=str(s.teacher_run) if s.teacher_run else None,
+                          **common)
     if ctx.should_stop():
         raise JobInterrupted()
     if not res.accepted:

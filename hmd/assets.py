@@ -7,6 +7,8 @@
 ``teacher``     the cloud's larger teacher for class targets (width 24, three synthetic worlds)
 ``room``        the room model: depth, normals, layout keypoints (GREAT, 480 rendered rooms at 64x64,
                 exported at 64x48; ``hmd device --model room --source rooms``)
+``room-teacher`` the cloud's larger room teacher (width 24, 960 rendered rooms, 8 epochs): labels a
+                wearer's frames when a room model is personalised
 ==============  ==========================================================================
 
 Each run folder holds a weights-only ``checkpoint.pt`` and ``metrics.json``; every checkpoint's

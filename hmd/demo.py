@@ -11,6 +11,9 @@
    and a plot of the metrics across versions.
 
 ``--scene synthetic:WORLD`` with ``--base-run base-studio`` runs the earlier synthetic-world demo.
+``--base-run room`` runs it with the room model: the wearer walks a rendered room (``--scene
+rooms:STYLE``), the room teacher labels the frames, and every version is scored on held-out rendered
+rooms with exact labels (:mod:`hmd.demo_room`).
 """
 from __future__ import annotations
 
@@ -236,15 +239,15 @@ def _evaluate(folder: Path, frames: list) -> tuple[dict[str, float], dict[str, f
             {f"rmse_{t}": v for t, v in rmse["classical"].items()})
 
 
-def _plot(table: dict, versions: list[str], path: Path) -> None:
+def _plot(table: dict, versions: list[str], path: Path, metrics: tuple[str, ...] = METRICS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(16, 3.8))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(16, 3.8))
     colours = {name: f"C{i}" for i, name in enumerate(table)}  # one colour per set in every panel
-    for ax, metric in zip(axes, METRICS):
+    for ax, metric in zip(axes, metrics):
         for set_name, rows in table.items():
             ys = [rows[v][metric] for v in versions]
             if all(y is not None for y in ys):
@@ -273,10 +276,10 @@ def _snapshot(video: Path, png: Path) -> bool:
     return bool(ok)
 
 
-def _format_table(table: dict, columns: list[str]) -> str:
+def _format_table(table: dict, columns: list[str], metrics: tuple[str, ...] = METRICS) -> str:
     lines = [f"{'held-out set':<32} {'metric':<14} " + " ".join(f"{c[:18]:>18}" for c in columns)]
     for set_name, rows in table.items():
-        for metric in METRICS:
+        for metric in metrics:
             vals = [rows[c][metric] if c in rows else None for c in columns]
             lines.append(f"{set_name:<32} {metric:<14} " + " ".join(
                 f"{'' if v is None else f'{v:.4f}':>18}" for v in vals))
@@ -286,9 +289,21 @@ def _format_table(table: dict, columns: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from hmd.assets import PHOTOS
     from models.personalise import base_regressions, wearer_score
+    from models.train import read_checkpoint
     from shared.paths import resolve_model
 
+    base_run = resolve_model(args.base_run)
+    if not (base_run / "checkpoint.pt").is_file():
+        raise UserError(f"base model {args.base_run} is not a run folder (rebuild with scripts/train_assets.sh)")
+    room = read_checkpoint(base_run).get("task_set") == "room"
+    if room:
+        from hmd import demo_room
+        from models.room_personalise import room_regressions as base_regressions, room_score as wearer_score
+
+        args.scene = args.scene or demo_room.DEFAULT_SCENE
+        demo_room.scene_style(args.scene)  # a bad scene fails here, before anything starts
     args.scene = args.scene or f"walk:{PHOTOS / 'test'}"
+    metrics = demo_room.METRICS if room else METRICS
     if args.quick:
         args.job_frames, args.epochs = min(args.job_frames, 48), 1
         args.max_steps = args.max_steps or 4
@@ -296,14 +311,11 @@ def run(args: argparse.Namespace) -> int:
         args.after_frames, args.eval_frames = min(args.after_frames, 30), min(args.eval_frames, 12)
         args.journal_every = 1
         args.tolerance = max(args.tolerance, 1.0)  # the quick run checks the loop, not the gain
-    base_run = resolve_model(args.base_run)
-    if not (base_run / "checkpoint.pt").is_file():
-        raise UserError(f"base model {args.base_run} is not a run folder (rebuild with scripts/train_assets.sh)")
     if args.teacher_run:
         args.teacher_run = str(resolve_model(args.teacher_run))
     args.base_run = str(base_run)
     kind = args.scene.partition(":")[0]
-    if kind not in ("walk", "synthetic"):
+    if kind not in ("walk", "synthetic") and not room:
         raise UserError(f"--scene {args.scene!r}: use walk:DIR or synthetic:WORLD")
     from device.capture import open_source
 
@@ -337,19 +349,29 @@ def run(args: argparse.Namespace) -> int:
     folders = {base_version: data / "base-model"}
     if new_version:
         folders[new_version] = store.folder(new_version)
-    sets = _evaluation_sets(args, base_run, args.eval_frames)
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for name, frames in sets.items():
-        table[name] = {}
-        for v, f in folders.items():
-            table[name][v], classical = _evaluate(Path(f), frames)
-        table[name][CLASSICAL] = classical
-    wearer, base_set = "wearer, later views", next((n for n in table if n != "wearer, later views"), None)
+    if room:  # rendered rooms with exact labels; no classical tool gives depth, normals or a layout
+        from shared.manifest import Manifest
+
+        base_manifest = Manifest.load(data / "base-model" / "manifest.json")
+        sets = demo_room.evaluation_sets(args.scene, base_run, args.eval_frames,
+                                         (base_manifest.input.height, base_manifest.input.width))
+        for name, frames in sets.items():
+            table[name] = {v: demo_room.evaluate(Path(f), frames) for v, f in folders.items()}
+    else:
+        sets = _evaluation_sets(args, base_run, args.eval_frames)
+        for name, frames in sets.items():
+            table[name] = {}
+            for v, f in folders.items():
+                table[name][v], classical = _evaluate(Path(f), frames)
+            table[name][CLASSICAL] = classical
+    wearer = next(iter(table))  # the wearer's surroundings (later views; for rooms: held-out rooms of its style)
+    base_set = next((n for n in table if n != wearer), None)
     improved = False
     verdict = "no new model was served"
     if new_version:
         score = wearer_score(table[wearer][base_version], table[wearer][new_version])
-        better_all = all(table[wearer][new_version][m] < table[wearer][base_version][m] for m in METRICS)
+        better_all = all(table[wearer][new_version][m] < table[wearer][base_version][m] for m in metrics)
         regress = base_regressions(table[base_set][base_version], table[base_set][new_version], args.tolerance) \
             if base_set else []
         improved = score < 0 and not regress
@@ -357,11 +379,11 @@ def run(args: argparse.Namespace) -> int:
                    f"{', better on every task' if better_all else ''}), base set within tolerance" if improved else
                    f"personalisation did NOT help as required: wearer change {score:+.3f}, base regressions {regress}")
     _say("5/5 writing summary, plot and video")
-    columns = list(folders) + [CLASSICAL]
-    _plot(table, columns, out / "metrics.png")
+    columns = list(folders) + ([] if room else [CLASSICAL])
+    _plot(table, columns, out / "metrics.png", metrics)
     snapshot = _snapshot(out / "overlay.mp4", out / "overlay.png")
-    ratios = {name: {v: {m: rows[v][m] / rows[CLASSICAL][m] for m in METRICS} for v in folders}
-              for name, rows in table.items()}
+    ratios = {} if room else {name: {v: {m: rows[v][m] / rows[CLASSICAL][m] for m in METRICS} for v in folders}
+                              for name, rows in table.items()}
     summary = {
         "improved": improved, "verdict": verdict, "versions_served": versions, "base_version": base_version,
         "new_version": new_version, "swapped_at_frame": state["swapped_at_frame"],
@@ -373,11 +395,12 @@ def run(args: argparse.Namespace) -> int:
         "files": {"video": str(out / "overlay.mp4"), "plot": str(out / "metrics.png"),
                   "snapshot": str(out / "overlay.png") if snapshot else None},
         "seconds": round(time.time() - t_start, 1), "scene": args.scene, "quick": args.quick,
+        "task_set": "room" if room else "cifar",
     }
     from shared.atomic import atomic_write_json
 
     atomic_write_json(out / "summary.json", summary)
-    print(_format_table(table, columns))
+    print(_format_table(table, columns, metrics))
     print(f"\n{verdict}")
     print(f"versions served: {' -> '.join(versions)}; {headset['frames_shown']} frames, "
           f"{headset['camera_frames_dropped']} camera frames dropped; {summary['seconds']} s")

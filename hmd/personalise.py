@@ -9,6 +9,12 @@ validation set), and the same export: ONNX + manifest signed with an Ed25519 key
 
 Writes DIR/run (the candidate run folder), DIR/personalise.json (both evaluations and the verdict)
 and, when accepted, DIR/model.onnx + DIR/model.manifest.json (signed) and DIR/signing.pub.
+
+A room model (``room`` or a `hmd train --tasks room` run) goes through
+:func:`models.room_personalise.personalise_room`: the room teacher (``--teacher``, default the
+shipped ``room-teacher``) labels the wearer's frames, and the gate judges on held-out rendered
+rooms of the wearer's style (``--style``, default inferred from the frames) and on the base run's
+held-out rooms. ``--data rooms[:STYLE][:N]`` is a wearer walking through a rendered room.
 """
 from __future__ import annotations
 
@@ -37,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-val-data", default=None, metavar="SOURCE",
                         help="the base model's own validation set, the gate's guard against forgetting "
                              "(default: the model's recorded validation data)")
-    parser.add_argument("--teacher", default=None, metavar="RUN", help="class targets from this teacher (default: none)")
+    parser.add_argument("--teacher", default=None, metavar="RUN",
+                        help="class targets from this teacher (default: none); a room model's labels come from a "
+                             "room teacher (default: the shipped room-teacher)")
+    parser.add_argument("--style", default=None, metavar="STYLE",
+                        help="room model: the wearer's room style for the gate's held-out rooms "
+                             "(office, living, bare; default: inferred from the frames)")
     parser.add_argument("--method", default="great", help="weighting method (default great)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch")
@@ -90,7 +101,20 @@ def read_footage(source: str, size: tuple[int, int], max_frames: int, stride: in
         if not frames:
             raise UserError(f"none of the images in {rest} could be read")
         return np.stack(frames)
-    raise UserError(f"--data {source!r}: use video:PATH, walk:DIR[:N] or images:DIR")
+    if kind == "rooms":  # a wearer walking through a rendered room, as the headset's rooms source shows it
+        from shared.rooms import STYLES, RoomWalk
+
+        style, n = "living", max_frames
+        for part in filter(None, rest.split(":")):
+            if part.isdigit():
+                n = min(int(part), max_frames)
+            elif part in STYLES:
+                style = part
+            else:
+                raise UserError(f"--data {source!r}: {part!r} is neither a count nor a style ({', '.join(STYLES)})")
+        walk = RoomWalk(style, seed=seed, size=(240, 320))
+        return np.stack([fit_to(walk.render(i * stride).rgb, size) for i in range(n)])
+    raise UserError(f"--data {source!r}: use video:PATH, walk:DIR[:N], images:DIR or rooms[:STYLE][:N]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +137,14 @@ def run(args: argparse.Namespace) -> int:
                         f"folder written by `hmd train`")
     ck = read_checkpoint(run_dir)
     h, w = ck["input_size"]
+    room = ck.get("task_set") == "room"
+    if args.style is not None:
+        from shared.rooms import STYLES
+
+        if not room:
+            raise UserError("--style is for a room model")
+        if args.style not in STYLES:
+            raise UserError(f"--style {args.style!r}: choose from {', '.join(STYLES)}")
     base_data, base_val = default_base_sources(run_dir, ck)
     base_data = args.base_data or base_data
     base_val = args.base_val_data or base_val
@@ -124,11 +156,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"personalise: {args.model} ({h}x{w}) on {len(frames)} frames of {args.data}; replay {base_data}; "
           f"base gate on {base_val}", file=sys.stderr)
-    res = personalise(run_dir, frames, out / "run", base_data=base_data, base_val_data=base_val,
-                      split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
-                      max_steps_per_epoch=args.max_steps, holdout_fraction=args.holdout,
-                      tolerance=args.tolerance, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                      replay_ratio=args.replay, calibrate=not args.no_calibrate)
+    if room:
+        from models.room_personalise import personalise_room
+
+        teacher = resolve_model(args.teacher or "room-teacher")
+        res = personalise_room(run_dir, frames, out / "run", teacher_run=teacher, base_data=base_data,
+                               base_val_data=base_val, style=args.style, export_hw=_exported_hw(run_dir),
+                               method=args.method, epochs=args.epochs, max_steps_per_epoch=args.max_steps,
+                               holdout_fraction=args.holdout, tolerance=args.tolerance, seed=args.seed, lr=args.lr,
+                               batch_size=args.batch_size, replay_ratio=args.replay)
+    else:
+        res = personalise(run_dir, frames, out / "run", base_data=base_data, base_val_data=base_val,
+                          split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
+                          max_steps_per_epoch=args.max_steps, holdout_fraction=args.holdout,
+                          tolerance=args.tolerance, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+                          replay_ratio=args.replay, calibrate=not args.no_calibrate)
     summary = res.to_dict()
     if res.accepted:
         key = SigningKey(args.key_dir or out)
@@ -147,9 +189,25 @@ def run(args: argparse.Namespace) -> int:
 
     atomic_write_json(out / "personalise.json", summary)
     ev = res.evaluation
-    table = {split: {k: {s: ev[split][s].get(k) for s in ("before", "after")}
-                     for k in ("rmse_colour", "rmse_edges", "rmse_denoised")} for split in ("wearer", "base")
-             if split in ev and "after" in ev[split]}
+    if room:
+        from models.room_personalise import describe_change
+
+        table = describe_change(ev)
+    else:
+        table = {split: {k: {s: ev[split][s].get(k) for s in ("before", "after")}
+                         for k in ("rmse_colour", "rmse_edges", "rmse_denoised")} for split in ("wearer", "base")
+                 if split in ev and "after" in ev[split]}
     print(json.dumps({"accepted": res.accepted, "reason": res.reason, "rmse": table,
                       "model": summary.get("model"), "seconds": round(res.seconds, 1)}, indent=1))
     return 0 if res.accepted else 1
+
+
+def _exported_hw(run_dir: Path) -> tuple[int, int] | None:
+    """The (height, width) a run was exported at (its model.manifest.json), if it was."""
+    from shared.manifest import Manifest
+
+    path = Path(run_dir) / "model.manifest.json"
+    if not path.is_file():
+        return None
+    m = Manifest.load(path)
+    return m.input.height, m.input.width

@@ -75,15 +75,19 @@ def base_regressions(before: dict[str, float], after: dict[str, float], toleranc
     return bad
 
 
-def gate(evaluation: dict[str, Any], tolerance: float, min_gain: float = 0.0) -> tuple[bool, str]:
-    score = wearer_score(evaluation["wearer"]["before"], evaluation["wearer"]["after"])
-    evaluation["wearer_score"] = score
+def gate(evaluation: dict[str, Any], tolerance: float, min_gain: float = 0.0, *, judged: str = "wearer",
+         where: str = "the wearer's frames", score_fn: Callable[..., float] = wearer_score,
+         regressions_fn: Callable[..., list[str]] = base_regressions) -> tuple[bool, str]:
+    """Accept when better on ``evaluation[judged]`` (``score_fn`` below ``-min_gain``) and within
+    ``tolerance`` on ``evaluation["base"]``; the room set passes its own set and metrics."""
+    score = score_fn(evaluation[judged]["before"], evaluation[judged]["after"])
+    evaluation[f"{judged}_score"] = score
     if not score < -min_gain:
-        return False, f"not better on the wearer's frames (mean relative change {score:+.3f})"
-    bad = base_regressions(evaluation["base"]["before"], evaluation["base"]["after"], tolerance)
+        return False, f"not better on {where} (mean relative change {score:+.3f})"
+    bad = regressions_fn(evaluation["base"]["before"], evaluation["base"]["after"], tolerance)
     if bad:
         return False, "worse on the base validation set beyond tolerance: " + "; ".join(bad)
-    return True, f"better on the wearer's frames (mean relative change {score:+.3f}), base set within tolerance"
+    return True, f"better on {where} (mean relative change {score:+.3f}), base set within tolerance"
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from models.room_network import ROOM_TASKS, RoomNet, RoomNetConfig
 
 DEFAULT_ROOM_SIZE = 320  # the paper's input side
 GRADNORM_ALPHA = 1.5  # the paper (and GradNorm) on NYUv2
+EXPORT_FRAMES = 64  # at most this many rendered frames calibrate (INT8) and check parity of an export
 ROOM_METRICS = ("rmse_depth", "normals_1_minus_cos", "normals_mean_angle_deg", "rmse_keypoints")
 
 
@@ -59,6 +60,32 @@ class RoomTaskData:
         depth, normals = pool_targets(frames)
         self.depth, self.normals = torch.from_numpy(depth), torch.from_numpy(normals)
         self.keypoints = torch.from_numpy(np.ascontiguousarray(frames.heatmaps, dtype=np.float32))
+
+    @classmethod
+    def from_arrays(cls, rgb: np.ndarray | torch.Tensor, depth: np.ndarray | torch.Tensor,
+                    normals: np.ndarray | torch.Tensor, keypoints: np.ndarray | torch.Tensor,
+                    source: str) -> "RoomTaskData":
+        """From targets already at the output resolution (``rgb`` N x H x W x 3 uint8, or N x 3 x H x W
+        as a tensor; depth N x 1, normals N x 3, keypoints N x K at H/4 x W/4): a teacher's labels."""
+        self = cls.__new__(cls)
+        self.source = source
+        if isinstance(rgb, np.ndarray):
+            rgb = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
+        self.rgb = rgb
+        self.depth, self.normals, self.keypoints = (
+            t if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))
+            for t in (depth, normals, keypoints))
+        return self
+
+    def subset(self, idx: np.ndarray | torch.Tensor) -> "RoomTaskData":
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return RoomTaskData.from_arrays(self.rgb[idx], self.depth[idx], self.normals[idx], self.keypoints[idx],
+                                        self.source)
+
+    @staticmethod
+    def concat(parts: list["RoomTaskData"], source: str) -> "RoomTaskData":
+        return RoomTaskData.from_arrays(*(torch.cat([getattr(p, k) for p in parts])
+                                          for k in ("rgb", "depth", "normals", "keypoints")), source=source)
 
     def __len__(self) -> int:
         return len(self.rgb)
@@ -168,13 +195,15 @@ def export_frames(ckpt: dict[str, Any], frames: int, size: int | tuple[int, int]
     from models.room_data import parse_rooms
     from shared.rooms import room_frames
 
+    size = size or (tuple(ckpt["export_size"]) if ckpt.get("export_size") else None)  # a personalised run: its parent's
     hw = size if isinstance(size, tuple) else (room_size(size or ckpt["input_size"][0]),) * 2
     if min(hw) < 16 or hw[0] % 8 or hw[1] % 8:
         raise UserError(f"export size {hw[1]}x{hw[0]}: sides must be multiples of 8, at least 16")
     cfg = ckpt.get("config", {})
     seed = cfg.get("seed", 0)
-    _, style = parse_rooms(ckpt.get("source") or "rooms")
-    count = max(2, frames)
+    # a personalised run trained on wearer frames too: its rendered data is the base run's (base_data)
+    _, style = parse_rooms(cfg.get("base_data") or ckpt.get("source") or "rooms")
+    count = max(2, min(frames, EXPORT_FRAMES))
     calib = RoomTaskData(room_frames(count, style, seed, hw, "train"), "calibration")
     val_spec = cfg.get("val_data") or ckpt.get("source") or "rooms"
     _, val_style = parse_rooms(val_spec)

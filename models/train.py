@@ -312,7 +312,7 @@ def slim_checkpoint(run_dir: str | Path, out_dir: str | Path) -> Path:
     method or RNG state): the form in which models are shipped."""
     ckpt = read_checkpoint(run_dir)
     keep = ("format", "arch", "model", "method_name", "epoch", "config", "history", "class_names",
-            "input_size", "source", "task_set", "parent", "command", "calibration")
+            "input_size", "source", "task_set", "parent", "command", "calibration", "export_size")
     slim = {k: ckpt.get(k) for k in keep}
     slim["slim"] = True
     out = Path(out_dir)

@@ -26,6 +26,11 @@ $HMD train --tasks room --method great --data rooms:480 --size 64 --epochs 6 --b
            --out runs/room
 $PY -c 'from models.train import slim_checkpoint; slim_checkpoint("runs/room", "hmd/assets/room")'
 $HMD export hmd/assets/room --out hmd/assets/room/model.onnx --size 64x48 --version room-v1
+$PY -c 'import torch; from models.checkpoints import save_checkpoint as s; p="hmd/assets/room/checkpoint.pt"; c=torch.load(p, weights_only=False); c["export_size"]=[48, 64]; s(p, c)'  # exported (cloud too) at the camera aspect
+# room-teacher: the cloud's larger room teacher, labels a wearer's frames for room personalisation
+$HMD train --tasks room --method great --data rooms:960 --size 64 --epochs 8 --batch-size 16 --width 24 --threads 1 \
+           --out runs/room-teacher
+$PY -c 'from models.train import slim_checkpoint; slim_checkpoint("runs/room-teacher", "hmd/assets/room-teacher")'
 # the same photos, small, for the demo, the cloud's replay and the gate on machines without data/real
 $PY - <<'PY'
 import glob, shutil

@@ -9,7 +9,8 @@ from shared.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or site-packages) holding the packages
 ASSETS = REPO_ROOT / "hmd" / "assets"  # shipped models and photos (package data of hmd)
 SHIPPED = {"base": ASSETS / "base", "base-studio": ASSETS / "base-studio", "teacher": ASSETS / "teacher",
-           "room": ASSETS / "room"}  # room: the room task set's model (depth, normals, layout)
+           "room": ASSETS / "room",  # room: the room task set's model (depth, normals, layout)
+           "room-teacher": ASSETS / "room-teacher"}  # the cloud's larger room teacher (labels wearer frames)
 
 
 def shipped_names() -> list[str]:

@@ -38,9 +38,14 @@ wall BR-BL, the left wall BL-FL.
 * 16-23 ceiling edges front, right, back, left: left end, right end (as above)
 * 24-31 vertical edges FL, FR, BR, BL: upper end, lower end where it is on the image border
 
-The paper's NYUv2 setting has 48 heatmaps (RoomNet's keypoints of 11 LSUN room types, ordered
-per type); ours are 32 typed by geometry (8 corners + 24 border ends), enough to draw the room's
-wireframe (``LAYOUT_EDGES``) in every view: a deviation in count, not in kind.
+The paper's NYUv2 setting has 48 heatmaps: RoomNet's keypoints of LSUN's 11 room types, a channel
+being (room type, k-th point of that type), with 8, 6, 6, 4, 4, 6, 4, 4, 2, 2, 2 points for types
+0-10. Those 48 are not 48 kinds of point: they are 11 orderings of at most 8 points of one view (the
+front wall's 4 corners and 4 edge ends), re-indexed by the view's type (which a type classifier
+predicts). The geometry of a box room has 32 kinds of layout point relative to the view, typed here
+(8 corners + 24 border ends), enough to draw the wireframe (``LAYOUT_EDGES``) in every view, including
+views with roll and yaw that match no LSUN type. The 48 would be the per-type re-indexing of these
+points plus a room-type head (README, "Paper vs this implementation").
 
 The camera: square pixels, principal point at the centre, horizontal field of view 55-75 deg
 (drawn per room; 66 deg for the headset's walk), eyes 1.5-1.75 m above the floor, pitch -23 to
