@@ -224,7 +224,7 @@ def export_onnx(net: MultiTaskNet, out_path: str | os.PathLike, *, height: int, 
     out_path = Path(out_path)
     if height % 8 or width % 8:
         raise UserError(f"input size {height}x{width}: both sides must divide by 8")
-    room = isinstance(net, RoomNet)
+    room = _is_room(net)
     if len(class_names) != net.cfg.num_classes:
         raise UserError(f"{len(class_names)} class names for a {net.cfg.num_classes}-class model")
     out_path.parent.mkdir(parents=True, exist_ok=True)
