@@ -188,7 +188,7 @@ def test_every_weighting_option_is_reachable_from_hmd_train(name):
     from models import cli_train
 
     args = _parsed(cli_train, ["--out", "x", "--method", name, "--weight-lr", "0.01", "--gal-floor", "0.01",
-                               "--alpha", "1.0"])
+                               "--alpha", "1.0", "--aux-stride", "1"])
     options = cli_train.method_options(args)
     assert set(options) == _constructor_options(WEIGHTINGS.get(name), {"tasks"})
     create_weighting(name, None, **options)
