@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     new_version = next((v for v in versions if v != base_version), None)
     _say(f"3/5 headset done: {headset['frames_shown']} frames, versions served {versions}")
 
-    _say("4/5 evaluating every version on held-out frames, beside the classical tools")
+    _say("4/5 evaluating every version on held-out frames" + ("" if room else ", beside the classical tools"))
     from device.store import ModelStore
 
     store = ModelStore(out / "headset-store")
