@@ -9,6 +9,19 @@ _THREADS = 1 if _WORKERS > 1 else 2
 os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with a slow test first, the slowest first (``@pytest.mark.slow(seconds=...)``), each file's
+    tests kept together and in order: under pytest-xdist the long end-to-end tests then start at once
+    on different workers instead of leaving one worker running the last of them alone."""
+    first: dict[str, float] = {}
+    for item in items:
+        mark = item.get_closest_marker("slow")
+        if mark is not None:
+            first[item.nodeid.split("::")[0]] = max(first.get(item.nodeid.split("::")[0], 0.0),
+                                                    float(mark.kwargs.get("seconds", 1)))
+    items.sort(key=lambda item: -first.get(item.nodeid.split("::")[0], 0.0))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     try:

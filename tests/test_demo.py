@@ -7,7 +7,7 @@ import cv2
 import pytest
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=150)
 def test_quick_demo_trains_pushes_verifies_and_swaps(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "hmd", "demo", "--quick", "--teacher-run", "", "--out", str(out)],

@@ -5,6 +5,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 
 from hmd.cli import main
 from models.train import load_model
@@ -33,6 +34,7 @@ def _photos(tmp_path):
     return d
 
 
+@pytest.mark.slow(seconds=30)
 def test_personalise_trains_on_the_start_judges_on_the_end_and_signs_the_export(tmp_path, capsys, tiny_camera_run):
     clip, photos, out = _clip(tmp_path / "wearer.avi"), _photos(tmp_path), tmp_path / "out"
     code = main(["personalise", str(tiny_camera_run), "--data", f"video:{clip}", "--out", str(out),

@@ -66,6 +66,7 @@ class Server:
         self.log.close()
 
 
+@pytest.mark.slow(seconds=30)
 def test_headset_round_trip_with_real_training(data_dir, tmp_path):
     from device.engine import load_model
     from device.hotswap import ModelManager

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "fuzz_corpus" / "upload"
 
 
+@pytest.mark.slow(seconds=60)
 def test_upload_parser_fuzzing_finds_no_crash(tmp_path):
     pytest.importorskip("atheris")
     seconds = int(os.environ.get("HMD_FUZZ_SECONDS", "60"))

@@ -10,10 +10,13 @@ import shutil
 import socket
 import threading
 
+import pytest
+
 from hmd import bench_soak
 from hmd.soak_proxy import FlakyProxy
 
 
+@pytest.mark.slow(seconds=20)
 def test_short_soak_loses_nothing_and_leaves_nothing(tmp_path, data_dir):
     # the session's data folder with a base version already imported: the server starts without
     # exporting one (torch) first

@@ -23,7 +23,7 @@ def _runtime(tmp_path, **kw):
     return HeadsetRuntime(SyntheticSource("forest", size=(96, 128), fps=30, seed=1), model, cfg)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_local_retraining_swaps_in_a_better_model_without_stalling_frames(tmp_path):
     rt = _runtime(tmp_path)
     retrainer = LocalRetrainer(rt, BASE_RUN, tmp_path / "work", charging=True, min_new_frames=40, epochs=1,
