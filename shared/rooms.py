@@ -227,6 +227,15 @@ def _procedural_mips(kind: str, variant: int) -> np.ndarray:
     return _mip_stack(_procedural(kind, variant))
 
 
+def warm_texture_cache() -> int:
+    """Make every procedural texture now (a process makes each once, the first time a room uses it);
+    returns how many there are."""
+    for kind in _TEXTURE_KINDS:
+        for variant in range(_VARIANTS):
+            _procedural_mips(kind, variant)
+    return len(_TEXTURE_KINDS) * _VARIANTS
+
+
 @functools.lru_cache(maxsize=8)
 def _photo_mips(folder: str) -> tuple[np.ndarray, ...]:
     """Every image in ``folder`` as a seamless (mirror-tiled) texture, normalised to mean 1.0."""
