@@ -37,7 +37,7 @@ EXACT_WEIGHTINGS = ("equal", "uncertainty")
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the global batch (all ranks).
 
-    Mean and biased variance come from all-reduced sums (two passes, as one process computes
+    Mean and biased variance come from all-reduced sums over equal shards (two passes, as one process computes
     them); :func:`torch.distributed.nn.functional.all_reduce` carries the gradient back to every
     rank's samples. Running statistics are updated as ``nn.BatchNorm2d`` does on the whole batch
     (unbiased variance), so they stay identical on every rank. Its state dict is BatchNorm2d's."""
@@ -46,9 +46,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training or not self.track_running_stats) or not dist.is_initialized():
             return super().forward(x)
         dims = (0, 2, 3)
-        count = torch.tensor([float(x.numel() // x.shape[1])])
-        dist.all_reduce(count)
-        n = float(count)
+        n = float(x.numel() // x.shape[1] * dist.get_world_size())  # the shards are equal (Replica.check)
         mean = dist_fn.all_reduce(x.sum(dims)) / n
         centred = x - mean[None, :, None, None]
         var = dist_fn.all_reduce((centred * centred).sum(dims)) / n
@@ -135,6 +133,8 @@ def check_config(cfg: Any, nproc: int) -> None:
     if nproc > 1 and cfg.method not in EXACT_WEIGHTINGS:
         raise UserError(f"--nproc > 1 works with --method {' or '.join(EXACT_WEIGHTINGS)} only "
                         f"(not {cfg.method}: its step needs the whole batch's per-task gradients)")
+    if cfg.batch_size % nproc:
+        raise UserError(f"--nproc {nproc}: the batch size ({cfg.batch_size}) must be a multiple of it")
     if nproc > 1 and cfg.defence:
         raise UserError("--nproc > 1 does not run --defence (its attack needs the whole batch)")
 
@@ -182,3 +182,51 @@ def launch(cfg: Any, out: str | Path, nproc: int, *, resume: bool = False, comma
         return json.loads((Path(out) / "metrics.json").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(nproc: int = 2, data: str = "synthetic:256", size: int = 64, width: int = 16, batch_size: int = 32,
+          steps: int = 8, method: str = "equal") -> dict[str, Any]:
+    """One epoch of at most ``steps`` steps on 1 process, then on ``nproc``, side by side: seconds per
+    epoch's training loop (the engine's, without data building and evaluation), the speed-up, and
+    how far the 2 runs' weights are apart (L2 norm of the difference / L2 norm of the weights)."""
+    import math
+
+    from models.train import TrainConfig, read_checkpoint, train
+
+    def cfg() -> Any:
+        return TrainConfig(method=method, data=data, size=size, width=width, batch_size=batch_size, epochs=1,
+                           max_steps_per_epoch=steps, threads=1)
+
+    def weights(run: Path) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in read_checkpoint(run)["model"].items() if v.is_floating_point() and "running" not in k}
+
+    work = Path(tempfile.mkdtemp(prefix="hmd-ddp-bench-"))
+    try:
+        torch.set_num_threads(1)
+        one = train(cfg(), work / "one", log=lambda s: None)
+        many = launch(cfg(), work / "many", nproc)
+        a, b = weights(work / "one"), weights(work / "many")
+        diff = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))
+        norm = math.sqrt(sum(float((a[k] ** 2).sum()) for k in a))
+        t1, tn = one["history"][0]["seconds"], many["history"][0]["seconds"]
+        return {"benchmark": "train-nproc", "method": method, "data": data, "size": size, "width": width,
+                "batch_size": batch_size, "max_steps": steps, "nproc": nproc, "train_seconds_1": round(t1, 3),
+                f"train_seconds_{nproc}": round(tn, 3), f"speedup-{nproc}/1": round(t1 / tn, 3),
+                "weights_l2_rel_diff": diff / norm,
+                "same_run_files": sorted(p.name for p in (work / "one").iterdir())
+                == sorted(p.name for p in (work / "many").iterdir())}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":  # python -m models.distributed [--nproc 2 --steps 8 ...]: the bench, JSON on stdout
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m models.distributed", description=bench.__doc__)
+    for flag, default in (("nproc", 2), ("size", 64), ("width", 16), ("batch-size", 32), ("steps", 8)):
+        parser.add_argument(f"--{flag}", type=int, default=default)
+    parser.add_argument("--data", default="synthetic:256")
+    parser.add_argument("--method", default="equal", choices=EXACT_WEIGHTINGS)
+    a = parser.parse_args()
+    print(json.dumps(bench(a.nproc, a.data, a.size, a.width, a.batch_size, a.steps, a.method), indent=1))

@@ -64,3 +64,7 @@ def test_nproc_is_refused_for_a_weighting_it_cannot_run_exactly(tmp_path, capsys
         "hmd train: error: --nproc > 1 works with --method equal or uncertainty only "
         "(not great: its step needs the whole batch's per-task gradients)"]
     assert not (tmp_path / "run").exists()
+    assert main(["train", "--method", "equal", "--nproc", "3", "--batch-size", "8", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "hmd train: error: --nproc 3: the batch size (8) must be a multiple of it"]
+    assert not (tmp_path / "run").exists()
