@@ -16,6 +16,7 @@ Only rank 0 writes the run folder; the other ranks write to a scratch folder tha
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import shutil
@@ -94,6 +95,9 @@ class Replica:
             raise UserError(f"--nproc {self.world} needs every training frame labelled, or none "
                             "(a partly labelled set gives the shards different class-loss means)")
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def shard(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's contiguous slice of a global batch (x and every target)."""
         n = len(x) // self.world
@@ -169,7 +173,7 @@ def launch(cfg: Any, out: str | Path, nproc: int, *, resume: bool = False, comma
     import torch.multiprocessing as mp
 
     check_config(cfg, nproc)
-    cfg.threads = 1
+    cfg = dataclasses.replace(cfg, threads=1)
     work = tempfile.mkdtemp(prefix="hmd-ddp-")
     try:
         error_file = os.path.join(work, "error")

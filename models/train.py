@@ -294,6 +294,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             "rng": {"generator": engine.generator.get_state(), "torch": torch.get_rng_state()},
         })
 
+    if replica is not None:
+        replica.barrier()  # every rank has built its data and model: the epochs' timings start together
     history = engine.run(step, end_epoch, on_epoch=on_epoch, train_mode=train_mode, checkpoint=checkpoint,
                          should_stop=should_stop)
     final = history[-1]["val"] if history else evaluate_fn(model, val_data)
