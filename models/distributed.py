@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,9 @@ def check_config(cfg: Any, nproc: int) -> None:
 def _worker(rank: int, world: int, rendezvous: str, cfg: Any, out: str, resume: bool, command: str | None,
             error_file: str, scratch_root: str) -> None:
     torch.set_num_threads(1)
+    # the autograd all-reduce SyncBatchNorm2d needs: torch 2.13 marks it deprecated in favour of a
+    # private module; one warning per BatchNorm per rank would bury the progress lines
+    warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
     scratch = Path(tempfile.mkdtemp(prefix=f"rank{rank}-", dir=scratch_root))
