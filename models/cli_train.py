@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean-fraction", type=float, default=0.0,
                         help="share of training inputs fed the clean gray frame instead of the paper's noisy "
                         "input (default 0: the paper; the headset feeds clean camera frames)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel training on N CPU processes (gloo, one thread each), the same "
+                        "weights as one process up to float rounding; --method equal or uncertainty (default 1)")
     parser.add_argument("--init-from", default=None, metavar="DIR", help="start from this run's weights")
     parser.add_argument("--defence", default=None, choices=DEFENCES.names(),
                         help="also train the class head with an adversarial defence (e.g. great+ce), "
@@ -93,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
                       method_options=method_options(args), defence=args.defence,
                       defence_options=options, max_steps_per_epoch=args.max_steps, init_from=args.init_from,
                       threads=args.threads)
-    metrics = train(cfg, args.out, resume=args.resume, command=command_line())
+    if args.nproc != 1:
+        from models.distributed import launch
+
+        metrics = launch(cfg, args.out, args.nproc, resume=args.resume, command=command_line())
+    else:
+        metrics = train(cfg, args.out, resume=args.resume, command=command_line())
     f = metrics["final"]
     if args.tasks == "room":
         from models.room_tasks import describe

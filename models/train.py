@@ -158,11 +158,15 @@ def _stderr(s: str) -> None:
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
           log: Callable[[str], None] | None = None,
           data: tuple[TaskData, TaskData, FrameSet] | None = None,
-          should_stop: Callable[[], bool] | None = None, command: str | None = None) -> dict[str, Any]:
+          should_stop: Callable[[], bool] | None = None, command: str | None = None,
+          replica: Any = None) -> dict[str, Any]:
     """Train, checkpoint every epoch to ``out_dir``, write ``metrics.json``; returns the metrics.
 
     ``data`` may pass pre-built (train, val, frames) to skip loading; ``should_stop`` is polled
     between steps (a retraining job that must yield) -- the run then stops after saving.
+    ``replica`` (:class:`models.distributed.Replica`, set by :func:`models.distributed.launch`): this
+    process is one rank of a data-parallel run; it trains on its shard of every batch, and only
+    rank 0 writes ``out_dir`` (the others their scratch folder).
     """
     log = log or _stderr
     WEIGHTINGS.check(cfg.method)
@@ -176,6 +180,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if cfg.epochs < 1:
         raise UserError("--epochs must be >= 1")
     out = Path(out_dir)  # made once the data and options are checked: a failed start leaves no folder
+    write = out if replica is None or replica.rank == 0 else replica.scratch
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -192,6 +197,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     train_data, val_data, frames = data or build_data(cfg)
     data_seconds = time.perf_counter() - t_data
     h, w = train_data.size
+    if replica is not None:
+        replica.check(cfg, train_data)
     log(f"data: {len(train_data)} train / {len(val_data)} held-out frames of {frames.source} at {h}x{w} "
         f"({data_seconds:.1f}s to load and build targets)")
 
@@ -219,6 +226,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             raise UserError(f"--init-from {cfg.init_from}: architecture {base_model.cfg} differs from {net_cfg}")
         model.load_state_dict(base_model.state_dict())
         parent = str(cfg.init_from)
+    if replica is not None:
+        from models.distributed import convert_batchnorm
+
+        convert_batchnorm(model)
     method = create_weighting(cfg.method, model.tasks, **method_options)
     with torch.no_grad():
         model.eval()
@@ -227,11 +238,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if cfg.defence:
         defence = MultiTaskClassDefence(create_defence(cfg.defence, net_cfg, **cfg.defence_options))
     optimizer = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=cfg.lr)
-    out.mkdir(parents=True, exist_ok=True)
+    write.mkdir(parents=True, exist_ok=True)
     engine = TrainingEngine(model, [optimizer], samples=len(train_data), batch_size=cfg.batch_size,
                             epochs=cfg.epochs, seed=cfg.seed, tag=cfg.method, log=log,
                             max_steps=cfg.max_steps_per_epoch, warmup_steps=cfg.warmup_steps,
-                            shown=lambda key: key.startswith("loss_"), run_dir=out)
+                            shown=lambda key: key.startswith("loss_"), run_dir=write)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         method.load_state_dict(_method_state(ckpt))
@@ -245,9 +256,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
 
     def step(idx: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         x, targets = train_data.batch(idx, gen)
+        if replica is not None:
+            x, targets = replica.shard(x, targets)
         logs = method.step(model, x, targets)
         if defence is not None:
             logs.update(defence.step(model, x, targets))
+        if replica is not None:
+            replica.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+            logs = replica.average_logs(logs)
         return logs
 
     def on_epoch(epoch: int, epochs: int, m: float) -> None:
@@ -268,7 +284,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                 "task_weights": method.task_weights()}
 
     def checkpoint(epoch: int) -> None:
-        save_checkpoint(out / CHECKPOINT_NAME, {
+        save_checkpoint(write / CHECKPOINT_NAME, {
             "format": MULTITASK_FORMAT, "arch": net_cfg.to_dict(), "model": model.state_dict(),
             "method_name": cfg.method, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1, "config": cfg.to_dict(), "architecture": cfg.architecture,
@@ -278,6 +294,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             "rng": {"generator": engine.generator.get_state(), "torch": torch.get_rng_state()},
         })
 
+    if replica is not None:
+        replica.barrier()  # every rank has built its data and model: the epochs' timings start together
     history = engine.run(step, end_epoch, on_epoch=on_epoch, train_mode=train_mode, checkpoint=checkpoint,
                          should_stop=should_stop)
     final = history[-1]["val"] if history else evaluate_fn(model, val_data)
@@ -288,7 +306,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         "class_names": frames.class_names, "input_size": [h, w], "stopped": engine.stopped, "command": command,
         "generation_ms_per_frame": 1000.0 * data_seconds / max(1, len(train_data) + len(val_data)),
     }
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(write / "metrics.json", metrics)
     return metrics
 
 
