@@ -96,6 +96,10 @@ class Replica:
             raise UserError(f"--nproc {self.world} needs every training frame labelled, or none "
                             "(a partly labelled set gives the shards different class-loss means)")
 
+    def convert_batchnorm(self, model: nn.Module) -> nn.Module:
+        """Every BatchNorm2d of ``model`` with the whole batch's statistics (:class:`SyncBatchNorm2d`)."""
+        return convert_batchnorm(model)
+
     def barrier(self) -> None:
         dist.barrier()
 

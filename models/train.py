@@ -226,10 +226,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             raise UserError(f"--init-from {cfg.init_from}: architecture {base_model.cfg} differs from {net_cfg}")
         model.load_state_dict(base_model.state_dict())
         parent = str(cfg.init_from)
-    if replica is not None:
-        from models.distributed import convert_batchnorm
-
-        convert_batchnorm(model)
+    if replica is not None:  # (the replica brings its BatchNorm: train does not import models.distributed)
+        replica.convert_batchnorm(model)
     method = create_weighting(cfg.method, model.tasks, **method_options)
     with torch.no_grad():
         model.eval()
