@@ -172,6 +172,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     WEIGHTINGS.check(cfg.method)
     TASK_SETS.check(cfg.tasks)
     MTL_ARCHITECTURES.check(cfg.architecture)
+    check_pair(cfg.architecture, cfg.method, MTL_ARCHITECTURES.get(cfg.architecture))  # before any data loads
     room = cfg.tasks == "room"
     if cfg.defence:
         DEFENCES.check(cfg.defence)

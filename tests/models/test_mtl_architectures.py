@@ -117,6 +117,16 @@ def test_architectures_train_only_with_loss_based_weightings():
     check_pair("shared", "great", MultiTaskNet(CFG))
 
 
+def test_hmd_train_refuses_a_pair_before_it_loads_any_data(tmp_path):
+    from models.train import TrainConfig, train
+
+    # the data folder does not exist: the pair is refused first, and no run folder is made
+    with pytest.raises(UserError, match="mtan architecture trains with"):
+        train(TrainConfig(method="great", architecture="mtan", data=f"images:{tmp_path / 'nowhere'}"),
+              tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_table4_methods():
     assert all_methods() == ["equal", "uncertainty", "gradnorm", "great", "dwa", "pcgrad", "cagrad", "mtan", "astmt"]
     assert parse_methods("all") == all_methods() and parse_methods("great,mtan") == ["great", "mtan"]
