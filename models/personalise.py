@@ -163,9 +163,11 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
     wearer_train = FrameSet(frames[tr_idx], labels[tr_idx], class_names, "wearer")
     wearer_val = FrameSet(frames[va_idx], labels[va_idx], class_names, "wearer-holdout")
 
-    n_base = source_length(base_data, "train")  # a walk: render only the frames replay draws
-    base_train = load_source(base_data, "train", (h, w), seed) if n_base is None else None
-    n_base = len(base_train) if base_train is not None else n_base
+    base_train = None
+    n_base = source_length(base_data, "train")  # known for a walk: render only the frames replay draws
+    if n_base is None:
+        base_train = load_source(base_data, "train", (h, w), seed)
+        n_base = len(base_train)
     base_val = TaskData(load_source(base_val_data or base_data, "val", (h, w), seed))
     rng = np.random.default_rng(seed)
     n_replay = min(n_base, max(1, int(round(len(wearer_train) * replay_ratio))))
