@@ -3,18 +3,27 @@
 :class:`BlobStore` is the interface; :class:`LocalBlobStore` keeps ``ROOT/ab/abcdef...`` files
 (the name is the sha256 of the content, so a blob is written once and never changes);
 :class:`cloud.s3.S3BlobStore` implements the same five methods with object keys of the same names.
+
+Both stores pack an upload's frames once a :class:`PackIndex` (the metadata database) is
+attached, as the service does: the frames and the upload's index go one after the other into one
+pack, ``ROOT/packs/NAME`` here, made durable first; each blob's (pack, offset, length) is then
+recorded in table ``blob_packs`` in the transaction that commits the upload naming them. One
+file created, written and fsynced per upload instead of one per frame: on this machine's disk,
+creating 720 small files and syncing the filesystem cost 8x the frames' decode check. Blobs stored one file each
+(manifests, models, and frames stored before packing) read as before.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import itertools
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Callable, Protocol
 
 from shared.atomic import fsync_dir
 from shared.errors import UserError
@@ -22,6 +31,45 @@ from shared.hashing import sha256_file
 
 
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+SPAN_WASTE = 4  # read_many reads a pack's span at once unless it is 4x the bytes wanted
+
+
+class PackIndex(Protocol):
+    """Where packed blobs are (:class:`cloud.storage.Storage` implements it)."""
+
+    def add_blob_locations(self, rows: list[tuple[str, str, int, int]]) -> None: ...
+    def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]: ...
+    def packed_blobs(self) -> set[str]: ...
+    def pack_contents(self) -> dict[str, list[str]]: ...
+    def remove_packs(self, packs: list[str]) -> None: ...
+
+
+def pack_name(rows: list[tuple[str, int, int]]) -> str:
+    """A pack's name from what it holds, (sha256, offset, length) of every blob: the same bytes get
+    the same name, without reading the pack again to hash it."""
+    return hashlib.sha256("".join(f"{sha} {off} {n}\n" for sha, off, n in rows).encode()).hexdigest()
+
+
+def read_packed(locations: dict[str, tuple[str, int, int]],
+                read_range: Callable[[str, int, int], bytes]) -> dict[str, bytes]:
+    """Packed blobs' bytes, ``read_range(pack, start, end)`` called once per pack over the span of
+    the blobs wanted from it, or once per blob when they lie far apart (a span 4x their bytes)."""
+    by_pack: dict[str, list[tuple[str, int, int]]] = {}
+    for sha, (pack, offset, length) in locations.items():
+        by_pack.setdefault(pack, []).append((sha, offset, length))
+    out: dict[str, bytes] = {}
+    for pack, parts in by_pack.items():
+        start, end = min(p[1] for p in parts), max(p[1] + p[2] for p in parts)
+        spans = ([(start, end)] if end - start <= SPAN_WASTE * sum(p[2] for p in parts)
+                 else [(offset, offset + length) for _, offset, length in parts])
+        for lo, hi in spans:
+            data = read_range(pack, lo, hi)
+            if len(data) != hi - lo:
+                raise OSError(f"pack {pack} is truncated: {len(data)} of bytes {lo}-{hi}")
+            for sha, offset, length in parts:
+                if lo <= offset and offset + length <= hi:
+                    out[sha] = data[offset - lo: offset - lo + length]
+    return out
 
 
 class BlobStore(Protocol):
@@ -41,6 +89,50 @@ class LocalBlobStore:
         self._root, self._tmp = str(self.root), str(self.tmp)
         self._dirs: set[str] = set()  # ab/ folders known to exist (never removed)
         self._temp_names = itertools.count()
+        self.packs = self.root / "packs"
+        self.index: PackIndex | None = None
+
+    def attach_index(self, index: PackIndex) -> None:
+        """Pack uploads' frames from now on, locating them in ``index`` (the metadata database)."""
+        self.packs.mkdir(exist_ok=True)
+        self.index = index
+
+    @property
+    def packing(self) -> bool:
+        """Whether uploads are stored as packs (the ingest then spools them as one file)."""
+        return self.index is not None
+
+    def _location(self, sha256: str) -> tuple[str, int, int] | None:
+        return self.index.blob_locations([sha256]).get(sha256) if self.index is not None else None
+
+    def _read_range(self, pack: str, start: int, end: int) -> bytes:
+        if not SHA256_NAME.fullmatch(pack):
+            raise ValueError(f"not a pack name: {pack!r}")
+        with open(self.packs / pack, "rb") as fh:
+            return os.pread(fh.fileno(), end - start, start)
+
+    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+        """Adopt ``path``, a :meth:`temp_file` holding blobs one after the other (``rows``: their
+        (sha256, offset, length)), as one durable pack; returns the locations to record
+        (:meth:`PackIndex.add_blob_locations` rows), which the caller records with the rows that
+        name the blobs. Blobs stored before keep their place; a pack that adds nothing is dropped.
+        The file is moved, not copied."""
+        assert self.index is not None, "attach_index first"
+        located = self.index.blob_locations([sha for sha, _, _ in rows])
+        new = [r for r in rows if r[0] not in located and not os.path.isfile(self._file(r[0]))]
+        if not new:
+            Path(path).unlink(missing_ok=True)
+            return []
+        name = pack_name(rows)
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(path, self.packs / name)  # the same name is the same bytes
+        fsync_dir(self.packs)
+        return [(sha, name, offset, length) for sha, offset, length in new]
+
+    def put_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> None:
+        """:meth:`store_pack`, its locations recorded at once."""
+        self.index.add_blob_locations(self.store_pack(path, rows))  # type: ignore[union-attr]
 
     def _path(self, sha256: str) -> Path:
         return Path(self._file(sha256))
@@ -111,13 +203,37 @@ class LocalBlobStore:
         return self._commit(Path(tmp), sha, durable=True)
 
     def exists(self, sha256: str) -> bool:
-        return os.path.isfile(self._file(sha256))
+        return os.path.isfile(self._file(sha256)) or self._location(sha256) is not None
 
     def size(self, sha256: str) -> int:
-        return self._path(sha256).stat().st_size
+        try:
+            return os.stat(self._file(sha256)).st_size
+        except FileNotFoundError:
+            loc = self._location(sha256)
+            if loc is None:
+                raise
+            return loc[2]
 
     def open(self, sha256: str) -> BinaryIO:
-        return open(self._path(sha256), "rb")
+        """The blob's file, or a packed blob's bytes (frames and indexes: KBs to MBs) in memory."""
+        try:
+            return open(self._file(sha256), "rb")
+        except FileNotFoundError:
+            loc = self._location(sha256)
+            if loc is None:
+                raise FileNotFoundError(f"no blob {sha256} in {self.root}") from None
+            return io.BytesIO(read_packed({sha256: loc}, self._read_range)[sha256])
+
+    def read_many(self, shas: list[str]) -> dict[str, bytes]:
+        """Several blobs' bytes: packed ones with one read per pack, the others a file each."""
+        locations = self.index.blob_locations(list(set(shas))) if self.index is not None else {}
+        packed = {sha: loc for sha, loc in locations.items() if not os.path.isfile(self._file(sha))}
+        out = read_packed(packed, self._read_range)
+        for sha in shas:
+            if sha not in out:
+                with self.open(sha) as fh:
+                    out[sha] = fh.read()
+        return out
 
     # -- recovery after a crash (the embedded store has one writing process) ------------------
     def remove_temporary(self) -> int:
@@ -129,18 +245,32 @@ class LocalBlobStore:
                 n += 1
         return n
 
-    def names(self) -> list[str]:
-        """Every blob's sha256."""
+    def _single_names(self) -> list[str]:
         return [p.name for d in self.root.iterdir() if len(d.name) == 2 and d.is_dir() for p in d.iterdir()]
 
+    def names(self) -> list[str]:
+        """Every blob's sha256: those stored one file each, and those in packs."""
+        packed = self.index.packed_blobs() if self.index is not None else set()
+        return sorted(set(self._single_names()) | packed)
+
     def remove_unreferenced(self, referenced: set[str]) -> int:
-        """Delete blobs no database row names (a crash between renaming an upload's frames into
-        the store and committing it leaves such blobs); returns how many."""
+        """Delete blobs no database row names (a crash between storing an upload's frames and
+        committing it leaves such blobs), and packs none of whose blobs is named (with their
+        locations); returns how many blobs. Only while nothing else writes (startup)."""
         n = 0
-        for name in self.names():
+        for name in self._single_names():
             if name not in referenced:
                 self._path(name).unlink(missing_ok=True)
                 n += 1
+        if self.index is not None and self.packs.is_dir():  # without the index, packs are not judged
+            contents = self.index.pack_contents()
+            dead = [pack for pack, shas in contents.items() if not any(sha in referenced for sha in shas)]
+            if dead:
+                self.index.remove_packs(dead)
+            n += sum(len(contents[pack]) for pack in dead)
+            for path in self.packs.iterdir():  # dead ones, and any that a crash left unlocated
+                if path.name not in contents or path.name in dead:
+                    path.unlink(missing_ok=True)
         return n
 
 

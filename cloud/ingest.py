@@ -49,6 +49,7 @@ DEFAULT_MAX_META_BYTES = 4096
 _QUEUE_CHUNKS = 32  # body pieces buffered between the event loop and the parser thread
 _PIECE = 64 * 1024  # the largest piece queued (a socket read can be larger: it is split)
 _PENDING_DECODE_BYTES = 16 * 1024 * 1024  # frames handed to the decode pool and not yet checked
+_PACK_WRITE = 1024 * 1024  # a pack is written in pieces of this size
 _CHECK_BATCH_BYTES = 256 * 1024  # frames checked by one pool task (one task per frame cost locks per frame)
 _DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 _DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="frame-check")
@@ -283,6 +284,8 @@ class _Parser:
         self.packing = bool(getattr(blobs, "packing", False))
         self.pack: Path | None = None
         self._pack_fh: BinaryIO | None = None
+        self._pack_buf: list[bytes] = []
+        self._pack_buffered = 0
         self.pack_rows: dict[str, tuple[int, int]] = {}
         self._pack_size = 0
 
@@ -290,13 +293,26 @@ class _Parser:
         if sha in self.pack_rows:
             return
         if self._pack_fh is None:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
-            self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
+            make = getattr(self.blobs, "temp_file", None)
+            if make is not None:  # the folder store: on its filesystem, so the pack is moved in, not copied
+                self._pack_fh, self.pack = make()
+            else:
+                self.spool_dir.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
+                self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
             self.temps.append(self.pack)
-        self._pack_fh.write(data)
+        self._pack_buf.append(data)  # written 1 MB at a time: a write per frame showed in profiles
+        self._pack_buffered += len(data)
+        if self._pack_buffered >= _PACK_WRITE:
+            self._flush_pack()
         self.pack_rows[sha] = (self._pack_size, len(data))
         self._pack_size += len(data)
+
+    def _flush_pack(self) -> None:
+        if self._pack_buf:
+            self._pack_fh.write(b"".join(self._pack_buf))  # type: ignore[union-attr]
+            self._pack_buf.clear()
+            self._pack_buffered = 0
 
     def _temp(self):
         make = getattr(self.blobs, "temp_file", None)
@@ -401,6 +417,7 @@ class _Parser:
             concurrent.futures.wait([f for f, _ in pending])
         if self._pack_fh is not None:
             try:
+                self._flush_pack()
                 self._pack_fh.close()
             except OSError as exc:
                 raise server_fault(exc) from None
@@ -520,8 +537,16 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
         if existing is not None:
             _check_same_metadata(received.index, existing, blobs)
             return existing, False
-        adopt = getattr(blobs, "adopt", None)
-        if adopt is not None and hasattr(blobs, "sync"):
+        locations: list[tuple[str, str, int, int]] = []
+        if received.pack is not None:  # a packing store: the spooled frames and the index are the pack
+            index_sha = hashlib.sha256(received.index_bytes).hexdigest()
+            with open(received.pack, "ab") as fh:
+                offset = fh.tell()
+                fh.write(received.index_bytes)
+            # durable first; where its blobs are is recorded with the upload, in one transaction
+            locations = blobs.store_pack(received.pack, [*received.pack_rows,  # type: ignore[attr-defined]
+                                                         (index_sha, offset, len(received.index_bytes))])
+        elif getattr(blobs, "adopt", None) is not None and hasattr(blobs, "sync"):  # the folder store, unpacked
             fh, tmp = blobs.temp_file()  # type: ignore[attr-defined]
             with fh:
                 fh.write(received.index_bytes)
@@ -529,16 +554,9 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             index_sha = temps[-1][0]
             while temps:  # each one adopted is no longer ours to remove
                 sha, path = temps[-1]
-                adopt(path, sha)
+                blobs.adopt(path, sha)  # type: ignore[attr-defined]
                 temps.pop()
             blobs.sync()  # type: ignore[attr-defined]  # every frame durable before the row that names it
-        elif received.pack is not None:  # an object store: the spooled frames and the index are the pack
-            index_sha = hashlib.sha256(received.index_bytes).hexdigest()
-            with open(received.pack, "ab") as fh:
-                offset = fh.tell()
-                fh.write(received.index_bytes)
-            blobs.put_pack(received.pack, [*received.pack_rows,  # type: ignore[attr-defined]
-                                           (index_sha, offset, len(received.index_bytes))])
         elif hasattr(blobs, "put_files"):  # an object store without packs: several requests in flight
             index_sha = hashlib.sha256(received.index_bytes).hexdigest()
             blobs.put_files([*temps, (index_sha, received.index_bytes)])  # type: ignore[attr-defined]
@@ -546,7 +564,7 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             for sha, path in temps:
                 blobs.put_file(path, sha)
             index_sha = blobs.put_bytes(received.index_bytes)
-        return storage.commit_upload(device_id, content, index_sha, received.size, received.rows)
+        return storage.commit_upload(device_id, content, index_sha, received.size, received.rows, locations)
     except OSError as exc:
         raise server_fault(exc) from None
     finally:

@@ -10,7 +10,8 @@ An upload's frames are not one object each: one request per frame is what an obj
 charges for, in latency and in money. :meth:`S3BlobStore.put_files` writes them as one object,
 ``PREFIX/packs/<sha256 of the pack>``, their bytes one after the other, and records each frame's
 (pack, offset, length) in the metadata database (table ``blob_packs``, schema v5) before the
-upload that names them is committed; reading a frame back is a ``Range`` GET of its bytes.
+upload that names them is committed (in the upload's own transaction when the ingest stores it);
+reading a frame back is a ``Range`` GET of its bytes.
 Blobs stored one object each (manifests, models, and frames stored before packing) are read as
 before: a blob with no pack location is looked up under its own key.
 """
@@ -22,22 +23,14 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
+from cloud.blobs import PackIndex, read_packed
 from shared.errors import UserError
 from shared.hashing import sha256_file
 
 PUT_THREADS = 8  # one request per object: several in flight hide the round trips
 PACK_IN_MEMORY = 8 * 1024 * 1024  # a larger pack is put from a temporary file
-SPAN_WASTE = 4  # read_many reads a pack's span in one GET unless it is 4x the bytes wanted
-
-
-class PackIndex(Protocol):
-    """Where packed blobs are (:class:`cloud.storage.Storage` implements it)."""
-
-    def add_blob_locations(self, rows: list[tuple[str, str, int, int]]) -> None: ...
-    def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]: ...
-    def packed_blobs(self) -> set[str]: ...
 
 
 class S3BlobStore:
@@ -128,10 +121,18 @@ class S3BlobStore:
     def put_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> None:
         """A file that holds blobs one after the other, stored as one pack object; ``rows``:
         (sha256, offset, length) of each blob in it. Blobs packed before keep their first location."""
+        self.index.add_blob_locations(self.store_pack(path, rows))  # type: ignore[union-attr]
+
+    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+        """:meth:`put_pack` without recording the locations: they are returned, for the caller to
+        record with the rows that name the blobs (one transaction)."""
         with open(path, "rb") as fh:
-            self._put_pack(fh, os.fstat(fh.fileno()).st_size, rows)
+            return self._store_pack(fh, os.fstat(fh.fileno()).st_size, rows)
 
     def _put_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> None:
+        self.index.add_blob_locations(self._store_pack(body, size, rows))  # type: ignore[union-attr]
+
+    def _store_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
         assert self.index is not None
         body.seek(0)
         digest = hashlib.sha256()
@@ -140,7 +141,7 @@ class S3BlobStore:
         pack = digest.hexdigest()  # content-addressed, as every other object
         body.seek(0)
         self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body, ContentLength=size)
-        self.index.add_blob_locations([(sha, pack, offset, length) for sha, offset, length in rows])
+        return [(sha, pack, offset, length) for sha, offset, length in rows]
 
     def _put_one(self, sha256: str, item: os.PathLike | bytes) -> str:
         return self.put_bytes(item) if isinstance(item, bytes) else self.put_file(item, sha256)
@@ -184,28 +185,18 @@ class S3BlobStore:
         """Several blobs' bytes: packed ones with one ranged GET per pack (from the first to the
         last wanted byte), the others one GET each."""
         locations = self.index.blob_locations(list(set(shas))) if self.index is not None else {}
-        by_pack: dict[str, list[tuple[str, int, int]]] = {}
-        for sha, (pack, offset, length) in locations.items():
-            by_pack.setdefault(pack, []).append((sha, offset, length))
-        out: dict[str, bytes] = {}
-        for pack, parts in by_pack.items():
-            start, end = min(p[1] for p in parts), max(p[1] + p[2] for p in parts)
-            if end - start > SPAN_WASTE * sum(p[2] for p in parts):  # a few frames far apart: one range each
-                for sha, _, _ in parts:
-                    with self.open(sha) as fh:
-                        out[sha] = fh.read()
-                continue
-            body = self.client.get_object(Bucket=self.bucket, Key=self._pack_key(pack),
-                                          Range=f"bytes={start}-{end - 1}")["Body"]
-            with body:
-                data = body.read()
-            for sha, offset, length in parts:
-                out[sha] = data[offset - start: offset - start + length]
+        out = read_packed(locations, self._read_range)
         for sha in shas:
             if sha not in out:
                 with self.open(sha) as fh:
                     out[sha] = fh.read()
         return out
+
+    def _read_range(self, pack: str, start: int, end: int) -> bytes:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._pack_key(pack),
+                                      Range=f"bytes={start}-{end - 1}")["Body"]
+        with body:
+            return body.read()
 
     def objects(self) -> list[str]:
         """Every object's key (blobs stored one object each, and packs)."""

@@ -215,7 +215,7 @@ class Storage(Protocol):
     def find_upload(self, device_id: int, content_sha256: str) -> Upload | None: ...
     def upload(self, device_id: int, upload_id: str) -> Upload | None: ...
     def commit_upload(self, device_id: int, content_sha256: str, index_sha256: str, size: int,
-                      frames: list[FrameRow]) -> tuple[Upload, bool]: ...
+                      frames: list[FrameRow], locations: list[tuple[str, str, int, int]] = ...) -> tuple[Upload, bool]: ...
     def upload_count(self, device_id: int | None = None) -> int: ...
     def device_bytes(self, device_id: int) -> int: ...
     def frame_count(self, device_id: int | None = None) -> int: ...
@@ -248,7 +248,13 @@ class Storage(Protocol):
     def add_blob_locations(self, rows: list[tuple[str, str, int, int]]) -> None: ...
     def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]: ...
     def packed_blobs(self) -> set[str]: ...
+    def pack_contents(self) -> dict[str, list[str]]: ...
+    def remove_packs(self, packs: list[str]) -> None: ...
     def close(self) -> None: ...
+
+
+_ADD_LOCATIONS = ("INSERT INTO blob_packs (sha256, pack, pack_offset, pack_length) VALUES (?, ?, ?, ?) "
+                  "ON CONFLICT (sha256) DO NOTHING")  # a blob located already keeps its first location
 
 
 def in_canary(release: Release, device_name: str) -> bool:
@@ -335,10 +341,12 @@ class SQLStorage:
         return Upload(**dict(rows[0])) if rows else None
 
     def commit_upload(self, device_id: int, content_sha256: str, index_sha256: str, size: int,
-                      frames: list[FrameRow]) -> tuple[Upload, bool]:
-        """Insert the upload and all its frames in one transaction; (upload, created)."""
+                      frames: list[FrameRow], locations: list[tuple[str, str, int, int]] = ()) -> tuple[Upload, bool]:
+        """Insert the upload and all its frames in one transaction; (upload, created). ``locations``:
+        where a packing blob store put the upload's blobs (:meth:`add_blob_locations`' rows), recorded
+        in the same transaction."""
         try:
-            return self._commit_upload(device_id, content_sha256, index_sha256, size, frames)
+            return self._commit_upload(device_id, content_sha256, index_sha256, size, frames, locations)
         except self.IntegrityError:  # another process committed the same upload meanwhile
             existing = self.find_upload(device_id, content_sha256)
             if existing is None:
@@ -346,7 +354,7 @@ class SQLStorage:
             return existing, False
 
     def _commit_upload(self, device_id: int, content_sha256: str, index_sha256: str, size: int,
-                       frames: list[FrameRow]) -> tuple[Upload, bool]:
+                       frames: list[FrameRow], locations: list[tuple[str, str, int, int]]) -> tuple[Upload, bool]:
         with self._tx() as db:
             row = db.execute("SELECT * FROM uploads WHERE device_id=? AND content_sha256=?",
                              (device_id, content_sha256)).fetchone()
@@ -372,6 +380,8 @@ class SQLStorage:
                 db.executemany(
                     "INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta) VALUES (?,?,?,?,?,?,?)",
                     new)
+            if locations:
+                db.executemany(_ADD_LOCATIONS, locations)
         return up, True
 
     def upload_count(self, device_id: int | None = None) -> int:
@@ -683,8 +693,7 @@ class SQLStorage:
         """(sha256, pack, offset, length) rows; a blob located already keeps its first location."""
         if rows:
             with self._tx() as db:
-                db.executemany("INSERT INTO blob_packs (sha256, pack, pack_offset, pack_length) VALUES (?, ?, ?, ?) "
-                               "ON CONFLICT (sha256) DO NOTHING", rows)
+                db.executemany(_ADD_LOCATIONS, rows)
 
     def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]:
         out: dict[str, tuple[str, int, int]] = {}
@@ -697,6 +706,18 @@ class SQLStorage:
 
     def packed_blobs(self) -> set[str]:
         return {r[0] for r in self._query("SELECT sha256 FROM blob_packs")}
+
+    def pack_contents(self) -> dict[str, list[str]]:
+        """Every pack and the blobs located in it."""
+        out: dict[str, list[str]] = {}
+        for r in self._query("SELECT pack, sha256 FROM blob_packs"):
+            out.setdefault(r[0], []).append(r[1])
+        return out
+
+    def remove_packs(self, packs: list[str]) -> None:
+        """Forget where these packs' blobs are (their files are being deleted)."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM blob_packs WHERE pack=?", [(p,) for p in packs])
 
 
 class SQLiteStorage(SQLStorage):

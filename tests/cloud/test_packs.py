@@ -50,3 +50,63 @@ def test_frames_are_packed_and_old_single_objects_still_read(s3_server, tmp_path
     (newest,) = set(blobs.objects()) - set(objects)
     assert blobs.client.get_object(Bucket=blobs.bucket, Key=newest)["Body"].read() == later
     storage.close()
+
+
+def _ingest(body: bytes, blobs, tmp_path):
+    """The service's parser over an upload body, as the API runs it."""
+    import queue
+
+    from cloud.ingest import _Parser
+
+    q: queue.Queue = queue.Queue()
+    for i in range(0, len(body), 4096):
+        q.put(body[i:i + 4096])
+    q.put(None)
+    received = _Parser(q, blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20)._parse()
+    received.size = len(body)
+    return received
+
+
+def test_the_folder_store_packs_an_upload_and_recovery_removes_only_dead_packs(tmp_path):
+    from cloud.blobs import LocalBlobStore
+    from cloud.ingest import commit
+    from cloud.keys import new_token, token_sha256
+    from shared.wire import build_upload_archive
+
+    storage = SQLiteStorage(tmp_path / "cloud.sqlite3")
+    device = storage.add_device("wearer1", token_sha256(new_token("wearer1")))
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    old = jpeg_frames(1, start=9)[0][1]
+    old_sha = blobs.put_bytes(old)  # stored one file each, before packing
+    blobs.attach_index(storage)
+    frames = jpeg_frames(3)
+    body = build_upload_archive([*frames, ({"seq": 9}, old)])
+    upload, created = commit(_ingest(body, blobs, tmp_path), device.id, storage, blobs)
+    assert created and upload.frames == 4
+    (pack,) = list((tmp_path / "blobs" / "packs").iterdir())  # one file for the upload...
+    singles = [p.name for d in (tmp_path / "blobs").iterdir() if len(d.name) == 2 for p in d.iterdir()]
+    assert singles == [old_sha]  # ...and no file per frame; the frame stored before is not packed again
+    index = pack.read_bytes()[sum(len(jpg) for _, jpg in frames):]
+    assert pack.read_bytes() == b"".join(jpg for _, jpg in frames) + index
+    shas = [hashlib.sha256(jpg).hexdigest() for _, jpg in frames]
+    assert set(storage.blob_locations(shas + [old_sha])) == set(shas)  # located with the upload's commit
+    for sha, (_, jpg) in zip(shas, frames):
+        assert blobs.exists(sha) and blobs.size(sha) == len(jpg)
+        with blobs.open(sha) as fh:
+            assert fh.read() == jpg
+    assert blobs.read_many([shas[2], old_sha, shas[0]]) == {shas[2]: frames[2][1], old_sha: old, shas[0]: frames[0][1]}
+    assert upload.index_sha256 in blobs.names() and set(shas) <= set(blobs.names())
+
+    # a crash after the pack was made durable and before the upload committed: a pack no row
+    # locates; and a pack whose located frames no upload names
+    crashed = _ingest(build_upload_archive(jpeg_frames(2, start=20)), blobs, tmp_path)
+    blobs.store_pack(crashed.pack, crashed.pack_rows)
+    orphan = _ingest(build_upload_archive(jpeg_frames(2, start=30)), blobs, tmp_path)
+    blobs.put_pack(orphan.pack, orphan.pack_rows)
+    assert len(list((tmp_path / "blobs" / "packs").iterdir())) == 3
+    removed = blobs.remove_unreferenced(storage.referenced_blobs())
+    assert removed == 2 and [p.name for p in (tmp_path / "blobs" / "packs").iterdir()] == [pack.name]
+    assert not storage.blob_locations([sha for sha, _, _ in orphan.pack_rows])
+    with blobs.open(shas[1]) as fh:  # what was committed is untouched
+        assert fh.read() == frames[1][1]
+    storage.close()
