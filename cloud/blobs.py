@@ -119,7 +119,7 @@ class LocalBlobStore:
         The file is moved, not copied."""
         assert self.index is not None, "attach_index first"
         located = self.index.blob_locations([sha for sha, _, _ in rows])
-        new = [r for r in rows if r[0] not in located and not os.path.isfile(self._file(r[0]))]
+        new = [r for r in rows if r[0] not in located]  # one stored as a file too reads from the file
         if not new:
             Path(path).unlink(missing_ok=True)
             return []

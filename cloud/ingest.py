@@ -457,10 +457,11 @@ class _Parser:
             if (f.width is not None and f.width != w) or (f.height is not None and f.height != h):
                 raise _bad(f"frame {i}: {f.file} is {w}x{h}, the index says {f.width}x{f.height}")
             meta = f.model_dump(exclude={"file", "sha256", "bytes", "width", "height"})
-            meta_bytes = len(json.dumps(meta, separators=(",", ":")))
+            meta_json = json.dumps(meta, separators=(",", ":"))
+            meta_bytes = len(meta_json)
             if meta_bytes > self.max_meta_bytes:
                 raise _bad(f"frame {i}: {meta_bytes} bytes of metadata; the limit is {self.max_meta_bytes}")
-            rows.append(FrameRow(f.sha256, w, h, meta))
+            rows.append(FrameRow(f.sha256, w, h, meta, meta_json=meta_json))
             if m.tmp is not None:
                 temps.append((m.sha256, m.tmp))
         pack_rows = [(sha, offset, length) for sha, (offset, length) in self.pack_rows.items()]

@@ -151,6 +151,7 @@ class FrameRow:
     height: int
     meta: dict[str, Any]
     row: int | None = None
+    meta_json: str | None = None  # ``meta`` encoded, when the ingest has it already (one encoding per frame)
 
 
 @dataclasses.dataclass
@@ -375,7 +376,7 @@ class SQLStorage:
             for i, f in enumerate(frames):
                 if f.sha256 not in seen:
                     seen.add(f.sha256)
-                    new.append((up.id, device_id, i, f.sha256, f.width, f.height, json.dumps(f.meta)))
+                    new.append((up.id, device_id, i, f.sha256, f.width, f.height, f.meta_json or json.dumps(f.meta)))
             if new:
                 db.executemany(
                     "INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta) VALUES (?,?,?,?,?,?,?)",

@@ -85,11 +85,12 @@ def test_the_folder_store_packs_an_upload_and_recovery_removes_only_dead_packs(t
     assert created and upload.frames == 4
     (pack,) = list((tmp_path / "blobs" / "packs").iterdir())  # one file for the upload...
     singles = [p.name for d in (tmp_path / "blobs").iterdir() if len(d.name) == 2 for p in d.iterdir()]
-    assert singles == [old_sha]  # ...and no file per frame; the frame stored before is not packed again
-    index = pack.read_bytes()[sum(len(jpg) for _, jpg in frames):]
-    assert pack.read_bytes() == b"".join(jpg for _, jpg in frames) + index
+    assert singles == [old_sha]  # ...and no file per frame
+    with blobs.open(upload.index_sha256) as fh:
+        index = fh.read()
+    assert pack.read_bytes() == b"".join(jpg for _, jpg in frames) + old + index
     shas = [hashlib.sha256(jpg).hexdigest() for _, jpg in frames]
-    assert set(storage.blob_locations(shas + [old_sha])) == set(shas)  # located with the upload's commit
+    assert set(storage.blob_locations(shas)) == set(shas)  # located with the upload's commit
     for sha, (_, jpg) in zip(shas, frames):
         assert blobs.exists(sha) and blobs.size(sha) == len(jpg)
         with blobs.open(sha) as fh:
