@@ -38,11 +38,23 @@ def _wait_processes(proc: subprocess.Popen, n: int, timeout: float = 180.0) -> N
         time.sleep(0.2)
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of every core together, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def _load(bench, url: str, tokens: list[str], bodies: list[list[bytes]]) -> dict:
+    busy0, total0 = _cpu_jiffies()
     acked, errors, elapsed = bench.post_batches(url, tokens, bodies, attempts=12, max_sleep=5.0)
+    busy1, total1 = _cpu_jiffies()
     sent = sum(len(b) for b in bodies)
+    # how busy the whole machine was (API processes, PostgreSQL, the S3 server and this load
+    # generator share its cores): near 1, a second API process has no idle core to run on
     return {"uploads_sent": sent, "uploads_acknowledged": sum(acked), "seconds": round(elapsed, 2),
-            "uploads_per_s": round(sent / elapsed, 2), "retried_errors": len(errors)}
+            "uploads_per_s": round(sent / elapsed, 2), "retried_errors": len(errors),
+            "machine_busy_fraction": round((busy1 - busy0) / max(1, total1 - total0), 3)}
 
 
 def run_scale(work: Path, base_run: Path, args, bench) -> dict:
@@ -102,6 +114,8 @@ def run_scale(work: Path, base_run: Path, args, bench) -> dict:
             storage.close()
     return {"upload/decode-ceiling": round(upload["decode_only_s"] / upload["upload_s"], 3), "upload": upload,
             "api-2/api-1": round(per_s[2] / per_s[1], 3), "api_rounds": {str(k): v for k, v in rounds.items()},
+            "machine_busy_fraction_with_1_api_process": round(sum(r["machine_busy_fraction"] for r in rounds[1])
+                                                              / len(rounds[1]), 3),
             "killed": kills, "database": "PostgreSQL (fsync on)", "blobs": "S3 HTTP API (moto server, 127.0.0.1)"}
 
 
