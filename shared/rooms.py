@@ -227,13 +227,23 @@ def _procedural_mips(kind: str, variant: int) -> np.ndarray:
     return _mip_stack(_procedural(kind, variant))
 
 
+_PROCEDURAL_KEYS = tuple((kind, variant) for kind in _TEXTURE_KINDS for variant in range(_VARIANTS))
+
+
+@functools.lru_cache(maxsize=4)
+def _texture_atlas(texture_dir: str | None) -> np.ndarray:
+    """(textures, MIP_LEVELS, TEX, TEX, 3) uint8: every procedural mip stack (``_PROCEDURAL_KEYS``
+    order), then the photos of ``texture_dir``. Made once per process; every room indexes into it."""
+    stacks = [_procedural_mips(*key) for key in _PROCEDURAL_KEYS]
+    stacks += list(_photo_mips(texture_dir)) if texture_dir else []
+    return np.stack(stacks)
+
+
 def warm_texture_cache() -> int:
-    """Make every procedural texture now (a process makes each once, the first time a room uses it);
+    """Make every procedural texture now (a process makes each once, the first time a room is made);
     returns how many there are."""
-    for kind in _TEXTURE_KINDS:
-        for variant in range(_VARIANTS):
-            _procedural_mips(kind, variant)
-    return len(_TEXTURE_KINDS) * _VARIANTS
+    _texture_atlas(None)
+    return len(_PROCEDURAL_KEYS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -301,8 +311,8 @@ class Room:
     walk_s: np.ndarray  # cumulative arc length along ``walk`` (K + 1 values, closed)
     phases: tuple[float, ...]
     floor_shadow: np.ndarray  # occlusion under furniture on a (z, x) grid of SHADOW_CELL metres
-    atlas: np.ndarray  # (materials, MIP_LEVELS, TEX, TEX, 3) uint8 texture x colour, 100 = 1.0
-    material_table: dict[str, np.ndarray]  # per material: tile, gain (emissive), gloss, emissive
+    textures: np.ndarray  # (T, MIP_LEVELS, TEX, TEX, 3) uint8 mip stacks, 100 = 1.0 (``_texture_atlas``, shared)
+    material_table: dict[str, np.ndarray]  # per material: tile, gain (emissive), gloss, emissive, texture, colour_lut
 
 
 SHADOW_CELL = 0.05
@@ -728,15 +738,11 @@ def make_room(style: str, seed: int, index: int = 0, split: str = "train", textu
         a, y = (a0 + a1) / 2, (sill + top) / 2
         pos = {0: (0.4, y, a), 1: (w - 0.4, y, a), 2: (a, y, 0.4), 3: (a, y, d - 0.4)}[wall]
         lights.append(Light(pos, (0.9, 0.95, 1.1), float(rng.uniform(0.5, 1.5)) * (a1 - a0)))
-    # textures: materials point into one tuple of mip stacks
-    tex_keys: list = []
+    # textures: each material names one mip stack of the process's texture atlas
     tex_index = []
     for m in b.materials:
         key = m.texture if m.texture.startswith("photo:") else (m.texture, int(rng.integers(_VARIANTS)))
-        if key not in tex_keys:
-            tex_keys.append(key)
-        tex_index.append(tex_keys.index(key))
-    textures = tuple(photos[int(k[6:])] if isinstance(k, str) else _procedural_mips(*k) for k in tex_keys)
+        tex_index.append(len(_PROCEDURAL_KEYS) + int(key[6:]) if isinstance(key, str) else _PROCEDURAL_KEYS.index(key))
     shadow = _floor_shadow(size, b.boxes)
     walk, walk_s = _walk_path(rng, size, _solid_footprints(b))
     return Room(style=style, size=size, materials=b.materials, plane_material=(floor, ceiling) + (walls,) * 4,
@@ -745,25 +751,29 @@ def make_room(style: str, seed: int, index: int = 0, split: str = "train", textu
                 hfov_deg=float(hfov_deg if hfov_deg is not None else rng.uniform(55.0, 75.0)),
                 pitch0_deg=float(rng.uniform(-15.0, 0.0)), walk=walk, walk_s=walk_s,
                 phases=tuple(float(x) for x in rng.uniform(0, 2 * math.pi, size=6)), floor_shadow=shadow,
-                atlas=_bake_atlas(b.materials, textures, tex_index),
-                material_table=_material_table(b.materials))
+                textures=_texture_atlas(str(texture_dir) if texture_dir else None),
+                material_table=_material_table(b.materials, tex_index))
 
 
-def _bake_atlas(materials: list[Material], textures, tex_index: list[int]) -> np.ndarray:
-    """(materials, MIP_LEVELS, TEX, TEX, 3) uint8: each material's texture times its colour (100 = 1.0)."""
-    out = np.empty((len(materials), MIP_LEVELS, TEX, TEX, 3), np.uint8)
+def _colour_lut(materials: list[Material]) -> np.ndarray:
+    """(materials * 3 * 256,) float32: entry (k * 3 + c) * 256 + v is texel value v of channel c times
+    material k's colour, saturated and rounded to uint8 as cv2.multiply does, then / 100 (1.0). The
+    renderer colours texels through it instead of keeping a coloured copy of every texture per room."""
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
+    out = np.empty((len(materials), 3, 256), np.uint8)
     for k, m in enumerate(materials):
         colour = [c / max(max(m.colour), 1.0) for c in m.colour]  # gains above 1: see "gain"
-        src = textures[tex_index[k]].reshape(MIP_LEVELS * TEX, TEX, 3)
-        out[k] = cv2.multiply(src, (*colour, 0.0)).reshape(MIP_LEVELS, TEX, TEX, 3)  # saturating, rounded
-    return out
+        out[k] = cv2.multiply(ramp, (*colour, 0.0))[0].T  # saturating, rounded
+    return out.reshape(-1).astype(np.float32) * np.float32(1 / 100.0)
 
 
-def _material_table(materials: list[Material]) -> dict[str, np.ndarray]:
+def _material_table(materials: list[Material], tex_index: list[int]) -> dict[str, np.ndarray]:
     return {"tile": np.array([m.tile_m for m in materials], np.float32),
             "gain": np.array([max(max(m.colour), 1.0) for m in materials], np.float32),
             "gloss": np.array([m.gloss for m in materials], np.float32),
-            "emissive": np.array([m.emissive for m in materials], bool)}
+            "emissive": np.array([m.emissive for m in materials], bool),
+            "texture": np.array(tex_index, np.int32),
+            "colour_lut": _colour_lut(materials)}
 
 
 def _solid_footprints(b: _Builder) -> list[tuple[float, float, float, float]]:
@@ -1047,9 +1057,10 @@ def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | Non
     level = np.clip(np.log2(np.maximum(footprint / texel_m, np.float32(1.0))), 0, MIP_LEVELS - 1).astype(np.int32)
     tu = np.floor(tex_u / texel_m).astype(np.int32) % TEX
     tv = np.floor(-tex_v / texel_m).astype(np.int32) % TEX
-    flat = ((mat * MIP_LEVELS + level) * TEX + tv) * TEX + tu
-    albedo = room.atlas.reshape(-1, 3)[flat].astype(np.float32)
-    albedo *= np.float32(1 / 100.0)
+    flat = ((room.material_table["texture"][mat] * MIP_LEVELS + level) * TEX + tv) * TEX + tu
+    texel = room.textures.reshape(-1, 3)[flat].astype(np.int32)
+    texel += (mat * 768)[..., None] + np.array([0, 256, 512], np.int32)
+    albedo = room.material_table["colour_lut"][texel]
 
     # lighting: ambient, darker near the room's edges and under furniture, plus point lights
     is_room = surface < FIRST_FURNITURE
