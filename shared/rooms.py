@@ -811,14 +811,12 @@ def _free_grid(size, footprints, margin: float = 0.45, cell: float = 0.1):
 
 
 def _catmull_rom_closed(points: np.ndarray, per_segment: int = 40) -> np.ndarray:
-    n = len(points)
-    out = []
-    t = np.linspace(0, 1, per_segment, endpoint=False)[:, None]
-    for i in range(n):
-        p0, p1, p2, p3 = points[(i - 1) % n], points[i], points[(i + 1) % n], points[(i + 2) % n]
-        out.append(0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
-                          + (-p0 + 3 * p1 - 3 * p2 + p3) * t ** 3))
-    return np.concatenate(out)
+    """A closed Catmull-Rom spline through ``points``: ``per_segment`` samples from each point to the next."""
+    p0, p1, p2, p3 = (np.roll(points, -k, axis=0)[:, None, :] for k in (-1, 0, 1, 2))
+    t = np.linspace(0, 1, per_segment, endpoint=False)[None, :, None]
+    out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
+                 + (-p0 + 3 * p1 - 3 * p2 + p3) * t ** 3)
+    return out.reshape(-1, points.shape[1])
 
 
 def _walk_path(rng: np.random.Generator, size, footprints) -> tuple[np.ndarray, np.ndarray]:
@@ -913,176 +911,204 @@ def _noise_field(h: int, w: int) -> np.ndarray:
     return np.random.default_rng(12345).standard_normal((2 * h, 2 * w, 3), np.float32) * np.float32(0.004)
 
 
-def _decal_in_view(cam: Camera, dc: Decal, size, h: int, w: int, f: float, cx: float, cy: float) -> bool:
-    """False when the decal's rectangle is certainly outside the view (a cheap cull)."""
-    (u0, u1), (v0, v1) = dc.u, dc.v
-    u0, u1 = max(u0, -0.01), min(u1, 1e2)
-    fixed = 0.0 if dc.plane in (FLOOR, WALL_X0, WALL_Z0) else size[[1, 1, 0, 0, 2, 2][dc.plane]]
-    pts = []
-    for u in (u0, u1):
-        for v in (v0, v1):
-            if dc.plane in (FLOOR, CEILING):
-                pts.append((u, fixed, v))
-            elif dc.plane in (WALL_X0, WALL_X1):
-                pts.append((fixed, v, u))
-            else:
-                pts.append((u, v, fixed))
-    pc = cam.to_camera(np.array(pts))
-    if (pc[:, 2] <= NEAR).all():
-        return False
-    if (pc[:, 2] <= NEAR).any():
-        return True
-    uu = f * pc[:, 0] / pc[:, 2] + cx
-    vv = f * pc[:, 1] / pc[:, 2] + cy
-    return not (uu.max() < -1 or uu.min() > w or vv.max() < -1 or vv.min() > h)
-
-
+_FIRST_PLANE = np.array([WALL_X0, FLOOR, WALL_Z0], np.int32)  # per axis x, y, z
 _GAMMA_LUT = np.clip((np.linspace(0, 1, 4096) ** (1 / 2.2)) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _box_window(cam: Camera, box: Box, h: int, w: int, f: float, cx: float, cy: float):
-    """The pixel rectangle (r0, r1, c0, c1) a box can cover, or None when it cannot be seen."""
-    lo, hi = box.lo, box.hi
-    pts = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    pc = cam.to_camera(pts)
-    if (pc[:, 2] <= NEAR).all():
-        return None
-    if (pc[:, 2] <= NEAR).any():
-        return 0, h, 0, w
-    u = f * pc[:, 0] / pc[:, 2] + cx
-    v = f * pc[:, 1] / pc[:, 2] + cy
-    c0, c1 = max(0, int(math.floor(u.min())) - 1), min(w, int(math.ceil(u.max())) + 2)
-    r0, r1 = max(0, int(math.floor(v.min())) - 1), min(h, int(math.ceil(v.max())) + 2)
-    if c0 >= c1 or r0 >= r1:
-        return None
-    return r0, r1, c0, c1
+@dataclasses.dataclass(frozen=True)
+class _RoomTables:
+    """What every frame of one room needs, made once per room (``_room_tables``)."""
+    size: np.ndarray  # (3, 1, 1, 1) float32 W, H, D
+    surface_material: np.ndarray  # (6 + 3 * boxes,) int32: material per surface id
+    box_lo: np.ndarray  # (boxes, 3, 1, 1, 1) float32
+    box_hi: np.ndarray  # (boxes, 3, 1, 1, 1) float32
+    box_corners: np.ndarray  # (boxes, 8, 3) float64 world
+    decals: tuple[tuple[int, tuple[Decal, ...]], ...]  # (plane, its decals in drawing order)
+    lights: tuple[tuple[np.ndarray, tuple[float, float, float], np.float32], ...]  # position (3,) f32, colour, power
 
 
-def _pick(axis: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Per pixel, ``a``, ``b`` or ``c`` as ``axis`` is 0, 1 or 2."""
-    return np.where(axis == 0, a, np.where(axis == 1, b, c))
+def _room_tables(room: Room) -> _RoomTables:
+    tables = getattr(room, "_tables", None)
+    if tables is None:
+        boxes = room.boxes
+        lo = np.array([bx.lo for bx in boxes], np.float32).reshape(-1, 3, 1, 1, 1)
+        hi = np.array([bx.hi for bx in boxes], np.float32).reshape(-1, 3, 1, 1, 1)
+        corners = np.array([[[x, y, z] for x in (bx.lo[0], bx.hi[0]) for y in (bx.lo[1], bx.hi[1])
+                             for z in (bx.lo[2], bx.hi[2])] for bx in boxes], np.float64).reshape(-1, 8, 3)
+        box_mat = np.repeat(np.array([bx.material for bx in boxes], np.int32), 3)
+        planes: dict[int, list[Decal]] = {}
+        for dc in room.decals:  # drawing order kept within a plane (a plane's decals cover only it)
+            planes.setdefault(dc.plane, []).append(dc)
+        tables = _RoomTables(
+            size=np.array(room.size, np.float32).reshape(3, 1, 1, 1),
+            surface_material=np.concatenate([np.array(room.plane_material, np.int32), box_mat]),
+            box_lo=lo, box_hi=hi, box_corners=corners,
+            decals=tuple((plane, tuple(ds)) for plane, ds in planes.items()),
+            lights=tuple((np.asarray(lt.position, np.float32), lt.colour, np.float32(lt.power)) for lt in room.lights))
+        room._tables = tables  # a Room is not changed after make_room
+    return tables
+
+
+def _box_windows(tables: _RoomTables, cams: list[Camera], h: int, w: int, f: float, cx: float, cy: float):
+    """Per camera and box, the pixel rectangle the box can cover: (visible (N, B) bool, r0, r1, c0, c1 (N, B)).
+    A box partly behind the near plane may cover the whole frame."""
+    rot = np.stack([c.rotation for c in cams])[:, None]  # (N, 1, 3, 3)
+    pos = np.stack([c.position for c in cams])[:, None, None, :]  # (N, 1, 1, 3)
+    pc = (tables.box_corners[None] - pos) @ rot  # (N, B, 8, 3) camera frame
+    z = pc[..., 2]
+    behind = z <= NEAR
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = f * pc[..., 0] / z + cx
+        v = f * pc[..., 1] / z + cy
+    partial = behind.any(-1)
+    c0 = np.where(partial, 0, np.maximum(0, np.floor(u.min(-1)) - 1)).astype(np.int64)
+    c1 = np.where(partial, w, np.minimum(w, np.ceil(u.max(-1)) + 2)).astype(np.int64)
+    r0 = np.where(partial, 0, np.maximum(0, np.floor(v.min(-1)) - 1)).astype(np.int64)
+    r1 = np.where(partial, h, np.minimum(h, np.ceil(v.max(-1)) + 2)).astype(np.int64)
+    visible = ~behind.all(-1) & (c0 < c1) & (r0 < r1)
+    return visible, r0, r1, c0, c1
 
 
 def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | None = 0,
            stride: int = STRIDE, sigma: float = SIGMA) -> RoomFrame:
-    """Ray-cast one frame of ``room`` seen by ``cam`` at ``size`` (h, w), with all labels.
+    """Ray-cast one frame of ``room`` seen by ``cam`` at ``size`` (h, w), with all labels."""
+    return render_batch(room, [cam], size, [noise_seed], stride, sigma)[0]
 
-    Arrays are kept per component (x, y, z as separate HxW arrays): numpy reduces over a
-    length-3 last axis ~10x slower than it combines three arrays.
+
+def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_seeds=None,
+                 stride: int = STRIDE, sigma: float = SIGMA) -> list[RoomFrame]:
+    """Ray-cast frames of one ``room``, one per camera (all of one field of view), together: each
+    numpy step runs once over every frame's pixels, which at small sizes (64x64: 4096 pixels) is what
+    a frame costs. Frame n is exactly ``render(room, cams[n], size, noise_seeds[n])``: every step is
+    per pixel, and the per-frame ones (furniture windows, exposure, noise, keypoints) are per frame.
+
+    Arrays are (3, N, h, w) for vectors (x, y, z first: numpy combines three arrays ~10x faster than
+    it reduces over a length-3 last axis) and (N, h, w) for scalars.
     """
     h, w = size
-    f, cx, cy = cam.intrinsics(h, w)
-    rx, ry = _pixel_rays(h, w, cam.hfov_deg)
-    rot = cam.rotation.astype(np.float32)
+    n = len(cams)
+    noise_seeds = [0] * n if noise_seeds is None else list(noise_seeds)
+    if n == 0 or len(noise_seeds) != n:
+        raise ValueError(f"render_batch: {n} cameras, {len(noise_seeds)} noise seeds")
+    hfov = cams[0].hfov_deg
+    if any(c.hfov_deg != hfov for c in cams):
+        raise ValueError("render_batch: every camera must have the same field of view")
+    tables = _room_tables(room)
+    f, cx, cy = cams[0].intrinsics(h, w)
+    rx, ry = _pixel_rays(h, w, hfov)
+    rot = np.stack([c.rotation for c in cams]).astype(np.float32)  # (N, 3, 3)
+    p = np.stack([c.position for c in cams]).astype(np.float32).T.reshape(3, n, 1, 1)
     # world directions (z-depth parameterised: the camera-frame ray has z = 1)
-    d = [rot[i, 0] * rx + rot[i, 1] * ry + rot[i, 2] for i in range(3)]
-    p = [np.float32(c) for c in cam.position]
+    rc = rot[:, :, :, None, None]  # (N, 3, 3, 1, 1)
+    d = np.stack([rc[:, i, 0] * rx + rc[:, i, 1] * ry + rc[:, i, 2] for i in range(3)])  # (3, N, h, w)
     # a component within 1e-9 of zero (a ray parallel to a plane: exactly 0 on the middle row or column of
     # an odd-sized view looking along an axis) gets +-1e-9 with the sign the plane choice below assumes
     # (d > 0: the far plane, else the near one), so the parallel plane's t is huge and positive, never
     # huge and negative
     tiny = np.float32(1e-9)
-    inv = [np.float32(1.0) / np.where(np.abs(di) < tiny, np.where(di > 0, tiny, -tiny), di) for di in d]
-    size3 = [np.float32(s) for s in room.size]
+    positive = d > 0
+    inv = np.float32(1.0) / np.where(np.abs(d) < tiny, np.where(positive, tiny, -tiny), d)
     # the room's planes: along each axis the ray leaves through the plane it moves towards
-    ta = [(np.where(d[i] > 0, size3[i], np.float32(0.0)) - p[i]) * inv[i] for i in range(3)]
-    axis = np.where((ta[0] <= ta[1]) & (ta[0] <= ta[2]), 0, np.where(ta[1] <= ta[2], 1, 2)).astype(np.int8)
-    t = np.minimum(np.minimum(ta[0], ta[1]), ta[2])
-    surface = _pick(axis, WALL_X0 + (d[0] > 0), FLOOR + (d[1] > 0), WALL_Z0 + (d[2] > 0)).astype(np.int32)
-    # furniture: slab test, limited to the pixel rectangle each box can cover
-    for k, box in enumerate(room.boxes):
-        win = _box_window(cam, box, h, w, f, cx, cy)
-        if win is None:
-            continue
-        sl = np.s_[win[0]:win[1], win[2]:win[3]]
-        lo_t, hi_t = [], []
-        for i in range(3):
-            a = (np.float32(box.lo[i]) - p[i]) * inv[i][sl]
-            b = (np.float32(box.hi[i]) - p[i]) * inv[i][sl]
-            lo_t.append(np.minimum(a, b))
-            hi_t.append(np.maximum(a, b))
-        tenter = np.maximum(np.maximum(lo_t[0], lo_t[1]), lo_t[2])
-        texit = np.minimum(np.minimum(hi_t[0], hi_t[1]), hi_t[2])
-        tcur = t[sl]
-        hit = (tenter <= texit) & (tenter > 0) & (tenter < tcur)
-        if not hit.any():
-            continue
-        ax = np.where((lo_t[0] >= lo_t[1]) & (lo_t[0] >= lo_t[2]), 0, np.where(lo_t[1] >= lo_t[2], 1, 2))
-        tcur[hit] = tenter[hit]
-        surface[sl][hit] = FIRST_FURNITURE + 3 * k + ax[hit]
-        axis[sl][hit] = ax[hit]
-    hit_p = [p[i] + d[i] * t for i in range(3)]
+    ta = (np.where(positive, tables.size, np.float32(0.0)) - p) * inv
+    axis = np.argmin(ta, axis=0).astype(np.int8)  # the first smallest: x before y before z on ties
+    t = np.min(ta, axis=0)
+    surface = _FIRST_PLANE[axis] + np.choose(axis, positive)  # the near plane of the axis, or the far one
+    # furniture: slab test, limited to the pixel rectangle each box can cover in each frame (the union
+    # of a box's rectangles over the batch: a pixel outside its own frame's rectangle cannot hit the box)
+    if room.boxes:
+        visible, r0, r1, c0, c1 = _box_windows(tables, cams, h, w, f, cx, cy)
+        for k in np.flatnonzero(visible.any(axis=0)):
+            seen = visible[:, k]
+            frames = np.flatnonzero(seen)
+            n0, n1 = int(frames[0]), int(frames[-1]) + 1
+            sl = np.s_[n0:n1, int(r0[seen, k].min()):int(r1[seen, k].max()), int(c0[seen, k].min()):int(c1[seen, k].max())]
+            pk = p[:, n0:n1]
+            inv_k = inv[(slice(None),) + sl]
+            a = (tables.box_lo[k] - pk) * inv_k
+            b = (tables.box_hi[k] - pk) * inv_k
+            lo_t = np.minimum(a, b)
+            tenter = lo_t.max(axis=0)
+            texit = np.maximum(a, b, out=b).min(axis=0)
+            tcur = t[sl]
+            hit = (tenter <= texit) & (tenter > 0) & (tenter < tcur)
+            if not seen[n0:n1].all():
+                hit &= seen[n0:n1, None, None]
+            if not hit.any():
+                continue
+            ax = np.argmax(lo_t[:, hit], axis=0).astype(np.int8)  # the entering slab: first largest
+            tcur[hit] = tenter[hit]
+            surface[sl][hit] = FIRST_FURNITURE + 3 * k + ax
+            axis[sl][hit] = ax
+    hit_p = p + d * t  # (3, N, h, w)
     # normals: against the ray along the hit axis (true for the room's inside and a box's outside);
     # in camera frame the world normal s * e_axis is s * row ``axis`` of the rotation
-    d_ax = _pick(axis, d[0], d[1], d[2])
+    d_ax = np.choose(axis, d)
     sign = np.where(d_ax > 0, np.float32(-1.0), np.float32(1.0))
-    normals = np.stack([sign * rot[:, j][axis] for j in range(3)], axis=-1)
+    rows = rot.reshape(n * 3, 3)[(np.arange(n, dtype=np.intp) * 3)[:, None, None] + axis]  # (N, h, w, 3)
+    normals = sign[..., None] * rows
 
     # materials: the plane's or box's, then decals on the room's planes
-    plane_mat = np.array(room.plane_material, np.int32)
-    box_mat = np.array([bx.material for bx in room.boxes], np.int32)
-    lut = np.concatenate([plane_mat, np.repeat(box_mat, 3)]) if len(box_mat) else plane_mat
-    mat = lut[surface]
+    mat = tables.surface_material[surface]
     u_coord = np.where(axis == 0, hit_p[2], hit_p[0])
     v_coord = np.where(axis == 1, hit_p[2], hit_p[1])
     tex_u, tex_v = u_coord, v_coord  # texture coordinates: the plane's, or a decal's own
-    if room.decals:
+    if tables.decals:
         tex_u, tex_v = u_coord.copy(), v_coord.copy()
-        planes: dict[int, tuple] = {}
-        for dc in room.decals:
-            if not _decal_in_view(cam, dc, room.size, h, w, f, cx, cy):
+        mat_flat, tu_flat, tv_flat = mat.reshape(-1), tex_u.reshape(-1), tex_v.reshape(-1)
+        surface_flat = surface.reshape(-1)
+        for plane, decals in tables.decals:
+            idx = np.flatnonzero(surface_flat == plane)  # the plane's pixels and their (u, v), once
+            if not len(idx):
                 continue
-            if dc.plane not in planes:  # the plane's pixels and their (u, v), once
-                idx = np.nonzero(surface == dc.plane)
-                planes[dc.plane] = (idx, u_coord[idx], v_coord[idx])
-            idx, uu, vv = planes[dc.plane]
-            if not len(uu):
-                continue
-            if dc.ellipse:
-                cu, cv = (dc.u[0] + dc.u[1]) / 2, (dc.v[0] + dc.v[1]) / 2
-                ru, rv = (dc.u[1] - dc.u[0]) / 2, (dc.v[1] - dc.v[0]) / 2
-                inside = ((uu - cu) / ru) ** 2 + ((vv - cv) / rv) ** 2 <= 1.0
-            else:
-                inside = (uu >= dc.u[0]) & (uu <= dc.u[1]) & (vv >= dc.v[0]) & (vv <= dc.v[1])
-            sel = (idx[0][inside], idx[1][inside])
-            mat[sel] = dc.material
-            tex_u[sel] = uu[inside] - (dc.u[0] if dc.anchored else 0.0)
-            tex_v[sel] = vv[inside] - (dc.v[1] if dc.anchored else 0.0)
+            uu, vv = u_coord.reshape(-1)[idx], v_coord.reshape(-1)[idx]
+            for dc in decals:
+                if dc.ellipse:
+                    cu, cv = (dc.u[0] + dc.u[1]) / 2, (dc.v[0] + dc.v[1]) / 2
+                    ru, rv = (dc.u[1] - dc.u[0]) / 2, (dc.v[1] - dc.v[0]) / 2
+                    inside = ((uu - cu) / ru) ** 2 + ((vv - cv) / rv) ** 2 <= 1.0
+                else:
+                    inside = (uu >= dc.u[0]) & (uu <= dc.u[1]) & (vv >= dc.v[0]) & (vv <= dc.v[1])
+                sel = idx[inside]
+                if not len(sel):
+                    continue
+                mat_flat[sel] = dc.material
+                tu_flat[sel] = uu[inside] - (dc.u[0] if dc.anchored else 0.0)
+                tv_flat[sel] = vv[inside] - (dc.v[1] if dc.anchored else 0.0)
 
     # texture lookup, with a mip level from the pixel's footprint on the surface
-    texel_m = room.material_table["tile"][mat] / np.float32(TEX)
+    table = room.material_table
+    texel_m = table["tile"][mat] / np.float32(TEX)
     ray_len = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
     cos_view = np.abs(d_ax) / ray_len
     footprint = t / np.float32(f) / np.maximum(cos_view, np.float32(0.2))
     level = np.clip(np.log2(np.maximum(footprint / texel_m, np.float32(1.0))), 0, MIP_LEVELS - 1).astype(np.int32)
     tu = np.floor(tex_u / texel_m).astype(np.int32) % TEX
     tv = np.floor(-tex_v / texel_m).astype(np.int32) % TEX
-    flat = ((room.material_table["texture"][mat] * MIP_LEVELS + level) * TEX + tv) * TEX + tu
+    flat = ((table["texture"][mat] * MIP_LEVELS + level) * TEX + tv) * TEX + tu
     texel = room.textures.reshape(-1, 3)[flat].astype(np.int32)
     texel += (mat * 768)[..., None] + np.array([0, 256, 512], np.int32)
-    albedo = room.material_table["colour_lut"][texel]
+    albedo = table["colour_lut"][texel]  # (N, h, w, 3)
 
     # lighting: ambient, darker near the room's edges and under furniture, plus point lights
     is_room = surface < FIRST_FURNITURE
-    gap = [np.minimum(hit_p[i], size3[i] - hit_p[i]) for i in range(3)]
+    gap = np.minimum(hit_p, tables.size - hit_p)
     far = np.float32(9.0)
     dist = np.minimum(np.minimum(np.where(is_room & (axis == 0), far, gap[0]),
                                  np.where(is_room & (axis == 1), far, gap[1])),
                       np.where(is_room & (axis == 2), far, gap[2]))
     occl = np.float32(1.0) - np.float32(0.45) * np.exp(dist * np.float32(-1 / 0.35))
-    on_floor = np.nonzero(surface == FLOOR)
-    if len(on_floor[0]):
+    on_floor = np.flatnonzero(surface == FLOOR)
+    if len(on_floor):
         sh = room.floor_shadow
-        gx = np.clip((hit_p[0][on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[1] - 1)
-        gz = np.clip((hit_p[2][on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[0] - 1)
-        occl[on_floor] *= np.float32(1.0) - np.float32(0.7) * sh[gz, gx]
+        gx = np.clip((hit_p[0].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[1] - 1)
+        gz = np.clip((hit_p[2].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[0] - 1)
+        occl.reshape(-1)[on_floor] *= np.float32(1.0) - np.float32(0.7) * sh[gz, gx]
     irradiance: dict[tuple[float, float, float], np.ndarray] = {}  # per light colour
-    gloss = room.material_table["gloss"][mat]
+    gloss = table["gloss"][mat]
     spec = None
-    hit_ax = _pick(axis, *hit_p)  # the hit's coordinate along its normal's axis
-    for li, lt in enumerate(room.lights):
-        lpos = np.asarray(lt.position, np.float32)
-        to_l = [lpos[i] - hit_p[i] for i in range(3)]
+    hit_ax = np.choose(axis, hit_p)  # the hit's coordinate along its normal's axis
+    for li, (lpos, colour, power) in enumerate(tables.lights):
+        to_l = lpos.reshape(3, 1, 1, 1) - hit_p
         d2l = to_l[0] * to_l[0]
         d2l += to_l[1] * to_l[1]
         d2l += to_l[2] * to_l[2]
@@ -1093,40 +1119,45 @@ def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | Non
         e *= inv_d
         np.maximum(e, np.float32(0.0), out=e)
         d2l += np.float32(0.5)
-        e *= np.float32(lt.power)
+        e *= power
         e /= d2l
-        if lt.colour in irradiance:
-            irradiance[lt.colour] += e
+        if colour in irradiance:
+            irradiance[colour] += e
         else:
-            irradiance[lt.colour] = e
+            irradiance[colour] = e
         if li == 0 and gloss.any():  # one Blinn-Phong highlight, from the first light
-            half = [to_l[i] * inv_d - d[i] / ray_len for i in range(3)]
+            half = to_l * inv_d - d / ray_len
             hn = np.sqrt(half[0] * half[0] + half[1] * half[1] + half[2] * half[2]) + np.float32(1e-6)
-            spec = gloss * np.maximum(sign * _pick(axis, *half) / hn, np.float32(0.0)) ** 40 * np.float32(0.5 * lt.power)
-    light = np.empty((h, w, 3), np.float32)
+            spec = gloss * np.maximum(sign * np.choose(axis, half) / hn, np.float32(0.0)) ** 40 * np.float32(0.5 * power)
+    light = np.empty((n, h, w, 3), np.float32)
     light[:] = (np.float32(room.ambient) * occl)[..., None]
     for colour, e in irradiance.items():
         light += e[..., None] * np.asarray(colour, np.float32)
     radiance = albedo * light
     if spec is not None:
         radiance += spec[..., None]
-    emissive = room.material_table["emissive"][mat]
+    emissive = table["emissive"][mat]
     if emissive.any():
-        radiance[emissive] = albedo[emissive] * room.material_table["gain"][mat[emissive]][:, None]
-    # auto exposure (a camera's), vignetting, sensor noise, gamma
-    lum = float(radiance[::5, ::5].mean())
-    radiance *= np.float32(0.42 / max(lum, 1e-4)) * _vignette(h, w)
-    if noise_seed is not None:  # sensor noise: a window of a fixed noise field, at a seeded offset
-        field = _noise_field(h, w)
-        oy, ox = divmod(int(np.random.default_rng(noise_seed).integers(h * w)), w)
-        radiance += field[oy:oy + h, ox:ox + w]
+        radiance[emissive] = albedo[emissive] * table["gain"][mat[emissive]][:, None]
+    # per frame: auto exposure (a camera's), vignetting, sensor noise
+    vignette = _vignette(h, w)
+    for i in range(n):
+        lum = float(radiance[i, ::5, ::5].mean())
+        radiance[i] *= np.float32(0.42 / max(lum, 1e-4)) * vignette
+        if noise_seeds[i] is not None:  # sensor noise: a window of a fixed noise field, at a seeded offset
+            field = _noise_field(h, w)
+            oy, ox = divmod(int(np.random.default_rng(noise_seeds[i]).integers(h * w)), w)
+            radiance[i] += field[oy:oy + h, ox:ox + w]
     q = np.clip(radiance * np.float32(4095.0), 0, 4095).astype(np.int32)
     rgb = _GAMMA_LUT[q]
 
-    kps, corners_c = layout_keypoints(room, cam, h, w, surface)
-    return RoomFrame(rgb=rgb, depth=t, normals=normals, surface=surface, keypoints=kps,
-                     heatmaps=keypoint_heatmaps(kps, h, w, stride, sigma), corners_camera=corners_c,
-                     intrinsics=(f, cx, cy))
+    frames = []
+    for i, cam in enumerate(cams):
+        kps, corners_c = layout_keypoints(room, cam, h, w, surface[i])
+        frames.append(RoomFrame(rgb=rgb[i], depth=t[i], normals=normals[i], surface=surface[i], keypoints=kps,
+                                heatmaps=keypoint_heatmaps(kps, h, w, stride, sigma), corners_camera=corners_c,
+                                intrinsics=(f, cx, cy)))
+    return frames
 
 
 # --- layout keypoints ------------------------------------------------------------------------
@@ -1231,16 +1262,17 @@ def keypoint_heatmaps(keypoints: np.ndarray, h: int, w: int, stride: int = STRID
     """(K, h/stride, w/stride) float32: a Gaussian (peak 1) at every present keypoint, else zeros.
     Output pixel j covers input pixels [j*stride, (j+1)*stride): its centre is input (j + 0.5) * stride - 0.5."""
     ho, wo = h // stride, w // stride
+    keypoints = np.asarray(keypoints)
     out = np.zeros((len(keypoints), ho, wo), np.float32)
-    xs = np.arange(wo, dtype=np.float32)
-    ys = np.arange(ho, dtype=np.float32)
-    for k, (u, v, state) in enumerate(keypoints):
-        if state <= 0:
-            continue
+    present = np.flatnonzero(keypoints[:, 2] > 0)
+    if len(present):
+        xs = np.arange(wo, dtype=np.float32)
+        ys = np.arange(ho, dtype=np.float32)
+        u, v = keypoints[present, 0:1], keypoints[present, 1:2]  # (P, 1)
         uo, vo = (u + 0.5) / stride - 0.5, (v + 0.5) / stride - 0.5
         gx = np.exp(-((xs - uo) ** 2) / (2 * sigma * sigma))
         gy = np.exp(-((ys - vo) ** 2) / (2 * sigma * sigma))
-        out[k] = gy[:, None] * gx[None, :]
+        out[present] = gy[:, :, None] * gx[:, None, :]
     return out
 
 
@@ -1307,10 +1339,19 @@ def room_frame(style: str, seed: int, index: int, size=(240, 320), split: str = 
     """Frame ``index`` of the (style, seed, split) stream: room ``index // FRAMES_PER_ROOM``, seen from
     a random pose on its walk (``_dataset_camera``). Depends only on these arguments."""
     check_style(style)
-    h, w = _parse_size(size)
-    room = _cached_room(style, int(seed), index // FRAMES_PER_ROOM, split, texture_dir)
-    rng = _rng("frame", style, seed, split, index)
-    return render(room, _dataset_camera(room, rng), (h, w), noise_seed=int(rng.integers(2**31)))
+    return _room_frames_of_one_room(style, seed, [index], _parse_size(size), split, texture_dir)[0]
+
+
+def _room_frames_of_one_room(style: str, seed: int, indices, size: tuple[int, int], split: str,
+                             texture_dir: str | None) -> list[RoomFrame]:
+    """``room_frame`` for several indices of one room (``index // FRAMES_PER_ROOM`` the same), rendered together."""
+    room = _cached_room(style, int(seed), indices[0] // FRAMES_PER_ROOM, split, texture_dir)
+    cams, noise_seeds = [], []
+    for index in indices:
+        rng = _rng("frame", style, seed, split, index)
+        cams.append(_dataset_camera(room, rng))
+        noise_seeds.append(int(rng.integers(2**31)))
+    return render_batch(room, cams, size, noise_seeds)
 
 
 def _dataset_camera(room: Room, rng: np.random.Generator, min_view_m: float = 1.5) -> Camera:
@@ -1377,9 +1418,10 @@ def room_frames(n: int, style: str = MIXED, seed: int = 0, size=320, split: str 
     normals = np.empty((n, h, w, 3), np.float32)
     kps = np.empty((n, NUM_KEYPOINTS, 3), np.float32)
     hms = np.empty((n, NUM_KEYPOINTS, h // STRIDE, w // STRIDE), np.float32)
-    for i in range(n):
-        fr = room_frame(style, seed, i, (h, w), split, texture_dir)
-        rgb[i], depth[i], normals[i], kps[i], hms[i] = fr.rgb, fr.depth, fr.normals, fr.keypoints, fr.heatmaps
+    for first in range(0, n, FRAMES_PER_ROOM):  # one room's frames rendered together
+        indices = list(range(first, min(n, first + FRAMES_PER_ROOM)))
+        for i, fr in zip(indices, _room_frames_of_one_room(style, seed, indices, (h, w), split, texture_dir)):
+            rgb[i], depth[i], normals[i], kps[i], hms[i] = fr.rgb, fr.depth, fr.normals, fr.keypoints, fr.heatmaps
     return RoomFrames(rgb, depth, normals, kps, hms, style, split)
 
 
