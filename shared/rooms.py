@@ -232,11 +232,13 @@ _PROCEDURAL_KEYS = tuple((kind, variant) for kind in _TEXTURE_KINDS for variant 
 
 @functools.lru_cache(maxsize=4)
 def _texture_atlas(texture_dir: str | None) -> np.ndarray:
-    """(textures, MIP_LEVELS, TEX, TEX, 3) uint8: every procedural mip stack (``_PROCEDURAL_KEYS``
+    """(textures, MIP_LEVELS, TEX, TEX, 4) uint8 (RGB, 0): every procedural mip stack (``_PROCEDURAL_KEYS``
     order), then the photos of ``texture_dir``. Made once per process; every room indexes into it."""
     stacks = [_procedural_mips(*key) for key in _PROCEDURAL_KEYS]
     stacks += list(_photo_mips(texture_dir)) if texture_dir else []
-    return np.stack(stacks)
+    atlas = np.zeros((len(stacks), MIP_LEVELS, TEX, TEX, 4), np.uint8)  # RGB and a pad byte: one uint32 a texel
+    atlas[..., :3] = stacks
+    return atlas
 
 
 def warm_texture_cache() -> int:
@@ -311,7 +313,7 @@ class Room:
     walk_s: np.ndarray  # cumulative arc length along ``walk`` (K + 1 values, closed)
     phases: tuple[float, ...]
     floor_shadow: np.ndarray  # occlusion under furniture on a (z, x) grid of SHADOW_CELL metres
-    textures: np.ndarray  # (T, MIP_LEVELS, TEX, TEX, 3) uint8 mip stacks, 100 = 1.0 (``_texture_atlas``, shared)
+    textures: np.ndarray  # (T, MIP_LEVELS, TEX, TEX, 4) uint8 mip stacks (RGB, pad), 100 = 1.0 (``_texture_atlas``, shared)
     material_table: dict[str, np.ndarray]  # per material: tile, gain (emissive), gloss, emissive, texture, colour_lut
 
 
@@ -772,7 +774,7 @@ def _material_table(materials: list[Material], tex_index: list[int]) -> dict[str
             "gain": np.array([max(max(m.colour), 1.0) for m in materials], np.float32),
             "gloss": np.array([m.gloss for m in materials], np.float32),
             "emissive": np.array([m.emissive for m in materials], bool),
-            "texture": np.array(tex_index, np.int32),
+            "texture": np.array(tex_index, np.intp),
             "colour_lut": _colour_lut(materials)}
 
 
@@ -903,12 +905,13 @@ def _pixel_rays(h: int, w: int, hfov_deg: float) -> tuple[np.ndarray, np.ndarray
 def _vignette(h: int, w: int) -> np.ndarray:
     v, u = np.mgrid[0:h, 0:w].astype(np.float32)
     r2 = ((u - (w - 1) / 2) ** 2 + (v - (h - 1) / 2) ** 2) / ((w / 2) ** 2 + (h / 2) ** 2)
-    return (1.0 - 0.35 * r2)[..., None].astype(np.float32)
+    return (1.0 - 0.35 * r2).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
 def _noise_field(h: int, w: int) -> np.ndarray:
-    return np.random.default_rng(12345).standard_normal((2 * h, 2 * w, 3), np.float32) * np.float32(0.004)
+    field = np.random.default_rng(12345).standard_normal((2 * h, 2 * w, 3), np.float32) * np.float32(0.004)
+    return np.ascontiguousarray(field.transpose(2, 0, 1))  # channels first, as the renderer adds it
 
 
 _FIRST_PLANE = np.array([WALL_X0, FLOOR, WALL_Z0], np.int32)  # per axis x, y, z
@@ -919,7 +922,7 @@ _GAMMA_LUT = np.clip((np.linspace(0, 1, 4096) ** (1 / 2.2)) * 255 + 0.5, 0, 255)
 class _RoomTables:
     """What every frame of one room needs, made once per room (``_room_tables``)."""
     size: np.ndarray  # (3, 1, 1, 1) float32 W, H, D
-    surface_material: np.ndarray  # (6 + 3 * boxes,) int32: material per surface id
+    surface_material: np.ndarray  # (6 + 3 * boxes,) intp: material per surface id
     box_lo: np.ndarray  # (boxes, 3, 1, 1, 1) float32
     box_hi: np.ndarray  # (boxes, 3, 1, 1, 1) float32
     box_corners: np.ndarray  # (boxes, 8, 3) float64 world
@@ -941,7 +944,7 @@ def _room_tables(room: Room) -> _RoomTables:
             planes.setdefault(dc.plane, []).append(dc)
         tables = _RoomTables(
             size=np.array(room.size, np.float32).reshape(3, 1, 1, 1),
-            surface_material=np.concatenate([np.array(room.plane_material, np.int32), box_mat]),
+            surface_material=np.concatenate([np.array(room.plane_material, np.intp), box_mat]).astype(np.intp),
             box_lo=lo, box_hi=hi, box_corners=corners,
             decals=tuple((plane, tuple(ds)) for plane, ds in planes.items()),
             lights=tuple((np.asarray(lt.position, np.float32), lt.colour, np.float32(lt.power)) for lt in room.lights))
@@ -1005,19 +1008,24 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
     # an odd-sized view looking along an axis) gets +-1e-9 with the sign the plane choice below assumes
     # (d > 0: the far plane, else the near one), so the parallel plane's t is huge and positive, never
     # huge and negative
-    tiny = np.float32(1e-9)
     positive = d > 0
-    inv = np.float32(1.0) / np.where(np.abs(d) < tiny, np.where(positive, tiny, -tiny), d)
+    inv = np.float32(1.0) / np.copysign(np.maximum(np.abs(d), np.float32(1e-9)), positive - np.float32(0.5))
     # the room's planes: along each axis the ray leaves through the plane it moves towards
-    ta = (np.where(positive, tables.size, np.float32(0.0)) - p) * inv
-    axis = np.argmin(ta, axis=0).astype(np.int8)  # the first smallest: x before y before z on ties
-    t = np.min(ta, axis=0)
-    surface = _FIRST_PLANE[axis] + np.choose(axis, positive)  # the near plane of the axis, or the far one
+    ta = (positive * tables.size - p) * inv
+    t = np.minimum(np.minimum(ta[0], ta[1]), ta[2])
+    not_x, not_y = ta[0] != t, ta[1] != t  # the first smallest: x before y before z on ties
+    is_y = not_x & ~not_y
+    is_z = not_x & not_y
+    axis = not_x.view(np.int8) + is_z.view(np.int8)
+    # the near plane of the axis (WALL_X0 = 2, FLOOR = 0, WALL_Z0 = 4), or the far one (+1)
+    pos8 = positive.view(np.int8)
+    surface = ((~not_x).view(np.int8) * (pos8[0] + np.int8(WALL_X0)) + is_y.view(np.int8) * pos8[1]
+               + is_z.view(np.int8) * (pos8[2] + np.int8(WALL_Z0))).astype(np.int32)
     # furniture: slab test, limited to the pixel rectangle each box can cover in each frame (the union
     # of a box's rectangles over the batch: a pixel outside its own frame's rectangle cannot hit the box)
     if room.boxes:
         visible, r0, r1, c0, c1 = _box_windows(tables, cams, h, w, f, cx, cy)
-        for k in np.flatnonzero(visible.any(axis=0)):
+        for k in np.flatnonzero(visible.any(axis=0)).tolist():
             seen = visible[:, k]
             frames = np.flatnonzero(seen)
             n0, n1 = int(frames[0]), int(frames[-1]) + 1
@@ -1031,26 +1039,38 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
             texit = np.maximum(a, b, out=b).min(axis=0)
             tcur = t[sl]
             hit = (tenter <= texit) & (tenter > 0) & (tenter < tcur)
-            if not seen[n0:n1].all():
+            if len(frames) < n1 - n0:
                 hit &= seen[n0:n1, None, None]
             if not hit.any():
                 continue
-            ax = np.argmax(lo_t[:, hit], axis=0).astype(np.int8)  # the entering slab: first largest
-            tcur[hit] = tenter[hit]
+            te = tenter[hit]
+            not_x = lo_t[0][hit] != te  # the entering slab: the first largest of lo_t
+            ax = not_x.view(np.int8) + (not_x & (lo_t[1][hit] != te)).view(np.int8)
+            tcur[hit] = te
             surface[sl][hit] = FIRST_FURNITURE + 3 * k + ax
             axis[sl][hit] = ax
     hit_p = p + d * t  # (3, N, h, w)
+    # one-hot of the hit axis as 0/1 floats: v[axis] is v0 * on0 + v1 * on1 + v2 * on2, exactly (two
+    # terms are 0), without numpy's slow where or fancy indexing
+    on = np.stack([axis == 0, axis == 1, axis == 2]).astype(np.float32)  # (3, N, h, w)
+
+    def pick(v: np.ndarray) -> np.ndarray:
+        return v[0] * on[0] + v[1] * on[1] + v[2] * on[2]
+
     # normals: against the ray along the hit axis (true for the room's inside and a box's outside);
     # in camera frame the world normal s * e_axis is s * row ``axis`` of the rotation
-    d_ax = np.choose(axis, d)
-    sign = np.where(d_ax > 0, np.float32(-1.0), np.float32(1.0))
-    rows = rot.reshape(n * 3, 3)[(np.arange(n, dtype=np.intp) * 3)[:, None, None] + axis]  # (N, h, w, 3)
-    normals = sign[..., None] * rows
+    d_ax = pick(d)
+    sign = np.float32(1.0) - np.float32(2.0) * (d_ax > 0)
+    signed_on = on * sign  # (3, N, h, w): the world normal's components
+    rs = rot[:, :, :, None, None]
+    normals = cv2.merge([(rs[:, 0, j] * signed_on[0] + rs[:, 1, j] * signed_on[1] + rs[:, 2, j] * signed_on[2])
+                         .reshape(n * h, w) for j in range(3)]).reshape(n, h, w, 3)
 
     # materials: the plane's or box's, then decals on the room's planes
-    mat = tables.surface_material[surface]
-    u_coord = np.where(axis == 0, hit_p[2], hit_p[0])
-    v_coord = np.where(axis == 1, hit_p[2], hit_p[1])
+    surface_ip = surface.astype(np.intp)
+    mat = np.take(tables.surface_material, surface_ip)  # intp: every gather below is a fast np.take
+    u_coord = hit_p[2] * on[0] + hit_p[0] * (on[1] + on[2])
+    v_coord = hit_p[2] * on[1] + hit_p[1] * (on[0] + on[2])
     tex_u, tex_v = u_coord, v_coord  # texture coordinates: the plane's, or a decal's own
     if tables.decals:
         tex_u, tex_v = u_coord.copy(), v_coord.copy()
@@ -1077,36 +1097,40 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
 
     # texture lookup, with a mip level from the pixel's footprint on the surface
     table = room.material_table
-    texel_m = table["tile"][mat] / np.float32(TEX)
+    texel_m = np.take(table["tile"], mat) / np.float32(TEX)
     ray_len = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
     cos_view = np.abs(d_ax) / ray_len
     footprint = t / np.float32(f) / np.maximum(cos_view, np.float32(0.2))
-    level = np.clip(np.log2(np.maximum(footprint / texel_m, np.float32(1.0))), 0, MIP_LEVELS - 1).astype(np.int32)
-    tu = np.floor(tex_u / texel_m).astype(np.int32) % TEX
-    tv = np.floor(-tex_v / texel_m).astype(np.int32) % TEX
-    flat = ((table["texture"][mat] * MIP_LEVELS + level) * TEX + tv) * TEX + tu
-    texel = room.textures.reshape(-1, 3)[flat].astype(np.int32)
-    texel += (mat * 768)[..., None] + np.array([0, 256, 512], np.int32)
-    albedo = table["colour_lut"][texel]  # (N, h, w, 3)
+    # the mip level: floor(log2(footprint in texels)), 0 .. MIP_LEVELS - 1, by comparisons (no log)
+    ratio = footprint / texel_m
+    level = (ratio >= np.float32(2.0)).view(np.int8).astype(np.intp)
+    for lvl in range(2, MIP_LEVELS):
+        level += ratio >= np.float32(2.0 ** lvl)
+    tu = np.floor(tex_u / texel_m).astype(np.intp) & (TEX - 1)  # % TEX (a power of two)
+    tv = np.floor(-tex_v / texel_m).astype(np.intp) & (TEX - 1)
+    flat = ((np.take(table["texture"], mat) * MIP_LEVELS + level) * TEX + tv) * TEX + tu
+    texel = np.take(room.textures.view(np.uint32).reshape(-1), flat)  # RGB and a pad byte in one word
+    texel_rgb = texel.view(np.uint8).reshape(n, h, w, 4)
+    # colour channels first from here on, (3, N, h, w): numpy is slow on a length-3 last axis
+    lut_base = mat * 768
+    albedo = np.stack([np.take(table["colour_lut"], texel_rgb[..., c] + (lut_base + 256 * c)) for c in range(3)])
 
     # lighting: ambient, darker near the room's edges and under furniture, plus point lights
-    is_room = surface < FIRST_FURNITURE
+    room_on = on * (surface < FIRST_FURNITURE)  # a room plane's own axis: no edge along it
     gap = np.minimum(hit_p, tables.size - hit_p)
     far = np.float32(9.0)
-    dist = np.minimum(np.minimum(np.where(is_room & (axis == 0), far, gap[0]),
-                                 np.where(is_room & (axis == 1), far, gap[1])),
-                      np.where(is_room & (axis == 2), far, gap[2]))
+    near_edge = [gap[i] * (np.float32(1.0) - room_on[i]) + far * room_on[i] for i in range(3)]
+    dist = np.minimum(np.minimum(near_edge[0], near_edge[1]), near_edge[2])
     occl = np.float32(1.0) - np.float32(0.45) * np.exp(dist * np.float32(-1 / 0.35))
     on_floor = np.flatnonzero(surface == FLOOR)
     if len(on_floor):
         sh = room.floor_shadow
-        gx = np.clip((hit_p[0].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[1] - 1)
-        gz = np.clip((hit_p[2].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[0] - 1)
-        occl.reshape(-1)[on_floor] *= np.float32(1.0) - np.float32(0.7) * sh[gz, gx]
+        gx = np.minimum(np.maximum((hit_p[0].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.intp), 0), sh.shape[1] - 1)
+        gz = np.minimum(np.maximum((hit_p[2].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.intp), 0), sh.shape[0] - 1)
+        occl.reshape(-1)[on_floor] *= np.float32(1.0) - np.float32(0.7) * np.take(sh, gz * sh.shape[1] + gx)
     irradiance: dict[tuple[float, float, float], np.ndarray] = {}  # per light colour
-    gloss = table["gloss"][mat]
+    gloss = np.take(table["gloss"], mat)
     spec = None
-    hit_ax = np.choose(axis, hit_p)  # the hit's coordinate along its normal's axis
     for li, (lpos, colour, power) in enumerate(tables.lights):
         to_l = lpos.reshape(3, 1, 1, 1) - hit_p
         d2l = to_l[0] * to_l[0]
@@ -1114,8 +1138,10 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
         d2l += to_l[2] * to_l[2]
         inv_d = np.sqrt(d2l)
         np.divide(np.float32(1.0), inv_d, out=inv_d)
-        # n . l / |l| with n = sign * e_axis: no per-axis selection per light
-        e = (lpos[axis] - hit_ax) * sign
+        # n . l / |l| with n = sign * e_axis: the light's offset along the hit axis, signed
+        e = to_l[0] * signed_on[0]
+        e += to_l[1] * signed_on[1]
+        e += to_l[2] * signed_on[2]
         e *= inv_d
         np.maximum(e, np.float32(0.0), out=e)
         d2l += np.float32(0.5)
@@ -1125,31 +1151,53 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
             irradiance[colour] += e
         else:
             irradiance[colour] = e
-        if li == 0 and gloss.any():  # one Blinn-Phong highlight, from the first light
-            half = to_l * inv_d - d / ray_len
+        if li == 0 and gloss.any():  # one Blinn-Phong highlight, from the first light, on glossy pixels
+            g = np.flatnonzero(gloss)
+            half = [to_l[i].reshape(-1)[g] * inv_d.reshape(-1)[g] - d[i].reshape(-1)[g] / ray_len.reshape(-1)[g]
+                    for i in range(3)]
             hn = np.sqrt(half[0] * half[0] + half[1] * half[1] + half[2] * half[2]) + np.float32(1e-6)
-            spec = gloss * np.maximum(sign * np.choose(axis, half) / hn, np.float32(0.0)) ** 40 * np.float32(0.5 * power)
-    light = np.empty((n, h, w, 3), np.float32)
-    light[:] = (np.float32(room.ambient) * occl)[..., None]
-    for colour, e in irradiance.items():
-        light += e[..., None] * np.asarray(colour, np.float32)
-    radiance = albedo * light
-    if spec is not None:
-        radiance += spec[..., None]
-    emissive = table["emissive"][mat]
-    if emissive.any():
-        radiance[emissive] = albedo[emissive] * table["gain"][mat[emissive]][:, None]
+            half_n = (half[0] * signed_on[0].reshape(-1)[g] + half[1] * signed_on[1].reshape(-1)[g]
+                      + half[2] * signed_on[2].reshape(-1)[g]) / hn
+            x = np.maximum(half_n, np.float32(0.0))
+            x8 = x * x
+            x8 *= x8
+            x8 *= x8
+            x32 = x8 * x8
+            x32 *= x32
+            spec = np.zeros(gloss.shape, np.float32)
+            spec.reshape(-1)[g] = gloss.reshape(-1)[g] * (x32 * x8) * np.float32(0.5 * power)  # x ** 40
+    ambient = np.float32(room.ambient) * occl
+    emissive = np.take(table["emissive"], mat)
+    lit = None
+    if emissive.any():  # a light or a window shows its texture times its gain, unlit (and never glossy)
+        lit = np.float32(1.0) - emissive
+        gain = np.take(table["gain"], mat) * emissive
+    radiance = np.empty((3, n, h, w), np.float32)
+    for c in range(3):
+        light = ambient.copy()
+        for colour, e in irradiance.items():
+            light += e * np.float32(colour[c])
+        if lit is not None:
+            light *= lit
+            light += gain
+        np.multiply(albedo[c], light, out=radiance[c])
+        if spec is not None:
+            radiance[c] += spec
     # per frame: auto exposure (a camera's), vignetting, sensor noise
-    vignette = _vignette(h, w)
+    exposure = np.empty((n, 1, 1), np.float32)
     for i in range(n):
-        lum = float(radiance[i, ::5, ::5].mean())
-        radiance[i] *= np.float32(0.42 / max(lum, 1e-4)) * vignette
+        sample = radiance[:, i, ::5, ::5]
+        lum = float(np.add.reduce(sample, axis=None) / sample.size)  # its mean
+        exposure[i] = np.float32(0.42 / max(lum, 1e-4))
+    radiance *= exposure * _vignette(h, w)
+    for i in range(n):
         if noise_seeds[i] is not None:  # sensor noise: a window of a fixed noise field, at a seeded offset
             field = _noise_field(h, w)
             oy, ox = divmod(int(np.random.default_rng(noise_seeds[i]).integers(h * w)), w)
-            radiance[i] += field[oy:oy + h, ox:ox + w]
-    q = np.clip(radiance * np.float32(4095.0), 0, 4095).astype(np.int32)
-    rgb = _GAMMA_LUT[q]
+            radiance[:, i] += field[:, oy:oy + h, ox:ox + w]
+    radiance *= np.float32(4095.0)
+    q = np.minimum(np.maximum(radiance, np.float32(0.0)), np.float32(4095.0)).astype(np.intp)
+    rgb = cv2.merge([np.take(_GAMMA_LUT, q[c]).reshape(n * h, w) for c in range(3)]).reshape(n, h, w, 3)
 
     frames = []
     for i, cam in enumerate(cams):
@@ -1162,21 +1210,22 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
 
 # --- layout keypoints ------------------------------------------------------------------------
 
-def _view_corners(room: Room, cam: Camera) -> np.ndarray:
+def _view_corners(room: Room, cam: Camera) -> list[tuple[float, float]]:
     """The room's 4 vertical corners (x, z) ordered FL, FR, BR, BL as seen from the camera."""
     w, _, d = room.size
-    corners = np.array([[0.0, 0.0], [w, 0.0], [w, d], [0.0, d]])
-    fwd = cam.rotation[:, 2]
-    yaw = math.atan2(fwd[0], fwd[2])
-    if abs(fwd[0]) < 1e-9 and abs(fwd[2]) < 1e-9:  # looking straight up or down: use the camera's up
-        up = -cam.rotation[:, 1]
-        yaw = math.atan2(up[0], up[2])
-    f_h = np.array([math.sin(yaw), math.cos(yaw)])
-    r_h = np.array([-math.cos(yaw), math.sin(yaw)])
-    rel = corners - cam.position[[0, 2]]
-    clockwise = np.arctan2(rel @ r_h, rel @ f_h) % (2 * math.pi)  # 0 ahead, increasing to the right
-    order = np.argsort(clockwise)  # FR, BR, BL, FL
-    return corners[order[[3, 0, 1, 2]]]
+    corners = [(0.0, 0.0), (float(w), 0.0), (float(w), float(d)), (0.0, float(d))]
+    rot = cam.rotation
+    fx, fz = float(rot[0, 2]), float(rot[2, 2])
+    yaw = math.atan2(fx, fz)
+    if abs(fx) < 1e-9 and abs(fz) < 1e-9:  # looking straight up or down: use the camera's up
+        yaw = math.atan2(-float(rot[0, 1]), -float(rot[2, 1]))
+    sy, cy = math.sin(yaw), math.cos(yaw)
+    px, pz = float(cam.position[0]), float(cam.position[2])
+    two_pi = 2 * math.pi
+    # 0 straight ahead, increasing to the right (clockwise seen from above)
+    clockwise = [math.atan2((x - px) * -cy + (z - pz) * sy, (x - px) * sy + (z - pz) * cy) % two_pi for x, z in corners]
+    order = sorted(range(4), key=clockwise.__getitem__)  # FR, BR, BL, FL
+    return [corners[order[k]] for k in (3, 0, 1, 2)]
 
 
 def _clip_segment(p0, p1, h: int, w: int):
@@ -1216,39 +1265,38 @@ def _walls_at(x: float, z: float) -> set[int]:
 
 def layout_keypoints(room: Room, cam: Camera, h: int, w: int, surface: np.ndarray):
     """(32, 3) keypoints (channel layout in the module docstring) and the 8 corners in camera frame."""
-    rw, rh, rd = room.size
+    rh = room.size[1]
     vc = _view_corners(room, cam)
-    corners_w = np.array([[x, 0.0, z] for x, z in vc] + [[x, rh, z] for x, z in vc])
-    corners_c = cam.to_camera(corners_w)
+    corners_c = cam.to_camera(np.array([[x, 0.0, z] for x, z in vc] + [[x, rh, z] for x, z in vc]))
+    cc = corners_c.tolist()  # plain floats: a few dozen scalar steps, far cheaper than numpy's
     f, cx, cy = cam.intrinsics(h, w)
     kps = np.zeros((NUM_KEYPOINTS, 3), np.float32)
-
-    def planes_of(ci: int) -> set[int]:
-        x, z = vc[ci % 4]
-        return _walls_at(x, z) | {FLOOR if ci < 4 else CEILING}
+    corner_planes = [_walls_at(*vc[ci % 4]) | {FLOOR if ci < 4 else CEILING} for ci in range(8)]
 
     for ci in range(8):
-        x, y, z = corners_c[ci]
+        x, y, z = cc[ci]
         if z <= NEAR:
             continue
         u, v = f * x / z + cx, f * y / z + cy
         if -0.5 <= u <= w - 0.5 and -0.5 <= v <= h - 0.5:
-            kps[ci] = (u, v, _visible_state(surface, u, v, planes_of(ci)))
+            kps[ci] = (u, v, _visible_state(surface, u, v, corner_planes[ci]))
     for _, ca, cb, border, order in LAYOUT_EDGES:
-        a, b = corners_c[ca].copy(), corners_c[cb].copy()
+        a, b = cc[ca], cc[cb]
         if a[2] <= NEAR and b[2] <= NEAR:
             continue
-        if a[2] <= NEAR:
-            a = b + (a - b) * (b[2] - NEAR) / (b[2] - a[2])
+        if a[2] <= NEAR:  # the end behind the near plane moves onto it, along the edge
+            k1, k2 = b[2] - NEAR, b[2] - a[2]
+            a = [bi + (ai - bi) * k1 / k2 for ai, bi in zip(a, b)]
         elif b[2] <= NEAR:
-            b = a + (b - a) * (a[2] - NEAR) / (a[2] - b[2])
+            k1, k2 = a[2] - NEAR, a[2] - b[2]
+            b = [ai + (bi - ai) * k1 / k2 for ai, bi in zip(a, b)]
         pa = (f * a[0] / a[2] + cx, f * a[1] / a[2] + cy)
         pb = (f * b[0] / b[2] + cx, f * b[1] / b[2] + cy)
         clipped = _clip_segment(pa, pb, h, w)
         if clipped is None:
             continue
         q0, q1, cut0, cut1 = clipped
-        planes = planes_of(ca) & planes_of(cb)  # the two planes meeting along this edge
+        planes = corner_planes[ca] & corner_planes[cb]  # the two planes meeting along this edge
         ends = [(q0, cut0), (q1, cut1)]
         key = 0 if order == "u" else 1
         ends.sort(key=lambda e: e[0][key])  # left end first (u), or upper end first (v)
