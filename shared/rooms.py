@@ -330,15 +330,15 @@ class Camera:
     def looking(position, yaw: float, pitch: float, roll: float, hfov_deg: float) -> "Camera":
         """yaw about the vertical (0 looks along +z), pitch up positive, roll (radians)."""
         cy, sy = math.cos(yaw), math.sin(yaw)
-        fwd = np.array([sy, 0.0, cy])
-        right = np.array([-cy, 0.0, sy])  # fwd x up: the frame is right-handed
-        down = np.array([0.0, -1.0, 0.0])
+        fwd = (sy, 0.0, cy)
+        right = (-cy, 0.0, sy)  # fwd x up: the frame is right-handed
+        down = (0.0, -1.0, 0.0)
         cp, sp = math.cos(pitch), math.sin(pitch)
-        fwd, down = cp * fwd - sp * down, cp * down + sp * fwd
+        fwd, down = [cp * f - sp * g for f, g in zip(fwd, down)], [cp * g + sp * f for f, g in zip(fwd, down)]
         cr, sr = math.cos(roll), math.sin(roll)
-        right, down = cr * right + sr * down, cr * down - sr * right
-        rot = np.stack([right, down, fwd], axis=1)
-        return Camera(np.asarray(position, np.float64), rot, float(hfov_deg))
+        right, down = [cr * r + sr * g for r, g in zip(right, down)], [cr * g - sr * r for r, g in zip(right, down)]
+        rot = np.array([right, down, fwd], np.float64).T  # columns: right, down, forward
+        return Camera(np.asarray(position, np.float64), np.ascontiguousarray(rot), float(hfov_deg))
 
     def intrinsics(self, h: int, w: int) -> tuple[float, float, float]:
         """(f, cx, cy) in pixels: square pixels, principal point at the image centre."""
@@ -761,11 +761,10 @@ def _colour_lut(materials: list[Material]) -> np.ndarray:
     """(materials * 3 * 256,) float32: entry (k * 3 + c) * 256 + v is texel value v of channel c times
     material k's colour, saturated and rounded to uint8 as cv2.multiply does, then / 100 (1.0). The
     renderer colours texels through it instead of keeping a coloured copy of every texture per room."""
-    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
-    out = np.empty((len(materials), 3, 256), np.uint8)
-    for k, m in enumerate(materials):
-        colour = [c / max(max(m.colour), 1.0) for c in m.colour]  # gains above 1: see "gain"
-        out[k] = cv2.multiply(ramp, (*colour, 0.0))[0].T  # saturating, rounded
+    colour = np.array([m.colour for m in materials], np.float64).reshape(-1, 3)
+    colour = colour / np.maximum(colour.max(axis=1), 1.0)[:, None]  # gains above 1: see "gain"
+    # in float64, rounded half to even and saturated: what cv2.multiply(uint8, scalar) gives, bit for bit
+    out = np.clip(np.rint(np.arange(256.0)[None, None, :] * colour[:, :, None]), 0, 255).astype(np.uint8)
     return out.reshape(-1).astype(np.float32) * np.float32(1 / 100.0)
 
 
@@ -807,14 +806,17 @@ def _free_grid(size, footprints, margin: float = 0.45, cell: float = 0.1):
     zs = np.arange(cell / 2, d, cell)
     zz, xx = np.meshgrid(zs, xs, indexing="ij")
     free = (xx > margin) & (xx < w - margin) & (zz > margin) & (zz < d - margin)
-    for x0, x1, z0, z1 in footprints:
-        free &= ~((xx > x0 - margin) & (xx < x1 + margin) & (zz > z0 - margin) & (zz < z1 + margin))
+    if footprints:
+        fp = np.array(footprints, np.float64)[:, :, None, None]  # (F, 4, 1, 1): x0, x1, z0, z1
+        free &= ~((xx > fp[:, 0] - margin) & (xx < fp[:, 1] + margin) & (zz > fp[:, 2] - margin)
+                  & (zz < fp[:, 3] + margin)).any(axis=0)
     return free, xs, zs
 
 
 def _catmull_rom_closed(points: np.ndarray, per_segment: int = 40) -> np.ndarray:
     """A closed Catmull-Rom spline through ``points``: ``per_segment`` samples from each point to the next."""
-    p0, p1, p2, p3 = (np.roll(points, -k, axis=0)[:, None, :] for k in (-1, 0, 1, 2))
+    n = len(points)
+    p0, p1, p2, p3 = (points[(np.arange(n) + k) % n][:, None, :] for k in (-1, 0, 1, 2))
     t = np.linspace(0, 1, per_segment, endpoint=False)[None, :, None]
     out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
                  + (-p0 + 3 * p1 - 3 * p2 + p3) * t ** 3)
@@ -828,9 +830,9 @@ def _walk_path(rng: np.random.Generator, size, footprints) -> tuple[np.ndarray, 
     cells = np.argwhere(free)
 
     def ok(path: np.ndarray) -> bool:
-        ix = np.clip(((path[:, 0] - xs[0]) / 0.1).round().astype(int), 0, len(xs) - 1)
-        iz = np.clip(((path[:, 1] - zs[0]) / 0.1).round().astype(int), 0, len(zs) - 1)
-        return bool(free[iz, ix].all())
+        ix = np.minimum(np.maximum(((path[:, 0] - xs[0]) / 0.1).round().astype(np.intp), 0), len(xs) - 1)
+        iz = np.minimum(np.maximum(((path[:, 1] - zs[0]) / 0.1).round().astype(np.intp), 0), len(zs) - 1)
+        return bool(free.reshape(-1)[iz * len(xs) + ix].all())
 
     path = None
     if len(cells):
