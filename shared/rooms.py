@@ -815,12 +815,17 @@ def _free_grid(size, footprints, margin: float = 0.45, cell: float = 0.1):
 
 def _catmull_rom_closed(points: np.ndarray, per_segment: int = 40) -> np.ndarray:
     """A closed Catmull-Rom spline through ``points``: ``per_segment`` samples from each point to the next."""
-    n = len(points)
-    p0, p1, p2, p3 = (points[(np.arange(n) + k) % n][:, None, :] for k in (-1, 0, 1, 2))
-    t = np.linspace(0, 1, per_segment, endpoint=False)[None, :, None]
-    out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
-                 + (-p0 + 3 * p1 - 3 * p2 + p3) * t ** 3)
+    neighbours, t, t2, t3 = _spline_tables(len(points), per_segment)
+    p0, p1, p2, p3 = points[neighbours]  # each (n, 1, dims): the points before, at, after and after next
+    out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t3)
     return out.reshape(-1, points.shape[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _spline_tables(n: int, per_segment: int):
+    neighbours = ((np.arange(n) + np.array([-1, 0, 1, 2])[:, None]) % n)[:, :, None]  # (4, n, 1)
+    t = np.linspace(0, 1, per_segment, endpoint=False)[None, :, None]
+    return neighbours, t, t ** 2, t ** 3
 
 
 def _walk_path(rng: np.random.Generator, size, footprints) -> tuple[np.ndarray, np.ndarray]:
@@ -955,8 +960,9 @@ def _room_tables(room: Room) -> _RoomTables:
 
 
 def _box_windows(tables: _RoomTables, cams: list[Camera], h: int, w: int, f: float, cx: float, cy: float):
-    """Per camera and box, the pixel rectangle the box can cover: (visible (N, B) bool, r0, r1, c0, c1 (N, B)).
-    A box partly behind the near plane may cover the whole frame."""
+    """For each box some camera can see: (box, n0, n1, r0, r1, c0, c1, every frame in n0..n1 sees it), the
+    frames n0:n1 and the union of the pixel rectangles it can cover in them. A box partly behind the
+    near plane may cover the whole frame."""
     rot = np.stack([c.rotation for c in cams])[:, None]  # (N, 1, 3, 3)
     pos = np.stack([c.position for c in cams])[:, None, None, :]  # (N, 1, 1, 3)
     pc = (tables.box_corners[None] - pos) @ rot  # (N, B, 8, 3) camera frame
@@ -970,8 +976,16 @@ def _box_windows(tables: _RoomTables, cams: list[Camera], h: int, w: int, f: flo
     c1 = np.where(partial, w, np.minimum(w, np.ceil(u.max(-1)) + 2)).astype(np.int64)
     r0 = np.where(partial, 0, np.maximum(0, np.floor(v.min(-1)) - 1)).astype(np.int64)
     r1 = np.where(partial, h, np.minimum(h, np.ceil(v.max(-1)) + 2)).astype(np.int64)
-    visible = ~behind.all(-1) & (c0 < c1) & (r0 < r1)
-    return visible, r0, r1, c0, c1
+    visible = ~behind.all(-1) & (c0 < c1) & (r0 < r1)  # (N, B)
+    n = len(cams)
+    n0 = np.argmax(visible, axis=0)
+    n1 = n - np.argmax(visible[::-1], axis=0)
+    big = max(h, w) + 1
+    windows = (np.where(visible, r0, big).min(0), np.where(visible, r1, -1).max(0),
+               np.where(visible, c0, big).min(0), np.where(visible, c1, -1).max(0))
+    every = visible.sum(axis=0) == n1 - n0
+    seen = np.flatnonzero(visible.any(axis=0))
+    return list(zip(seen.tolist(), *(a[seen].tolist() for a in (n0, n1) + windows + (every,)))), visible
 
 
 def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | None = 0,
@@ -1026,12 +1040,9 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
     # furniture: slab test, limited to the pixel rectangle each box can cover in each frame (the union
     # of a box's rectangles over the batch: a pixel outside its own frame's rectangle cannot hit the box)
     if room.boxes:
-        visible, r0, r1, c0, c1 = _box_windows(tables, cams, h, w, f, cx, cy)
-        for k in np.flatnonzero(visible.any(axis=0)).tolist():
-            seen = visible[:, k]
-            frames = np.flatnonzero(seen)
-            n0, n1 = int(frames[0]), int(frames[-1]) + 1
-            sl = np.s_[n0:n1, int(r0[seen, k].min()):int(r1[seen, k].max()), int(c0[seen, k].min()):int(c1[seen, k].max())]
+        windows, visible = _box_windows(tables, cams, h, w, f, cx, cy)
+        for k, n0, n1, r0, r1, c0, c1, every in windows:
+            sl = np.s_[n0:n1, r0:r1, c0:c1]
             pk = p[:, n0:n1]
             inv_k = inv[(slice(None),) + sl]
             a = (tables.box_lo[k] - pk) * inv_k
@@ -1041,8 +1052,8 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
             texit = np.maximum(a, b, out=b).min(axis=0)
             tcur = t[sl]
             hit = (tenter <= texit) & (tenter > 0) & (tenter < tcur)
-            if len(frames) < n1 - n0:
-                hit &= seen[n0:n1, None, None]
+            if not every:
+                hit &= visible[n0:n1, k, None, None]
             if not hit.any():
                 continue
             te = tenter[hit]
@@ -1201,13 +1212,11 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
     q = np.minimum(np.maximum(radiance, np.float32(0.0)), np.float32(4095.0)).astype(np.intp)
     rgb = cv2.merge([np.take(_GAMMA_LUT, q[c]).reshape(n * h, w) for c in range(3)]).reshape(n, h, w, 3)
 
-    frames = []
-    for i, cam in enumerate(cams):
-        kps, corners_c = layout_keypoints(room, cam, h, w, surface[i])
-        frames.append(RoomFrame(rgb=rgb[i], depth=t[i], normals=normals[i], surface=surface[i], keypoints=kps,
-                                heatmaps=keypoint_heatmaps(kps, h, w, stride, sigma), corners_camera=corners_c,
-                                intrinsics=(f, cx, cy)))
-    return frames
+    layouts = [layout_keypoints(room, cam, h, w, surface[i]) for i, cam in enumerate(cams)]
+    kps = np.stack([kp for kp, _ in layouts])
+    heatmaps = keypoint_heatmaps(kps.reshape(-1, 3), h, w, stride, sigma).reshape(n, NUM_KEYPOINTS, h // stride, w // stride)
+    return [RoomFrame(rgb=rgb[i], depth=t[i], normals=normals[i], surface=surface[i], keypoints=kps[i],
+                      heatmaps=heatmaps[i], corners_camera=layouts[i][1], intrinsics=(f, cx, cy)) for i in range(n)]
 
 
 # --- layout keypoints ------------------------------------------------------------------------
