@@ -773,7 +773,7 @@ def _material_table(materials: list[Material], tex_index: list[int]) -> dict[str
             "gain": np.array([max(max(m.colour), 1.0) for m in materials], np.float32),
             "gloss": np.array([m.gloss for m in materials], np.float32),
             "emissive": np.array([m.emissive for m in materials], bool),
-            "texture": np.array(tex_index, np.intp),
+            "texture": np.array(tex_index, np.int32),
             "colour_lut": _colour_lut(materials)}
 
 
@@ -929,7 +929,7 @@ _GAMMA_LUT = np.clip((np.linspace(0, 1, 4096) ** (1 / 2.2)) * 255 + 0.5, 0, 255)
 class _RoomTables:
     """What every frame of one room needs, made once per room (``_room_tables``)."""
     size: np.ndarray  # (3, 1, 1, 1) float32 W, H, D
-    surface_material: np.ndarray  # (6 + 3 * boxes,) intp: material per surface id
+    surface_material: np.ndarray  # (6 + 3 * boxes,) int32: material per surface id
     box_lo: np.ndarray  # (boxes, 3, 1, 1, 1) float32
     box_hi: np.ndarray  # (boxes, 3, 1, 1, 1) float32
     box_corners: np.ndarray  # (boxes, 8, 3) float64 world
@@ -951,7 +951,7 @@ def _room_tables(room: Room) -> _RoomTables:
             planes.setdefault(dc.plane, []).append(dc)
         tables = _RoomTables(
             size=np.array(room.size, np.float32).reshape(3, 1, 1, 1),
-            surface_material=np.concatenate([np.array(room.plane_material, np.intp), box_mat]).astype(np.intp),
+            surface_material=np.concatenate([np.array(room.plane_material, np.int32), box_mat]),
             box_lo=lo, box_hi=hi, box_corners=corners,
             decals=tuple((plane, tuple(ds)) for plane, ds in planes.items()),
             lights=tuple((np.asarray(lt.position, np.float32), lt.colour, np.float32(lt.power)) for lt in room.lights))
@@ -963,9 +963,10 @@ def _box_windows(tables: _RoomTables, cams: list[Camera], h: int, w: int, f: flo
     """For each box some camera can see: (box, n0, n1, r0, r1, c0, c1, every frame in n0..n1 sees it), the
     frames n0:n1 and the union of the pixel rectangles it can cover in them. A box partly behind the
     near plane may cover the whole frame."""
-    rot = np.stack([c.rotation for c in cams])[:, None]  # (N, 1, 3, 3)
-    pos = np.stack([c.position for c in cams])[:, None, None, :]  # (N, 1, 1, 3)
-    pc = (tables.box_corners[None] - pos) @ rot  # (N, B, 8, 3) camera frame
+    rot = np.stack([c.rotation for c in cams])  # (N, 3, 3)
+    pos = np.stack([c.position for c in cams])[:, None, :]  # (N, 1, 3)
+    boxes = len(tables.box_corners)
+    pc = ((tables.box_corners.reshape(1, -1, 3) - pos) @ rot).reshape(len(cams), boxes, 8, 3)  # camera frame
     z = pc[..., 2]
     behind = z <= NEAR
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -1080,8 +1081,8 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
                          .reshape(n * h, w) for j in range(3)]).reshape(n, h, w, 3)
 
     # materials: the plane's or box's, then decals on the room's planes
-    surface_ip = surface.astype(np.intp)
-    mat = np.take(tables.surface_material, surface_ip)  # intp: every gather below is a fast np.take
+    # int32 indices and np.take throughout: numpy's fancy indexing and float -> int64 casts are slow
+    mat = np.take(tables.surface_material, surface)
     u_coord = hit_p[2] * on[0] + hit_p[0] * (on[1] + on[2])
     v_coord = hit_p[2] * on[1] + hit_p[1] * (on[0] + on[2])
     tex_u, tex_v = u_coord, v_coord  # texture coordinates: the plane's, or a decal's own
@@ -1116,11 +1117,11 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
     footprint = t / np.float32(f) / np.maximum(cos_view, np.float32(0.2))
     # the mip level: floor(log2(footprint in texels)), 0 .. MIP_LEVELS - 1, by comparisons (no log)
     ratio = footprint / texel_m
-    level = (ratio >= np.float32(2.0)).view(np.int8).astype(np.intp)
+    level = (ratio >= np.float32(2.0)).view(np.int8).astype(np.int32)
     for lvl in range(2, MIP_LEVELS):
         level += ratio >= np.float32(2.0 ** lvl)
-    tu = np.floor(tex_u / texel_m).astype(np.intp) & (TEX - 1)  # % TEX (a power of two)
-    tv = np.floor(-tex_v / texel_m).astype(np.intp) & (TEX - 1)
+    tu = np.floor(tex_u / texel_m).astype(np.int32) & (TEX - 1)  # % TEX (a power of two)
+    tv = np.floor(-tex_v / texel_m).astype(np.int32) & (TEX - 1)
     flat = ((np.take(table["texture"], mat) * MIP_LEVELS + level) * TEX + tv) * TEX + tu
     texel = np.take(room.textures.view(np.uint32).reshape(-1), flat)  # RGB and a pad byte in one word
     texel_rgb = texel.view(np.uint8).reshape(n, h, w, 4)
@@ -1138,8 +1139,8 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
     on_floor = np.flatnonzero(surface == FLOOR)
     if len(on_floor):
         sh = room.floor_shadow
-        gx = np.minimum(np.maximum((hit_p[0].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.intp), 0), sh.shape[1] - 1)
-        gz = np.minimum(np.maximum((hit_p[2].reshape(-1)[on_floor] / SHADOW_CELL).astype(np.intp), 0), sh.shape[0] - 1)
+        gx = np.clip((np.take(hit_p[0], on_floor) / SHADOW_CELL).astype(np.int32), 0, sh.shape[1] - 1)
+        gz = np.clip((np.take(hit_p[2], on_floor) / SHADOW_CELL).astype(np.int32), 0, sh.shape[0] - 1)
         occl.reshape(-1)[on_floor] *= np.float32(1.0) - np.float32(0.7) * np.take(sh, gz * sh.shape[1] + gx)
     irradiance: dict[tuple[float, float, float], np.ndarray] = {}  # per light colour
     gloss = np.take(table["gloss"], mat)
@@ -1209,7 +1210,7 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
             oy, ox = divmod(int(np.random.default_rng(noise_seeds[i]).integers(h * w)), w)
             radiance[:, i] += field[:, oy:oy + h, ox:ox + w]
     radiance *= np.float32(4095.0)
-    q = np.minimum(np.maximum(radiance, np.float32(0.0)), np.float32(4095.0)).astype(np.intp)
+    q = np.clip(radiance, np.float32(0.0), np.float32(4095.0), out=radiance).astype(np.int32)
     rgb = cv2.merge([np.take(_GAMMA_LUT, q[c]).reshape(n * h, w) for c in range(3)]).reshape(n, h, w, 3)
 
     layouts = [layout_keypoints(room, cam, h, w, surface[i]) for i, cam in enumerate(cams)]
