@@ -39,16 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
 
 
+def _data(args, frames: int = 256, seed: int = 0):
+    """``frames`` training frames of the task set, with their targets, at ``args.size``."""
+    if getattr(args, "tasks", DEFAULT_TASK_SET) == "room":
+        from models.room_tasks import RoomTaskData
+        from shared.rooms import room_frames
+
+        return RoomTaskData(room_frames(frames, seed=seed, size=args.size), "rooms")
+    return TaskData(load_source(f"synthetic:{frames}", "train", args.size, seed))
+
+
 def _model_and_data(args, frames: int = 256, seed: int = 0):
     """The task set's network and ``frames`` training frames (with their targets) at ``args.size``."""
     if getattr(args, "tasks", DEFAULT_TASK_SET) == "room":
         from models.room_network import RoomNet
-        from models.room_tasks import RoomTaskData, net_config
-        from shared.rooms import room_frames
+        from models.room_tasks import net_config
 
-        return RoomNet(net_config(args.width, 32)), RoomTaskData(room_frames(frames, seed=seed, size=args.size), "rooms")
-    return MultiTaskNet(NetConfig(width=args.width)), TaskData(load_source(f"synthetic:{frames}", "train", args.size,
-                                                                        seed))
+        return RoomNet(net_config(args.width, 32)), _data(args, frames, seed)
+    return MultiTaskNet(NetConfig(width=args.width)), _data(args, frames, seed)
 
 
 def _setup(method_name: str, args) -> tuple:
@@ -139,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         warm_texture_cache()
         warm_ms = 1000 * (clock() - t)
     t = clock()
-    _model_and_data(args, frames=n_gen, seed=1)  # other scenes (rooms) than the timed batch: no frame cached
+    _data(args, frames=n_gen, seed=1)  # other scenes (rooms) than the timed batch: no frame cached; no network built
     gen_ms = 1000 * (clock() - t) / n_gen
     result["data"] = {"generate_and_targets_ms_per_frame": gen_ms, "textures_once_per_process_ms": warm_ms,
                       "train_ms_per_frame_great": ms["great"] / args.batch_size,
