@@ -969,9 +969,9 @@ def _box_windows(tables: _RoomTables, cams: list[Camera], h: int, w: int, f: flo
     pc = ((tables.box_corners.reshape(1, -1, 3) - pos) @ rot).reshape(len(cams), boxes, 8, 3)  # camera frame
     z = pc[..., 2]
     behind = z <= NEAR
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = f * pc[..., 0] / z + cx
-        v = f * pc[..., 1] / z + cy
+    z = np.maximum(z, NEAR)  # a corner behind the near plane makes its box's window the whole frame
+    u = f * pc[..., 0] / z + cx
+    v = f * pc[..., 1] / z + cy
     partial = behind.any(-1)
     c0 = np.where(partial, 0, np.maximum(0, np.floor(u.min(-1)) - 1)).astype(np.int64)
     c1 = np.where(partial, w, np.minimum(w, np.ceil(u.max(-1)) + 2)).astype(np.int64)
