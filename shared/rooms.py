@@ -1222,8 +1222,13 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
 
 # --- layout keypoints ------------------------------------------------------------------------
 
-def _view_corners(room: Room, cam: Camera) -> list[tuple[float, float]]:
-    """The room's 4 vertical corners (x, z) ordered FL, FR, BR, BL as seen from the camera."""
+def _view_corners(room: Room, cam: Camera) -> np.ndarray:
+    """The room's 4 vertical corners (x, z) ordered FL, FR, BR, BL as seen from the camera, (4, 2)."""
+    return np.array(_view_corner_list(room, cam))
+
+
+def _view_corner_list(room: Room, cam: Camera) -> list[tuple[float, float]]:
+    """``_view_corners`` as a list of (x, z) floats."""
     w, _, d = room.size
     corners = [(0.0, 0.0), (float(w), 0.0), (float(w), float(d)), (0.0, float(d))]
     rot = cam.rotation
@@ -1278,7 +1283,7 @@ def _walls_at(x: float, z: float) -> set[int]:
 def layout_keypoints(room: Room, cam: Camera, h: int, w: int, surface: np.ndarray):
     """(32, 3) keypoints (channel layout in the module docstring) and the 8 corners in camera frame."""
     rh = room.size[1]
-    vc = _view_corners(room, cam)
+    vc = _view_corner_list(room, cam)
     corners_c = cam.to_camera(np.array([[x, 0.0, z] for x, z in vc] + [[x, rh, z] for x, z in vc]))
     cc = corners_c.tolist()  # plain floats: a few dozen scalar steps, far cheaper than numpy's
     f, cx, cy = cam.intrinsics(h, w)
