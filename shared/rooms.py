@@ -844,9 +844,10 @@ def _walk_path(rng: np.random.Generator, size, footprints) -> tuple[np.ndarray, 
         for attempt in range(40):
             k = int(rng.integers(3, 6)) if attempt < 30 else 3
             pick = cells[rng.integers(len(cells), size=k)]
-            pts = np.stack([xs[pick[:, 1]], zs[pick[:, 0]]], axis=1)
-            # order around the centroid so the loop does not cross itself
-            c = pts.mean(axis=0)
+            pts = np.empty((k, 2))
+            pts[:, 0], pts[:, 1] = xs[pick[:, 1]], zs[pick[:, 0]]
+            # order around the centroid (the mean, as ndarray.mean computes it) so the loop does not cross itself
+            c = np.add.reduce(pts, axis=0) / k
             pts = pts[np.argsort(np.arctan2(pts[:, 1] - c[1], pts[:, 0] - c[0]))]
             cand = _catmull_rom_closed(pts)
             if ok(cand):
