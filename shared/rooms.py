@@ -801,15 +801,17 @@ WALK_SPEED = 0.6  # metres per second
 
 
 def _free_grid(size, footprints, margin: float = 0.45, cell: float = 0.1):
+    """Cells (z, x) of a ``cell`` grid at least ``margin`` from the walls and from every footprint.
+    Footprints are rectangles, so a cell is blocked when its column and its row both fall in one."""
     w, _, d = size
     xs = np.arange(cell / 2, w, cell)
     zs = np.arange(cell / 2, d, cell)
-    zz, xx = np.meshgrid(zs, xs, indexing="ij")
-    free = (xx > margin) & (xx < w - margin) & (zz > margin) & (zz < d - margin)
+    free = ((zs > margin) & (zs < d - margin))[:, None] & ((xs > margin) & (xs < w - margin))[None, :]
     if footprints:
-        fp = np.array(footprints, np.float64)[:, :, None, None]  # (F, 4, 1, 1): x0, x1, z0, z1
-        free &= ~((xx > fp[:, 0] - margin) & (xx < fp[:, 1] + margin) & (zz > fp[:, 2] - margin)
-                  & (zz < fp[:, 3] + margin)).any(axis=0)
+        fp = np.array(footprints, np.float64)  # (F, 4): x0, x1, z0, z1
+        in_x = (xs > fp[:, 0:1] - margin) & (xs < fp[:, 1:2] + margin)  # (F, columns)
+        in_z = (zs > fp[:, 2:3] - margin) & (zs < fp[:, 3:4] + margin)  # (F, rows)
+        free &= (in_z.T.astype(np.float32) @ in_x.astype(np.float32)) == 0  # no footprint holds both
     return free, xs, zs
 
 
