@@ -57,8 +57,14 @@ Styles (``STYLES``): ``office``, ``living``, ``bare``; ``mixed`` draws one per r
 deterministic by (style, seed, split, index). Real photo textures are optional
 (``texture_dir``: a folder of images used for walls and floors).
 
-Speed: ``python -m shared.rooms [FRAMES]`` prints milliseconds per frame (JSON) for the walk and
-for labelled training frames at 320x240, 160x120 and 320x320.
+Speed: at training sizes (64x64: 4096 pixels) a frame's cost is numpy's per-call overhead, not
+arithmetic, so ``render_batch`` ray-casts several frames of one room in one pass (``room_frames``
+renders each room's FRAMES_PER_ROOM frames together; frame n equals ``render`` of its camera alone),
+textures are coloured through a per-material LUT (no per-room coloured atlas), and the renderer
+avoids numpy's slow paths (``where`` chains, fancy indexing on a length-3 axis, float -> int64 casts,
+``log2``, ``pow``). ``python -m shared.rooms [FRAMES]`` prints milliseconds per frame (JSON) for the
+walk and for labelled training frames at 320x240, 160x120 and 320x320; ``hmd bench train --tasks
+room`` compares generation with training (README, "Room benchmarks").
 """
 from __future__ import annotations
 
