@@ -1209,8 +1209,10 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
     # per frame: auto exposure (a camera's), vignetting, sensor noise
     exposure = np.empty((n, 1, 1), np.float32)
     for i in range(n):
-        sample = radiance[:, i, ::5, ::5]
-        lum = float(np.add.reduce(sample, axis=None) / sample.size)  # its mean
+        # the mean of a contiguous copy: numpy sums a strided view in an order that depends on its strides
+        # (here on the batch's size), and a frame must not depend on the frames rendered with it
+        sample = np.ascontiguousarray(radiance[:, i, ::5, ::5])
+        lum = float(np.add.reduce(sample, axis=None) / sample.size)
         exposure[i] = np.float32(0.42 / max(lum, 1e-4))
     radiance *= exposure * _vignette(h, w)
     for i in range(n):
