@@ -319,7 +319,7 @@ class Room:
     walk_s: np.ndarray  # cumulative arc length along ``walk`` (K + 1 values, closed)
     phases: tuple[float, ...]
     floor_shadow: np.ndarray  # occlusion under furniture on a (z, x) grid of SHADOW_CELL metres
-    textures: np.ndarray  # (T, MIP_LEVELS, TEX, TEX, 4) uint8 mip stacks (RGB, pad), 100 = 1.0 (``_texture_atlas``, shared)
+    textures: np.ndarray  # (T, MIP_LEVELS, TEX, TEX, 4) uint8 mip stacks (RGB, pad), 100 = 1.0; shared
     material_table: dict[str, np.ndarray]  # per material: tile, gain (emissive), gloss, emissive, texture, colour_lut
 
 
@@ -930,7 +930,6 @@ def _noise_field(h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(field.transpose(2, 0, 1))  # channels first, as the renderer adds it
 
 
-_FIRST_PLANE = np.array([WALL_X0, FLOOR, WALL_Z0], np.int32)  # per axis x, y, z
 _GAMMA_LUT = np.clip((np.linspace(0, 1, 4096) ** (1 / 2.2)) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -1226,7 +1225,8 @@ def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_se
 
     layouts = [layout_keypoints(room, cam, h, w, surface[i]) for i, cam in enumerate(cams)]
     kps = np.stack([kp for kp, _ in layouts])
-    heatmaps = keypoint_heatmaps(kps.reshape(-1, 3), h, w, stride, sigma).reshape(n, NUM_KEYPOINTS, h // stride, w // stride)
+    heatmaps = keypoint_heatmaps(kps.reshape(-1, 3), h, w, stride, sigma)
+    heatmaps = heatmaps.reshape(n, NUM_KEYPOINTS, h // stride, w // stride)
     return [RoomFrame(rgb=rgb[i], depth=t[i], normals=normals[i], surface=surface[i], keypoints=kps[i],
                       heatmaps=heatmaps[i], corners_camera=layouts[i][1], intrinsics=(f, cx, cy)) for i in range(n)]
 
