@@ -228,11 +228,6 @@ _TEXTURE_KINDS = ("paint", "wallpaper", "wood_floor", "wood", "carpet", "tiles",
 _VARIANTS = 3
 
 
-@functools.lru_cache(maxsize=None)
-def _procedural_mips(kind: str, variant: int) -> np.ndarray:
-    return _mip_stack(_procedural(kind, variant))
-
-
 _PROCEDURAL_KEYS = tuple((kind, variant) for kind in _TEXTURE_KINDS for variant in range(_VARIANTS))
 
 
@@ -240,7 +235,7 @@ _PROCEDURAL_KEYS = tuple((kind, variant) for kind in _TEXTURE_KINDS for variant 
 def _texture_atlas(texture_dir: str | None) -> np.ndarray:
     """(textures, MIP_LEVELS, TEX, TEX, 4) uint8 (RGB, 0): every procedural mip stack (``_PROCEDURAL_KEYS``
     order), then the photos of ``texture_dir``. Made once per process; every room indexes into it."""
-    stacks = [_procedural_mips(*key) for key in _PROCEDURAL_KEYS]
+    stacks = [_mip_stack(_procedural(*key)) for key in _PROCEDURAL_KEYS]  # kept only in the atlas
     stacks += list(_photo_mips(texture_dir)) if texture_dir else []
     atlas = np.zeros((len(stacks), MIP_LEVELS, TEX, TEX, 4), np.uint8)  # RGB and a pad byte: one uint32 a texel
     atlas[..., :3] = stacks
