@@ -57,8 +57,14 @@ Styles (``STYLES``): ``office``, ``living``, ``bare``; ``mixed`` draws one per r
 deterministic by (style, seed, split, index). Real photo textures are optional
 (``texture_dir``: a folder of images used for walls and floors).
 
-Speed: ``python -m shared.rooms [FRAMES]`` prints milliseconds per frame (JSON) for the walk and
-for labelled training frames at 320x240, 160x120 and 320x320.
+Speed: at training sizes (64x64: 4096 pixels) a frame's cost is numpy's per-call overhead, not
+arithmetic, so ``render_batch`` ray-casts several frames of one room in one pass (``room_frames``
+renders each room's FRAMES_PER_ROOM frames together; frame n equals ``render`` of its camera alone),
+textures are coloured through a per-material LUT (no per-room coloured atlas), and the renderer
+avoids numpy's slow paths (``where`` chains, fancy indexing on a length-3 axis, float -> int64 casts,
+``log2``, ``pow``). ``python -m shared.rooms [FRAMES]`` prints milliseconds per frame (JSON) for the
+walk and for labelled training frames at 320x240, 160x120 and 320x320; ``hmd bench train --tasks
+room`` compares generation with training (README, "Room benchmarks").
 """
 from __future__ import annotations
 
@@ -222,18 +228,25 @@ _TEXTURE_KINDS = ("paint", "wallpaper", "wood_floor", "wood", "carpet", "tiles",
 _VARIANTS = 3
 
 
-@functools.lru_cache(maxsize=None)
-def _procedural_mips(kind: str, variant: int) -> np.ndarray:
-    return _mip_stack(_procedural(kind, variant))
+_PROCEDURAL_KEYS = tuple((kind, variant) for kind in _TEXTURE_KINDS for variant in range(_VARIANTS))
+
+
+@functools.lru_cache(maxsize=4)
+def _texture_atlas(texture_dir: str | None) -> np.ndarray:
+    """(textures, MIP_LEVELS, TEX, TEX, 4) uint8 (RGB, 0): every procedural mip stack (``_PROCEDURAL_KEYS``
+    order), then the photos of ``texture_dir``. Made once per process; every room indexes into it."""
+    stacks = [_mip_stack(_procedural(*key)) for key in _PROCEDURAL_KEYS]  # kept only in the atlas
+    stacks += list(_photo_mips(texture_dir)) if texture_dir else []
+    atlas = np.zeros((len(stacks), MIP_LEVELS, TEX, TEX, 4), np.uint8)  # RGB and a pad byte: one uint32 a texel
+    atlas[..., :3] = stacks
+    return atlas
 
 
 def warm_texture_cache() -> int:
-    """Make every procedural texture now (a process makes each once, the first time a room uses it);
+    """Make every procedural texture now (a process makes each once, the first time a room is made);
     returns how many there are."""
-    for kind in _TEXTURE_KINDS:
-        for variant in range(_VARIANTS):
-            _procedural_mips(kind, variant)
-    return len(_TEXTURE_KINDS) * _VARIANTS
+    _texture_atlas(None)
+    return len(_PROCEDURAL_KEYS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -301,8 +314,8 @@ class Room:
     walk_s: np.ndarray  # cumulative arc length along ``walk`` (K + 1 values, closed)
     phases: tuple[float, ...]
     floor_shadow: np.ndarray  # occlusion under furniture on a (z, x) grid of SHADOW_CELL metres
-    atlas: np.ndarray  # (materials, MIP_LEVELS, TEX, TEX, 3) uint8 texture x colour, 100 = 1.0
-    material_table: dict[str, np.ndarray]  # per material: tile, gain (emissive), gloss, emissive
+    textures: np.ndarray  # (T, MIP_LEVELS, TEX, TEX, 4) uint8 mip stacks (RGB, pad), 100 = 1.0; shared
+    material_table: dict[str, np.ndarray]  # per material: tile, gain (emissive), gloss, emissive, texture, colour_lut
 
 
 SHADOW_CELL = 0.05
@@ -318,15 +331,15 @@ class Camera:
     def looking(position, yaw: float, pitch: float, roll: float, hfov_deg: float) -> "Camera":
         """yaw about the vertical (0 looks along +z), pitch up positive, roll (radians)."""
         cy, sy = math.cos(yaw), math.sin(yaw)
-        fwd = np.array([sy, 0.0, cy])
-        right = np.array([-cy, 0.0, sy])  # fwd x up: the frame is right-handed
-        down = np.array([0.0, -1.0, 0.0])
+        fwd = (sy, 0.0, cy)
+        right = (-cy, 0.0, sy)  # fwd x up: the frame is right-handed
+        down = (0.0, -1.0, 0.0)
         cp, sp = math.cos(pitch), math.sin(pitch)
-        fwd, down = cp * fwd - sp * down, cp * down + sp * fwd
+        fwd, down = [cp * f - sp * g for f, g in zip(fwd, down)], [cp * g + sp * f for f, g in zip(fwd, down)]
         cr, sr = math.cos(roll), math.sin(roll)
-        right, down = cr * right + sr * down, cr * down - sr * right
-        rot = np.stack([right, down, fwd], axis=1)
-        return Camera(np.asarray(position, np.float64), rot, float(hfov_deg))
+        right, down = [cr * r + sr * g for r, g in zip(right, down)], [cr * g - sr * r for r, g in zip(right, down)]
+        rot = np.array([right, down, fwd], np.float64).T  # columns: right, down, forward
+        return Camera(np.asarray(position, np.float64), np.ascontiguousarray(rot), float(hfov_deg))
 
     def intrinsics(self, h: int, w: int) -> tuple[float, float, float]:
         """(f, cx, cy) in pixels: square pixels, principal point at the image centre."""
@@ -728,15 +741,11 @@ def make_room(style: str, seed: int, index: int = 0, split: str = "train", textu
         a, y = (a0 + a1) / 2, (sill + top) / 2
         pos = {0: (0.4, y, a), 1: (w - 0.4, y, a), 2: (a, y, 0.4), 3: (a, y, d - 0.4)}[wall]
         lights.append(Light(pos, (0.9, 0.95, 1.1), float(rng.uniform(0.5, 1.5)) * (a1 - a0)))
-    # textures: materials point into one tuple of mip stacks
-    tex_keys: list = []
+    # textures: each material names one mip stack of the process's texture atlas
     tex_index = []
     for m in b.materials:
         key = m.texture if m.texture.startswith("photo:") else (m.texture, int(rng.integers(_VARIANTS)))
-        if key not in tex_keys:
-            tex_keys.append(key)
-        tex_index.append(tex_keys.index(key))
-    textures = tuple(photos[int(k[6:])] if isinstance(k, str) else _procedural_mips(*k) for k in tex_keys)
+        tex_index.append(len(_PROCEDURAL_KEYS) + int(key[6:]) if isinstance(key, str) else _PROCEDURAL_KEYS.index(key))
     shadow = _floor_shadow(size, b.boxes)
     walk, walk_s = _walk_path(rng, size, _solid_footprints(b))
     return Room(style=style, size=size, materials=b.materials, plane_material=(floor, ceiling) + (walls,) * 4,
@@ -745,25 +754,28 @@ def make_room(style: str, seed: int, index: int = 0, split: str = "train", textu
                 hfov_deg=float(hfov_deg if hfov_deg is not None else rng.uniform(55.0, 75.0)),
                 pitch0_deg=float(rng.uniform(-15.0, 0.0)), walk=walk, walk_s=walk_s,
                 phases=tuple(float(x) for x in rng.uniform(0, 2 * math.pi, size=6)), floor_shadow=shadow,
-                atlas=_bake_atlas(b.materials, textures, tex_index),
-                material_table=_material_table(b.materials))
+                textures=_texture_atlas(str(texture_dir) if texture_dir else None),
+                material_table=_material_table(b.materials, tex_index))
 
 
-def _bake_atlas(materials: list[Material], textures, tex_index: list[int]) -> np.ndarray:
-    """(materials, MIP_LEVELS, TEX, TEX, 3) uint8: each material's texture times its colour (100 = 1.0)."""
-    out = np.empty((len(materials), MIP_LEVELS, TEX, TEX, 3), np.uint8)
-    for k, m in enumerate(materials):
-        colour = [c / max(max(m.colour), 1.0) for c in m.colour]  # gains above 1: see "gain"
-        src = textures[tex_index[k]].reshape(MIP_LEVELS * TEX, TEX, 3)
-        out[k] = cv2.multiply(src, (*colour, 0.0)).reshape(MIP_LEVELS, TEX, TEX, 3)  # saturating, rounded
-    return out
+def _colour_lut(materials: list[Material]) -> np.ndarray:
+    """(materials * 3 * 256,) float32: entry (k * 3 + c) * 256 + v is texel value v of channel c times
+    material k's colour, saturated and rounded to uint8 as cv2.multiply does, then / 100 (1.0). The
+    renderer colours texels through it instead of keeping a coloured copy of every texture per room."""
+    colour = np.array([m.colour for m in materials], np.float64).reshape(-1, 3)
+    colour = colour / np.maximum(colour.max(axis=1), 1.0)[:, None]  # gains above 1: see "gain"
+    # in float64, rounded half to even and saturated: what cv2.multiply(uint8, scalar) gives, bit for bit
+    out = np.clip(np.rint(np.arange(256.0)[None, None, :] * colour[:, :, None]), 0, 255).astype(np.uint8)
+    return out.reshape(-1).astype(np.float32) * np.float32(1 / 100.0)
 
 
-def _material_table(materials: list[Material]) -> dict[str, np.ndarray]:
+def _material_table(materials: list[Material], tex_index: list[int]) -> dict[str, np.ndarray]:
     return {"tile": np.array([m.tile_m for m in materials], np.float32),
             "gain": np.array([max(max(m.colour), 1.0) for m in materials], np.float32),
             "gloss": np.array([m.gloss for m in materials], np.float32),
-            "emissive": np.array([m.emissive for m in materials], bool)}
+            "emissive": np.array([m.emissive for m in materials], bool),
+            "texture": np.array(tex_index, np.int32),
+            "colour_lut": _colour_lut(materials)}
 
 
 def _solid_footprints(b: _Builder) -> list[tuple[float, float, float, float]]:
@@ -790,25 +802,33 @@ WALK_SPEED = 0.6  # metres per second
 
 
 def _free_grid(size, footprints, margin: float = 0.45, cell: float = 0.1):
+    """Cells (z, x) of a ``cell`` grid at least ``margin`` from the walls and from every footprint.
+    Footprints are rectangles, so a cell is blocked when its column and its row both fall in one."""
     w, _, d = size
     xs = np.arange(cell / 2, w, cell)
     zs = np.arange(cell / 2, d, cell)
-    zz, xx = np.meshgrid(zs, xs, indexing="ij")
-    free = (xx > margin) & (xx < w - margin) & (zz > margin) & (zz < d - margin)
-    for x0, x1, z0, z1 in footprints:
-        free &= ~((xx > x0 - margin) & (xx < x1 + margin) & (zz > z0 - margin) & (zz < z1 + margin))
+    free = ((zs > margin) & (zs < d - margin))[:, None] & ((xs > margin) & (xs < w - margin))[None, :]
+    if footprints:
+        fp = np.array(footprints, np.float64)  # (F, 4): x0, x1, z0, z1
+        in_x = (xs > fp[:, 0:1] - margin) & (xs < fp[:, 1:2] + margin)  # (F, columns)
+        in_z = (zs > fp[:, 2:3] - margin) & (zs < fp[:, 3:4] + margin)  # (F, rows)
+        free &= (in_z.T.astype(np.float32) @ in_x.astype(np.float32)) == 0  # no footprint holds both
     return free, xs, zs
 
 
 def _catmull_rom_closed(points: np.ndarray, per_segment: int = 40) -> np.ndarray:
-    n = len(points)
-    out = []
-    t = np.linspace(0, 1, per_segment, endpoint=False)[:, None]
-    for i in range(n):
-        p0, p1, p2, p3 = points[(i - 1) % n], points[i], points[(i + 1) % n], points[(i + 2) % n]
-        out.append(0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
-                          + (-p0 + 3 * p1 - 3 * p2 + p3) * t ** 3))
-    return np.concatenate(out)
+    """A closed Catmull-Rom spline through ``points``: ``per_segment`` samples from each point to the next."""
+    neighbours, t, t2, t3 = _spline_tables(len(points), per_segment)
+    p0, p1, p2, p3 = points[neighbours]  # each (n, 1, dims): the points before, at, after and after next
+    out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t3)
+    return out.reshape(-1, points.shape[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _spline_tables(n: int, per_segment: int):
+    neighbours = ((np.arange(n) + np.array([-1, 0, 1, 2])[:, None]) % n)[:, :, None]  # (4, n, 1)
+    t = np.linspace(0, 1, per_segment, endpoint=False)[None, :, None]
+    return neighbours, t, t ** 2, t ** 3
 
 
 def _walk_path(rng: np.random.Generator, size, footprints) -> tuple[np.ndarray, np.ndarray]:
@@ -818,18 +838,19 @@ def _walk_path(rng: np.random.Generator, size, footprints) -> tuple[np.ndarray, 
     cells = np.argwhere(free)
 
     def ok(path: np.ndarray) -> bool:
-        ix = np.clip(((path[:, 0] - xs[0]) / 0.1).round().astype(int), 0, len(xs) - 1)
-        iz = np.clip(((path[:, 1] - zs[0]) / 0.1).round().astype(int), 0, len(zs) - 1)
-        return bool(free[iz, ix].all())
+        ix = np.minimum(np.maximum(((path[:, 0] - xs[0]) / 0.1).round().astype(np.intp), 0), len(xs) - 1)
+        iz = np.minimum(np.maximum(((path[:, 1] - zs[0]) / 0.1).round().astype(np.intp), 0), len(zs) - 1)
+        return bool(free.reshape(-1)[iz * len(xs) + ix].all())
 
     path = None
     if len(cells):
         for attempt in range(40):
             k = int(rng.integers(3, 6)) if attempt < 30 else 3
             pick = cells[rng.integers(len(cells), size=k)]
-            pts = np.stack([xs[pick[:, 1]], zs[pick[:, 0]]], axis=1)
-            # order around the centroid so the loop does not cross itself
-            c = pts.mean(axis=0)
+            pts = np.empty((k, 2))
+            pts[:, 0], pts[:, 1] = xs[pick[:, 1]], zs[pick[:, 0]]
+            # order around the centroid (the mean, as ndarray.mean computes it) so the loop does not cross itself
+            c = np.add.reduce(pts, axis=0) / k
             pts = pts[np.argsort(np.arctan2(pts[:, 1] - c[1], pts[:, 0] - c[0]))]
             cand = _catmull_rom_closed(pts)
             if ok(cand):
@@ -895,246 +916,339 @@ def _pixel_rays(h: int, w: int, hfov_deg: float) -> tuple[np.ndarray, np.ndarray
 def _vignette(h: int, w: int) -> np.ndarray:
     v, u = np.mgrid[0:h, 0:w].astype(np.float32)
     r2 = ((u - (w - 1) / 2) ** 2 + (v - (h - 1) / 2) ** 2) / ((w / 2) ** 2 + (h / 2) ** 2)
-    return (1.0 - 0.35 * r2)[..., None].astype(np.float32)
+    return (1.0 - 0.35 * r2).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
 def _noise_field(h: int, w: int) -> np.ndarray:
-    return np.random.default_rng(12345).standard_normal((2 * h, 2 * w, 3), np.float32) * np.float32(0.004)
-
-
-def _decal_in_view(cam: Camera, dc: Decal, size, h: int, w: int, f: float, cx: float, cy: float) -> bool:
-    """False when the decal's rectangle is certainly outside the view (a cheap cull)."""
-    (u0, u1), (v0, v1) = dc.u, dc.v
-    u0, u1 = max(u0, -0.01), min(u1, 1e2)
-    fixed = 0.0 if dc.plane in (FLOOR, WALL_X0, WALL_Z0) else size[[1, 1, 0, 0, 2, 2][dc.plane]]
-    pts = []
-    for u in (u0, u1):
-        for v in (v0, v1):
-            if dc.plane in (FLOOR, CEILING):
-                pts.append((u, fixed, v))
-            elif dc.plane in (WALL_X0, WALL_X1):
-                pts.append((fixed, v, u))
-            else:
-                pts.append((u, v, fixed))
-    pc = cam.to_camera(np.array(pts))
-    if (pc[:, 2] <= NEAR).all():
-        return False
-    if (pc[:, 2] <= NEAR).any():
-        return True
-    uu = f * pc[:, 0] / pc[:, 2] + cx
-    vv = f * pc[:, 1] / pc[:, 2] + cy
-    return not (uu.max() < -1 or uu.min() > w or vv.max() < -1 or vv.min() > h)
+    field = np.random.default_rng(12345).standard_normal((2 * h, 2 * w, 3), np.float32) * np.float32(0.004)
+    return np.ascontiguousarray(field.transpose(2, 0, 1))  # channels first, as the renderer adds it
 
 
 _GAMMA_LUT = np.clip((np.linspace(0, 1, 4096) ** (1 / 2.2)) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _box_window(cam: Camera, box: Box, h: int, w: int, f: float, cx: float, cy: float):
-    """The pixel rectangle (r0, r1, c0, c1) a box can cover, or None when it cannot be seen."""
-    lo, hi = box.lo, box.hi
-    pts = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    pc = cam.to_camera(pts)
-    if (pc[:, 2] <= NEAR).all():
-        return None
-    if (pc[:, 2] <= NEAR).any():
-        return 0, h, 0, w
-    u = f * pc[:, 0] / pc[:, 2] + cx
-    v = f * pc[:, 1] / pc[:, 2] + cy
-    c0, c1 = max(0, int(math.floor(u.min())) - 1), min(w, int(math.ceil(u.max())) + 2)
-    r0, r1 = max(0, int(math.floor(v.min())) - 1), min(h, int(math.ceil(v.max())) + 2)
-    if c0 >= c1 or r0 >= r1:
-        return None
-    return r0, r1, c0, c1
+@dataclasses.dataclass(frozen=True)
+class _RoomTables:
+    """What every frame of one room needs, made once per room (``_room_tables``)."""
+    size: np.ndarray  # (3, 1, 1, 1) float32 W, H, D
+    surface_material: np.ndarray  # (6 + 3 * boxes,) int32: material per surface id
+    box_lo: np.ndarray  # (boxes, 3, 1, 1, 1) float32
+    box_hi: np.ndarray  # (boxes, 3, 1, 1, 1) float32
+    box_corners: np.ndarray  # (boxes, 8, 3) float64 world
+    decals: tuple[tuple[int, tuple[Decal, ...]], ...]  # (plane, its decals in drawing order)
+    lights: tuple[tuple[np.ndarray, tuple[float, float, float], np.float32], ...]  # position (3,) f32, colour, power
 
 
-def _pick(axis: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Per pixel, ``a``, ``b`` or ``c`` as ``axis`` is 0, 1 or 2."""
-    return np.where(axis == 0, a, np.where(axis == 1, b, c))
+def _room_tables(room: Room) -> _RoomTables:
+    tables = getattr(room, "_tables", None)
+    if tables is None:
+        boxes = room.boxes
+        lo = np.array([bx.lo for bx in boxes], np.float32).reshape(-1, 3, 1, 1, 1)
+        hi = np.array([bx.hi for bx in boxes], np.float32).reshape(-1, 3, 1, 1, 1)
+        corners = np.array([[[x, y, z] for x in (bx.lo[0], bx.hi[0]) for y in (bx.lo[1], bx.hi[1])
+                             for z in (bx.lo[2], bx.hi[2])] for bx in boxes], np.float64).reshape(-1, 8, 3)
+        box_mat = np.repeat(np.array([bx.material for bx in boxes], np.int32), 3)
+        planes: dict[int, list[Decal]] = {}
+        for dc in room.decals:  # drawing order kept within a plane (a plane's decals cover only it)
+            planes.setdefault(dc.plane, []).append(dc)
+        tables = _RoomTables(
+            size=np.array(room.size, np.float32).reshape(3, 1, 1, 1),
+            surface_material=np.concatenate([np.array(room.plane_material, np.int32), box_mat]),
+            box_lo=lo, box_hi=hi, box_corners=corners,
+            decals=tuple((plane, tuple(ds)) for plane, ds in planes.items()),
+            lights=tuple((np.asarray(lt.position, np.float32), lt.colour, np.float32(lt.power)) for lt in room.lights))
+        room._tables = tables  # a Room is not changed after make_room
+    return tables
+
+
+def _box_windows(tables: _RoomTables, cams: list[Camera], h: int, w: int, f: float, cx: float, cy: float):
+    """For each box some camera can see: (box, n0, n1, r0, r1, c0, c1, every frame in n0..n1 sees it), the
+    frames n0:n1 and the union of the pixel rectangles it can cover in them. A box partly behind the
+    near plane may cover the whole frame."""
+    rot = np.stack([c.rotation for c in cams])  # (N, 3, 3)
+    pos = np.stack([c.position for c in cams])[:, None, :]  # (N, 1, 3)
+    boxes = len(tables.box_corners)
+    pc = ((tables.box_corners.reshape(1, -1, 3) - pos) @ rot).reshape(len(cams), boxes, 8, 3)  # camera frame
+    z = pc[..., 2]
+    behind = z <= NEAR
+    z = np.maximum(z, NEAR)  # a corner behind the near plane makes its box's window the whole frame
+    u = f * pc[..., 0] / z + cx
+    v = f * pc[..., 1] / z + cy
+    partial = behind.any(-1)
+    c0 = np.where(partial, 0, np.maximum(0, np.floor(u.min(-1)) - 1)).astype(np.int64)
+    c1 = np.where(partial, w, np.minimum(w, np.ceil(u.max(-1)) + 2)).astype(np.int64)
+    r0 = np.where(partial, 0, np.maximum(0, np.floor(v.min(-1)) - 1)).astype(np.int64)
+    r1 = np.where(partial, h, np.minimum(h, np.ceil(v.max(-1)) + 2)).astype(np.int64)
+    visible = ~behind.all(-1) & (c0 < c1) & (r0 < r1)  # (N, B)
+    n = len(cams)
+    n0 = np.argmax(visible, axis=0)
+    n1 = n - np.argmax(visible[::-1], axis=0)
+    big = max(h, w) + 1
+    windows = (np.where(visible, r0, big).min(0), np.where(visible, r1, -1).max(0),
+               np.where(visible, c0, big).min(0), np.where(visible, c1, -1).max(0))
+    every = visible.sum(axis=0) == n1 - n0
+    seen = np.flatnonzero(visible.any(axis=0))
+    return list(zip(seen.tolist(), *(a[seen].tolist() for a in (n0, n1) + windows + (every,)))), visible
 
 
 def render(room: Room, cam: Camera, size: tuple[int, int], noise_seed: int | None = 0,
            stride: int = STRIDE, sigma: float = SIGMA) -> RoomFrame:
-    """Ray-cast one frame of ``room`` seen by ``cam`` at ``size`` (h, w), with all labels.
+    """Ray-cast one frame of ``room`` seen by ``cam`` at ``size`` (h, w), with all labels."""
+    return render_batch(room, [cam], size, [noise_seed], stride, sigma)[0]
 
-    Arrays are kept per component (x, y, z as separate HxW arrays): numpy reduces over a
-    length-3 last axis ~10x slower than it combines three arrays.
+
+def render_batch(room: Room, cams: list[Camera], size: tuple[int, int], noise_seeds=None,
+                 stride: int = STRIDE, sigma: float = SIGMA) -> list[RoomFrame]:
+    """Ray-cast frames of one ``room``, one per camera (all of one field of view), together: each
+    numpy step runs once over every frame's pixels, which at small sizes (64x64: 4096 pixels) is what
+    a frame costs. Frame n is exactly ``render(room, cams[n], size, noise_seeds[n])``: every step is
+    per pixel, and the per-frame ones (furniture windows, exposure, noise, keypoints) are per frame.
+
+    Arrays are (3, N, h, w) for vectors (x, y, z first: numpy combines three arrays ~10x faster than
+    it reduces over a length-3 last axis) and (N, h, w) for scalars.
     """
     h, w = size
-    f, cx, cy = cam.intrinsics(h, w)
-    rx, ry = _pixel_rays(h, w, cam.hfov_deg)
-    rot = cam.rotation.astype(np.float32)
+    n = len(cams)
+    noise_seeds = [0] * n if noise_seeds is None else list(noise_seeds)
+    if n == 0 or len(noise_seeds) != n:
+        raise ValueError(f"render_batch: {n} cameras, {len(noise_seeds)} noise seeds")
+    hfov = cams[0].hfov_deg
+    if any(c.hfov_deg != hfov for c in cams):
+        raise ValueError("render_batch: every camera must have the same field of view")
+    tables = _room_tables(room)
+    f, cx, cy = cams[0].intrinsics(h, w)
+    rx, ry = _pixel_rays(h, w, hfov)
+    rot = np.stack([c.rotation for c in cams]).astype(np.float32)  # (N, 3, 3)
+    p = np.stack([c.position for c in cams]).astype(np.float32).T.reshape(3, n, 1, 1)
     # world directions (z-depth parameterised: the camera-frame ray has z = 1)
-    d = [rot[i, 0] * rx + rot[i, 1] * ry + rot[i, 2] for i in range(3)]
-    p = [np.float32(c) for c in cam.position]
+    rc = rot[:, :, :, None, None]  # (N, 3, 3, 1, 1)
+    d = np.stack([rc[:, i, 0] * rx + rc[:, i, 1] * ry + rc[:, i, 2] for i in range(3)])  # (3, N, h, w)
     # a component within 1e-9 of zero (a ray parallel to a plane: exactly 0 on the middle row or column of
     # an odd-sized view looking along an axis) gets +-1e-9 with the sign the plane choice below assumes
     # (d > 0: the far plane, else the near one), so the parallel plane's t is huge and positive, never
     # huge and negative
-    tiny = np.float32(1e-9)
-    inv = [np.float32(1.0) / np.where(np.abs(di) < tiny, np.where(di > 0, tiny, -tiny), di) for di in d]
-    size3 = [np.float32(s) for s in room.size]
+    positive = d > 0
+    inv = np.float32(1.0) / np.copysign(np.maximum(np.abs(d), np.float32(1e-9)), positive - np.float32(0.5))
     # the room's planes: along each axis the ray leaves through the plane it moves towards
-    ta = [(np.where(d[i] > 0, size3[i], np.float32(0.0)) - p[i]) * inv[i] for i in range(3)]
-    axis = np.where((ta[0] <= ta[1]) & (ta[0] <= ta[2]), 0, np.where(ta[1] <= ta[2], 1, 2)).astype(np.int8)
+    ta = (positive * tables.size - p) * inv
     t = np.minimum(np.minimum(ta[0], ta[1]), ta[2])
-    surface = _pick(axis, WALL_X0 + (d[0] > 0), FLOOR + (d[1] > 0), WALL_Z0 + (d[2] > 0)).astype(np.int32)
-    # furniture: slab test, limited to the pixel rectangle each box can cover
-    for k, box in enumerate(room.boxes):
-        win = _box_window(cam, box, h, w, f, cx, cy)
-        if win is None:
-            continue
-        sl = np.s_[win[0]:win[1], win[2]:win[3]]
-        lo_t, hi_t = [], []
-        for i in range(3):
-            a = (np.float32(box.lo[i]) - p[i]) * inv[i][sl]
-            b = (np.float32(box.hi[i]) - p[i]) * inv[i][sl]
-            lo_t.append(np.minimum(a, b))
-            hi_t.append(np.maximum(a, b))
-        tenter = np.maximum(np.maximum(lo_t[0], lo_t[1]), lo_t[2])
-        texit = np.minimum(np.minimum(hi_t[0], hi_t[1]), hi_t[2])
-        tcur = t[sl]
-        hit = (tenter <= texit) & (tenter > 0) & (tenter < tcur)
-        if not hit.any():
-            continue
-        ax = np.where((lo_t[0] >= lo_t[1]) & (lo_t[0] >= lo_t[2]), 0, np.where(lo_t[1] >= lo_t[2], 1, 2))
-        tcur[hit] = tenter[hit]
-        surface[sl][hit] = FIRST_FURNITURE + 3 * k + ax[hit]
-        axis[sl][hit] = ax[hit]
-    hit_p = [p[i] + d[i] * t for i in range(3)]
+    not_x, not_y = ta[0] != t, ta[1] != t  # the first smallest: x before y before z on ties
+    is_y = not_x & ~not_y
+    is_z = not_x & not_y
+    axis = not_x.view(np.int8) + is_z.view(np.int8)
+    # the near plane of the axis (WALL_X0 = 2, FLOOR = 0, WALL_Z0 = 4), or the far one (+1)
+    pos8 = positive.view(np.int8)
+    surface = ((~not_x).view(np.int8) * (pos8[0] + np.int8(WALL_X0)) + is_y.view(np.int8) * pos8[1]
+               + is_z.view(np.int8) * (pos8[2] + np.int8(WALL_Z0))).astype(np.int32)
+    # furniture: slab test, limited to the pixel rectangle each box can cover in each frame (the union
+    # of a box's rectangles over the batch: a pixel outside its own frame's rectangle cannot hit the box)
+    if room.boxes:
+        windows, visible = _box_windows(tables, cams, h, w, f, cx, cy)
+        for k, n0, n1, r0, r1, c0, c1, every in windows:
+            sl = np.s_[n0:n1, r0:r1, c0:c1]
+            pk = p[:, n0:n1]
+            inv_k = inv[(slice(None),) + sl]
+            a = (tables.box_lo[k] - pk) * inv_k
+            b = (tables.box_hi[k] - pk) * inv_k
+            lo_t = np.minimum(a, b)
+            tenter = lo_t.max(axis=0)
+            texit = np.maximum(a, b, out=b).min(axis=0)
+            tcur = t[sl]
+            hit = (tenter <= texit) & (tenter > 0) & (tenter < tcur)
+            if not every:
+                hit &= visible[n0:n1, k, None, None]
+            if not hit.any():
+                continue
+            te = tenter[hit]
+            not_x = lo_t[0][hit] != te  # the entering slab: the first largest of lo_t
+            ax = not_x.view(np.int8) + (not_x & (lo_t[1][hit] != te)).view(np.int8)
+            tcur[hit] = te
+            surface[sl][hit] = FIRST_FURNITURE + 3 * k + ax
+            axis[sl][hit] = ax
+    hit_p = p + d * t  # (3, N, h, w)
+    # one-hot of the hit axis as 0/1 floats: v[axis] is v0 * on0 + v1 * on1 + v2 * on2, exactly (two
+    # terms are 0), without numpy's slow where or fancy indexing
+    on = np.stack([axis == 0, axis == 1, axis == 2]).astype(np.float32)  # (3, N, h, w)
+
+    def pick(v: np.ndarray) -> np.ndarray:
+        return v[0] * on[0] + v[1] * on[1] + v[2] * on[2]
+
     # normals: against the ray along the hit axis (true for the room's inside and a box's outside);
     # in camera frame the world normal s * e_axis is s * row ``axis`` of the rotation
-    d_ax = _pick(axis, d[0], d[1], d[2])
-    sign = np.where(d_ax > 0, np.float32(-1.0), np.float32(1.0))
-    normals = np.stack([sign * rot[:, j][axis] for j in range(3)], axis=-1)
+    d_ax = pick(d)
+    sign = np.float32(1.0) - np.float32(2.0) * (d_ax > 0)
+    signed_on = on * sign  # (3, N, h, w): the world normal's components
+    rs = rot[:, :, :, None, None]
+    normals = cv2.merge([(rs[:, 0, j] * signed_on[0] + rs[:, 1, j] * signed_on[1] + rs[:, 2, j] * signed_on[2])
+                         .reshape(n * h, w) for j in range(3)]).reshape(n, h, w, 3)
 
     # materials: the plane's or box's, then decals on the room's planes
-    plane_mat = np.array(room.plane_material, np.int32)
-    box_mat = np.array([bx.material for bx in room.boxes], np.int32)
-    lut = np.concatenate([plane_mat, np.repeat(box_mat, 3)]) if len(box_mat) else plane_mat
-    mat = lut[surface]
-    u_coord = np.where(axis == 0, hit_p[2], hit_p[0])
-    v_coord = np.where(axis == 1, hit_p[2], hit_p[1])
+    # int32 indices and np.take throughout: numpy's fancy indexing and float -> int64 casts are slow
+    mat = np.take(tables.surface_material, surface)
+    u_coord = hit_p[2] * on[0] + hit_p[0] * (on[1] + on[2])
+    v_coord = hit_p[2] * on[1] + hit_p[1] * (on[0] + on[2])
     tex_u, tex_v = u_coord, v_coord  # texture coordinates: the plane's, or a decal's own
-    if room.decals:
+    if tables.decals:
         tex_u, tex_v = u_coord.copy(), v_coord.copy()
-        planes: dict[int, tuple] = {}
-        for dc in room.decals:
-            if not _decal_in_view(cam, dc, room.size, h, w, f, cx, cy):
+        mat_flat, tu_flat, tv_flat = mat.reshape(-1), tex_u.reshape(-1), tex_v.reshape(-1)
+        surface_flat = surface.reshape(-1)
+        for plane, decals in tables.decals:
+            idx = np.flatnonzero(surface_flat == plane)  # the plane's pixels and their (u, v), once
+            if not len(idx):
                 continue
-            if dc.plane not in planes:  # the plane's pixels and their (u, v), once
-                idx = np.nonzero(surface == dc.plane)
-                planes[dc.plane] = (idx, u_coord[idx], v_coord[idx])
-            idx, uu, vv = planes[dc.plane]
-            if not len(uu):
-                continue
-            if dc.ellipse:
-                cu, cv = (dc.u[0] + dc.u[1]) / 2, (dc.v[0] + dc.v[1]) / 2
-                ru, rv = (dc.u[1] - dc.u[0]) / 2, (dc.v[1] - dc.v[0]) / 2
-                inside = ((uu - cu) / ru) ** 2 + ((vv - cv) / rv) ** 2 <= 1.0
-            else:
-                inside = (uu >= dc.u[0]) & (uu <= dc.u[1]) & (vv >= dc.v[0]) & (vv <= dc.v[1])
-            sel = (idx[0][inside], idx[1][inside])
-            mat[sel] = dc.material
-            tex_u[sel] = uu[inside] - (dc.u[0] if dc.anchored else 0.0)
-            tex_v[sel] = vv[inside] - (dc.v[1] if dc.anchored else 0.0)
+            uu, vv = u_coord.reshape(-1)[idx], v_coord.reshape(-1)[idx]
+            for dc in decals:
+                if dc.ellipse:
+                    cu, cv = (dc.u[0] + dc.u[1]) / 2, (dc.v[0] + dc.v[1]) / 2
+                    ru, rv = (dc.u[1] - dc.u[0]) / 2, (dc.v[1] - dc.v[0]) / 2
+                    inside = ((uu - cu) / ru) ** 2 + ((vv - cv) / rv) ** 2 <= 1.0
+                else:
+                    inside = (uu >= dc.u[0]) & (uu <= dc.u[1]) & (vv >= dc.v[0]) & (vv <= dc.v[1])
+                sel = idx[inside]
+                if not len(sel):
+                    continue
+                mat_flat[sel] = dc.material
+                tu_flat[sel] = uu[inside] - (dc.u[0] if dc.anchored else 0.0)
+                tv_flat[sel] = vv[inside] - (dc.v[1] if dc.anchored else 0.0)
 
     # texture lookup, with a mip level from the pixel's footprint on the surface
-    texel_m = room.material_table["tile"][mat] / np.float32(TEX)
+    table = room.material_table
+    texel_m = np.take(table["tile"], mat) / np.float32(TEX)
     ray_len = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
     cos_view = np.abs(d_ax) / ray_len
     footprint = t / np.float32(f) / np.maximum(cos_view, np.float32(0.2))
-    level = np.clip(np.log2(np.maximum(footprint / texel_m, np.float32(1.0))), 0, MIP_LEVELS - 1).astype(np.int32)
-    tu = np.floor(tex_u / texel_m).astype(np.int32) % TEX
-    tv = np.floor(-tex_v / texel_m).astype(np.int32) % TEX
-    flat = ((mat * MIP_LEVELS + level) * TEX + tv) * TEX + tu
-    albedo = room.atlas.reshape(-1, 3)[flat].astype(np.float32)
-    albedo *= np.float32(1 / 100.0)
+    # the mip level: floor(log2(footprint in texels)), 0 .. MIP_LEVELS - 1, by comparisons (no log)
+    ratio = footprint / texel_m
+    level = (ratio >= np.float32(2.0)).view(np.int8).astype(np.int32)
+    for lvl in range(2, MIP_LEVELS):
+        level += ratio >= np.float32(2.0 ** lvl)
+    tu = np.floor(tex_u / texel_m).astype(np.int32) & (TEX - 1)  # % TEX (a power of two)
+    tv = np.floor(-tex_v / texel_m).astype(np.int32) & (TEX - 1)
+    flat = ((np.take(table["texture"], mat) * MIP_LEVELS + level) * TEX + tv) * TEX + tu
+    texel = np.take(room.textures.view(np.uint32).reshape(-1), flat)  # RGB and a pad byte in one word
+    texel_rgb = texel.view(np.uint8).reshape(n, h, w, 4)
+    # colour channels first from here on, (3, N, h, w): numpy is slow on a length-3 last axis
+    lut_base = mat * 768
+    albedo = np.stack([np.take(table["colour_lut"], texel_rgb[..., c] + (lut_base + 256 * c)) for c in range(3)])
 
     # lighting: ambient, darker near the room's edges and under furniture, plus point lights
-    is_room = surface < FIRST_FURNITURE
-    gap = [np.minimum(hit_p[i], size3[i] - hit_p[i]) for i in range(3)]
+    room_on = on * (surface < FIRST_FURNITURE)  # a room plane's own axis: no edge along it
+    gap = np.minimum(hit_p, tables.size - hit_p)
     far = np.float32(9.0)
-    dist = np.minimum(np.minimum(np.where(is_room & (axis == 0), far, gap[0]),
-                                 np.where(is_room & (axis == 1), far, gap[1])),
-                      np.where(is_room & (axis == 2), far, gap[2]))
+    near_edge = [gap[i] * (np.float32(1.0) - room_on[i]) + far * room_on[i] for i in range(3)]
+    dist = np.minimum(np.minimum(near_edge[0], near_edge[1]), near_edge[2])
     occl = np.float32(1.0) - np.float32(0.45) * np.exp(dist * np.float32(-1 / 0.35))
-    on_floor = np.nonzero(surface == FLOOR)
-    if len(on_floor[0]):
+    on_floor = np.flatnonzero(surface == FLOOR)
+    if len(on_floor):
         sh = room.floor_shadow
-        gx = np.clip((hit_p[0][on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[1] - 1)
-        gz = np.clip((hit_p[2][on_floor] / SHADOW_CELL).astype(np.int32), 0, sh.shape[0] - 1)
-        occl[on_floor] *= np.float32(1.0) - np.float32(0.7) * sh[gz, gx]
+        gx = np.clip((np.take(hit_p[0], on_floor) / SHADOW_CELL).astype(np.int32), 0, sh.shape[1] - 1)
+        gz = np.clip((np.take(hit_p[2], on_floor) / SHADOW_CELL).astype(np.int32), 0, sh.shape[0] - 1)
+        occl.reshape(-1)[on_floor] *= np.float32(1.0) - np.float32(0.7) * np.take(sh, gz * sh.shape[1] + gx)
     irradiance: dict[tuple[float, float, float], np.ndarray] = {}  # per light colour
-    gloss = room.material_table["gloss"][mat]
+    gloss = np.take(table["gloss"], mat)
     spec = None
-    hit_ax = _pick(axis, *hit_p)  # the hit's coordinate along its normal's axis
-    for li, lt in enumerate(room.lights):
-        lpos = np.asarray(lt.position, np.float32)
-        to_l = [lpos[i] - hit_p[i] for i in range(3)]
+    for li, (lpos, colour, power) in enumerate(tables.lights):
+        to_l = lpos.reshape(3, 1, 1, 1) - hit_p
         d2l = to_l[0] * to_l[0]
         d2l += to_l[1] * to_l[1]
         d2l += to_l[2] * to_l[2]
         inv_d = np.sqrt(d2l)
         np.divide(np.float32(1.0), inv_d, out=inv_d)
-        # n . l / |l| with n = sign * e_axis: no per-axis selection per light
-        e = (lpos[axis] - hit_ax) * sign
+        # n . l / |l| with n = sign * e_axis: the light's offset along the hit axis, signed
+        e = to_l[0] * signed_on[0]
+        e += to_l[1] * signed_on[1]
+        e += to_l[2] * signed_on[2]
         e *= inv_d
         np.maximum(e, np.float32(0.0), out=e)
         d2l += np.float32(0.5)
-        e *= np.float32(lt.power)
+        e *= power
         e /= d2l
-        if lt.colour in irradiance:
-            irradiance[lt.colour] += e
+        if colour in irradiance:
+            irradiance[colour] += e
         else:
-            irradiance[lt.colour] = e
-        if li == 0 and gloss.any():  # one Blinn-Phong highlight, from the first light
-            half = [to_l[i] * inv_d - d[i] / ray_len for i in range(3)]
+            irradiance[colour] = e
+        if li == 0 and gloss.any():  # one Blinn-Phong highlight, from the first light, on glossy pixels
+            g = np.flatnonzero(gloss)
+            half = [to_l[i].reshape(-1)[g] * inv_d.reshape(-1)[g] - d[i].reshape(-1)[g] / ray_len.reshape(-1)[g]
+                    for i in range(3)]
             hn = np.sqrt(half[0] * half[0] + half[1] * half[1] + half[2] * half[2]) + np.float32(1e-6)
-            spec = gloss * np.maximum(sign * _pick(axis, *half) / hn, np.float32(0.0)) ** 40 * np.float32(0.5 * lt.power)
-    light = np.empty((h, w, 3), np.float32)
-    light[:] = (np.float32(room.ambient) * occl)[..., None]
-    for colour, e in irradiance.items():
-        light += e[..., None] * np.asarray(colour, np.float32)
-    radiance = albedo * light
-    if spec is not None:
-        radiance += spec[..., None]
-    emissive = room.material_table["emissive"][mat]
-    if emissive.any():
-        radiance[emissive] = albedo[emissive] * room.material_table["gain"][mat[emissive]][:, None]
-    # auto exposure (a camera's), vignetting, sensor noise, gamma
-    lum = float(radiance[::5, ::5].mean())
-    radiance *= np.float32(0.42 / max(lum, 1e-4)) * _vignette(h, w)
-    if noise_seed is not None:  # sensor noise: a window of a fixed noise field, at a seeded offset
-        field = _noise_field(h, w)
-        oy, ox = divmod(int(np.random.default_rng(noise_seed).integers(h * w)), w)
-        radiance += field[oy:oy + h, ox:ox + w]
-    q = np.clip(radiance * np.float32(4095.0), 0, 4095).astype(np.int32)
-    rgb = _GAMMA_LUT[q]
+            half_n = (half[0] * signed_on[0].reshape(-1)[g] + half[1] * signed_on[1].reshape(-1)[g]
+                      + half[2] * signed_on[2].reshape(-1)[g]) / hn
+            x = np.maximum(half_n, np.float32(0.0))
+            x8 = x * x
+            x8 *= x8
+            x8 *= x8
+            x32 = x8 * x8
+            x32 *= x32
+            spec = np.zeros(gloss.shape, np.float32)
+            spec.reshape(-1)[g] = gloss.reshape(-1)[g] * (x32 * x8) * np.float32(0.5 * power)  # x ** 40
+    ambient = np.float32(room.ambient) * occl
+    emissive = np.take(table["emissive"], mat)
+    lit = None
+    if emissive.any():  # a light or a window shows its texture times its gain, unlit (and never glossy)
+        lit = np.float32(1.0) - emissive
+        gain = np.take(table["gain"], mat) * emissive
+    radiance = np.empty((3, n, h, w), np.float32)
+    for c in range(3):
+        light = ambient.copy()
+        for colour, e in irradiance.items():
+            light += e * np.float32(colour[c])
+        if lit is not None:
+            light *= lit
+            light += gain
+        np.multiply(albedo[c], light, out=radiance[c])
+        if spec is not None:
+            radiance[c] += spec
+    # per frame: auto exposure (a camera's), vignetting, sensor noise
+    exposure = np.empty((n, 1, 1), np.float32)
+    for i in range(n):
+        # the mean of a contiguous copy: numpy sums a strided view in an order that depends on its strides
+        # (here on the batch's size), and a frame must not depend on the frames rendered with it
+        sample = np.ascontiguousarray(radiance[:, i, ::5, ::5])
+        lum = float(np.add.reduce(sample, axis=None) / sample.size)
+        exposure[i] = np.float32(0.42 / max(lum, 1e-4))
+    radiance *= exposure * _vignette(h, w)
+    for i in range(n):
+        if noise_seeds[i] is not None:  # sensor noise: a window of a fixed noise field, at a seeded offset
+            field = _noise_field(h, w)
+            oy, ox = divmod(int(np.random.default_rng(noise_seeds[i]).integers(h * w)), w)
+            radiance[:, i] += field[:, oy:oy + h, ox:ox + w]
+    radiance *= np.float32(4095.0)
+    q = np.clip(radiance, np.float32(0.0), np.float32(4095.0), out=radiance).astype(np.int32)
+    rgb = cv2.merge([np.take(_GAMMA_LUT, q[c]).reshape(n * h, w) for c in range(3)]).reshape(n, h, w, 3)
 
-    kps, corners_c = layout_keypoints(room, cam, h, w, surface)
-    return RoomFrame(rgb=rgb, depth=t, normals=normals, surface=surface, keypoints=kps,
-                     heatmaps=keypoint_heatmaps(kps, h, w, stride, sigma), corners_camera=corners_c,
-                     intrinsics=(f, cx, cy))
+    layouts = [layout_keypoints(room, cam, h, w, surface[i]) for i, cam in enumerate(cams)]
+    kps = np.stack([kp for kp, _ in layouts])
+    heatmaps = keypoint_heatmaps(kps.reshape(-1, 3), h, w, stride, sigma)
+    heatmaps = heatmaps.reshape(n, NUM_KEYPOINTS, h // stride, w // stride)
+    return [RoomFrame(rgb=rgb[i], depth=t[i], normals=normals[i], surface=surface[i], keypoints=kps[i],
+                      heatmaps=heatmaps[i], corners_camera=layouts[i][1], intrinsics=(f, cx, cy)) for i in range(n)]
 
 
 # --- layout keypoints ------------------------------------------------------------------------
 
 def _view_corners(room: Room, cam: Camera) -> np.ndarray:
-    """The room's 4 vertical corners (x, z) ordered FL, FR, BR, BL as seen from the camera."""
+    """The room's 4 vertical corners (x, z) ordered FL, FR, BR, BL as seen from the camera, (4, 2)."""
+    return np.array(_view_corner_list(room, cam))
+
+
+def _view_corner_list(room: Room, cam: Camera) -> list[tuple[float, float]]:
+    """``_view_corners`` as a list of (x, z) floats."""
     w, _, d = room.size
-    corners = np.array([[0.0, 0.0], [w, 0.0], [w, d], [0.0, d]])
-    fwd = cam.rotation[:, 2]
-    yaw = math.atan2(fwd[0], fwd[2])
-    if abs(fwd[0]) < 1e-9 and abs(fwd[2]) < 1e-9:  # looking straight up or down: use the camera's up
-        up = -cam.rotation[:, 1]
-        yaw = math.atan2(up[0], up[2])
-    f_h = np.array([math.sin(yaw), math.cos(yaw)])
-    r_h = np.array([-math.cos(yaw), math.sin(yaw)])
-    rel = corners - cam.position[[0, 2]]
-    clockwise = np.arctan2(rel @ r_h, rel @ f_h) % (2 * math.pi)  # 0 ahead, increasing to the right
-    order = np.argsort(clockwise)  # FR, BR, BL, FL
-    return corners[order[[3, 0, 1, 2]]]
+    corners = [(0.0, 0.0), (float(w), 0.0), (float(w), float(d)), (0.0, float(d))]
+    rot = cam.rotation
+    fx, fz = float(rot[0, 2]), float(rot[2, 2])
+    yaw = math.atan2(fx, fz)
+    if abs(fx) < 1e-9 and abs(fz) < 1e-9:  # looking straight up or down: use the camera's up
+        yaw = math.atan2(-float(rot[0, 1]), -float(rot[2, 1]))
+    sy, cy = math.sin(yaw), math.cos(yaw)
+    px, pz = float(cam.position[0]), float(cam.position[2])
+    two_pi = 2 * math.pi
+    # 0 straight ahead, increasing to the right (clockwise seen from above)
+    clockwise = [math.atan2((x - px) * -cy + (z - pz) * sy, (x - px) * sy + (z - pz) * cy) % two_pi for x, z in corners]
+    order = sorted(range(4), key=clockwise.__getitem__)  # FR, BR, BL, FL
+    return [corners[order[k]] for k in (3, 0, 1, 2)]
 
 
 def _clip_segment(p0, p1, h: int, w: int):
@@ -1174,39 +1288,38 @@ def _walls_at(x: float, z: float) -> set[int]:
 
 def layout_keypoints(room: Room, cam: Camera, h: int, w: int, surface: np.ndarray):
     """(32, 3) keypoints (channel layout in the module docstring) and the 8 corners in camera frame."""
-    rw, rh, rd = room.size
-    vc = _view_corners(room, cam)
-    corners_w = np.array([[x, 0.0, z] for x, z in vc] + [[x, rh, z] for x, z in vc])
-    corners_c = cam.to_camera(corners_w)
+    rh = room.size[1]
+    vc = _view_corner_list(room, cam)
+    corners_c = cam.to_camera(np.array([[x, 0.0, z] for x, z in vc] + [[x, rh, z] for x, z in vc]))
+    cc = corners_c.tolist()  # plain floats: a few dozen scalar steps, far cheaper than numpy's
     f, cx, cy = cam.intrinsics(h, w)
     kps = np.zeros((NUM_KEYPOINTS, 3), np.float32)
-
-    def planes_of(ci: int) -> set[int]:
-        x, z = vc[ci % 4]
-        return _walls_at(x, z) | {FLOOR if ci < 4 else CEILING}
+    corner_planes = [_walls_at(*vc[ci % 4]) | {FLOOR if ci < 4 else CEILING} for ci in range(8)]
 
     for ci in range(8):
-        x, y, z = corners_c[ci]
+        x, y, z = cc[ci]
         if z <= NEAR:
             continue
         u, v = f * x / z + cx, f * y / z + cy
         if -0.5 <= u <= w - 0.5 and -0.5 <= v <= h - 0.5:
-            kps[ci] = (u, v, _visible_state(surface, u, v, planes_of(ci)))
+            kps[ci] = (u, v, _visible_state(surface, u, v, corner_planes[ci]))
     for _, ca, cb, border, order in LAYOUT_EDGES:
-        a, b = corners_c[ca].copy(), corners_c[cb].copy()
+        a, b = cc[ca], cc[cb]
         if a[2] <= NEAR and b[2] <= NEAR:
             continue
-        if a[2] <= NEAR:
-            a = b + (a - b) * (b[2] - NEAR) / (b[2] - a[2])
+        if a[2] <= NEAR:  # the end behind the near plane moves onto it, along the edge
+            k1, k2 = b[2] - NEAR, b[2] - a[2]
+            a = [bi + (ai - bi) * k1 / k2 for ai, bi in zip(a, b)]
         elif b[2] <= NEAR:
-            b = a + (b - a) * (a[2] - NEAR) / (a[2] - b[2])
+            k1, k2 = a[2] - NEAR, a[2] - b[2]
+            b = [ai + (bi - ai) * k1 / k2 for ai, bi in zip(a, b)]
         pa = (f * a[0] / a[2] + cx, f * a[1] / a[2] + cy)
         pb = (f * b[0] / b[2] + cx, f * b[1] / b[2] + cy)
         clipped = _clip_segment(pa, pb, h, w)
         if clipped is None:
             continue
         q0, q1, cut0, cut1 = clipped
-        planes = planes_of(ca) & planes_of(cb)  # the two planes meeting along this edge
+        planes = corner_planes[ca] & corner_planes[cb]  # the two planes meeting along this edge
         ends = [(q0, cut0), (q1, cut1)]
         key = 0 if order == "u" else 1
         ends.sort(key=lambda e: e[0][key])  # left end first (u), or upper end first (v)
@@ -1220,16 +1333,17 @@ def keypoint_heatmaps(keypoints: np.ndarray, h: int, w: int, stride: int = STRID
     """(K, h/stride, w/stride) float32: a Gaussian (peak 1) at every present keypoint, else zeros.
     Output pixel j covers input pixels [j*stride, (j+1)*stride): its centre is input (j + 0.5) * stride - 0.5."""
     ho, wo = h // stride, w // stride
+    keypoints = np.asarray(keypoints)
     out = np.zeros((len(keypoints), ho, wo), np.float32)
-    xs = np.arange(wo, dtype=np.float32)
-    ys = np.arange(ho, dtype=np.float32)
-    for k, (u, v, state) in enumerate(keypoints):
-        if state <= 0:
-            continue
+    present = np.flatnonzero(keypoints[:, 2] > 0)
+    if len(present):
+        xs = np.arange(wo, dtype=np.float32)
+        ys = np.arange(ho, dtype=np.float32)
+        u, v = keypoints[present, 0:1], keypoints[present, 1:2]  # (P, 1)
         uo, vo = (u + 0.5) / stride - 0.5, (v + 0.5) / stride - 0.5
         gx = np.exp(-((xs - uo) ** 2) / (2 * sigma * sigma))
         gy = np.exp(-((ys - vo) ** 2) / (2 * sigma * sigma))
-        out[k] = gy[:, None] * gx[None, :]
+        out[present] = gy[:, :, None] * gx[:, None, :]
     return out
 
 
@@ -1296,10 +1410,19 @@ def room_frame(style: str, seed: int, index: int, size=(240, 320), split: str = 
     """Frame ``index`` of the (style, seed, split) stream: room ``index // FRAMES_PER_ROOM``, seen from
     a random pose on its walk (``_dataset_camera``). Depends only on these arguments."""
     check_style(style)
-    h, w = _parse_size(size)
-    room = _cached_room(style, int(seed), index // FRAMES_PER_ROOM, split, texture_dir)
-    rng = _rng("frame", style, seed, split, index)
-    return render(room, _dataset_camera(room, rng), (h, w), noise_seed=int(rng.integers(2**31)))
+    return _room_frames_of_one_room(style, seed, [index], _parse_size(size), split, texture_dir)[0]
+
+
+def _room_frames_of_one_room(style: str, seed: int, indices, size: tuple[int, int], split: str,
+                             texture_dir: str | None) -> list[RoomFrame]:
+    """``room_frame`` for several indices of one room (``index // FRAMES_PER_ROOM`` the same), rendered together."""
+    room = _cached_room(style, int(seed), indices[0] // FRAMES_PER_ROOM, split, texture_dir)
+    cams, noise_seeds = [], []
+    for index in indices:
+        rng = _rng("frame", style, seed, split, index)
+        cams.append(_dataset_camera(room, rng))
+        noise_seeds.append(int(rng.integers(2**31)))
+    return render_batch(room, cams, size, noise_seeds)
 
 
 def _dataset_camera(room: Room, rng: np.random.Generator, min_view_m: float = 1.5) -> Camera:
@@ -1366,9 +1489,10 @@ def room_frames(n: int, style: str = MIXED, seed: int = 0, size=320, split: str 
     normals = np.empty((n, h, w, 3), np.float32)
     kps = np.empty((n, NUM_KEYPOINTS, 3), np.float32)
     hms = np.empty((n, NUM_KEYPOINTS, h // STRIDE, w // STRIDE), np.float32)
-    for i in range(n):
-        fr = room_frame(style, seed, i, (h, w), split, texture_dir)
-        rgb[i], depth[i], normals[i], kps[i], hms[i] = fr.rgb, fr.depth, fr.normals, fr.keypoints, fr.heatmaps
+    for first in range(0, n, FRAMES_PER_ROOM):  # one room's frames rendered together
+        indices = list(range(first, min(n, first + FRAMES_PER_ROOM)))
+        for i, fr in zip(indices, _room_frames_of_one_room(style, seed, indices, (h, w), split, texture_dir)):
+            rgb[i], depth[i], normals[i], kps[i], hms[i] = fr.rgb, fr.depth, fr.normals, fr.keypoints, fr.heatmaps
     return RoomFrames(rgb, depth, normals, kps, hms, style, split)
 
 
