@@ -46,6 +46,8 @@ STYLE_SPLIT = "test"  # held-out rooms of the wearer's style: neither train nor 
 STYLE_FRAMES = 48  # rendered frames (12 rooms) of the wearer's style the gate judges on
 STYLE_REFERENCE_FRAMES = 32  # rendered frames per style that infer_style compares the wearer's with
 MIN_FRAMES = 10
+# which parameters fine-tuning trains (``--fine-tune``): every one, or the heads and the last encoder stage
+FINE_TUNED: dict[str, tuple[str, ...]] = {"all": (), "last": ("heads", "encoder.stages.4")}
 
 
 def room_score(before: dict[str, float], after: dict[str, float]) -> float:
@@ -181,8 +183,9 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
                      teacher_run: str | Path, base_data: str | None = None, base_val_data: str | None = None,
                      style: str | None = None, style_frames: int | None = None, export_hw: tuple[int, int] | None = None,
                      method: str = "great", epochs: int = 8, max_steps_per_epoch: int | None = None,
-                     holdout_fraction: float = 0.2, tolerance: float = 0.05, seed: int = 0, lr: float = 1e-3,
-                     warmup_steps: int = 20, batch_size: int = 32, replay_ratio: float = 1.0,
+                     holdout_fraction: float = 0.2, tolerance: float = 0.05, seed: int = 0, lr: float = 3e-4,
+                     warmup_steps: int = 20, batch_size: int = 16, replay_ratio: float = 4.0, freeze_bn: bool = True,
+                     style_replay: float = 0.5, mirror: bool = True, trainable: tuple[str, ...] = (),
                      log: Callable[[str], None] | None = None,
                      should_stop: Callable[[], bool] | None = None) -> PersonaliseResult:
     """Fine-tune the room model ``base_run`` on ``wearer_frames`` (N x H x W x 3 uint8 RGB, time order)
@@ -209,6 +212,8 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
         raise UserError(f"personalisation needs at least {MIN_FRAMES} wearer frames, got {len(frames)}")
     if style is not None and style not in STYLES:
         raise UserError(f"unknown room style {style!r} (choose from {', '.join(STYLES)})")
+    if not 0.0 <= style_replay <= 1.0 or replay_ratio < 0:
+        raise UserError(f"style replay {style_replay} must be in [0, 1] and replay ratio {replay_ratio} >= 0")
     side = int(ck["input_size"][0])
     cfg0 = ck.get("config", {})
     base_data = base_data or cfg0.get("base_data") or ck.get("source") or "rooms"
@@ -225,14 +230,26 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
         f"{len(frames)} wearer frames; wearer style {style}")
 
     wearer_train = _labelled_set(frames[tr_idx], {t: v[tr_idx] for t, v in labels.items()}, "wearer")
+    if mirror:  # the mirrored views, labelled by the teacher as it sees them
+        mirrored = np.ascontiguousarray(frames[tr_idx][:, :, ::-1])
+        wearer_train = RoomTaskData.concat([wearer_train, _labelled_set(
+            mirrored, teacher_targets(teacher, teacher_side, mirrored, out_hw), "wearer-mirrored")], "wearer")
     wearer_val = _labelled_set(frames[va_idx], {t: v[va_idx] for t, v in labels.items()}, "wearer-later")
     n_base, base_style = parse_rooms(base_data)
     rng = np.random.default_rng(seed)
-    n_replay = min(n_base, max(1, int(round(len(wearer_train) * replay_ratio))))
-    pick = np.sort(rng.choice(n_base, n_replay, replace=False))  # only these base frames are rendered
-    replay = _rendered_set(_render_frames(base_style, seed, side, "train", pick), base_data)
+    n_wanted = max(1, int(round(len(wearer_train) * replay_ratio)))
+    n_styled = int(round(n_wanted * style_replay))
+    n_plain = min(n_base, n_wanted - n_styled)
+    # only the picked frames are rendered: the base run's rooms, and training rooms of the wearer's style
+    # (the training split: never the gate's test rooms)
+    picks = ((base_style, np.sort(rng.choice(n_base, n_plain, replace=False)), base_data),
+             (style, np.sort(rng.choice(max(n_base, n_styled), n_styled, replace=False)), f"rooms:{style}"))
+    replay = RoomTaskData.concat([_rendered_set(_render_frames(s, seed, side, "train", idx), src)
+                                  for s, idx, src in picks if len(idx)], base_data)
+    n_replay = n_plain + n_styled
     mixed = RoomTaskData.concat([wearer_train, replay],
-                                f"wearer({len(wearer_train)}, teacher labels)+replay({n_replay} of {base_data})")
+                                f"wearer({len(tr_idx)} frames{' + mirrored' if mirror else ''}, teacher labels)+"
+                                f"replay({n_plain} of {base_data}, {n_styled} of rooms:{style})")
     n_style = max(2, style_frames or STYLE_FRAMES)
     style_set = _rendered_set(room_frames(n_style, style, seed, side, STYLE_SPLIT),
                               f"rooms:{n_style}:{style} ({STYLE_SPLIT} split)")
@@ -249,8 +266,8 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
     cfg = TrainConfig(method=method, tasks="room", data=mixed.source, epochs=epochs, batch_size=batch_size, lr=lr,
                       seed=seed, size=side, width=arch.width, blocks=tuple(arch.blocks),
                       decoder_width=arch.decoder_width, base_data=base_data, val_data=base_val_data,
-                      max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True,
-                      warmup_steps=warmup_steps, method_options=method_options)
+                      max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=freeze_bn,
+                      warmup_steps=warmup_steps, method_options=method_options, trainable=tuple(trainable))
     metrics = train(cfg, out, log=log, data=(mixed, style_set, mixed), should_stop=should_stop,  # type: ignore[arg-type]
                     command=f"personalise({base_run}, teacher {teacher_run})")
     if metrics["stopped"] or not metrics["history"]:
