@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="room model: do not add the wearer's frames mirrored (the teacher labels both)")
     parser.add_argument("--fine-tune", choices=["all", "last"], default=None,
                         help="room model: layers trained: all (default) or the heads and the last encoder stage")
+    parser.add_argument("--train-batchnorm", action="store_true",
+                        help="room model: BatchNorm normalises with batch statistics and updates its running ones "
+                             "(default: frozen)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="camera decoder: skip the least-squares output calibration on the wearer's training frames")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; a room model: 3e-4)")
@@ -152,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--style is for a room model")
         if args.style not in STYLES:
             raise UserError(f"--style {args.style!r}: choose from {', '.join(STYLES)}")
-    if not room and (args.style_replay is not None or args.no_mirror or args.fine_tune is not None):
-        raise UserError("--style-replay, --no-mirror and --fine-tune are for a room model")
+    if not room and (args.style_replay is not None or args.no_mirror or args.fine_tune is not None
+                     or args.train_batchnorm):
+        raise UserError("--style-replay, --no-mirror, --fine-tune and --train-batchnorm are for a room model")
     base_data, base_val = default_base_sources(run_dir, ck)
     base_data = args.base_data or base_data
     base_val = args.base_val_data or base_val
@@ -180,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                                base_val_data=base_val, style=args.style, export_hw=_exported_hw(run_dir),
                                method=args.method, epochs=args.epochs, max_steps_per_epoch=args.max_steps,
                                holdout_fraction=args.holdout, tolerance=args.tolerance, seed=args.seed,
-                               mirror=not args.no_mirror, **given)
+                               mirror=not args.no_mirror, freeze_bn=not args.train_batchnorm, **given)
     else:
         res = personalise(run_dir, frames, out / "run", base_data=base_data, base_val_data=base_val,
                           split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
