@@ -15,9 +15,9 @@ The same loop as :mod:`models.personalise` (the cifar set), for the ``room`` tas
    exact labels: half (``style_replay``) from training rooms of the wearer's style, half from the base
    model's own training data (against forgetting). Measured (README, "Personalising a room model"):
    the old defaults (lr 1e-3, batch 32, replay 1 of the base data, no mirror) were rejected, these
-   gain 8-11 % on held-out rooms of the wearer's style and on the base rooms; most of that gain on
-   held-out rooms comes from the replayed rendered rooms, the wearer's frames add it on the wearer's
-   own room;
+   gain 4.5-10.6 % on held-out rooms of the wearer's style (three seeds) and 5.5-9 % on the base
+   rooms; that gain on held-out rooms comes from the replayed rendered rooms, the wearer's frames add
+   theirs on the wearer's own room;
 4. the gate: the candidate must be better than the wearer's model on **held-out rendered rooms of
    the wearer's style** (the ``test`` split: rooms neither model trained on; mean relative change of
    depth RMSE, normals 1 - |cos| and keypoint RMSE below zero) and not worse beyond ``tolerance``
