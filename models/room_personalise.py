@@ -250,8 +250,8 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
     rooms_seed = int(cfg0.get("seed", 0))  # the base run's rooms (replayed, its held-out set) are those of its seed
     n_wanted = max(1, int(round(len(wearer_train) * replay_ratio)))
     # each part at most the base run's N frames: a long journal does not render (and train on) thousands
-    n_styled = min(n_base, int(round(n_wanted * style_replay)))
-    n_plain = min(n_base, n_wanted - int(round(n_wanted * style_replay)))
+    styled_wanted = int(round(n_wanted * style_replay))
+    n_styled, n_plain = min(n_base, styled_wanted), min(n_base, n_wanted - styled_wanted)
     # only the picked frames are rendered: the base run's rooms, and training rooms of the wearer's style
     # (the training split: never the gate's test rooms)
     picks = ((base_style, np.sort(rng.choice(n_base, n_plain, replace=False)), base_data),
