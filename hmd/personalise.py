@@ -56,11 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=["time", "interleaved"], default="time",
                         help="held-out frames: the later ones (time, default) or every k-th (interleaved)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="base-set tolerance (default 0.05)")
-    parser.add_argument("--replay", type=float, default=1.0, help="base frames replayed per wearer frame (default 1)")
+    parser.add_argument("--replay", type=float, default=None,
+                        help="base frames replayed per wearer frame (default 1; a room model: 4)")
+    parser.add_argument("--style-replay", type=float, default=None, metavar="F",
+                        help="room model: share of the replayed frames rendered in the wearer's style (default 0.5)")
+    parser.add_argument("--no-mirror", action="store_true",
+                        help="room model: do not add the wearer's frames mirrored (the teacher labels both)")
+    parser.add_argument("--fine-tune", choices=["all", "last"], default=None,
+                        help="room model: layers trained: all (default) or the heads and the last encoder stage")
+    parser.add_argument("--train-batchnorm", action="store_true",
+                        help="room model: BatchNorm normalises with batch statistics and updates its running ones "
+                             "(default: frozen)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="camera decoder: skip the least-squares output calibration on the wearer's training frames")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; a room model: 3e-4)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 32; a room model: 16)")
     parser.add_argument("--key-dir", default=None, metavar="DIR",
                         help="folder with signing.key/signing.pub (default: DIR; made if missing)")
     parser.add_argument("--int8", action="store_true", help="export static INT8 instead of FP32")
@@ -145,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--style is for a room model")
         if args.style not in STYLES:
             raise UserError(f"--style {args.style!r}: choose from {', '.join(STYLES)}")
+    if not room and (args.style_replay is not None or args.no_mirror or args.fine_tune is not None
+                     or args.train_batchnorm):
+        raise UserError("--style-replay, --no-mirror, --fine-tune and --train-batchnorm are for a room model")
     base_data, base_val = default_base_sources(run_dir, ck)
     base_data = args.base_data or base_data
     base_val = args.base_val_data or base_val
@@ -156,21 +169,27 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"personalise: {args.model} ({h}x{w}) on {len(frames)} frames of {args.data}; replay {base_data}; "
           f"base gate on {base_val}", file=sys.stderr)
+    # options left unset take each path's own default (the room set's fine-tuning defaults differ)
+    given = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("replay_ratio", args.replay))
+             if v is not None}
     if room:
-        from models.room_personalise import personalise_room
+        from models.room_personalise import FINE_TUNED, personalise_room
 
+        if args.style_replay is not None:
+            given["style_replay"] = args.style_replay
+        if args.fine_tune is not None:
+            given["trainable"] = FINE_TUNED[args.fine_tune]
         teacher = resolve_model(args.teacher or "room-teacher")
         res = personalise_room(run_dir, frames, out / "run", teacher_run=teacher, base_data=base_data,
                                base_val_data=base_val, style=args.style, export_hw=_exported_hw(run_dir),
                                method=args.method, epochs=args.epochs, max_steps_per_epoch=args.max_steps,
-                               holdout_fraction=args.holdout, tolerance=args.tolerance, seed=args.seed, lr=args.lr,
-                               batch_size=args.batch_size, replay_ratio=args.replay)
+                               holdout_fraction=args.holdout, tolerance=args.tolerance, seed=args.seed,
+                               mirror=not args.no_mirror, freeze_bn=not args.train_batchnorm, **given)
     else:
         res = personalise(run_dir, frames, out / "run", base_data=base_data, base_val_data=base_val,
                           split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
                           max_steps_per_epoch=args.max_steps, holdout_fraction=args.holdout,
-                          tolerance=args.tolerance, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                          replay_ratio=args.replay, calibrate=not args.no_calibrate)
+                          tolerance=args.tolerance, seed=args.seed, calibrate=not args.no_calibrate, **given)
     summary = res.to_dict()
     if res.accepted:
         key = SigningKey(args.key_dir or out)

@@ -63,11 +63,14 @@ class TrainConfig:
     freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics: for fine-tuning on
     # small or shifted data, where batch statistics would make training a different function than
     # inference (a batch of dark frames is normalised to look bright)
+    trainable: tuple[str, ...] = ()  # fine-tuning: only parameters whose names start with one of these
+    # prefixes train (e.g. ("heads", "encoder.stages.4")); empty = every parameter
     threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["blocks"] = list(self.blocks)
+        d["trainable"] = list(self.trainable)
         if isinstance(self.size, (tuple, list)):
             d["size"] = list(self.size)
         return d
@@ -229,6 +232,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         parent = str(cfg.init_from)
     if replica is not None:  # (the replica brings its BatchNorm: train does not import models.distributed)
         replica.convert_batchnorm(model)
+    if cfg.trainable:  # the others keep their weights (Adam skips parameters without a gradient)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(tuple(cfg.trainable)))
     method = create_weighting(cfg.method, model.tasks, **method_options)
     with torch.no_grad():
         model.eval()

@@ -152,3 +152,32 @@ def test_the_cloud_job_on_a_room_manifest_produces_a_room_manifest(tiny_room_run
     assert m.task_set == "room" and (m.input.height, m.input.width) == (24, 32)
     assert [o.task for o in m.outputs] == ["depth", "normals", "keypoints"]
     assert m.training["role"] == "personalised" and m.parent_version.startswith("base-")
+
+
+def test_a_room_fine_tune_keeps_batchnorm_statistics_and_the_layers_it_does_not_train(tiny_room_runs, tmp_path,
+                                                                                      monkeypatch):
+    """Frozen BatchNorm: the candidate's running statistics are its parent's (a narrow batch of one room's
+    frames would otherwise re-normalise the network); ``--fine-tune last`` leaves the stem and the early
+    stages as they were and moves the heads; the mirrored wearer frames and the styled replay are trained on."""
+    import json
+
+    import models.room_personalise as rp
+    from models.train import read_checkpoint
+
+    monkeypatch.setattr(rp, "STYLE_FRAMES", 4)
+    res = personalise_room(tiny_room_runs["base"], _walk(10), tmp_path / "run", teacher_run=tiny_room_runs["teacher"],
+                           style="living", epochs=1, max_steps_per_epoch=2, batch_size=8, lr=1e-2, warmup_steps=0,
+                           replay_ratio=0.5, style_replay=0.5, mirror=True, trainable=rp.FINE_TUNED["last"])
+    before, after = read_checkpoint(tiny_room_runs["base"])["model"], read_checkpoint(res.run_dir)["model"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10 and all(torch.equal(before[k], after[k]) for k in stats)
+    assert torch.equal(before["encoder.stem.0.weight"], after["encoder.stem.0.weight"])
+    assert torch.equal(before["encoder.stages.3.0.conv1.weight"], after["encoder.stages.3.0.conv1.weight"])
+    assert not torch.equal(before["heads.depth_head.out.weight"], after["heads.depth_head.out.weight"])
+    assert not torch.equal(before["encoder.stages.4.0.conv1.weight"], after["encoder.stages.4.0.conv1.weight"])
+    # 8 earlier frames + their 8 mirrors; 8 replayed, half of them rendered living rooms
+    data = json.loads((res.run_dir / "metrics.json").read_text())["data"]
+    assert data == "wearer(8 frames + mirrored, teacher labels)+replay(4 of rooms:6, 4 of rooms:living)"
+    with pytest.raises(UserError, match="style replay 1.5 must be in"):
+        personalise_room(tiny_room_runs["base"], _walk(10), tmp_path / "bad", teacher_run=tiny_room_runs["teacher"],
+                         style="living", style_replay=1.5)
