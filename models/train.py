@@ -230,6 +230,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if replica is not None:  # (the replica brings its BatchNorm: train does not import models.distributed)
         replica.convert_batchnorm(model)
     method = create_weighting(cfg.method, model.tasks, **method_options)
+    if replica is not None:  # before setup: the method's own networks get synced BatchNorms too
+        method.data_parallel = replica
     with torch.no_grad():
         model.eval()
         method.setup(model, model.encode(train_data.batch(torch.arange(1))[0]).shape)
