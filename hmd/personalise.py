@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with signing.key/signing.pub (default: DIR; made if missing)")
     parser.add_argument("--int8", action="store_true", help="export static INT8 instead of FP32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="train on N CPU processes (models/distributed.py: the same weights as one process up "
+                             "to float rounding; the batch size a multiple of N; a room model trains on one; default 1)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -131,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 0.0 < args.holdout < 1.0:
         raise UserError("--holdout must be between 0 and 1")
+    if args.nproc < 1:
+        raise UserError("--nproc must be >= 1")
+    if args.batch_size % args.nproc:
+        raise UserError(f"--nproc {args.nproc}: the batch size ({args.batch_size}) must be a multiple of it")
     run_dir = resolve_model(args.model)
     if not (run_dir / "checkpoint.pt").is_file():
         raise UserError(f"{args.model}: not a run folder (no checkpoint.pt); personalise a shipped model or a "
@@ -159,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     if room:
         from models.room_personalise import personalise_room
 
+        if args.nproc > 1:
+            raise UserError("--nproc > 1 is for the multi-task model's personalisation; a room model trains on one process")
         teacher = resolve_model(args.teacher or "room-teacher")
         res = personalise_room(run_dir, frames, out / "run", teacher_run=teacher, base_data=base_data,
                                base_val_data=base_val, style=args.style, export_hw=_exported_hw(run_dir),
@@ -170,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                           split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
                           max_steps_per_epoch=args.max_steps, holdout_fraction=args.holdout,
                           tolerance=args.tolerance, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                          replay_ratio=args.replay, calibrate=not args.no_calibrate)
+                          replay_ratio=args.replay, calibrate=not args.no_calibrate, nproc=args.nproc)
     summary = res.to_dict()
     if res.accepted:
         key = SigningKey(args.key_dir or out)

@@ -41,6 +41,9 @@ import torch.distributed.nn.functional as dist_fn
 from shared.errors import UserError
 
 EXACT_WEIGHTINGS = ("equal", "uncertainty", "gradnorm", "great")
+# how the ranks start: spawn (a fresh interpreter; safe from any parent, a worker thread included). Tests
+# fork, so that the ranks inherit the test process's imports instead of paying for them
+START_METHOD = "spawn"
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -95,13 +98,9 @@ class Replica:
 
     def check(self, cfg: Any, train_data: Any) -> None:
         """Refuse what would make the shards' mean losses differ from the global batch's."""
-        bs = min(cfg.batch_size, len(train_data))
-        if bs % self.world:
-            raise UserError(f"--nproc {self.world}: the batch size ({bs}) must be a multiple of it")
-        labels = getattr(train_data, "labels", None)
-        if labels is not None and bool((labels < 0).any()) and bool((labels >= 0).any()):
-            raise UserError(f"--nproc {self.world} needs every training frame labelled, or none "
-                            "(a partly labelled set gives the shards different class-loss means)")
+        problem = shard_problem(cfg.batch_size, train_data, self.world)
+        if problem:
+            raise UserError(problem)
 
     def convert_batchnorm(self, model: nn.Module) -> nn.Module:
         """Every BatchNorm2d of ``model`` with the whole batch's statistics (:class:`SyncBatchNorm2d`)."""
@@ -152,6 +151,19 @@ class Replica:
         values = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(values)
         return {k: float(v) / self.world for k, v in zip(keys, values)}
+
+
+def shard_problem(batch_size: int, train_data: Any, nproc: int) -> str | None:
+    """Why ``train_data`` cannot be trained on ``nproc`` equal shards exactly (None: it can). Its
+    ``labels`` (-1: unlabelled) may be a tensor or an array."""
+    bs = min(batch_size, len(train_data))
+    if bs % nproc:
+        return f"--nproc {nproc}: the batch size ({bs}) must be a multiple of it"
+    labels = getattr(train_data, "labels", None)
+    if labels is not None and bool((labels < 0).any()) and bool((labels >= 0).any()):
+        return (f"--nproc {nproc} needs every training frame labelled, or none "
+                "(a partly labelled set gives the shards different class-loss means)")
+    return None
 
 
 def check_config(cfg: Any, nproc: int) -> None:
@@ -235,7 +247,7 @@ def launch(cfg: Any, out: str | Path, nproc: int, *, resume: bool = False, comma
         return train(cfg, out, resume=resume, log=log, data=data, should_stop=should_stop, command=command)
     cfg = dataclasses.replace(cfg, threads=1)
     work = tempfile.mkdtemp(prefix="hmd-ddp-")
-    log_queue = mp.get_context("spawn").SimpleQueue() if log is not None else None
+    log_queue = mp.get_context(START_METHOD).SimpleQueue() if log is not None else None
     job = _Job(cfg, str(out), resume, command, data, work, log_queue, should_stop is not None)
     done = threading.Event()
 
@@ -253,7 +265,7 @@ def launch(cfg: Any, out: str | Path, nproc: int, *, resume: bool = False, comma
     relay_thread.start()
     try:
         try:
-            mp.spawn(_worker, args=(nproc, job), nprocs=nproc, join=True)
+            mp.start_processes(_worker, args=(nproc, job), nprocs=nproc, join=True, start_method=START_METHOD)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             msg = Path(job.error_file).read_text() if os.path.exists(job.error_file) else str(exc).strip().splitlines()[-1]
             raise UserError(msg) from None

@@ -105,3 +105,38 @@ def test_nproc_is_refused_for_a_weighting_it_cannot_run_exactly(tmp_path, capsys
     assert capsys.readouterr().err.strip().splitlines() == [
         "hmd train: error: --nproc 3: the batch size (8) must be a multiple of it"]
     assert not (tmp_path / "run").exists()
+
+
+def test_personalise_on_two_processes_gives_the_one_process_candidate(tmp_path, monkeypatch):
+    # the cloud job's path (GREAT fine-tuning, frozen BatchNorm, warm-up, replay) through launch: the data
+    # sent to both ranks, rank 0's progress lines back to the caller, the candidates' weights alike
+    import numpy as np
+
+    import models.distributed as distributed
+    from models.personalise import personalise
+    from models.train import read_checkpoint, train
+    from shared.worlds import render_scene
+    from tests.models.fixtures import write_video
+
+    monkeypatch.setattr(distributed, "START_METHOD", "fork")  # spawned ranks would re-import torch: see above
+    train(TrainConfig(method="great", epochs=1, batch_size=8, max_steps_per_epoch=2, **TINY), tmp_path / "base",
+          log=lambda s: None)
+    replay = f"video:{write_video(tmp_path / 'replay.avi', frames=40, size=32)}"  # unlabelled, as the wearer's
+    frames = np.stack([render_scene("forest", 3, i, 32)[0] for i in range(20)])
+    runs, lines = {}, {1: [], 2: []}
+    for nproc in (1, 2):
+        res = personalise(tmp_path / "base", frames, tmp_path / f"cand{nproc}", base_data=replay, epochs=1,
+                          max_steps_per_epoch=3, batch_size=8, log=lines[nproc].append, nproc=nproc)
+        runs[nproc] = read_checkpoint(res.run_dir)["model"]
+        assert res.evaluation["wearer"]["after"] and (res.run_dir / "metrics.json").is_file()
+    assert any("[great] epoch 1/1 step 3/3" in line for line in lines[2])  # relayed from rank 0
+    a, b = runs[1], runs[2]
+    diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a if a[k].is_floating_point()) ** 0.5
+    norm = sum(float((a[k] ** 2).sum()) for k in a if a[k].is_floating_point()) ** 0.5
+    moved = sum(float(((a[k] - read_checkpoint(tmp_path / "base")["model"][k]) ** 2).sum())
+                for k in a if a[k].is_floating_point()) ** 0.5
+    assert diff / norm < 1e-4 and diff < 0.01 * moved, (diff / norm, moved / norm)  # float32 rounding, not training
+    # a stop request from the caller (the cloud's should_stop) ends both ranks after the same step
+    res = personalise(tmp_path / "base", frames, tmp_path / "stopped", base_data=replay, epochs=1,
+                      max_steps_per_epoch=3, batch_size=8, log=lambda s: None, nproc=2, should_stop=lambda: True)
+    assert not res.accepted and res.reason == "stopped before an epoch finished"
