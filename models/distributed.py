@@ -19,7 +19,7 @@ its loss normalisers J^0 as the whole batch's; GradNorm averages each task's gra
 last shared layer over the ranks before taking its norm, uses the whole batch's losses for its
 loss ratios and averages its weights' gradient. No weighting draws random numbers in its step.
 Refused: the other weightings and ``--defence`` (their steps are not written for shards).
-Only rank 0 writes the run folder; the other ranks write to a scratch folder that is removed.
+Only rank 0 evaluates and writes the run folder.
 """
 from __future__ import annotations
 
@@ -91,10 +91,10 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
 
 class Replica:
     """One rank's part in :func:`models.train.train`: which shard it trains on, the gradient and
-    log averaging, and where it writes (rank 0: the run folder; others: ``scratch``)."""
+    log averaging (rank 0 alone evaluates and writes the run folder)."""
 
-    def __init__(self, rank: int, world: int, scratch: Path):
-        self.rank, self.world, self.scratch = rank, world, scratch
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
 
     def check(self, cfg: Any, train_data: Any) -> None:
         """Refuse what would make the shards' mean losses differ from the global batch's."""
@@ -187,7 +187,7 @@ class _Job:
     resume: bool
     command: str | None
     data: Any  # pre-built (train, val, frames) or None
-    work: str  # the launch's scratch folder: rendezvous, error file, stop file, ranks' scratch
+    work: str  # the launch's scratch folder: rendezvous, error file, stop file
     log_queue: Any  # rank 0's progress lines go to the parent's ``log`` (None: rank 0's stderr)
     stoppable: bool  # the parent may ask to stop (its ``should_stop``): every rank polls the stop file
 
@@ -207,7 +207,7 @@ def _worker(rank: int, world: int, job: _Job) -> None:
     warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
     dist.init_process_group("gloo", init_method=f"file://{job.work}/rendezvous", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
-    replica = Replica(rank, world, Path(tempfile.mkdtemp(prefix=f"rank{rank}-", dir=job.work)))
+    replica = Replica(rank, world)
     try:
         from models.train import train
 
