@@ -105,6 +105,10 @@ def test_nproc_is_refused_for_a_weighting_it_cannot_run_exactly(tmp_path, capsys
     assert capsys.readouterr().err.strip().splitlines() == [
         "hmd train: error: --nproc 3: the batch size (8) must be a multiple of it"]
     assert not (tmp_path / "run").exists()
+    assert main(["personalise", "base", "--data", "video:x.avi", "--nproc", "3", "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "hmd personalise: error: --nproc 3: the batch size (32) must be a multiple of it")
+    assert not (tmp_path / "p").exists()
 
 
 def test_personalise_on_two_processes_gives_the_one_process_candidate(tmp_path, monkeypatch):
