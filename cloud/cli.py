@@ -49,6 +49,10 @@ def _training(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--frame-size", type=int, default=None,
                      help="side wearer frames are resized to for training (default: the model's input)")
     sub.add_argument("--method", default=None, help="multi-task weighting for personalisation (default great)")
+    sub.add_argument("--nproc", dest="job_nproc", type=int, default=None, metavar="N",
+                     help="a personalisation job trains on N CPU processes, the same weights as one up to float "
+                          "rounding (the batch size a multiple of N; room jobs use one; env HMD_CLOUD_JOB_NPROC; "
+                          "default 1)")
     sub.add_argument("--tolerance", type=float, default=None,
                      help="allowed relative loss on the base set (default 0.05)")
     sub.add_argument("--int8", action="store_const", const=True, default=None,

@@ -63,11 +63,13 @@ def personalise_job(ctx: JobContext) -> JobOutcome:
     if manifest.task_set == "room":  # the device runs a room model: a room teacher labels its frames
         from models.room_personalise import personalise_room, room_teacher
 
+        if s.job_nproc > 1:
+            ctx.progress(None, None, f"room job: one process (job_nproc {s.job_nproc} is for multi-task jobs)")
         res = personalise_room(run_dir, frames, out_dir, teacher_run=room_teacher(s.teacher_run),
                                export_hw=(manifest.input.height, manifest.input.width), **common)
     else:
         res = personalise(run_dir, frames, out_dir, teacher_run=str(s.teacher_run) if s.teacher_run else None,
-                          **common)
+                          nproc=s.job_nproc, **common)
     if ctx.should_stop():
         raise JobInterrupted()
     if not res.accepted:

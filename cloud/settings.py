@@ -53,6 +53,7 @@ class Settings:
     tolerance: float = 0.05  # relative loss allowed on the base set (see models/personalise.py)
     int8: bool = False  # export versions as static INT8 (1.6x faster on the headset's CPU; see README)
     seed: int = 0
+    job_nproc: int = 1  # processes a personalisation job trains on (models/distributed.py; room jobs: 1)
     worker: bool = True  # run the job worker in this process
     runner: str = "cloud.personalisation:personalise_job"  # MODULE:FUNCTION that runs one job
     sse_keepalive_s: float = 15.0
@@ -114,6 +115,8 @@ class Settings:
             raise UserError("holdout_fraction must be between 0 and 1")
         if self.epochs < 1:
             raise UserError("epochs must be >= 1")
+        if self.job_nproc < 1:
+            raise UserError("job_nproc must be >= 1")
         if self.job_lease_s <= 0:
             raise UserError("job_lease_s must be > 0")
         for name in ("max_frame_pixels", "max_frame_meta_bytes", "max_uploads_in_flight", "max_streams_per_device",

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with signing.key/signing.pub (default: DIR; made if missing)")
     parser.add_argument("--int8", action="store_true", help="export static INT8 instead of FP32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="train on N CPU processes (models/distributed.py: the same weights as one process up "
+                             "to float rounding; the batch size a multiple of N; a room model trains on one; default 1)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -141,6 +144,18 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 0.0 < args.holdout < 1.0:
         raise UserError("--holdout must be between 0 and 1")
+    if args.nproc < 1:
+        raise UserError("--nproc must be >= 1")
+    if args.nproc > 1:
+        batch = args.batch_size
+        if batch is None:  # the multi-task personalisation's own default
+            import inspect
+
+            from models.personalise import personalise as _personalise
+
+            batch = inspect.signature(_personalise).parameters["batch_size"].default
+        if batch % args.nproc:
+            raise UserError(f"--nproc {args.nproc}: the batch size ({batch}) must be a multiple of it")
     run_dir = resolve_model(args.model)
     if not (run_dir / "checkpoint.pt").is_file():
         raise UserError(f"{args.model}: not a run folder (no checkpoint.pt); personalise a shipped model or a "
@@ -175,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     if room:
         from models.room_personalise import FINE_TUNED, personalise_room
 
+        if args.nproc > 1:
+            raise UserError("--nproc > 1 is for the multi-task model's personalisation; a room model trains on one process")
         if args.style_replay is not None:
             given["style_replay"] = args.style_replay
         if args.fine_tune is not None:
@@ -189,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         res = personalise(run_dir, frames, out / "run", base_data=base_data, base_val_data=base_val,
                           split=args.split, teacher_run=args.teacher, method=args.method, epochs=args.epochs,
                           max_steps_per_epoch=args.max_steps, holdout_fraction=args.holdout,
-                          tolerance=args.tolerance, seed=args.seed, calibrate=not args.no_calibrate, **given)
+                          tolerance=args.tolerance, seed=args.seed, calibrate=not args.no_calibrate,
+                          nproc=args.nproc, **given)
     summary = res.to_dict()
     if res.accepted:
         key = SigningKey(args.key_dir or out)

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "input (default 0: the paper; the headset feeds clean camera frames)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="data-parallel training on N CPU processes (gloo, one thread each), the same "
-                        "weights as one process up to float rounding; --method equal or uncertainty (default 1)")
+                        "weights as one process up to float rounding; --method equal, uncertainty, gradnorm or great "
+                        "(default 1)")
     parser.add_argument("--init-from", default=None, metavar="DIR", help="start from this run's weights")
     parser.add_argument("--defence", default=None, choices=DEFENCES.names(),
                         help="also train the class head with an adversarial defence (e.g. great+ce), "

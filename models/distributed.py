@@ -1,4 +1,5 @@
-"""Data-parallel multi-task training on CPU (`hmd train --nproc N`, issue 15 step 4).
+"""Data-parallel multi-task training on CPU (`hmd train --nproc N`, `hmd personalise --nproc N`,
+the cloud worker's ``job_nproc``; issue 15 step 4).
 
 :func:`launch` starts N processes with torch.multiprocessing (spawn), joined by the gloo backend
 over a ``file://`` rendezvous, one torch thread each. Every rank runs :func:`models.train.train`
@@ -9,10 +10,16 @@ autograd), and the gradients of the main optimizer's parameters are averaged bef
 the forward and backward are those of one process on the whole batch, and the weights after
 every step equal the single-process run's up to float rounding (tests/models/test_distributed.py).
 
-Exact for the weightings in :data:`EXACT_WEIGHTINGS` (whose update is a function of the batch-mean
-gradient). The others (gradnorm: per-task gradient norms of the whole batch; great: per-sample
-feature gradients fed to its auxiliary classifier, loss normalisers, its own optimizers) are refused.
-Only rank 0 writes the run folder; the other ranks write to a scratch folder that is removed.
+Exact for the weightings in :data:`EXACT_WEIGHTINGS`. The weighting sees the replica as its
+``data_parallel`` (:class:`models.weighting.SingleProcess` in one process): a rank's losses are
+means over its shard, so its per-sample gradients at the shared feature are N x the whole
+batch's. GREAT divides them by N before its auxiliary classifier sees them (whose BatchNorms are
+synced and whose and the GALs' gradients are averaged before their optimizers step), and takes
+its loss normalisers J^0 as the whole batch's; GradNorm averages each task's gradient of the
+last shared layer over the ranks before taking its norm, uses the whole batch's losses for its
+loss ratios and averages its weights' gradient. No weighting draws random numbers in its step.
+Refused: the other weightings and ``--defence`` (their steps are not written for shards).
+Only rank 0 evaluates and writes the run folder.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import tempfile
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,7 +40,10 @@ import torch.distributed.nn.functional as dist_fn
 
 from shared.errors import UserError
 
-EXACT_WEIGHTINGS = ("equal", "uncertainty")
+EXACT_WEIGHTINGS = ("equal", "uncertainty", "gradnorm", "great")
+# how the ranks start: spawn (a fresh interpreter; safe from any parent, a worker thread included). Tests
+# fork, so that the ranks inherit the test process's imports instead of paying for them
+START_METHOD = "spawn"
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -81,20 +91,16 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
 
 class Replica:
     """One rank's part in :func:`models.train.train`: which shard it trains on, the gradient and
-    log averaging, and where it writes (rank 0: the run folder; others: ``scratch``)."""
+    log averaging (rank 0 alone evaluates and writes the run folder)."""
 
-    def __init__(self, rank: int, world: int, scratch: Path):
-        self.rank, self.world, self.scratch = rank, world, scratch
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
 
     def check(self, cfg: Any, train_data: Any) -> None:
         """Refuse what would make the shards' mean losses differ from the global batch's."""
-        bs = min(cfg.batch_size, len(train_data))
-        if bs % self.world:
-            raise UserError(f"--nproc {self.world}: the batch size ({bs}) must be a multiple of it")
-        labels = getattr(train_data, "labels", None)
-        if labels is not None and bool((labels < 0).any()) and bool((labels >= 0).any()):
-            raise UserError(f"--nproc {self.world} needs every training frame labelled, or none "
-                            "(a partly labelled set gives the shards different class-loss means)")
+        problem = shard_problem(cfg.batch_size, train_data, self.world)
+        if problem:
+            raise UserError(problem)
 
     def convert_batchnorm(self, model: nn.Module) -> nn.Module:
         """Every BatchNorm2d of ``model`` with the whole batch's statistics (:class:`SyncBatchNorm2d`)."""
@@ -102,6 +108,18 @@ class Replica:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` averaged over the ranks (a new tensor; no autograd)."""
+        total = t.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is on one (so that all ranks stop at the same step)."""
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def shard(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's contiguous slice of a global batch (x and every target)."""
@@ -135,62 +153,125 @@ class Replica:
         return {k: float(v) / self.world for k, v in zip(keys, values)}
 
 
+def shard_problem(batch_size: int, train_data: Any, nproc: int) -> str | None:
+    """Why ``train_data`` cannot be trained on ``nproc`` equal shards exactly (None: it can). Its
+    ``labels`` (-1: unlabelled) may be a tensor or an array."""
+    bs = min(batch_size, len(train_data))
+    if bs % nproc:
+        return f"--nproc {nproc}: the batch size ({bs}) must be a multiple of it"
+    labels = getattr(train_data, "labels", None)
+    if labels is not None and bool((labels < 0).any()) and bool((labels >= 0).any()):
+        return (f"--nproc {nproc} needs every training frame labelled, or none "
+                "(a partly labelled set gives the shards different class-loss means)")
+    return None
+
+
 def check_config(cfg: Any, nproc: int) -> None:
     """One line refusing what ``--nproc`` cannot run exactly (UserError)."""
     if nproc < 1:
         raise UserError("--nproc must be >= 1")
     if nproc > 1 and cfg.method not in EXACT_WEIGHTINGS:
-        raise UserError(f"--nproc > 1 works with --method {' or '.join(EXACT_WEIGHTINGS)} only "
-                        f"(not {cfg.method}: its step needs the whole batch's per-task gradients)")
+        raise UserError(f"--nproc > 1 works with --method {', '.join(EXACT_WEIGHTINGS)} only "
+                        f"(not {cfg.method}: its step is not written for shards of the batch)")
     if cfg.batch_size % nproc:
         raise UserError(f"--nproc {nproc}: the batch size ({cfg.batch_size}) must be a multiple of it")
     if nproc > 1 and cfg.defence:
         raise UserError("--nproc > 1 does not run --defence (its attack needs the whole batch)")
 
 
-def _worker(rank: int, world: int, rendezvous: str, cfg: Any, out: str, resume: bool, command: str | None,
-            error_file: str, scratch_root: str) -> None:
+@dataclasses.dataclass
+class _Job:
+    """What every rank is given (pickled to the spawned processes)."""
+    cfg: Any
+    out: str
+    resume: bool
+    command: str | None
+    data: Any  # pre-built (train, val, frames) or None
+    work: str  # the launch's scratch folder: rendezvous, error file, stop file
+    log_queue: Any  # rank 0's progress lines go to the parent's ``log`` (None: rank 0's stderr)
+    stoppable: bool  # the parent may ask to stop (its ``should_stop``): every rank polls the stop file
+
+    @property
+    def error_file(self) -> str:
+        return os.path.join(self.work, "error")
+
+    @property
+    def stop_file(self) -> str:
+        return os.path.join(self.work, "stop")
+
+
+def _worker(rank: int, world: int, job: _Job) -> None:
     torch.set_num_threads(1)
     # the autograd all-reduce SyncBatchNorm2d needs: torch 2.13 marks it deprecated in favour of a
     # private module; one warning per BatchNorm per rank would bury the progress lines
     warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{job.work}/rendezvous", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
-    scratch = Path(tempfile.mkdtemp(prefix=f"rank{rank}-", dir=scratch_root))
+    replica = Replica(rank, world)
     try:
         from models.train import train
 
-        log = None if rank == 0 else (lambda s: None)
-        train(cfg, out, resume=resume, log=log, command=command, replica=Replica(rank, world, scratch))
+        log = (lambda s: None) if rank else (job.log_queue.put if job.log_queue is not None else None)
+        stop = (lambda: replica.any(os.path.exists(job.stop_file))) if job.stoppable else None
+        train(job.cfg, job.out, resume=job.resume, log=log, data=job.data, should_stop=stop, command=job.command,
+              replica=replica)
     except UserError as exc:
         if rank == 0:
-            Path(error_file).write_text(str(exc))
+            Path(job.error_file).write_text(str(exc))
         raise SystemExit(2) from None
     except BaseException:
         if rank == 0:
-            Path(error_file).write_text(traceback.format_exc().strip().splitlines()[-1])
+            Path(job.error_file).write_text(traceback.format_exc().strip().splitlines()[-1])
         raise
     finally:
         dist.destroy_process_group()
 
 
-def launch(cfg: Any, out: str | Path, nproc: int, *, resume: bool = False, command: str | None = None) -> dict[str, Any]:
-    """Train ``cfg`` on ``nproc`` processes; returns rank 0's metrics (``out/metrics.json``)."""
+def launch(cfg: Any, out: str | Path, nproc: int, *, resume: bool = False, command: str | None = None,
+           data: Any = None, log: Callable[[str], None] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """:func:`models.train.train` on ``nproc`` processes (1: in this one); returns rank 0's metrics.
+
+    ``data``, ``log`` and ``should_stop`` are train's: the data is sent to every rank, rank 0's
+    progress lines come back to ``log`` here, and ``should_stop`` is polled here (every 0.2 s):
+    once it is true, all ranks leave after the same step."""
     import json
+    import threading
 
     import torch.multiprocessing as mp
 
     check_config(cfg, nproc)
+    if nproc == 1:
+        from models.train import train
+
+        return train(cfg, out, resume=resume, log=log, data=data, should_stop=should_stop, command=command)
     cfg = dataclasses.replace(cfg, threads=1)
     work = tempfile.mkdtemp(prefix="hmd-ddp-")
+    log_queue = mp.get_context(START_METHOD).SimpleQueue() if log is not None else None
+    job = _Job(cfg, str(out), resume, command, data, work, log_queue, should_stop is not None)
+    done = threading.Event()
+
+    def relay() -> None:  # rank 0's progress lines to ``log``; the stop request to the ranks
+        while True:
+            while log_queue is not None and not log_queue.empty():
+                log(log_queue.get())  # type: ignore[misc]
+            if should_stop is not None and not os.path.exists(job.stop_file) and should_stop():
+                Path(job.stop_file).touch()
+            if done.is_set() and (log_queue is None or log_queue.empty()):
+                return
+            done.wait(0.2)
+
+    relay_thread = threading.Thread(target=relay, name="hmd-ddp-relay", daemon=True)
+    relay_thread.start()
     try:
-        error_file = os.path.join(work, "error")
         try:
-            mp.spawn(_worker, args=(nproc, f"file://{work}/rendezvous", cfg, str(out), resume, command,
-                                    error_file, work), nprocs=nproc, join=True)
+            mp.start_processes(_worker, args=(nproc, job), nprocs=nproc, join=True, start_method=START_METHOD)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            msg = Path(error_file).read_text() if os.path.exists(error_file) else str(exc).strip().splitlines()[-1]
+            msg = Path(job.error_file).read_text() if os.path.exists(job.error_file) else str(exc).strip().splitlines()[-1]
             raise UserError(msg) from None
+        finally:
+            done.set()
+            relay_thread.join()
         return json.loads((Path(out) / "metrics.json").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -35,7 +35,7 @@ from shared.errors import UserError
 
 from models.data import FrameSet, TaskData, load_source, load_source_subset, source_length
 from shared.walk import fit_to
-from models.train import TrainConfig, evaluate, load_model, train
+from models.train import TrainConfig, evaluate, load_model
 
 DENSE_METRICS = ("rmse_colour", "rmse_edges", "rmse_denoised")
 HEADSET_CLEAN_TASKS = ("colour", "edges")  # the headset feeds clean camera frames for these
@@ -135,12 +135,14 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
                 epochs: int = 8, max_steps_per_epoch: int | None = None, holdout_fraction: float = 0.2,
                 tolerance: float = 0.05, seed: int = 0, lr: float = 1e-3, warmup_steps: int = 20, batch_size: int = 32,
                 replay_ratio: float = 1.0, calibrate: bool = True, log: Callable[[str], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> PersonaliseResult:
+                should_stop: Callable[[], bool] | None = None, nproc: int = 1) -> PersonaliseResult:
     """Fine-tune ``base_run`` on ``wearer_frames`` (N x H x W x 3 uint8 RGB, in time order) into ``out_dir``.
 
     ``base_data`` is the base model's training data (replay); the gate's guard against forgetting is
     measured on ``base_val_data`` (default: the held-out split of ``base_data``), which should be the
     base model's own validation set (for the shipped ``base``: walks over its real validation photos).
+    ``nproc`` > 1 trains on that many processes (:func:`models.distributed.launch`, the same weights up
+    to float rounding); a partly labelled mix (teacher labels on some frames) trains on one, said in the log.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -202,8 +204,14 @@ def personalise(base_run: str | Path, wearer_frames: np.ndarray, out_dir: str | 
                       max_steps_per_epoch=max_steps_per_epoch, init_from=str(base_run), freeze_bn=True,
                       warmup_steps=warmup_steps, method_options=method_options)
     mixed_td = TaskData(mixed, clean_fraction=clean_fraction)
-    metrics = train(cfg, out, log=log, data=(mixed_td, wearer_val_td, mixed), should_stop=should_stop,
-                    command=f"personalise({base_run})")
+    from models.distributed import launch, shard_problem
+
+    problem = shard_problem(batch_size, mixed, nproc) if nproc > 1 else None
+    if problem and "labelled" in problem:
+        log(f"personalise: one process, not {nproc}: {problem}")
+        nproc = 1
+    metrics = launch(cfg, out, nproc, data=(mixed_td, wearer_val_td, mixed), log=log, should_stop=should_stop,
+                     command=f"personalise({base_run})")
     if metrics["stopped"] or not metrics["history"]:
         return PersonaliseResult(False, "stopped before an epoch finished", out, {"before": before},
                                  time.perf_counter() - t0)

@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     between steps (a retraining job that must yield) -- the run then stops after saving.
     ``replica`` (:class:`models.distributed.Replica`, set by :func:`models.distributed.launch`): this
     process is one rank of a data-parallel run; it trains on its shard of every batch, and only
-    rank 0 writes ``out_dir`` (the others their scratch folder).
+    rank 0 evaluates and writes ``out_dir`` (the others return their history only).
     """
     log = log or _stderr
     WEIGHTINGS.check(cfg.method)
@@ -184,7 +184,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if cfg.epochs < 1:
         raise UserError("--epochs must be >= 1")
     out = Path(out_dir)  # made once the data and options are checked: a failed start leaves no folder
-    write = out if replica is None or replica.rank == 0 else replica.scratch
+    lead = replica is None or replica.rank == 0  # the other ranks of --nproc N neither evaluate nor write
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -236,6 +236,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(tuple(cfg.trainable)))
     method = create_weighting(cfg.method, model.tasks, **method_options)
+    if replica is not None:  # before setup: the method's own networks get synced BatchNorms too
+        method.data_parallel = replica
     with torch.no_grad():
         model.eval()
         method.setup(model, model.encode(train_data.batch(torch.arange(1))[0]).shape)
@@ -243,11 +245,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if cfg.defence:
         defence = MultiTaskClassDefence(create_defence(cfg.defence, net_cfg, **cfg.defence_options))
     optimizer = torch.optim.Adam(list(model.parameters()) + method.main_parameters(), lr=cfg.lr)
-    write.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     engine = TrainingEngine(model, [optimizer], samples=len(train_data), batch_size=cfg.batch_size,
                             epochs=cfg.epochs, seed=cfg.seed, tag=cfg.method, log=log,
                             max_steps=cfg.max_steps_per_epoch, warmup_steps=cfg.warmup_steps,
-                            shown=lambda key: key.startswith("loss_"), run_dir=write)
+                            shown=lambda key: key.startswith("loss_"), run_dir=out if lead else None)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         method.load_state_dict(_method_state(ckpt))
@@ -283,13 +286,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             freeze_batchnorm(net)
 
     def end_epoch(epoch: int, m: float, seconds: float, averages: dict[str, float]) -> dict[str, Any]:
+        if not lead:
+            return {"epoch": epoch + 1, "seconds": seconds, "train": averages}
         val = evaluate_fn(model, val_data)
         log(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} held-out: {describe_fn(val)}")
         return {"epoch": epoch + 1, "lr": cfg.lr * m, "seconds": seconds, "train": averages, "val": val,
                 "task_weights": method.task_weights()}
 
     def checkpoint(epoch: int) -> None:
-        save_checkpoint(write / CHECKPOINT_NAME, {
+        if not lead:
+            return
+        save_checkpoint(out / CHECKPOINT_NAME, {
             "format": MULTITASK_FORMAT, "arch": net_cfg.to_dict(), "model": model.state_dict(),
             "method_name": cfg.method, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1, "config": cfg.to_dict(), "architecture": cfg.architecture,
@@ -303,6 +310,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         replica.barrier()  # every rank has built its data and model: the epochs' timings start together
     history = engine.run(step, end_epoch, on_epoch=on_epoch, train_mode=train_mode, checkpoint=checkpoint,
                          should_stop=should_stop)
+    if not lead:
+        return {"history": history, "stopped": engine.stopped}
     final = history[-1]["val"] if history else evaluate_fn(model, val_data)
     metrics = {
         "method": cfg.method, "tasks": cfg.tasks, "data": frames.source, "epochs": len(history), "final": final,
@@ -311,7 +320,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         "class_names": frames.class_names, "input_size": [h, w], "stopped": engine.stopped, "command": command,
         "generation_ms_per_frame": 1000.0 * data_seconds / max(1, len(train_data) + len(val_data)),
     }
-    atomic_write_json(write / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 

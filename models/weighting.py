@@ -55,8 +55,28 @@ def loss_logs(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 
 # --- base ------------------------------------------------------------------------------------
 
+class SingleProcess:
+    """The data-parallel run a weighting is part of (:attr:`WeightingMethod.data_parallel`); here
+    one process, so nothing to reduce. :class:`models.distributed.Replica` is the N-rank one: its
+    losses are shard means, so a rank's per-sample gradients are ``world`` x the whole batch's."""
+
+    world = 1
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` averaged over the ranks."""
+        return t
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Every parameter's ``.grad`` averaged over the ranks."""
+
+    def convert_batchnorm(self, module: nn.Module) -> nn.Module:
+        """``module`` with every BatchNorm2d computing the whole batch's statistics."""
+        return module
+
+
 class WeightingMethod(OwnOptimizers):
     name = "base"
+    data_parallel: SingleProcess = SingleProcess()  # set by models.train for a rank of `--nproc N`
 
     def __init__(self, tasks: tuple[str, ...]):
         super().__init__()
@@ -159,10 +179,12 @@ class LossNormalisers(nn.Module):
         self.tasks = tasks
         self.register_buffer("initial", torch.full((len(tasks),), float("nan")))
 
-    def update(self, losses: dict[str, torch.Tensor]) -> None:
+    def update(self, losses: dict[str, torch.Tensor], mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        """Record J_i^0 for tasks seen for the first time; ``mean`` makes a rank's shard loss the whole
+        batch's (:meth:`SingleProcess.mean`; every rank records the same tasks at the same step)."""
         for i, t in enumerate(self.tasks):
             if t in losses and math.isnan(float(self.initial[i])):
-                self.initial[i] = max(float(losses[t].detach()), 1e-8)
+                self.initial[i] = max(float(mean(losses[t].detach())), 1e-8)
 
     def __getitem__(self, task: str) -> torch.Tensor:
         return self.initial[self.tasks.index(task)].clone()  # a copy: later updates are in place
@@ -207,20 +229,23 @@ class GradNorm(WeightingMethod):
         return (g - target).abs().sum()
 
     def step(self, model, x, targets):
+        dp = self.data_parallel  # on N ranks, norms and loss ratios are the whole batch's (models/distributed.py)
         w = self.weights.detach()
         f, losses, grads = per_task_feature_gradients(
             model, x, targets, self.tasks, lambda t, j: w[self.tasks.index(t)] * j)
-        self.normalisers.update(losses)
+        whole = dict(zip(losses, dp.mean(torch.stack([j.detach() for j in losses.values()]))))
+        self.normalisers.update(whole)
         W = self.shared_layer(model)
-        norms = {}
-        for t, gw in grads.items():  # ||dJ_t/dW||: a short backward from f to W per task
+        dWs = []
+        for t, gw in grads.items():  # dJ_t/dW: a short backward from f to W per task
             g_unweighted = gw / w[self.tasks.index(t)]
-            (dW,) = torch.autograd.grad(f, W, grad_outputs=g_unweighted, retain_graph=True)
-            norms[t] = dW.norm()
+            dWs.append(torch.autograd.grad(f, W, grad_outputs=g_unweighted, retain_graph=True)[0])
+        norms = {t: dW.norm() for t, dW in zip(grads, dp.mean(torch.stack(dWs)))}  # ranks' dW averaged, then ||.||
         f.backward(sum(grads.values()))  # encoder: d(sum_i w_i J_i)/dtheta
         self.weight_optimizer.zero_grad(set_to_none=True)
-        lgrad = self.gradnorm_loss(losses, norms)
+        lgrad = self.gradnorm_loss(whole, norms)
         lgrad.backward(inputs=[self.weights])
+        dp.average_gradients([self.weights])
         self.weight_optimizer.step()
         with torch.no_grad():  # renormalise: sum_i w_i = number of tasks, weights stay positive
             self.weights.clamp_(min=1e-3)

@@ -100,7 +100,8 @@ class GreatWeighting(WeightingMethod):
             return
         self.gals = GradientAlignmentLayers(self.tasks, (c, h, w), self.gal_floor)
         stride = self.aux_stride if self.aux_stride is not None else (2 if min(h, w) >= 4 else 1)
-        self.aux = AuxiliaryTaskClassifier(c, len(self.tasks), stride=stride)
+        # on N ranks its BatchNorms see the whole batch of classifier samples (models/distributed.py)
+        self.aux = self.data_parallel.convert_batchnorm(AuxiliaryTaskClassifier(c, len(self.tasks), stride=stride))
         self.aux_optimizer = torch.optim.Adam(self.aux.parameters(), lr=self.aux_lr)
         self.gal_optimizer = torch.optim.Adam(self.gals.parameters(), lr=self.gal_lr)
 
@@ -129,21 +130,25 @@ class GreatWeighting(WeightingMethod):
         if self.gals is None:
             self.setup(model, model.encode(x[:1]).shape)
         assert self.gals is not None and self.aux is not None
-        # C_i = J_i / J_i^0 (J^0 fixed, detached, at the first batch a task appears in)
-        normalisers = self.normalisers
+        # C_i = J_i / J_i^0 (J^0 fixed, detached, at the first batch a task appears in: the whole batch's)
+        normalisers, dp = self.normalisers, self.data_parallel
 
         def scale(t: str, j: torch.Tensor) -> torch.Tensor:
-            normalisers.update({t: j})
+            normalisers.update({t: j}, mean=dp.mean)
             return j / normalisers[t]
 
         f, losses, grads = per_task_feature_gradients(model, x, targets, self.tasks, scale)
-        f.backward(self.gals.align(grads))  # encoder: sum_i gamma_i * g_i
-        # auxiliary task classifier (descends C') and GALs (ascend C' through the reversal)
+        # encoder: sum_i gamma_i * g_i (on N ranks, world x the whole batch's rows: the ranks' grads are averaged)
+        f.backward(self.gals.align(grads))
+        # auxiliary task classifier (descends C') and GALs (ascend C' through the reversal). Its samples are
+        # the whole batch's per-sample g_i: a rank's loss is a mean over its 1/world shard, so its g_i are
+        # world x those (shard correction)
         self._zero_own()
-        inp, labels = self.aux_inputs(grads, targets)
+        inp, labels = self.aux_inputs({t: g / dp.world for t, g in grads.items()}, targets)
         logits = self.aux(inp)
         aux_loss = F.cross_entropy(logits, labels)
         aux_loss.backward()
+        dp.average_gradients(list(self.aux.parameters()) + list(self.gals.parameters()))
         for opt in self._own_optimizers():
             opt.step()
         self.gals.clamp_()
