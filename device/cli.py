@@ -55,9 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lockstep", action="store_true",
                         help="never drop a camera frame (the source waits for the loop): offline processing")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default min(2, cores))")
-    parser.add_argument("--sequential", action="store_true",
-                        help="draw each frame before inferring the next (default: the next frame is inferred on "
-                             "a second thread while this one is drawn: more FPS, about one frame more latency)")
+    loop = parser.add_mutually_exclusive_group()
+    loop.add_argument("--pipelined", dest="sequential", action="store_false", default=None,
+                      help="infer the next frame on a second thread while this one is drawn (more FPS, about one "
+                           "frame more latency); the default for a model that takes 5 ms or more a frame")
+    loop.add_argument("--sequential", dest="sequential", action="store_true", default=None,
+                      help="draw each frame before inferring the next; the default for a faster model")
     parser.add_argument("--metrics", metavar="FILE", help="write the JSON summary here")
     parser.add_argument("--json", action="store_true", help="print the JSON summary on stdout instead of the "
                                                             "short human one")

@@ -5,11 +5,12 @@
     summary = rt.run()                             # blocks; returns the summary dict
 
 One frame: take the newest camera frame -> preprocess -> ONNX Runtime -> overlay + HUD ->
-window / recording -> (journal). By default two threads overlap consecutive frames: an inference
-thread preprocesses and infers frame N+1 while the calling thread draws and outputs frame N
-(:meth:`HeadsetRuntime._run_pipelined`); ``RuntimeConfig(sequential=True)`` (``--sequential``)
-runs each frame start to end on one thread. Models are swapped only between frames (see
-device.hotswap), at the same frame in both loops.
+window / recording -> (journal). Two loops: the pipelined one overlaps consecutive frames (an
+inference thread preprocesses and infers frame N+1 while the calling thread draws and outputs
+frame N: :meth:`HeadsetRuntime._run_pipelined`), the sequential one runs each frame start to end
+on one thread. ``RuntimeConfig.sequential`` (``--sequential`` / ``--pipelined``) picks one; by
+default the model's inference time on a probe frame does (:data:`PIPELINE_MIN_INFERENCE_MS`).
+Models are swapped only between frames (see device.hotswap), at the same frame in both loops.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from device import overlay
 from device.capture import CaptureThread, Frame, FrameSource, open_source
-from device.engine import InferenceEngine, Prediction, load_model
+from device.engine import InferenceEngine, Prediction, load_model, probe_frame
 from device.health import HealthMeter
 from device.hotswap import ModelManager, SwapTicket
 from device.journal import Journal, JournalSampler
@@ -60,10 +61,18 @@ class RuntimeConfig:
     journal_queue: int = 16
     frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
     snapshot_path: str | None = None  # PNG of the last frame shown (HUD included), written at the end
-    sequential: bool = False  # --sequential: one thread per frame, no overlap of drawing and inference
+    # True (--sequential): one thread per frame; False (--pipelined): drawing overlaps the next frame's
+    # inference; None: pipelined when the model's inference takes PIPELINE_MIN_INFERENCE_MS or more
+    sequential: bool | None = None
 
 
 HUD_REFRESH_FRAMES = 10  # the HUD's FPS and latency figures are refreshed every this many frames
+# The pipelined loop hides the drawing (~1 ms at 320x240) behind inference, which runs without the
+# GIL. With a model that infers in ~1 ms (the room model) both threads are mostly Python, they take
+# turns with the GIL, and on a loaded CPU a thread preempted while holding it stalls the other:
+# `hmd bench device --model room` measured the pipelined loop at 0.56-0.61x the sequential one's FPS,
+# and 1.24-1.37x for the base model (~40 ms a frame) in the same runs (README, "The headset").
+PIPELINE_MIN_INFERENCE_MS = 5.0
 
 
 @dataclasses.dataclass
@@ -135,6 +144,8 @@ class HeadsetRuntime:
         self._hud_frame = 0
         self._shown: np.ndarray | None = None
         self._outputs: tuple = (None, None, None)
+        self.loop = "not started"  # "pipelined" or "sequential" (_choose_loop)
+        self.probe_inference_ms: float | None = None  # what chose the loop, when the config did not
         self.exit_reason = "not started"
         self.journal: Journal | None = None
         self.watcher: FolderWatcher | None = None
@@ -218,6 +229,7 @@ class HeadsetRuntime:
             sampler = JournalSampler(cfg.journal_every, cfg.journal_scene_threshold)
         if cfg.watch_dir:
             self.watcher = FolderWatcher(cfg.watch_dir, self.offer_model, cfg.watch_interval).start()
+        self.loop = self._choose_loop()
         if self.on_start is not None:
             self.on_start(self)
         capture = CaptureThread(self.source, lockstep=cfg.lockstep).start()
@@ -226,7 +238,7 @@ class HeadsetRuntime:
         self._outputs = (window, recorder, sampler)
         t_start = time.perf_counter()
         try:
-            if cfg.sequential:
+            if self.loop == "sequential":
                 self._run_sequential(capture, t_start)
             else:
                 self._run_pipelined(capture, t_start)
@@ -254,6 +266,22 @@ class HeadsetRuntime:
         if cfg.metrics_path:
             atomic_write_json(cfg.metrics_path, self.summary)
         return self.summary
+
+    def _choose_loop(self) -> str:
+        """"sequential" or "pipelined": as configured, else by the model's median inference time on
+        a probe frame (five runs; the model is warm already)."""
+        if self.config.sequential is not None:
+            return "sequential" if self.config.sequential else "pipelined"
+        engine = self.models.active
+        spec = engine.manifest.input
+        x = probe_frame(spec.height, spec.width, spec.channels)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            engine.infer(x)
+            times.append((time.perf_counter() - t0) * 1000)
+        self.probe_inference_ms = float(np.median(times))
+        return "pipelined" if self.probe_inference_ms >= PIPELINE_MIN_INFERENCE_MS else "sequential"
 
     def _limit_reached(self, t_start: float) -> bool:
         """--max-frames or --duration reached (exit_reason set), checked before each frame."""
@@ -300,7 +328,7 @@ class HeadsetRuntime:
 
     # -- the pipelined loop ------------------------------------------------------------------
     def _run_pipelined(self, capture: CaptureThread, t_start: float) -> None:
-        """The default loop: an inference thread takes frame N+1, preprocesses and infers it while
+        """``--pipelined`` (the default for a slow enough model): an inference thread takes frame N+1, preprocesses and infers it while
         this thread draws and outputs frame N (ONNX Runtime and OpenCV release the GIL, so the two
         overlap). The hand-off holds one frame: frames stay in order and, with ``lockstep``, none is
         dropped. The window, its keys, the recorder, the journal and ``on_frame`` stay on the calling
@@ -465,6 +493,8 @@ class HeadsetRuntime:
             "frames_without_overlay": self.frames_without_overlay,
             "source": dict(self.source.info(), end=capture.end_reason if capture.ended else None),
             "exit_reason": self.exit_reason,
+            "loop": self.loop,
+            "probe_inference_ms": None if self.probe_inference_ms is None else round(self.probe_inference_ms, 3),
             "mode": self.shown_mode,
             "display": "window" if windowed else "headless",
             "headless_reason": None if windowed else self.headless_reason,

@@ -1,6 +1,7 @@
-"""The frame loop, pipelined (the default: frame N drawn while frame N+1 is inferred) and
---sequential: every frame shown once and in order, the same pictures from both, hot swaps between
-the same two frames, errors on either thread surface and end the run with nothing left running."""
+"""The frame loop, --pipelined (frame N drawn while frame N+1 is inferred) and --sequential: every
+frame shown once and in order, the same pictures from both, hot swaps between the same two frames,
+errors on either thread surface and end the run with nothing left running; by default the model's
+speed picks the loop."""
 import threading
 
 import numpy as np
@@ -93,7 +94,8 @@ def test_an_error_while_drawing_ends_the_run_and_surfaces(toy, loop_threads):
 
 
 def test_an_error_on_the_inference_thread_surfaces_on_the_caller(toy, loop_threads):
-    rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS)), toy("v1"), RuntimeConfig(headless=True, lockstep=True))
+    rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS)), toy("v1"),
+                        RuntimeConfig(headless=True, lockstep=True, sequential=False))
     calls = []
 
     def broken(image):
@@ -116,7 +118,7 @@ def test_the_cli_exits_non_zero_when_drawing_fails(toy, tmp_path, monkeypatch, l
     monkeypatch.setattr(overlay, "render", boom)
     with pytest.raises(ValueError, match="overlay failed"):  # uncaught by hmd: the process exits 1
         main(["device", "--model", str(toy("v1")), "--source", "synthetic", "--fps", "0", "--headless",
-              "--max-frames", "5", "-q"])
+              "--max-frames", "5", "--pipelined", "-q"])
     assert loop_threads() == []
 
 
@@ -128,7 +130,22 @@ def test_stop_ends_the_pipelined_run_after_the_frame_being_shown(toy, loop_threa
             rt.stop()  # as SIGTERM or the sync client do
 
     rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS), loop=True), toy("v1"),
-                        RuntimeConfig(headless=True, lockstep=True), on_frame=on_frame)
+                        RuntimeConfig(headless=True, lockstep=True, sequential=False), on_frame=on_frame)
     summary = rt.run()
-    assert summary["exit_reason"] == "stopped" and summary["frames_shown"] == 4
+    assert summary["exit_reason"] == "stopped" and summary["frames_shown"] == 4 and summary["loop"] == "pipelined"
     assert loop_threads() == []
+
+
+def test_by_default_the_models_speed_picks_the_loop(toy, monkeypatch):
+    """A model faster than PIPELINE_MIN_INFERENCE_MS (the toy, ~0.05 ms) runs sequentially; a
+    slower one pipelined; --sequential / --pipelined override the choice."""
+    from device import runtime
+
+    frames = gray_frames(LEVELS[:5])
+    _, fast = _run(toy("v1"), frames, sequential=None)
+    assert fast["loop"] == "sequential" and fast["probe_inference_ms"] < runtime.PIPELINE_MIN_INFERENCE_MS
+    monkeypatch.setattr(runtime, "PIPELINE_MIN_INFERENCE_MS", 0.0)
+    _, slow = _run(toy("v1"), frames, sequential=None)
+    assert slow["loop"] == "pipelined" and slow["frames_shown"] == 5 and "handoff" in slow["latency_ms"]
+    _, forced = _run(toy("v1"), frames, sequential=True)
+    assert forced["loop"] == "sequential" and forced["probe_inference_ms"] is None
