@@ -5,12 +5,11 @@
     summary = rt.run()                             # blocks; returns the summary dict
 
 One frame: take the newest camera frame -> preprocess -> ONNX Runtime -> overlay + HUD ->
-window / recording -> (journal). Two loops: the pipelined one overlaps consecutive frames (an
-inference thread preprocesses and infers frame N+1 while the calling thread draws and outputs
-frame N: :meth:`HeadsetRuntime._run_pipelined`), the sequential one runs each frame start to end
-on one thread. ``RuntimeConfig.sequential`` (``--sequential`` / ``--pipelined``) picks one; by
-default the model's inference time on a probe frame does (:data:`PIPELINE_MIN_INFERENCE_MS`).
-Models are swapped only between frames (see device.hotswap), at the same frame in both loops.
+window / recording -> (journal). Two loops: the sequential one (the default) runs each frame start
+to end on one thread; the pipelined one (``RuntimeConfig(pipelined=True)``, ``--pipelined``)
+overlaps consecutive frames: an inference thread preprocesses and infers frame N+1 while the
+calling thread draws and outputs frame N (:meth:`HeadsetRuntime._run_pipelined`). Models are
+swapped only between frames (see device.hotswap), at the same frame in both loops.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from device import overlay
 from device.capture import CaptureThread, Frame, FrameSource, open_source
-from device.engine import InferenceEngine, Prediction, load_model, probe_frame
+from device.engine import InferenceEngine, Prediction, load_model
 from device.health import HealthMeter
 from device.hotswap import ModelManager, SwapTicket
 from device.journal import Journal, JournalSampler
@@ -61,18 +60,17 @@ class RuntimeConfig:
     journal_queue: int = 16
     frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
     snapshot_path: str | None = None  # PNG of the last frame shown (HUD included), written at the end
-    # True (--sequential): one thread per frame; False (--pipelined): drawing overlaps the next frame's
-    # inference; None: pipelined when the model's inference takes PIPELINE_MIN_INFERENCE_MS or more
-    sequential: bool | None = None
-
+    # --pipelined: drawing frame N overlaps inferring frame N+1 on a second thread. Not the default:
+    # on 2 shared cores it measured no faster (README, "The headset"; PIPELINED_MEASURED below)
+    pipelined: bool = False
 
 HUD_REFRESH_FRAMES = 10  # the HUD's FPS and latency figures are refreshed every this many frames
-# The pipelined loop hides the drawing (~1 ms at 320x240) behind inference, which runs without the
-# GIL. With a model that infers in ~1 ms (the room model) both threads are mostly Python, they take
-# turns with the GIL, and on a loaded CPU a thread preempted while holding it stalls the other:
-# `hmd bench device --model room` measured the pipelined loop at 0.56-0.61x the sequential one's FPS,
-# and 1.24-1.37x for the base model (~40 ms a frame) in the same runs (README, "The headset").
-PIPELINE_MIN_INFERENCE_MS = 5.0
+# PIPELINED_MEASURED: the pipelined loop hides the drawing (~1 ms at 320x240) behind inference, which
+# runs without the GIL; but preprocess, interpret and the drawing are Python holding the GIL, the two
+# threads take turns with it, and on a loaded CPU a thread preempted while holding it stalls the other.
+# `hmd bench device` (2 shared cores, load 3-8) measured pipelined/sequential FPS 0.56-0.63 for the
+# room model (~1 ms a frame) and 0.91-1.37 for the base model (~35 ms a frame): not better, so the
+# sequential loop stays the default.
 
 
 @dataclasses.dataclass
@@ -144,8 +142,7 @@ class HeadsetRuntime:
         self._hud_frame = 0
         self._shown: np.ndarray | None = None
         self._outputs: tuple = (None, None, None)
-        self.loop = "not started"  # "pipelined" or "sequential" (_choose_loop)
-        self.probe_inference_ms: float | None = None  # what chose the loop, when the config did not
+        self.loop = "not started"  # "pipelined" or "sequential"
         self.exit_reason = "not started"
         self.journal: Journal | None = None
         self.watcher: FolderWatcher | None = None
@@ -229,7 +226,7 @@ class HeadsetRuntime:
             sampler = JournalSampler(cfg.journal_every, cfg.journal_scene_threshold)
         if cfg.watch_dir:
             self.watcher = FolderWatcher(cfg.watch_dir, self.offer_model, cfg.watch_interval).start()
-        self.loop = self._choose_loop()
+        self.loop = "pipelined" if cfg.pipelined else "sequential"
         if self.on_start is not None:
             self.on_start(self)
         capture = CaptureThread(self.source, lockstep=cfg.lockstep).start()
@@ -238,10 +235,10 @@ class HeadsetRuntime:
         self._outputs = (window, recorder, sampler)
         t_start = time.perf_counter()
         try:
-            if self.loop == "sequential":
-                self._run_sequential(capture, t_start)
-            else:
+            if self.loop == "pipelined":
                 self._run_pipelined(capture, t_start)
+            else:
+                self._run_sequential(capture, t_start)
         except KeyboardInterrupt:
             self.exit_reason = "interrupted"
         finally:
@@ -267,22 +264,6 @@ class HeadsetRuntime:
             atomic_write_json(cfg.metrics_path, self.summary)
         return self.summary
 
-    def _choose_loop(self) -> str:
-        """"sequential" or "pipelined": as configured, else by the model's median inference time on
-        a probe frame (five runs; the model is warm already)."""
-        if self.config.sequential is not None:
-            return "sequential" if self.config.sequential else "pipelined"
-        engine = self.models.active
-        spec = engine.manifest.input
-        x = probe_frame(spec.height, spec.width, spec.channels)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            engine.infer(x)
-            times.append((time.perf_counter() - t0) * 1000)
-        self.probe_inference_ms = float(np.median(times))
-        return "pipelined" if self.probe_inference_ms >= PIPELINE_MIN_INFERENCE_MS else "sequential"
-
     def _limit_reached(self, t_start: float) -> bool:
         """--max-frames or --duration reached (exit_reason set), checked before each frame."""
         cfg = self.config
@@ -306,7 +287,7 @@ class HeadsetRuntime:
         return None
 
     def _run_sequential(self, capture: CaptureThread, t_start: float) -> None:
-        """``--sequential``: one thread takes a frame, infers, draws and outputs it, then the next."""
+        """The default loop: one thread takes a frame, infers, draws and outputs it, then the next."""
         waited_since: float | None = None
         while not self._stop.is_set() and not self._limit_reached(t_start):
             self.models.between_frames()
@@ -328,7 +309,7 @@ class HeadsetRuntime:
 
     # -- the pipelined loop ------------------------------------------------------------------
     def _run_pipelined(self, capture: CaptureThread, t_start: float) -> None:
-        """``--pipelined`` (the default for a slow enough model): an inference thread takes frame N+1, preprocesses and infers it while
+        """``--pipelined``: an inference thread takes frame N+1, preprocesses and infers it while
         this thread draws and outputs frame N (ONNX Runtime and OpenCV release the GIL, so the two
         overlap). The hand-off holds one frame: frames stay in order and, with ``lockstep``, none is
         dropped. The window, its keys, the recorder, the journal and ``on_frame`` stay on the calling
@@ -494,7 +475,6 @@ class HeadsetRuntime:
             "source": dict(self.source.info(), end=capture.end_reason if capture.ended else None),
             "exit_reason": self.exit_reason,
             "loop": self.loop,
-            "probe_inference_ms": None if self.probe_inference_ms is None else round(self.probe_inference_ms, 3),
             "mode": self.shown_mode,
             "display": "window" if windowed else "headless",
             "headless_reason": None if windowed else self.headless_reason,

@@ -8,8 +8,8 @@ its exported size, fed a wearer's walk through a rendered room at 320x240, RGB i
 latency of torch eager, ONNX Runtime FP32 and INT8 (the device's own loader,
 device.engine.load_model, with the same thread count as torch); the full headset pipeline (`hmd
 device` in a subprocess, so its memory is the device's, free of torch) over the same frames,
-through the loop `hmd device` picks for the model and, in FP32, through ``--pipelined`` and
-``--sequential`` each; the model's FLOPs
+through the default loop and, in FP32, through ``--pipelined`` and ``--sequential`` each; the
+model's FLOPs
 (torch.utils.flop_counter) and the achieved GFLOP/s against an estimate of this CPU's peak. JSON on
 stdout; the command is in the output.
 """
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
         pipes, cmds = {}, {}
-        # the default loop (chosen by the model's speed) in FP32 and INT8, and FP32 through each loop
+        # the default loop in FP32 and INT8, and FP32 through each loop
         for name, precision, extra in (("fp32", "fp32", []), ("fp32-pipelined", "fp32", ["--pipelined"]),
                                        ("fp32-sequential", "fp32", ["--sequential"]), ("int8", "int8", [])):
             metrics = tmp / f"pipeline-{name}.json"
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                      "command": " ".join(["hmd device"] + cmds["fp32"][4:])},
         # the same FP32 frames through each loop: what pipelining gains in FPS and costs in latency
         # (capture_to_shown); "default" is the loop `hmd device` picked for this model
-        "loops": {"default": pipe["loop"], "probe_inference_ms": pipe["probe_inference_ms"],
+        "loops": {"default": pipe["loop"],
                   "pipelined/sequential_fps": round(pipelined["fps"] / sequential["fps"], 3),
                   **{name: {"fps": run["fps"], "frames": run["frames_shown"],
                             "latency_ms_p50": {k: v.get("p50") for k, v in run["latency_ms"].items()}}

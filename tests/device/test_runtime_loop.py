@@ -1,7 +1,6 @@
 """The frame loop, --pipelined (frame N drawn while frame N+1 is inferred) and --sequential: every
 frame shown once and in order, the same pictures from both, hot swaps between the same two frames,
-errors on either thread surface and end the run with nothing left running; by default the model's
-speed picks the loop."""
+errors on either thread surface and end the run with nothing left running."""
 import threading
 
 import numpy as np
@@ -18,7 +17,7 @@ LEVELS = [(7 * i) % 250 + 3 for i in range(40)]  # a different gray level for ev
 
 def _run(toy_model, frames, *, sequential=False, on_frame=None, **cfg):
     rt = HeadsetRuntime(ArraySource(frames), toy_model,
-                        RuntimeConfig(headless=True, lockstep=True, sequential=sequential, **cfg), on_frame=on_frame)
+                        RuntimeConfig(headless=True, lockstep=True, pipelined=not sequential, **cfg), on_frame=on_frame)
     return rt, rt.run()
 
 
@@ -70,7 +69,7 @@ def test_a_hot_swap_falls_between_the_same_two_frames_in_both_loops(toy, sequent
             assert rt.offer_model(v2).wait(timeout=20)
 
     rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS[:24])), toy("v1"),
-                        RuntimeConfig(headless=True, lockstep=True, sequential=sequential), on_frame=on_frame)
+                        RuntimeConfig(headless=True, lockstep=True, pipelined=not sequential), on_frame=on_frame)
     summary = rt.run()
     assert versions == ["v1"] * 10 + ["v2"] * 14
     swap = [e for e in summary["model"]["events"] if e["kind"] == "swapped"]
@@ -95,7 +94,7 @@ def test_an_error_while_drawing_ends_the_run_and_surfaces(toy, loop_threads):
 
 def test_an_error_on_the_inference_thread_surfaces_on_the_caller(toy, loop_threads):
     rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS)), toy("v1"),
-                        RuntimeConfig(headless=True, lockstep=True, sequential=False))
+                        RuntimeConfig(headless=True, lockstep=True, pipelined=True))
     calls = []
 
     def broken(image):
@@ -130,22 +129,13 @@ def test_stop_ends_the_pipelined_run_after_the_frame_being_shown(toy, loop_threa
             rt.stop()  # as SIGTERM or the sync client do
 
     rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS), loop=True), toy("v1"),
-                        RuntimeConfig(headless=True, lockstep=True, sequential=False), on_frame=on_frame)
+                        RuntimeConfig(headless=True, lockstep=True, pipelined=True), on_frame=on_frame)
     summary = rt.run()
     assert summary["exit_reason"] == "stopped" and summary["frames_shown"] == 4 and summary["loop"] == "pipelined"
     assert loop_threads() == []
 
 
-def test_by_default_the_models_speed_picks_the_loop(toy, monkeypatch):
-    """A model faster than PIPELINE_MIN_INFERENCE_MS (the toy, ~0.05 ms) runs sequentially; a
-    slower one pipelined; --sequential / --pipelined override the choice."""
-    from device import runtime
-
-    frames = gray_frames(LEVELS[:5])
-    _, fast = _run(toy("v1"), frames, sequential=None)
-    assert fast["loop"] == "sequential" and fast["probe_inference_ms"] < runtime.PIPELINE_MIN_INFERENCE_MS
-    monkeypatch.setattr(runtime, "PIPELINE_MIN_INFERENCE_MS", 0.0)
-    _, slow = _run(toy("v1"), frames, sequential=None)
-    assert slow["loop"] == "pipelined" and slow["frames_shown"] == 5 and "handoff" in slow["latency_ms"]
-    _, forced = _run(toy("v1"), frames, sequential=True)
-    assert forced["loop"] == "sequential" and forced["probe_inference_ms"] is None
+def test_the_sequential_loop_is_the_default(toy):
+    rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS[:5])), toy("v1"), RuntimeConfig(headless=True, lockstep=True))
+    summary = rt.run()
+    assert summary["loop"] == "sequential" and summary["frames_shown"] == 5 and "handoff" not in summary["latency_ms"]
