@@ -61,11 +61,12 @@ class RuntimeConfig:
     frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
     snapshot_path: str | None = None  # PNG of the last frame shown (HUD included), written at the end
     # --pipelined: drawing frame N overlaps inferring frame N+1 on a second thread. Not the default:
-    # on 2 shared cores it measured no faster (README, "The headset"; PIPELINED_MEASURED below)
+    # on 2 shared cores it measured no faster (README, "The headset"; the comment below)
     pipelined: bool = False
 
+
 HUD_REFRESH_FRAMES = 10  # the HUD's FPS and latency figures are refreshed every this many frames
-# PIPELINED_MEASURED: the pipelined loop hides the drawing (~1 ms at 320x240) behind inference, which
+# Why --pipelined is not the default: it hides the drawing (~1 ms at 320x240) behind inference, which
 # runs without the GIL; but preprocess, interpret and the drawing are Python holding the GIL, the two
 # threads take turns with it, and on a loaded CPU a thread preempted while holding it stalls the other.
 # `hmd bench device` (2 shared cores, load 3-8) measured pipelined/sequential FPS 0.56-0.63 for the
