@@ -69,8 +69,8 @@ HUD_REFRESH_FRAMES = 10  # the HUD's FPS and latency figures are refreshed every
 # Why --pipelined is not the default: it hides the drawing (~1 ms at 320x240) behind inference, which
 # runs without the GIL; but preprocess, interpret and the drawing are Python holding the GIL, the two
 # threads take turns with it, and on a loaded CPU a thread preempted while holding it stalls the other.
-# `hmd bench device` (2 shared cores, load 3-8) measured pipelined/sequential FPS 0.56-0.63 for the
-# room model (~1 ms a frame) and 0.91-1.37 for the base model (~35 ms a frame): not better, so the
+# `hmd bench device` (2 shared cores, load 2-8) measured pipelined/sequential FPS 0.55-0.63 for the
+# room model (~1 ms a frame) and 0.90-1.37 for the base model (~35 ms a frame): not better, so the
 # sequential loop stays the default.
 
 
@@ -276,34 +276,39 @@ class HeadsetRuntime:
             return True
         return False
 
-    def _next_frame(self, capture: CaptureThread, waited_since: float) -> Frame | str | None:
-        """The next camera frame; None: none yet (ask again); a string: the run ends, for that reason."""
-        frame = capture.get(timeout=0.2)
-        if frame is not None:
-            return frame
-        if capture.ended:
-            return f"source ended ({capture.end_reason})"
-        if time.perf_counter() - waited_since > self.config.frame_timeout:
-            return f"no frame from the source for {self.config.frame_timeout:g} s"
-        return None
+    def _frames(self, capture: CaptureThread):
+        """A frame taker: ``take()`` -> (frame, ms waited for it, when it came); the frame is None when
+        none came yet (ask again), or a string when the run ends, for that reason."""
+        cfg = self.config
+        since: list[float | None] = [None]  # from the first ask for this frame
+
+        def take() -> tuple[Frame | str | None, float, float]:
+            now = time.perf_counter()
+            if since[0] is None:
+                since[0] = now
+            frame = capture.get(timeout=0.2)
+            if frame is None:
+                if capture.ended:
+                    return f"source ended ({capture.end_reason})", 0.0, now
+                if time.perf_counter() - since[0] > cfg.frame_timeout:
+                    return f"no frame from the source for {cfg.frame_timeout:g} s", 0.0, now
+                return None, 0.0, now
+            got = time.perf_counter()
+            wait_ms, since[0] = (got - since[0]) * 1000, None
+            return frame, wait_ms, got
+        return take
 
     def _run_sequential(self, capture: CaptureThread, t_start: float) -> None:
         """The default loop: one thread takes a frame, infers, draws and outputs it, then the next."""
-        waited_since: float | None = None
+        take = self._frames(capture)
         while not self._stop.is_set() and not self._limit_reached(t_start):
             self.models.between_frames()
-            t0 = time.perf_counter()
-            if waited_since is None:
-                waited_since = t0
-            frame = self._next_frame(capture, waited_since)
+            frame, wait_ms, t1 = take()
             if isinstance(frame, str):
                 self.exit_reason = frame
                 return
             if frame is None:
                 continue
-            t1 = time.perf_counter()
-            wait_ms = (t1 - waited_since) * 1000
-            waited_since = None
             pred, pre_ms, inf_ms = self._predict(frame.image)
             self._show(_Inferred(frame, pred, wait_ms, pre_ms, inf_ms, t1, time.perf_counter()))
             self.models.frames_shown = self.frames_shown
@@ -354,7 +359,7 @@ class HeadsetRuntime:
         """The inference thread: frame -> preprocess -> ONNX Runtime -> interpret -> hand-off."""
         cfg = self.config
         inferred = 0
-        waited_since: float | None = None
+        take = self._frames(capture)
 
         def put(item) -> bool:
             while not halt.is_set():
@@ -369,18 +374,12 @@ class HeadsetRuntime:
             while not halt.is_set() and not self._stop.is_set():
                 if cfg.max_frames is not None and inferred >= cfg.max_frames:
                     return  # the drawing side ends the run once it has shown them
-                t0 = time.perf_counter()
-                if waited_since is None:
-                    waited_since = t0
-                frame = self._next_frame(capture, waited_since)
+                frame, wait_ms, t1 = take()
                 if isinstance(frame, str):
                     put(_StageEnd(frame))
                     return
                 if frame is None:
                     continue
-                t1 = time.perf_counter()
-                wait_ms = (t1 - waited_since) * 1000
-                waited_since = None
                 with self._engine_lock:
                     swaps = self._swaps
                     self.models.frames_shown = inferred  # a rollback's frame number: frames before this one
