@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop = parser.add_mutually_exclusive_group()
     loop.add_argument("--pipelined", dest="pipelined", action="store_true", default=False,
                       help="infer the next frame on a second thread while this one is drawn (about one frame more "
-                           "latency; on 2 shared cores it measured no faster: README, 'The headset')")
+                           "latency; faster on quiet cores, slower on loaded ones: README, 'The headset')")
     loop.add_argument("--sequential", dest="pipelined", action="store_false",
                       help="draw each frame before inferring the next (the default)")
     parser.add_argument("--metrics", metavar="FILE", help="write the JSON summary here")

@@ -61,7 +61,7 @@ class RuntimeConfig:
     frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
     snapshot_path: str | None = None  # PNG of the last frame shown (HUD included), written at the end
     # --pipelined: drawing frame N overlaps inferring frame N+1 on a second thread. Not the default:
-    # on 2 shared cores it measured no faster (README, "The headset"; the comment below)
+    # on 2 shared cores it measured faster only when they were quiet (README, "The headset"; below)
     pipelined: bool = False
 
 
@@ -69,9 +69,9 @@ HUD_REFRESH_FRAMES = 10  # the HUD's FPS and latency figures are refreshed every
 # Why --pipelined is not the default: it hides the drawing (~1 ms at 320x240) behind inference, which
 # runs without the GIL; but preprocess, interpret and the drawing are Python holding the GIL, the two
 # threads take turns with it, and on a loaded CPU a thread preempted while holding it stalls the other.
-# `hmd bench device` (2 shared cores, load 2-8) measured pipelined/sequential FPS 0.55-0.63 for the
-# room model (~1 ms a frame) and 0.90-1.37 for the base model (~35 ms a frame): not better, so the
-# sequential loop stays the default.
+# `hmd bench device` (2 shared cores) measured pipelined/sequential FPS 0.55-0.63 for the room model
+# (~1 ms a frame) and 0.90-1.37 for the base model (~35 ms a frame) at load 2-8, 1.21-1.45 (room) and
+# 1.04 (base) at load 1.1-1.9: better only on a quiet machine, so the sequential loop stays the default.
 
 
 @dataclasses.dataclass
