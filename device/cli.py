@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lockstep", action="store_true",
                         help="never drop a camera frame (the source waits for the loop): offline processing")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default min(2, cores))")
+    loop = parser.add_mutually_exclusive_group()
+    loop.add_argument("--pipelined", dest="pipelined", action="store_true", default=False,
+                      help="infer the next frame on a second thread while this one is drawn (about one frame more "
+                           "latency; faster on quiet cores, slower on loaded ones: README, 'The headset')")
+    loop.add_argument("--sequential", dest="pipelined", action="store_false",
+                      help="draw each frame before inferring the next (the default)")
     parser.add_argument("--metrics", metavar="FILE", help="write the JSON summary here")
     parser.add_argument("--json", action="store_true", help="print the JSON summary on stdout instead of the "
                                                             "short human one")
@@ -215,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         quiet_video_backend()  # FFmpeg's own messages ("moov atom not found") before our one-line error
     cfg = RuntimeConfig(mode=args.mode, hud=not args.no_hud, headless=True if args.headless else None,
                         record=args.record, max_frames=args.max_frames, duration=args.duration,
-                        lockstep=args.lockstep, threads=args.threads, metrics_path=args.metrics,
+                        lockstep=args.lockstep, threads=args.threads, pipelined=args.pipelined,
+                        metrics_path=args.metrics,
                         store_dir=args.store, watch_dir=args.watch, public_key=_public_key(args.trusted_key),
                         journal_dir=args.journal, journal_mb=args.journal_mb, journal_every=args.journal_every,
                         journal_scene_threshold=args.journal_scene, snapshot_path=args.snapshot)

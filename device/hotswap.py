@@ -164,6 +164,11 @@ class ModelManager:
             ticket._verified.set()
 
     # -- the frame loop's thread -------------------------------------------------------------
+    @property
+    def candidate_ready(self) -> bool:
+        """A verified, warmed candidate waits for :meth:`between_frames` (a cheap read, no lock)."""
+        return self._pending is not None
+
     def between_frames(self) -> InferenceEngine:
         """Swap in a waiting candidate (cheap when there is none); returns the engine to use."""
         if self._pending is not None:

@@ -61,8 +61,10 @@ WIDEST_STATS = "999.9 fps  9999/9999 ms p50/p95"
 MIN_MODEL_FIELD = "model 0123456789ab  [side-by-side]"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class HudInfo:
+    """What the HUD says (hashable: :func:`with_hud` draws each distinct one once)."""
+
     fps: float
     p50_ms: float
     p95_ms: float
@@ -84,58 +86,84 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _gray_bgr(gray01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    return cv2.cvtColor(_up(_to_u8(gray01), size), cv2.COLOR_GRAY2BGR)
+def _plain(view_bgr: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """The view unchanged: a new copy, or copied into ``out``."""
+    if out is None:
+        return view_bgr.copy()
+    out[...] = view_bgr
+    return out
 
 
-def edges_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _solid(shape: tuple[int, ...], bgr: tuple[int, int, int]) -> np.ndarray:
+    """A read-only image of one colour (made once per size, not once per frame)."""
+    img = np.empty(shape, np.uint8)
+    img[:] = bgr
+    img.flags.writeable = False
+    return img
+
+
+def edges_view(view_bgr: np.ndarray, pred: Prediction, out: np.ndarray | None = None) -> np.ndarray:
     """The camera view with the edge map blended in green, strength = edge probability."""
     if pred.edges is None:
-        return view_bgr.copy()
+        return _plain(view_bgr, out)
     alpha = _up(np.clip(pred.edges, 0, 1).astype(np.float32, copy=False), view_bgr.shape[:2])
-    green = np.empty_like(view_bgr)
-    green[:] = EDGE_COLOUR_BGR.astype(np.uint8)
+    green = _solid(view_bgr.shape, tuple(int(v) for v in EDGE_COLOUR_BGR))
     # one OpenCV call: view * (1 - alpha) + green * alpha, rounded (a numpy float blend cost
     # 0.4 ms a frame at 128x128, most of the overlay's time)
-    return cv2.blendLinear(view_bgr, green, 1.0 - alpha, alpha)
+    return cv2.blendLinear(view_bgr, green, 1.0 - alpha, alpha, dst=out)
 
 
-def colour_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+def colour_view(view_bgr: np.ndarray, pred: Prediction, out: np.ndarray | None = None) -> np.ndarray:
     if pred.colour is None:
-        return view_bgr.copy()
-    return cv2.cvtColor(_up(_to_u8(pred.colour), view_bgr.shape[:2]), cv2.COLOR_RGB2BGR)
+        return _plain(view_bgr, out)
+    return cv2.cvtColor(_up(_to_u8(pred.colour), view_bgr.shape[:2]), cv2.COLOR_RGB2BGR, dst=out)
 
 
-def denoised_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+def denoised_view(view_bgr: np.ndarray, pred: Prediction, out: np.ndarray | None = None) -> np.ndarray:
     if pred.denoised is None:
-        return view_bgr.copy()
-    return _gray_bgr(pred.denoised, view_bgr.shape[:2])
+        return _plain(view_bgr, out)
+    return cv2.cvtColor(_up(_to_u8(pred.denoised), view_bgr.shape[:2]), cv2.COLOR_GRAY2BGR, dst=out)
 
 
 def side_by_side(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
     """A 2 x 2 grid at the frame's size: view, edges, colour, denoised (a room model: view, depth,
     normals, layout), each labelled in its top-left corner (:data:`TILE_LABELS`,
     :data:`ROOM_TILE_LABELS`) when the tile has room for it (from ~200x150 frames up). Each tile is
-    drawn at tile size (the view shrunk once, the outputs resized straight to it): a quarter of the pixels."""
+    drawn at tile size straight into its quarter of the grid (the view shrunk once, the outputs
+    resized straight to it; no tile is drawn elsewhere and copied): a quarter of the pixels."""
     h, w = view_bgr.shape[:2]
     hh, hw = h // 2, w // 2
-    small = cv2.resize(view_bgr, (hw, hh), interpolation=cv2.INTER_AREA)
-    if pred.task_set == "room":
-        tiles, labels = [small] + [ROOM_RENDERERS[m](small, pred) for m in ROOM_MODES[:3]], ROOM_TILE_LABELS
-    else:
-        tiles = [small, edges_view(small, pred), colour_view(small, pred), denoised_view(small, pred)]
-        labels = TILE_LABELS
-    out = np.zeros_like(view_bgr)
+    # an odd side leaves a last row / column outside the tiles: black
+    out = np.empty_like(view_bgr) if h % 2 == 0 and w % 2 == 0 else np.zeros_like(view_bgr)
+    quarters = [out[r * hh:(r + 1) * hh, c * hw:(c + 1) * hw] for r in (0, 1) for c in (0, 1)]
+    small = cv2.resize(view_bgr, (hw, hh), dst=quarters[0], interpolation=cv2.INTER_AREA)
+    room = pred.task_set == "room"
+    modes, labels = (ROOM_MODES, ROOM_TILE_LABELS) if room else (TILE_LABELS[1:], TILE_LABELS)
+    for mode, quarter in zip(modes[:3], quarters[1:]):
+        RENDERERS[mode](small, pred, out=quarter)
     style = text_style(h)
-    for k, (tile, label) in enumerate(zip(tiles, labels)):
-        r, c = divmod(k, 2)
-        out[r * hh:(r + 1) * hh, c * hw:(c + 1) * hw] = tile
-        bw, bh = label_box(label, style)
-        if bw <= 0.6 * hw and bh <= hh / 3:  # a tile too small for its label keeps all its pixels
-            draw_label(out, label, c * hw, r * hh, style)
+    for label, x, y in _tile_labels(labels, h, w):  # after every tile: the camera tile is the others' input
+        draw_label(out, label, x, y, style)
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _tile_labels(labels: tuple[str, ...], h: int, w: int) -> tuple[tuple[str, int, int], ...]:
+    """(label, x, y) of the tile labels that fit a ``w`` x ``h`` grid (a tile too small for its
+    label keeps all its pixels)."""
+    hh, hw = h // 2, w // 2
+    style = text_style(h)
+    fits = []
+    for k, label in enumerate(labels):
+        r, c = divmod(k, 2)
+        bw, bh = label_box(label, style)
+        if bw <= 0.6 * hw and bh <= hh / 3:
+            fits.append((label, c * hw, r * hh))
+    return tuple(fits)
+
+
+@functools.lru_cache(maxsize=64)
 def label_box(label: str, style: "TextStyle") -> tuple[int, int]:
     """(width, height) of the dark box :func:`draw_label` draws for ``label``."""
     return style.width(label) + 2 * style.pad, style.line_height
@@ -145,7 +173,7 @@ def draw_label(img_bgr: np.ndarray, label: str, x: int, y: int, style: "TextStyl
     """``label`` in white on a darkened box whose top-left corner is (x, y) (in place)."""
     bw, bh = label_box(label, style)
     box = img_bgr[y:y + bh, x:x + bw]
-    box[:] = box >> 2  # darkened, not blacked out: the tile stays visible under it
+    np.right_shift(box, 2, out=box)  # darkened, not blacked out: the tile stays visible under it
     style.put(img_bgr, label, x + style.pad, y + style.pad // 2)
 
 
@@ -162,24 +190,25 @@ def class_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
     return out
 
 
-def depth_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+def depth_view(view_bgr: np.ndarray, pred: Prediction, out: np.ndarray | None = None) -> np.ndarray:
     """The predicted depth on the fixed near-to-far colour scale of device/overlay_room.py."""
     if pred.depth is None:
-        return view_bgr.copy()
-    return overlay_room.depth_view(view_bgr, pred.depth)
+        return _plain(view_bgr, out)
+    return overlay_room.depth_view(view_bgr, pred.depth, out=out)
 
 
-def normals_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+def normals_view(view_bgr: np.ndarray, pred: Prediction, out: np.ndarray | None = None) -> np.ndarray:
     if pred.normals is None:
-        return view_bgr.copy()
-    return overlay_room.normals_view(view_bgr, pred.normals)
+        return _plain(view_bgr, out)
+    return overlay_room.normals_view(view_bgr, pred.normals, out=out)
 
 
-def layout_view(view_bgr: np.ndarray, pred: Prediction) -> np.ndarray:
+def layout_view(view_bgr: np.ndarray, pred: Prediction, out: np.ndarray | None = None) -> np.ndarray:
     """The room's wireframe, read from the predicted keypoint heatmaps, over the view."""
     if pred.keypoints is None:
-        return view_bgr.copy()
-    return overlay_room.layout_view(view_bgr, heatmaps=pred.keypoints, thickness=max(1, view_bgr.shape[0] // 160))
+        return _plain(view_bgr, out)
+    return overlay_room.layout_view(view_bgr, heatmaps=pred.keypoints, thickness=max(1, view_bgr.shape[0] // 160),
+                                    out=out)
 
 
 ROOM_RENDERERS = {"depth": depth_view, "normals": normals_view, "layout": layout_view}
@@ -267,13 +296,21 @@ def _model_field(hud: HudInfo, max_width: int, style: TextStyle) -> str:
 def with_hud(img_bgr: np.ndarray, hud: HudInfo) -> np.ndarray:
     """A new image: a band with FPS, latency p50/p95, the model version and the mode (and a note
     first, in amber) above ``img_bgr``, which is copied untouched below it. A version name too long
-    for the band is shortened in the middle, never cut off."""
+    for the band is shortened in the middle, never cut off. The band is drawn once per distinct
+    ``hud`` (the frame loop refreshes its figures every few frames: most frames copy a cached band)."""
     h, w = img_bgr.shape[:2]
+    band = _hud_band(w, h, hud)
+    out = np.empty((band.shape[0] + h, w, 3), np.uint8)
+    out[:band.shape[0]] = band
+    out[band.shape[0]:] = img_bgr
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _hud_band(w: int, h: int, hud: HudInfo) -> np.ndarray:
+    """The HUD band (read-only) above a ``w`` x ``h`` frame."""
     style = text_style(h)
-    band = hud_height(w, h)
-    out = np.empty((band + h, w, 3), np.uint8)
-    out[:band] = HUD_BACKGROUND
-    out[band:] = img_bgr
+    out = np.full((hud_height(w, h), w, 3), HUD_BACKGROUND, np.uint8)
     avail = w - 2 * style.pad
     stats = f"{hud.fps:.1f} fps  {hud.p50_ms:.0f}/{hud.p95_ms:.0f} ms p50/p95"
     y = style.pad
@@ -290,4 +327,5 @@ def with_hud(img_bgr: np.ndarray, hud: HudInfo) -> np.ndarray:
         style.put(out, note, x, y, AMBER)
         x += style.width(note)
     style.put(out, elide(stats, left_room - (x - style.pad), style), x, y)
+    out.flags.writeable = False
     return out

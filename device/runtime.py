@@ -5,12 +5,17 @@
     summary = rt.run()                             # blocks; returns the summary dict
 
 One frame: take the newest camera frame -> preprocess -> ONNX Runtime -> overlay + HUD ->
-window / recording -> (journal). Models are swapped only between frames (see device.hotswap).
+window / recording -> (journal). Two loops: the sequential one (the default) runs each frame start
+to end on one thread; the pipelined one (``RuntimeConfig(pipelined=True)``, ``--pipelined``)
+overlaps consecutive frames: an inference thread preprocesses and infers frame N+1 while the
+calling thread draws and outputs frame N (:meth:`HeadsetRuntime._run_pipelined`). Models are
+swapped only between frames (see device.hotswap), at the same frame in both loops.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -20,7 +25,7 @@ import cv2
 import numpy as np
 
 from device import overlay
-from device.capture import CaptureThread, FrameSource, open_source
+from device.capture import CaptureThread, Frame, FrameSource, open_source
 from device.engine import InferenceEngine, Prediction, load_model
 from device.health import HealthMeter
 from device.hotswap import ModelManager, SwapTicket
@@ -55,6 +60,41 @@ class RuntimeConfig:
     journal_queue: int = 16
     frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
     snapshot_path: str | None = None  # PNG of the last frame shown (HUD included), written at the end
+    # --pipelined: drawing frame N overlaps inferring frame N+1 on a second thread. Not the default:
+    # on 2 shared cores it measured faster only when they were quiet (README, "The headset"; below)
+    pipelined: bool = False
+
+
+HUD_REFRESH_FRAMES = 10  # the HUD's FPS and latency figures are refreshed every this many frames
+# Why --pipelined is not the default: it hides the drawing (~1 ms at 320x240) behind inference, which
+# runs without the GIL; but preprocess, interpret and the drawing are Python holding the GIL, the two
+# threads take turns with it, and on a loaded CPU a thread preempted while holding it stalls the other.
+# `hmd bench device` (2 shared cores) measured pipelined/sequential FPS 0.55-0.63 for the room model
+# (~1 ms a frame) and 0.90-1.37 for the base model (~35 ms a frame) at load 2-8, 1.21-1.45 (room) and
+# 1.04 (base) at load 1.1-1.9: better only on a quiet machine, so the sequential loop stays the default.
+
+
+@dataclasses.dataclass
+class _Inferred:
+    """A frame with its prediction and the timings so far, on its way to be shown."""
+
+    frame: Frame
+    pred: Prediction | None
+    wait_ms: float
+    pre_ms: float
+    inf_ms: float
+    t_got: float  # perf_counter when the loop took the frame from the capture thread
+    t_inferred: float
+    swaps: int = 0  # the runtime's swap count when it was inferred (pipelined loop)
+    t_handed: float | None = None  # when the drawing thread took it (pipelined loop)
+
+
+@dataclasses.dataclass
+class _StageEnd:
+    """The inference thread ended: the source ended or stalled (``reason``), or it failed (``error``)."""
+
+    reason: str
+    error: BaseException | None = None
 
 
 class HeadsetRuntime:
@@ -95,6 +135,15 @@ class HeadsetRuntime:
         self.frames_without_overlay = 0
         self.health = HealthMeter()  # per-version counts the sync client reports (POST /v1/health)
         self._stop = threading.Event()
+        # the pipelined loop: the inference thread and a swap on the drawing thread take turns with the
+        # model manager under this lock; _swaps counts swaps, so a frame run on an older model is known
+        self._engine_lock = threading.Lock()
+        self._swaps = 0
+        self._hud: overlay.HudInfo | None = None
+        self._hud_frame = 0
+        self._shown: np.ndarray | None = None
+        self._outputs: tuple = (None, None, None)
+        self.loop = "not started"  # "pipelined" or "sequential"
         self.exit_reason = "not started"
         self.journal: Journal | None = None
         self.watcher: FolderWatcher | None = None
@@ -142,7 +191,6 @@ class HeadsetRuntime:
                     break
                 self.health.rollback(engine.version)
                 engine = retry
-        self.frames_without_overlay += 1
         return None, 0.0, 0.0
 
     def _handle_key(self, key: int) -> None:
@@ -179,73 +227,19 @@ class HeadsetRuntime:
             sampler = JournalSampler(cfg.journal_every, cfg.journal_scene_threshold)
         if cfg.watch_dir:
             self.watcher = FolderWatcher(cfg.watch_dir, self.offer_model, cfg.watch_interval).start()
+        self.loop = "pipelined" if cfg.pipelined else "sequential"
         if self.on_start is not None:
             self.on_start(self)
         capture = CaptureThread(self.source, lockstep=cfg.lockstep).start()
         self.exit_reason = "stopped"
-        shown = None
+        self._shown = None
+        self._outputs = (window, recorder, sampler)
         t_start = time.perf_counter()
-        waited_since: float | None = None
         try:
-            while not self._stop.is_set():
-                if cfg.max_frames is not None and self.frames_shown >= cfg.max_frames:
-                    self.exit_reason = "max frames"
-                    break
-                if cfg.duration is not None and time.perf_counter() - t_start >= cfg.duration:
-                    self.exit_reason = "duration"
-                    break
-                self.models.between_frames()
-                t0 = time.perf_counter()
-                if waited_since is None:
-                    waited_since = t0
-                frame = capture.get(timeout=0.2)
-                if frame is None:
-                    if capture.ended:
-                        self.exit_reason = f"source ended ({capture.end_reason})"
-                        break
-                    if time.perf_counter() - waited_since > cfg.frame_timeout:
-                        self.exit_reason = f"no frame from the source for {cfg.frame_timeout:g} s"
-                        break
-                    continue
-                t1 = time.perf_counter()
-                wait_ms = (t1 - waited_since) * 1000
-                waited_since = None
-                pred, pre_ms, inf_ms = self._predict(frame.image)
-                t2 = time.perf_counter()
-                mode = self.shown_mode
-                shown = overlay.render(frame.image, pred, mode)
-                if self.hud:
-                    p50, p95 = self.timer.recent_p50_p95()
-                    note = "" if pred is not None else "NO MODEL OUTPUT"
-                    shown = overlay.with_hud(shown, overlay.HudInfo(self.timer.fps(), p50, p95,
-                                                                    self.models.active.version, mode, note))
-                t3 = time.perf_counter()
-                if window is not None:
-                    key = window.show(shown)
-                    if key >= 0:
-                        self._handle_key(key)
-                if recorder is not None:
-                    recorder.write(shown)
-                if self.journal is not None and sampler is not None:
-                    why = sampler.reason(frame.image)
-                    if why is not None:
-                        meta = {"frame_index": frame.index, "reason": why, "model_version": self.models.active.version,
-                                "outputs": pred.summary() if pred is not None else None}
-                        self.journal.submit(frame.image, meta)
-                if self.on_frame is not None:
-                    self.on_frame(frame.index, shown, pred)
-                t4 = time.perf_counter()
-                self.frames_shown += 1
-                self.models.frames_shown = self.frames_shown
-                timer = self.timer
-                timer.add("capture_wait", wait_ms)
-                timer.add("preprocess", pre_ms)
-                timer.add("inference", inf_ms)
-                timer.add("overlay", (t3 - t2) * 1000)
-                timer.add("output", (t4 - t3) * 1000)
-                timer.add("total", (t4 - t1) * 1000)
-                timer.frame_done(t4)
-                self.health.frame(pred.version if pred is not None else self.models.active.version, inf_ms)
+            if self.loop == "pipelined":
+                self._run_pipelined(capture, t_start)
+            else:
+                self._run_sequential(capture, t_start)
         except KeyboardInterrupt:
             self.exit_reason = "interrupted"
         finally:
@@ -261,6 +255,7 @@ class HeadsetRuntime:
                 self.journal.close()
             self.models.close()
         self.summary = self._summary(capture, elapsed, window is not None, recorder)
+        shown = self._shown
         if cfg.snapshot_path and shown is not None:
             ok, png = cv2.imencode(".png", shown)
             if ok:
@@ -269,6 +264,200 @@ class HeadsetRuntime:
         if cfg.metrics_path:
             atomic_write_json(cfg.metrics_path, self.summary)
         return self.summary
+
+    def _limit_reached(self, t_start: float) -> bool:
+        """--max-frames or --duration reached (exit_reason set), checked before each frame."""
+        cfg = self.config
+        if cfg.max_frames is not None and self.frames_shown >= cfg.max_frames:
+            self.exit_reason = "max frames"
+            return True
+        if cfg.duration is not None and time.perf_counter() - t_start >= cfg.duration:
+            self.exit_reason = "duration"
+            return True
+        return False
+
+    def _frames(self, capture: CaptureThread):
+        """A frame taker: ``take()`` -> (frame, ms waited for it, when it came); the frame is None when
+        none came yet (ask again), or a string when the run ends, for that reason."""
+        cfg = self.config
+        since: list[float | None] = [None]  # from the first ask for this frame
+
+        def take() -> tuple[Frame | str | None, float, float]:
+            now = time.perf_counter()
+            if since[0] is None:
+                since[0] = now
+            frame = capture.get(timeout=0.2)
+            if frame is None:
+                if capture.ended:
+                    return f"source ended ({capture.end_reason})", 0.0, now
+                if time.perf_counter() - since[0] > cfg.frame_timeout:
+                    return f"no frame from the source for {cfg.frame_timeout:g} s", 0.0, now
+                return None, 0.0, now
+            got = time.perf_counter()
+            wait_ms, since[0] = (got - since[0]) * 1000, None
+            return frame, wait_ms, got
+        return take
+
+    def _run_sequential(self, capture: CaptureThread, t_start: float) -> None:
+        """The default loop: one thread takes a frame, infers, draws and outputs it, then the next."""
+        take = self._frames(capture)
+        while not self._stop.is_set() and not self._limit_reached(t_start):
+            self.models.between_frames()
+            frame, wait_ms, t1 = take()
+            if isinstance(frame, str):
+                self.exit_reason = frame
+                return
+            if frame is None:
+                continue
+            pred, pre_ms, inf_ms = self._predict(frame.image)
+            self._show(_Inferred(frame, pred, wait_ms, pre_ms, inf_ms, t1, time.perf_counter()))
+            self.models.frames_shown = self.frames_shown
+
+    # -- the pipelined loop ------------------------------------------------------------------
+    def _run_pipelined(self, capture: CaptureThread, t_start: float) -> None:
+        """``--pipelined``: an inference thread takes frame N+1, preprocesses and infers it while
+        this thread draws and outputs frame N (ONNX Runtime and OpenCV release the GIL, so the two
+        overlap). The hand-off holds one frame: frames stay in order and, with ``lockstep``, none is
+        dropped. The window, its keys, the recorder, the journal and ``on_frame`` stay on the calling
+        thread (a GUI toolkit wants one thread; Ctrl+C arrives on the main one).
+
+        Models are swapped here, between two shown frames, as the sequential loop does; a frame the
+        inference thread had already run on the old model is run again on the new one (at most the
+        frame in the hand-off and the one in flight, once per swap), so the switch falls exactly
+        where it would without the pipeline. A rollback happens on the inference thread, on the
+        failing frame, as before. An exception on either thread ends the run and is raised here."""
+        handoff: queue.Queue[_Inferred | _StageEnd] = queue.Queue(maxsize=1)
+        halt = threading.Event()
+        worker = threading.Thread(target=self._inference_stage, args=(capture, handoff, halt),
+                                  name="inference", daemon=True)
+        worker.start()
+        try:
+            while not self._stop.is_set() and not self._limit_reached(t_start):
+                try:
+                    item = handoff.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if isinstance(item, _StageEnd):
+                    if item.error is not None:
+                        raise item.error
+                    self.exit_reason = item.reason
+                    return
+                if self.models.candidate_ready or item.swaps != self._swaps:
+                    item = self._swap_between_frames(item)
+                item.t_handed = time.perf_counter()
+                self._show(item)
+        finally:
+            halt.set()
+            while worker.is_alive():  # a full hand-off must not keep the inference thread waiting
+                try:
+                    handoff.get_nowait()
+                except queue.Empty:
+                    pass
+                worker.join(timeout=0.05)
+
+    def _inference_stage(self, capture: CaptureThread, handoff: queue.Queue, halt: threading.Event) -> None:
+        """The inference thread: frame -> preprocess -> ONNX Runtime -> interpret -> hand-off."""
+        cfg = self.config
+        inferred = 0
+        take = self._frames(capture)
+
+        def put(item) -> bool:
+            while not halt.is_set():
+                try:
+                    handoff.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            while not halt.is_set() and not self._stop.is_set():
+                if cfg.max_frames is not None and inferred >= cfg.max_frames:
+                    return  # the drawing side ends the run once it has shown them
+                frame, wait_ms, t1 = take()
+                if isinstance(frame, str):
+                    put(_StageEnd(frame))
+                    return
+                if frame is None:
+                    continue
+                with self._engine_lock:
+                    swaps = self._swaps
+                    self.models.frames_shown = inferred  # a rollback's frame number: frames before this one
+                    pred, pre_ms, inf_ms = self._predict(frame.image)
+                inferred += 1
+                if not put(_Inferred(frame, pred, wait_ms, pre_ms, inf_ms, t1, time.perf_counter(), swaps)):
+                    return
+        except BaseException as exc:  # surfaces on the drawing thread, which ends the run with it
+            put(_StageEnd("inference thread failed", exc))
+
+    def _swap_between_frames(self, item: "_Inferred") -> "_Inferred":
+        """Swap in a ready candidate before ``item`` is shown; rerun ``item`` if an older model ran it."""
+        with self._engine_lock:
+            self.models.frames_shown = self.frames_shown
+            before = self.models.active
+            if self.models.between_frames() is not before:
+                self._swaps += 1
+            if item.swaps != self._swaps:
+                t1 = time.perf_counter()
+                pred, pre_ms, inf_ms = self._predict(item.frame.image)
+                item = dataclasses.replace(item, pred=pred, pre_ms=pre_ms, inf_ms=inf_ms, t_got=t1,
+                                           t_inferred=time.perf_counter(), swaps=self._swaps)
+        return item
+
+    # -- one frame shown (both loops) --------------------------------------------------------
+    def _hud_info(self, version: str, mode: str, note: str) -> overlay.HudInfo:
+        """The HUD's figures, refreshed every HUD_REFRESH_FRAMES frames (or when the version, mode or
+        note changes): the band is then redrawn once per refresh, not once per frame."""
+        hud = self._hud
+        if (hud is None or self.frames_shown - self._hud_frame >= HUD_REFRESH_FRAMES
+                or (hud.version, hud.mode, hud.note) != (version, mode, note)):
+            p50, p95 = self.timer.recent_p50_p95()
+            hud = self._hud = overlay.HudInfo(self.timer.fps(), p50, p95, version, mode, note)
+            self._hud_frame = self.frames_shown
+        return hud
+
+    def _show(self, item: "_Inferred") -> None:
+        """Draw ``item`` (overlay + HUD), show / record / journal it, call on_frame, count it."""
+        window, recorder, sampler = self._outputs
+        frame, pred = item.frame, item.pred
+        t2 = time.perf_counter()
+        version = pred.version if pred is not None else self.models.active.version
+        mode = overlay.mode_for(self.mode, pred.task_set if pred is not None else self.models.active.task_set)
+        shown = overlay.render(frame.image, pred, mode)
+        if self.hud:
+            shown = overlay.with_hud(shown, self._hud_info(version, mode, "" if pred is not None else "NO MODEL OUTPUT"))
+        t3 = time.perf_counter()
+        if window is not None:
+            key = window.show(shown)
+            if key >= 0:
+                self._handle_key(key)
+        if recorder is not None:
+            recorder.write(shown)
+        if self.journal is not None and sampler is not None:
+            why = sampler.reason(frame.image)
+            if why is not None:
+                meta = {"frame_index": frame.index, "reason": why, "model_version": version,
+                        "outputs": pred.summary() if pred is not None else None}
+                self.journal.submit(frame.image, meta)
+        if self.on_frame is not None:
+            self.on_frame(frame.index, shown, pred)
+        t4 = time.perf_counter()
+        self._shown = shown
+        self.frames_shown += 1
+        if pred is None:
+            self.frames_without_overlay += 1
+        timer = self.timer
+        timer.add("capture_wait", item.wait_ms)
+        timer.add("preprocess", item.pre_ms)
+        timer.add("inference", item.inf_ms)
+        if item.t_handed is not None:  # pipelined: how long the inferred frame waited for this thread
+            timer.add("handoff", (item.t_handed - item.t_inferred) * 1000)
+        timer.add("overlay", (t3 - t2) * 1000)
+        timer.add("output", (t4 - t3) * 1000)
+        timer.add("total", (t4 - item.t_got) * 1000)
+        timer.add("capture_to_shown", (t4 - frame.t_capture) * 1000)
+        timer.frame_done(t4)
+        self.health.frame(version, item.inf_ms)
 
     def _summary(self, capture: CaptureThread, elapsed: float, windowed: bool, recorder: Recorder | None) -> dict:
         models = self.models.summary()
@@ -285,6 +474,7 @@ class HeadsetRuntime:
             "frames_without_overlay": self.frames_without_overlay,
             "source": dict(self.source.info(), end=capture.end_reason if capture.ended else None),
             "exit_reason": self.exit_reason,
+            "loop": self.loop,
             "mode": self.shown_mode,
             "display": "window" if windowed else "headless",
             "headless_reason": None if windowed else self.headless_reason,

@@ -4,11 +4,14 @@ Everything in one run, on one freshly exported model and the same frames: ``--mo
 default: the shipped headset model at its camera resolution, fed a walk over the shipped real test
 photos at the headset's 320x240 capture size) or ``--model none`` (an untrained MultiTaskNet at
 ``--size``, synthetic frames, as in the first rounds), or ``--model room`` (the shipped room model at
-its exported size, fed a wearer's walk through a rendered room at 320x240, RGB input): batch-1 latency of torch eager, ONNX Runtime FP32 and INT8 (the device's
-own loader, device.engine.load_model, with the same thread count as torch); the full headset
-pipeline (`hmd device` in a subprocess, so its memory is the device's, free of torch) over the
-same frames; the model's FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s against an
-estimate of this CPU's peak. JSON on stdout; the command is in the output.
+its exported size, fed a wearer's walk through a rendered room at 320x240, RGB input): batch-1
+latency of torch eager, ONNX Runtime FP32 and INT8 (the device's own loader,
+device.engine.load_model, with the same thread count as torch); the full headset pipeline (`hmd
+device` in a subprocess, so its memory is the device's, free of torch) over the same frames,
+through the default loop and, in FP32, through ``--pipelined`` and ``--sequential`` each; the
+model's FLOPs
+(torch.utils.flop_counter) and the achieved GFLOP/s against an estimate of this CPU's peak. JSON on
+stdout; the command is in the output.
 """
 from __future__ import annotations
 
@@ -162,19 +165,21 @@ def run(args: argparse.Namespace) -> int:
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
         pipes, cmds = {}, {}
-        for precision in ("fp32", "int8"):
-            metrics = tmp / f"pipeline-{precision}.json"
+        # the default loop in FP32 and INT8, and FP32 through each loop
+        for name, precision, extra in (("fp32", "fp32", []), ("fp32-pipelined", "fp32", ["--pipelined"]),
+                                       ("fp32-sequential", "fp32", ["--sequential"]), ("int8", "int8", [])):
+            metrics = tmp / f"pipeline-{name}.json"
             cmd = [sys.executable, "-m", "hmd", "device", "--model", str(tmp / f"{precision}.onnx"), "--source",
                    f"images:{frames_dir}", "--loop", "--fps", "0", "--lockstep", "--headless", "--mode",
                    "side-by-side", "--max-frames", str(args.frames), "--threads", str(threads), "--metrics",
-                   str(metrics)]
+                   str(metrics)] + extra
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)
                 return 1
-            pipes[precision] = json.loads(metrics.read_text())
-            cmds[precision] = cmd
-        pipe = pipes["fp32"]
+            pipes[name] = json.loads(metrics.read_text())
+            cmds[name] = cmd
+        pipe, pipelined, sequential = pipes["fp32"], pipes["fp32-pipelined"], pipes["fp32-sequential"]
 
     # frames per second are a throughput, frames / time, on both sides: the pipeline's frames over its
     # wall time, inference-only runs over theirs (1 / mean latency, not 1 / median: spikes count)
@@ -204,6 +209,13 @@ def run(args: argparse.Namespace) -> int:
                      "frames": pipe["frames_shown"], "camera_frames_dropped": pipe["camera_frames_dropped"],
                      "latency_ms_p50": {k: v.get("p50") for k, v in pipe["latency_ms"].items()},
                      "command": " ".join(["hmd device"] + cmds["fp32"][4:])},
+        # the same FP32 frames through each loop: what pipelining gains in FPS and costs in latency
+        # (capture_to_shown); "default" is the loop `hmd device` picked for this model
+        "loops": {"default": pipe["loop"],
+                  "pipelined/sequential_fps": round(pipelined["fps"] / sequential["fps"], 3),
+                  **{name: {"fps": run["fps"], "frames": run["frames_shown"],
+                            "latency_ms_p50": {k: v.get("p50") for k, v in run["latency_ms"].items()}}
+                     for name, run in (("pipelined", pipelined), ("sequential", sequential))}},
         "flops": {"per_frame_gflop": round(flops / 1e9, 4), "achieved_gflops_ort_fp32": round(achieved, 2),
                   "cpu_peak": peak,
                   "fraction_of_peak": round(achieved / peak["estimate_gflops"], 4) if peak.get("estimate_gflops") else None},

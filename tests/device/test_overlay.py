@@ -148,3 +148,29 @@ def test_hud_percentiles_follow_the_recent_latencies_every_ten_frames():
     timer.add("total", 30.0)
     p50, p95 = timer.recent_p50_p95()  # 10 x 10 ms and 10 x 30 ms in the window
     assert p50 == 20.0 and p95 == 30.0
+
+
+def test_the_hud_band_is_drawn_once_per_distinct_hud_and_never_shared():
+    view = np.zeros((240, 320, 3), np.uint8)
+    hud = overlay.HudInfo(29.5, 12.0, 20.0, "v7", "denoised")
+    first = overlay.with_hud(view, hud)
+    first[:5] = 255  # the caller's copy: the cached band is not touched
+    again = overlay.with_hud(view, overlay.HudInfo(29.5, 12.0, 20.0, "v7", "denoised"))
+    assert not (again[:5] == 255).all() and np.array_equal(again[5:], first[5:])
+    band = overlay.hud_height(320, 240)
+    assert not np.array_equal(overlay.with_hud(view, overlay.HudInfo(31.0, 12.0, 20.0, "v7", "denoised"))[:band],
+                              again[:band])  # other figures: another band
+
+
+def test_the_runtime_refreshes_the_hud_figures_every_ten_frames(toy):
+    from device.capture import ArraySource
+    from device.runtime import HUD_REFRESH_FRAMES, HeadsetRuntime, RuntimeConfig
+    from tests.device.conftest import gray_frames
+
+    bands = []
+    band = overlay.hud_height(64, 48)
+    rt = HeadsetRuntime(ArraySource(gray_frames([90] * 25)), toy("v1"), RuntimeConfig(headless=True, lockstep=True),
+                        on_frame=lambda i, shown, pred: bands.append(shown[:band].copy()))
+    rt.run()
+    changes = [i for i in range(1, 25) if not np.array_equal(bands[i], bands[i - 1])]
+    assert HUD_REFRESH_FRAMES == 10 and set(changes) <= {10, 20} and changes  # the FPS moved, at refreshes only

@@ -80,3 +80,34 @@ def test_overlays_of_a_rendered_room():
         assert len(np.unique(nv[wall], axis=0)) == 1
     lay = ov.layout_view(view, fr.keypoints)
     assert (lay != view).any() == bool(rooms.layout_segments(fr.keypoints) or (fr.keypoints[:8, 2] > 0).any())
+
+
+def test_the_lut_colour_map_equals_opencvs_turbo_map_of_the_resized_index():
+    """The depth view (index at model resolution, one uint8 resize, a 256-entry lookup) gives what
+    OpenCV's own TURBO map gives on the same resized index, drawn alone or into a tile."""
+    rng = np.random.default_rng(0)
+    depth = np.exp(rng.uniform(np.log(0.3), np.log(15.0), (12, 16))).astype(np.float32)
+    view = np.zeros((120, 160, 3), np.uint8)
+    index = cv2.resize(ov.depth_index(depth).astype(np.uint8), (160, 120), interpolation=cv2.INTER_LINEAR)
+    reference = cv2.applyColorMap(index, cv2.COLORMAP_TURBO).astype(int)
+    assert np.abs(ov.depth_view(view, depth).astype(int) - reference).max() <= 1
+    depth[3, 4] = np.nan  # invalid: black, the rest unchanged
+    grid = np.full((240, 320, 3), 7, np.uint8)
+    tile = ov.depth_view(view, depth, out=grid[120:, 160:])
+    assert np.shares_memory(tile, grid) and np.array_equal(tile, ov.depth_view(view, depth))
+    assert (grid[:120] == 7).all() and (grid[:, :160] == 7).all()  # nothing outside the tile
+    idx = ov.depth_index(depth)
+    index = cv2.resize(np.maximum(idx, 0).astype(np.uint8), (160, 120), interpolation=cv2.INTER_LINEAR)
+    reference = cv2.applyColorMap(index, cv2.COLORMAP_TURBO).astype(int)
+    black = cv2.resize((idx < 0).astype(np.uint8), (160, 120), interpolation=cv2.INTER_NEAREST) == 1
+    assert black.sum() == 100 and (tile[black] == 0).all()  # the invalid cell: 10 x 10 pixels
+    assert np.abs(tile[~black].astype(int) - reference[~black]).max() <= 1
+
+
+def test_normals_in_one_transform_match_the_formula_within_one_level():
+    rng = np.random.default_rng(1)
+    n = rng.normal(size=(12, 16, 3)).astype(np.float32)
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    rgb = np.stack([(1 + n[..., 0]) / 2, (1 - n[..., 1]) / 2, (1 - n[..., 2]) / 2], axis=-1)
+    expected = np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)[..., ::-1]
+    assert np.abs(ov.normals_colours(n).astype(int) - expected).max() <= 1

@@ -66,3 +66,21 @@ def test_the_shipped_room_model_runs_on_the_rooms_source_and_the_hud_names_the_m
     band = overlay.hud_height(320, 240)
     assert shown.shape == (band + 240, 320, 3)
     assert np.isin(shown[band:].reshape(-1, 3), TURBO).all(axis=1).mean() > 0.95  # the view is a depth map
+
+
+def test_side_by_side_tiles_are_the_single_views_at_tile_size():
+    """Each tile is drawn straight into its quarter of the grid: the same pixels as the mode drawn
+    alone on the shrunk view (outside the label boxes)."""
+    rng = np.random.default_rng(0)
+    pred = room_prediction(2.0, 12, 16)
+    pred.depth[:] = rng.uniform(0.4, 12.0, (12, 16))
+    pred.normals[:] = rng.normal(size=(12, 16, 3))
+    pred.keypoints[0, 9, 3] = pred.keypoints[1, 9, 12] = 1.0  # two floor corners: one wireframe edge
+    frame = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    grid = overlay.render(frame, pred, "side-by-side")
+    small = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), (160, 120), interpolation=cv2.INTER_AREA)
+    below = overlay.label_box("normals", overlay.text_style(240))[1]  # rows under the labels
+    for mode, (r, c) in zip(overlay.ROOM_MODES[:3], [(0, 1), (1, 0), (1, 1)]):
+        alone = overlay.RENDERERS[mode](small, pred)
+        assert np.array_equal(grid[r * 120 + below:(r + 1) * 120, c * 160:(c + 1) * 160], alone[below:]), mode
+    assert (grid[120 + below:, 160:] != small[below:]).any()  # the layout tile has its line
