@@ -1357,7 +1357,7 @@ def heatmap_keypoints(heatmaps: np.ndarray, h: int, w: int, threshold: float = 0
 
     def offset(lm: float, l0: float, lp: float) -> float:
         curv = lm - 2 * l0 + lp
-        return float(np.clip(0.5 * (lm - lp) / curv, -0.5, 0.5)) if curv < 0 else 0.0
+        return min(0.5, max(-0.5, 0.5 * (lm - lp) / curv)) if curv < 0 else 0.0  # floats: no numpy call
 
     for c in range(k):
         hm = heatmaps[c]
