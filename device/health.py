@@ -44,6 +44,10 @@ class HealthMeter:
         self._clock = clock
         self._lock = threading.Lock()
         self._versions: dict[str, VersionHealth] = {}
+        # errors and rollbacks of the frame being inferred: counted with that frame (its :meth:`frame`
+        # call), so no report holds an error without the frame it happened on (a report taken
+        # between the two said 531 errors over 530 frames)
+        self._pending: list[tuple[str, str]] = []
 
     def _get(self, version: str) -> VersionHealth:
         h = self._versions.get(version)
@@ -55,6 +59,7 @@ class HealthMeter:
         """A frame was shown while ``version`` served (with or without an overlay)."""
         now = self._clock()
         with self._lock:
+            self._count_pending()
             h = self._get(version)
             h.frames += 1
             h.latency_ms_sum += latency_ms
@@ -63,13 +68,25 @@ class HealthMeter:
             h.last_frame_t = now
 
     def inference_error(self, version: str) -> None:
+        """``version`` failed on the frame being inferred (counted with that frame's :meth:`frame`)."""
         with self._lock:
-            self._get(version).inference_errors += 1
+            self._pending.append(("inference_errors", version))
 
     def rollback(self, version: str) -> None:
-        """``version`` failed and the headset went back to its previous model."""
+        """``version`` failed and the headset went back to its previous model (counted with the frame)."""
         with self._lock:
-            self._get(version).rollbacks += 1
+            self._pending.append(("rollbacks", version))
+
+    def flush(self) -> None:
+        """Count errors and rollbacks whose frame was never shown (the loop stopped in between)."""
+        with self._lock:
+            self._count_pending()
+
+    def _count_pending(self) -> None:
+        for field, version in self._pending:
+            h = self._get(version)
+            setattr(h, field, getattr(h, field) + 1)
+        self._pending.clear()
 
     def take(self) -> list[dict]:
         """The reports since the last take (one per version with anything to say); resets."""

@@ -254,6 +254,7 @@ class HeadsetRuntime:
             if self.journal is not None:
                 self.journal.close()
             self.models.close()
+            self.health.flush()  # a failed inference whose frame was never shown still counts
         self.summary = self._summary(capture, elapsed, window is not None, recorder)
         shown = self._shown
         if cfg.snapshot_path and shown is not None:

@@ -52,10 +52,26 @@ def test_health_meter_counts_per_version_and_merges_what_was_not_sent(tmp_path):
     with pytest.raises(UploadRefused):
         client.send_health()  # 503 on the first report: both are kept
     clock.t = 20.0
+    meter.inference_error("v1")  # counted with the frame it happened on
     meter.frame("v1", 60.0)  # one more frame: no interval of its own
-    meter.inference_error("v1")
     assert client.send_health() == 1
     assert posted[-2] == {"version": "v1", "frames": 3, "fps": round(0.5 * 2 / 3, 3), "latency_ms": 33.333,
                           "rollbacks": 0, "inference_errors": 1}
     assert posted[-1]["version"] == "v3" and client.stats.health_dropped == 1
     assert (client.stats.health_reports, meter.take()) == (1, [])
+
+
+def test_an_error_is_reported_with_its_frame_never_before_it():
+    """A report taken between a frame's failed inference and the frame being counted does not
+    carry the error alone (it once said 531 errors over 530 frames); flush() counts what a stopped
+    loop left."""
+    meter = HealthMeter(Clock())
+    meter.frame("v2", 1.0)
+    meter.inference_error("v2")
+    meter.rollback("v2")
+    assert [(r["frames"], r["inference_errors"], r["rollbacks"]) for r in meter.take()] == [(1, 0, 0)]
+    meter.frame("v2", 1.0)
+    assert [(r["frames"], r["inference_errors"], r["rollbacks"]) for r in meter.take()] == [(1, 1, 1)]
+    meter.inference_error("v2")
+    meter.flush()
+    assert [(r["frames"], r["inference_errors"]) for r in meter.take()] == [(0, 1)]
