@@ -60,15 +60,14 @@ def read_packed(locations: dict[str, tuple[str, int, int]],
     out: dict[str, bytes] = {}
     for pack, parts in by_pack.items():
         start, end = min(p[1] for p in parts), max(p[1] + p[2] for p in parts)
-        spans = ([(start, end)] if end - start <= SPAN_WASTE * sum(p[2] for p in parts)
-                 else [(offset, offset + length) for _, offset, length in parts])
-        for lo, hi in spans:
+        groups = ([(start, end, parts)] if end - start <= SPAN_WASTE * sum(p[2] for p in parts)
+                  else [(offset, offset + length, [p]) for p in parts for _, offset, length in [p]])
+        for lo, hi, members in groups:
             data = read_range(pack, lo, hi)
             if len(data) != hi - lo:
                 raise OSError(f"pack {pack} is truncated: {len(data)} of bytes {lo}-{hi}")
-            for sha, offset, length in parts:
-                if lo <= offset and offset + length <= hi:
-                    out[sha] = data[offset - lo: offset - lo + length]
+            for sha, offset, length in members:
+                out[sha] = data[offset - lo: offset - lo + length]
     return out
 
 

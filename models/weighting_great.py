@@ -144,7 +144,7 @@ class GreatWeighting(WeightingMethod):
         # the whole batch's per-sample g_i: a rank's loss is a mean over its 1/world shard, so its g_i are
         # world x those (shard correction)
         self._zero_own()
-        inp, labels = self.aux_inputs({t: g / dp.world for t, g in grads.items()}, targets)
+        inp, labels = self.aux_inputs(grads if dp.world == 1 else {t: g / dp.world for t, g in grads.items()}, targets)
         logits = self.aux(inp)
         aux_loss = F.cross_entropy(logits, labels)
         aux_loss.backward()
