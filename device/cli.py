@@ -56,11 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never drop a camera frame (the source waits for the loop): offline processing")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default min(2, cores))")
     loop = parser.add_mutually_exclusive_group()
-    loop.add_argument("--pipelined", dest="pipelined", action="store_true", default=False,
-                      help="infer the next frame on a second thread while this one is drawn (about one frame more "
-                           "latency; faster on quiet cores, slower on loaded ones: README, 'The headset')")
+    loop.add_argument("--pipelined", dest="pipelined", action="store_true", default=None,
+                      help="infer the next frame on a second thread while this one is drawn (faster when inference "
+                           "dominates the frame; slower when it is as cheap as the drawing: README, 'The headset'). "
+                           "Default: chosen after 30 frames, by measurement")
     loop.add_argument("--sequential", dest="pipelined", action="store_false",
-                      help="draw each frame before inferring the next (the default)")
+                      help="draw each frame before inferring the next")
     parser.add_argument("--metrics", metavar="FILE", help="write the JSON summary here")
     parser.add_argument("--json", action="store_true", help="print the JSON summary on stdout instead of the "
                                                             "short human one")

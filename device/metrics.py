@@ -73,5 +73,12 @@ class StageTimer:
             self._hud_cache = (self._added, float(p50), float(p95))
         return self._hud_cache[1], self._hud_cache[2]
 
+    def median(self, stage: str, last: int | None = None) -> float | None:
+        """The median of a stage's samples (of its ``last`` ones when given), None before any."""
+        samples = self._all.get(stage) or []
+        if last is not None:
+            samples = samples[-last:]
+        return float(np.median(samples)) if samples else None
+
     def summary(self) -> dict[str, dict[str, float]]:
         return {stage: percentiles(samples) for stage, samples in self._all.items()}

@@ -5,11 +5,13 @@
     summary = rt.run()                             # blocks; returns the summary dict
 
 One frame: take the newest camera frame -> preprocess -> ONNX Runtime -> overlay + HUD ->
-window / recording -> (journal). Two loops: the sequential one (the default) runs each frame start
-to end on one thread; the pipelined one (``RuntimeConfig(pipelined=True)``, ``--pipelined``)
-overlaps consecutive frames: an inference thread preprocesses and infers frame N+1 while the
-calling thread draws and outputs frame N (:meth:`HeadsetRuntime._run_pipelined`). Models are
-swapped only between frames (see device.hotswap), at the same frame in both loops.
+window / recording -> (journal). Two loops: the sequential one runs each frame start to end on one
+thread; the pipelined one (``RuntimeConfig(pipelined=True)``, ``--pipelined``) overlaps consecutive
+frames: an inference thread preprocesses and infers frame N+1 while the calling thread draws and
+outputs frame N (:meth:`HeadsetRuntime._run_pipelined`). By default (``pipelined=None``) the loop is
+chosen by measurement: the first AUTO_PROBE_FRAMES frames run sequentially, then the run goes on
+pipelined when the model's inference dominates the frame (see :meth:`HeadsetRuntime._auto_loop`).
+Models are swapped only between frames (see device.hotswap), at the same frame in both loops.
 """
 from __future__ import annotations
 
@@ -60,18 +62,22 @@ class RuntimeConfig:
     journal_queue: int = 16
     frame_timeout: float = 10.0  # no frame for this long ends the run (a stalled source)
     snapshot_path: str | None = None  # PNG of the last frame shown (HUD included), written at the end
-    # --pipelined: drawing frame N overlaps inferring frame N+1 on a second thread. Not the default:
-    # on 2 shared cores it measured faster only when they were quiet (README, "The headset"; below)
-    pipelined: bool = False
+    # True (--pipelined): drawing frame N overlaps inferring frame N+1 on a second thread; False
+    # (--sequential): one thread; None (the default): chosen after AUTO_PROBE_FRAMES frames (below)
+    pipelined: bool | None = None
 
 
 HUD_REFRESH_FRAMES = 10  # the HUD's FPS and latency figures are refreshed every this many frames
-# Why --pipelined is not the default: it hides the drawing (~1 ms at 320x240) behind inference, which
-# runs without the GIL; but preprocess, interpret and the drawing are Python holding the GIL, the two
-# threads take turns with it, and on a loaded CPU a thread preempted while holding it stalls the other.
-# `hmd bench device` (2 shared cores) measured pipelined/sequential FPS 0.55-0.63 for the room model
-# (~1 ms a frame) and 0.90-1.37 for the base model (~35 ms a frame) at load 2-8, 1.21-1.45 (room) and
-# 1.04 (base) at load 1.1-1.9: better only on a quiet machine, so the sequential loop stays the default.
+# Why the loop is chosen by measurement: pipelining hides the drawing (~1 ms at 320x240) behind
+# inference, which runs without the GIL; but preprocess, interpret and the drawing are Python holding
+# the GIL, the two threads take turns with it, and the hand-off costs a thread switch a frame. With a
+# model whose inference is about as cheap as the drawing (the first room model: ~1 ms), `hmd bench
+# device` (2 shared cores) measured pipelined/sequential FPS 0.55-0.63 at load 2-8; with one whose
+# inference is 4-5x the drawing (the 160x120 room model), 1.14 (README, "The headset"). So: probe
+# sequentially, then pipeline when inference is at least AUTO_INFERENCE_SHARE x the rest of the frame
+# and there are two cores to overlap on.
+AUTO_PROBE_FRAMES = 30
+AUTO_INFERENCE_SHARE = 2.0
 
 
 @dataclasses.dataclass
@@ -143,7 +149,8 @@ class HeadsetRuntime:
         self._hud_frame = 0
         self._shown: np.ndarray | None = None
         self._outputs: tuple = (None, None, None)
-        self.loop = "not started"  # "pipelined" or "sequential"
+        self.loop = "not started"  # "pipelined" or "sequential": the loop most frames ran through
+        self.loop_choice: dict | None = None  # how the loop was chosen (the summary's "loop_choice")
         self.exit_reason = "not started"
         self.journal: Journal | None = None
         self.watcher: FolderWatcher | None = None
@@ -227,7 +234,12 @@ class HeadsetRuntime:
             sampler = JournalSampler(cfg.journal_every, cfg.journal_scene_threshold)
         if cfg.watch_dir:
             self.watcher = FolderWatcher(cfg.watch_dir, self.offer_model, cfg.watch_interval).start()
-        self.loop = "pipelined" if cfg.pipelined else "sequential"
+        if cfg.pipelined is None:
+            self.loop = "sequential"  # until the probe decides
+            self.loop_choice = {"by": "auto", "probe_frames": AUTO_PROBE_FRAMES}
+        else:
+            self.loop = "pipelined" if cfg.pipelined else "sequential"
+            self.loop_choice = {"by": "--pipelined" if cfg.pipelined else "--sequential"}
         if self.on_start is not None:
             self.on_start(self)
         capture = CaptureThread(self.source, lockstep=cfg.lockstep).start()
@@ -238,6 +250,11 @@ class HeadsetRuntime:
         try:
             if self.loop == "pipelined":
                 self._run_pipelined(capture, t_start)
+            elif cfg.pipelined is None:  # auto: probe, then go on through the loop that suits the model
+                if self._run_sequential(capture, t_start, until=AUTO_PROBE_FRAMES):
+                    self.loop, why = self._auto_loop()
+                    self.loop_choice.update(loop=self.loop, reason=why)
+                    (self._run_pipelined if self.loop == "pipelined" else self._run_sequential)(capture, t_start)
             else:
                 self._run_sequential(capture, t_start)
         except KeyboardInterrupt:
@@ -299,20 +316,41 @@ class HeadsetRuntime:
             return frame, wait_ms, got
         return take
 
-    def _run_sequential(self, capture: CaptureThread, t_start: float) -> None:
-        """The default loop: one thread takes a frame, infers, draws and outputs it, then the next."""
+    def _auto_loop(self) -> tuple[str, str]:
+        """The loop for the rest of the run, from the probe's medians: pipelined when inference takes
+        at least AUTO_INFERENCE_SHARE x the rest of the frame (preprocess, overlay, output) and the
+        machine has two cores, else sequential; and why."""
+        t = self.timer
+        inf = t.median("inference", AUTO_PROBE_FRAMES)
+        rest = sum(t.median(s, AUTO_PROBE_FRAMES) or 0.0 for s in ("preprocess", "overlay", "output"))
+        cores = os.cpu_count() or 1
+        if inf is None:
+            return "sequential", "no inference measured"
+        figures = f"inference p50 {inf:.2f} ms, preprocess+overlay+output {rest:.2f} ms"
+        if cores < 2:
+            return "sequential", f"one CPU core ({figures})"
+        if inf >= AUTO_INFERENCE_SHARE * rest:
+            return "pipelined", f"{figures}: inference >= {AUTO_INFERENCE_SHARE:g}x the rest"
+        return "sequential", f"{figures}: inference < {AUTO_INFERENCE_SHARE:g}x the rest"
+
+    def _run_sequential(self, capture: CaptureThread, t_start: float, until: int | None = None) -> bool:
+        """One thread takes a frame, infers, draws and outputs it, then the next. With ``until``, it
+        returns True once that many frames are shown and the run should go on (the auto probe)."""
         take = self._frames(capture)
         while not self._stop.is_set() and not self._limit_reached(t_start):
+            if until is not None and self.frames_shown >= until:
+                return True
             self.models.between_frames()
             frame, wait_ms, t1 = take()
             if isinstance(frame, str):
                 self.exit_reason = frame
-                return
+                return False
             if frame is None:
                 continue
             pred, pre_ms, inf_ms = self._predict(frame.image)
             self._show(_Inferred(frame, pred, wait_ms, pre_ms, inf_ms, t1, time.perf_counter()))
             self.models.frames_shown = self.frames_shown
+        return False
 
     # -- the pipelined loop ------------------------------------------------------------------
     def _run_pipelined(self, capture: CaptureThread, t_start: float) -> None:
@@ -359,7 +397,7 @@ class HeadsetRuntime:
     def _inference_stage(self, capture: CaptureThread, handoff: queue.Queue, halt: threading.Event) -> None:
         """The inference thread: frame -> preprocess -> ONNX Runtime -> interpret -> hand-off."""
         cfg = self.config
-        inferred = 0
+        inferred = self.frames_shown  # frames already shown (an auto run switching loops after its probe)
         take = self._frames(capture)
 
         def put(item) -> bool:
@@ -476,6 +514,7 @@ class HeadsetRuntime:
             "source": dict(self.source.info(), end=capture.end_reason if capture.ended else None),
             "exit_reason": self.exit_reason,
             "loop": self.loop,
+            "loop_choice": self.loop_choice,
             "mode": self.shown_mode,
             "display": "window" if windowed else "headless",
             "headless_reason": None if windowed else self.headless_reason,

@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         # the same FP32 frames through each loop: what pipelining gains in FPS and costs in latency
         # (capture_to_shown); "default" is the loop `hmd device` picked for this model
         "loops": {"default": pipe["loop"],
+                  "default_choice": pipe.get("loop_choice"),
                   "pipelined/sequential_fps": round(pipelined["fps"] / sequential["fps"], 3),
                   **{name: {"fps": run["fps"], "frames": run["frames_shown"],
                             "latency_ms_p50": {k: v.get("p50") for k, v in run["latency_ms"].items()}}

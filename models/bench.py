@@ -22,8 +22,10 @@ from models.registry import DEFAULT_TASK_SET, TASK_SETS, create_mtl_architecture
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=DEFAULT_TASK_SET, choices=TASK_SETS.names(),
                         help="task set: cifar (synthetic frames) or room (rendered rooms, the room network)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 32 (cifar), 16 (room: the shipped room model's training batch)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input side; default: 64 (cifar), 160 (room: the shipped room model's training size)")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (round-robin)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -119,7 +121,14 @@ def step_times(methods: list[str], args, clock_name: str | None = None) -> dict[
     return {m: 1000 * statistics.median(v) for m, v in times.items()}
 
 
+# --size / --batch-size when not given: the shipped models' training configuration per task set
+DEFAULTS = {"cifar": {"size": 64, "batch_size": 32}, "room": {"size": 160, "batch_size": 16}}
+
+
 def run(args: argparse.Namespace) -> int:
+    for key, value in DEFAULTS[args.tasks].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if args.memory_child:
         return _memory_child(args)
     torch.set_num_threads(args.threads)

@@ -48,14 +48,16 @@ def test_hot_swap_under_load_loses_no_frame(toy, real_models, tmp_path):
     n = 150
     frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(n)]
     seen: list[tuple[int, str | None]] = []
-    offered_at = []
+    offered_at, tickets = [], []
     rt = None
 
     def on_frame(index, shown, pred):
         seen.append((index, pred.version if pred is not None else None))
         if index == 20:
             offered_at.append(len(seen))
-            rt.offer_model(real_models["fp32"])
+            tickets.append(rt.offer_model(real_models["fp32"]))
+        if index == n - 20:  # on a loaded machine loading may outlast 130 toy frames: let it finish
+            assert tickets[0].wait(timeout=120)
 
     stop = threading.Event()
     load = threading.Thread(target=_busy, args=(stop,), daemon=True)

@@ -139,3 +139,40 @@ def test_the_sequential_loop_is_the_default(toy):
     rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS[:5])), toy("v1"), RuntimeConfig(headless=True, lockstep=True))
     summary = rt.run()
     assert summary["loop"] == "sequential" and summary["frames_shown"] == 5 and "handoff" not in summary["latency_ms"]
+
+
+@pytest.mark.parametrize("share,expect", [(0.0, "pipelined"), (1e9, "sequential")])
+def test_the_default_loop_probes_then_goes_on_through_the_one_the_timings_pick(toy, share, expect, monkeypatch):
+    """pipelined=None (the default): the first AUTO_PROBE_FRAMES frames run sequentially, then the
+    loop the measured inference share picks; every frame is still shown once, in order."""
+    import device.runtime as runtime
+    monkeypatch.setattr(runtime, "AUTO_PROBE_FRAMES", 10)
+    monkeypatch.setattr(runtime, "AUTO_INFERENCE_SHARE", share)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    seen = []
+    rt = HeadsetRuntime(ArraySource(gray_frames(LEVELS)), toy("v1"),
+                        RuntimeConfig(headless=True, lockstep=True, mode="denoised", hud=False),
+                        on_frame=lambda i, shown, pred: seen.append((i, round(255 * (1 - float(pred.denoised.mean()))))))
+    summary = rt.run()
+    assert seen == list(enumerate(LEVELS))
+    assert summary["loop"] == expect
+    choice = summary["loop_choice"]
+    assert choice["by"] == "auto" and choice["loop"] == expect and choice["probe_frames"] == 10
+    assert "inference p50" in choice["reason"]
+    # the hand-off between the two threads is timed for the frames after the probe only, pipelined
+    assert summary["latency_ms"].get("handoff", {}).get("n", 0) == (len(LEVELS) - 10 if expect == "pipelined" else 0)
+
+
+def test_one_core_or_an_explicit_flag_never_switches(toy, monkeypatch):
+    import device.runtime as runtime
+    monkeypatch.setattr(runtime, "AUTO_PROBE_FRAMES", 5)
+    monkeypatch.setattr(runtime, "AUTO_INFERENCE_SHARE", 0.0)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 1)
+    summary = HeadsetRuntime(ArraySource(gray_frames(LEVELS[:12])), toy("v1"),
+                             RuntimeConfig(headless=True, lockstep=True)).run()
+    assert summary["loop"] == "sequential" and summary["loop_choice"]["reason"].startswith("one CPU core")
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    summary = HeadsetRuntime(ArraySource(gray_frames(LEVELS[:12])), toy("v1"),
+                             RuntimeConfig(headless=True, lockstep=True, pipelined=False)).run()
+    assert summary["loop"] == "sequential" and summary["loop_choice"] == {"by": "--sequential"}
+    assert summary["frames_shown"] == 12
