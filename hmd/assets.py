@@ -5,9 +5,9 @@
                 (run folder + exported ``model.onnx`` / ``model.manifest.json``)
 ``base-studio`` the previous base model (64x64, the synthetic studio world only)
 ``teacher``     the cloud's larger teacher for class targets (width 24, three synthetic worlds)
-``room``        the room model: depth, normals, layout keypoints (GREAT, 480 rendered rooms at 64x64,
-                exported at 64x48; ``hmd device --model room --source rooms``)
-``room-teacher`` the cloud's larger room teacher (width 24, 960 rendered rooms, 8 epochs): labels a
+``room``        the room model: depth, normals, layout keypoints (GREAT, 1920 rendered rooms at 160x160,
+                exported at 160x120; ``hmd device --model room --source rooms``)
+``room-teacher`` the cloud's larger room teacher (width 24, the same 1920 rooms at 160x160): labels a
                 wearer's frames when a room model is personalised
 ==============  ==========================================================================
 

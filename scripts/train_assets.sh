@@ -3,8 +3,8 @@
 #   base:        the headset's base model: GREAT, camera decoder, 160x120, real photos (walks), calibrated
 #   base-studio: the earlier base model, GREAT on the synthetic studio world only (64x64)
 #   teacher:     the cloud's larger teacher, trained on all three synthetic worlds
-#   room:        the room task set's model (depth, normals, layout keypoints), GREAT on 480 rendered rooms at
-#                64x64 (reduced scale: the paper's is 320x320), exported at 64x48 (the camera's 4:3)
+#   room:        the room task set's model (depth, normals, layout keypoints), GREAT on 1920 rendered rooms at
+#                160x160 (reduced scale: the paper's is 320x320), exported at 160x120 (the camera's 4:3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HMD=.venv/bin/hmd
@@ -22,13 +22,13 @@ slim_checkpoint("runs/base-studio", "hmd/assets/base-studio")
 slim_checkpoint("runs/teacher", "hmd/assets/teacher")
 PY
 $HMD export hmd/assets/base --out hmd/assets/base/model.onnx --version base-v1
-$HMD train --tasks room --method great --data rooms:480 --size 64 --epochs 6 --batch-size 16 --width 12 --threads 1 \
+$HMD train --tasks room --method great --data rooms:1920 --size 160 --epochs 10 --batch-size 16 --width 16 --threads 1 \
            --out runs/room
 $PY -c 'from models.train import slim_checkpoint; slim_checkpoint("runs/room", "hmd/assets/room")'
-$HMD export hmd/assets/room --out hmd/assets/room/model.onnx --size 64x48 --version room-v1
-$PY -c 'import torch; from models.checkpoints import save_checkpoint as s; p="hmd/assets/room/checkpoint.pt"; c=torch.load(p, weights_only=False); c["export_size"]=[48, 64]; s(p, c)'  # exported (cloud too) at the camera aspect
+$HMD export hmd/assets/room --out hmd/assets/room/model.onnx --size 160x120 --version room-v2
+$PY -c 'import torch; from models.checkpoints import save_checkpoint as s; p="hmd/assets/room/checkpoint.pt"; c=torch.load(p, weights_only=False); c["export_size"]=[120, 160]; s(p, c)'  # exported (cloud too) at the camera aspect
 # room-teacher: the cloud's larger room teacher, labels a wearer's frames for room personalisation
-$HMD train --tasks room --method great --data rooms:960 --size 64 --epochs 8 --batch-size 16 --width 24 --threads 1 \
+$HMD train --tasks room --method great --data rooms:1920 --size 160 --epochs 10 --batch-size 16 --width 24 --threads 1 \
            --out runs/room-teacher
 $PY -c 'from models.train import slim_checkpoint; slim_checkpoint("runs/room-teacher", "hmd/assets/room-teacher")'
 # the same photos, small, for the demo, the cloud's replay and the gate on machines without data/real
