@@ -3,28 +3,29 @@ larger room teacher labels them, and the candidate is judged on rendered rooms w
 
 The same loop as :mod:`models.personalise` (the cifar set), for the ``room`` task set:
 
-1. the wearer's frames (in time order) are centre-cropped to the model's square training side;
+1. the wearer's frames (in time order) are fitted (centre crop, resize) to the size the headset runs
+   the model at (its ``export_size``, e.g. 120x160 for a 4:3 camera; the square training side when
+   it has none): the model is fine-tuned and judged on the view the headset gives it;
 2. the teacher (a wider :class:`models.room_network.RoomNet` trained on rendered rooms, shipped as
-   ``room-teacher``) predicts depth, normals and keypoint heatmaps on them at its own input size;
-   its outputs are resampled to the student's output resolution and become the targets (as the
-   teacher labels the class head for the cifar set);
+   ``room-teacher``) predicts depth, normals and keypoint heatmaps on them at that aspect, scaled to
+   its own training side (fully convolutional); its outputs are resampled to the student's output
+   resolution and become the targets (as the teacher labels the class head for the cifar set);
 3. GREAT fine-tuning from the wearer's model (frozen BatchNorm, warm-up, lr 3e-4, batch 16, every
    layer; ``trainable`` = ``FINE_TUNED["last"]`` trains the heads and the last encoder stage only) on
    the wearer's earlier frames and their mirror images (``mirror``; the teacher labels each view as it
    sees it) with those targets, plus ``replay_ratio`` (4) rendered frames per wearer frame with their
-   exact labels: half (``style_replay``) from training rooms of the wearer's style, half from the base
-   model's own training data (against forgetting). Measured (README, "Personalising a room model"):
+   exact labels, rendered at the same size: half (``style_replay``) from training rooms of the
+   wearer's style, half from the base model's own training data (against forgetting). Measured (README, "Personalising a room model"):
    the old defaults (lr 1e-3, batch 32, replay 1 of the base data, no mirror) were rejected, these
    gain 4.5-10.6 % on held-out rooms of the wearer's style (three seeds) and 5.5-9 % on the base
    rooms; that gain on held-out rooms comes from the replayed rendered rooms, the wearer's frames add
    theirs on the wearer's own room;
-4. the gate: the candidate must be better than the wearer's model on **held-out rendered rooms of
-   the wearer's style** (the ``test`` split: rooms neither model trained on; mean relative change of
+4. the gate, on frames rendered at the same size: the candidate must be better than the wearer's
+   model on **held-out rendered rooms of the wearer's style** (the ``test`` split: rooms neither model trained on; mean relative change of
    depth RMSE, normals 1 - |cos| and keypoint RMSE below zero) and not worse beyond ``tolerance``
    (relative) on any of those metrics on the **base validation set** (the base run's held-out rooms).
 
-The wearer's style (``office``, ``living``, ``bare``) is given, or inferred as the style whose rendered
-frames' colour histogram is nearest the wearer's. The teacher's agreement on the wearer's later
+The wearer's style (``office``, ``living``, ``bare``) is given, or inferred (:mod:`models.room_style`). The teacher's agreement on the wearer's later
 frames (held out of training) is reported too, but does not decide: the teacher is not ground truth.
 """
 from __future__ import annotations
@@ -34,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,12 +46,12 @@ from shared.walk import fit_to
 
 from models.personalise import PersonaliseResult, gate, split_wearer
 from models.room_network import ROOM_TASKS, RoomNet
+from models.room_style import infer_style
 from models.room_tasks import RoomTaskData, evaluate_room, pool_targets
 
 GATE_METRICS = ("rmse_depth", "normals_1_minus_cos", "rmse_keypoints")
 STYLE_SPLIT = "test"  # held-out rooms of the wearer's style: neither train nor val rooms of any run
 STYLE_FRAMES = 48  # rendered frames (12 rooms) of the wearer's style the gate judges on
-STYLE_REFERENCE_FRAMES = 32  # rendered frames per style that infer_style compares the wearer's with
 MIN_FRAMES = 10
 # which parameters fine-tuning trains (``--fine-tune``): every one, or the heads and the last encoder stage
 FINE_TUNED: dict[str, tuple[str, ...]] = {"all": (), "last": ("heads", "encoder.stages.4")}
@@ -89,37 +89,22 @@ def judge(base: RoomNet, candidate: RoomNet, style_set: RoomTaskData, base_set: 
     return accepted, reason, evaluation
 
 
-def _square(frames: np.ndarray, side: int) -> np.ndarray:
-    if frames.shape[1:3] == (side, side):
+def _fit(frames: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if frames.shape[1:3] == tuple(hw):
         return frames
-    return np.stack([fit_to(f, (side, side)) for f in frames])
-
-
-def infer_style(frames: np.ndarray, seed: int = 0, per_style: int | None = None) -> str:
-    """The style whose rendered frames' colour histogram (8 bins per channel, ``per_style`` frames of
-    its held-out rooms at 32x32) is nearest (L1) the wearer's frames'. Measured: right for 15 of 18
-    rendered walks (6 seeds x 3 styles, 16 frames each; 12 of 18 with 8 frames per style)."""
-
-    def hist(rgb: np.ndarray) -> np.ndarray:
-        small = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in rgb])
-        h = cv2.calcHist([np.ascontiguousarray(small.reshape(-1, 32, 3))], [0, 1, 2], None, [8, 8, 8],
-                         [0, 256, 0, 256, 0, 256]).ravel()
-        return h / max(1.0, float(h.sum()))
-
-    wearer = hist(frames)
-    per_style = per_style or STYLE_REFERENCE_FRAMES
-    dist = {s: float(np.abs(hist(room_frames(per_style, s, seed, 32, STYLE_SPLIT).rgb) - wearer).sum())
-            for s in STYLES}
-    return min(dist, key=dist.get)
+    return np.stack([fit_to(f, hw) for f in frames])
 
 
 @torch.no_grad()
 def teacher_targets(teacher: RoomNet, teacher_side: int, frames: np.ndarray, out_hw: tuple[int, int],
                     batch_size: int = 32) -> dict[str, np.ndarray]:
     """The teacher's depth (N x 1), normals (N x 3, unit) and keypoints (N x K, in [0, 1]) on
-    ``frames`` (N x S x S x 3 uint8), seen at the teacher's own square side, resampled to ``out_hw``."""
+    ``frames`` (N x H x W x 3 uint8), seen at their aspect with the short side at the teacher's own
+    training side (sides rounded to multiples of 8), resampled to ``out_hw``."""
     teacher.eval()
-    x_all = _square(frames, teacher_side)
+    h, w = frames.shape[1:3]
+    scale = teacher_side / min(h, w)
+    x_all = _fit(frames, (max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8)))
     outs: dict[str, list[np.ndarray]] = {t: [] for t in ROOM_TASKS}
     for s in range(0, len(x_all), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(x_all[s:s + batch_size].transpose(0, 3, 1, 2))).float() / 255.0
@@ -138,9 +123,9 @@ def _labelled_set(rgb: np.ndarray, targets: dict[str, np.ndarray], source: str) 
     return RoomTaskData.from_arrays(rgb, targets["depth"], targets["normals"], targets["keypoints"], source)
 
 
-def _render_frames(style: str, seed: int, side: int, split: str, indices: np.ndarray) -> RoomFrames:
+def _render_frames(style: str, seed: int, hw: tuple[int, int], split: str, indices: np.ndarray) -> RoomFrames:
     """Frames ``indices`` of the (style, seed, split) stream, as ``room_frames`` would render them."""
-    fr = [room_frame(style, seed, int(i), (side, side), split) for i in indices]
+    fr = [room_frame(style, seed, int(i), hw, split) for i in indices]
     return RoomFrames(*(np.stack([getattr(f, k) for f in fr]) for k in ("rgb", "depth", "normals", "keypoints",
                                                                          "heatmaps")), style=style, split=split)
 
@@ -231,13 +216,14 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
     parse_rooms(base_data), parse_rooms(base_val_data)  # one clear line for a non-rooms source
     teacher, teacher_side = load_teacher(teacher_run, base_model)
 
-    frames = _square(frames, side)
+    hw = tuple(int(v) for v in (export_hw or ck.get("export_size") or (side, side)))  # what the headset runs
+    frames = _fit(frames, hw)
     tr_idx, va_idx = split_wearer(len(frames), holdout_fraction, "time")
-    out_hw = (side // 4, side // 4)
+    out_hw = (hw[0] // 4, hw[1] // 4)
     labels = teacher_targets(teacher, teacher_side, frames, out_hw)
-    style = style or infer_style(frames, seed)
+    style = style or infer_style(frames)
     log(f"personalise room: teacher {teacher_run} ({teacher.cfg.width} wide, {teacher_side}px) labelled "
-        f"{len(frames)} wearer frames; wearer style {style}")
+        f"{len(frames)} wearer frames at {hw[1]}x{hw[0]}; wearer style {style}")
 
     wearer_train = _labelled_set(frames[tr_idx], {t: v[tr_idx] for t, v in labels.items()}, "wearer")
     if mirror:  # the mirrored views, labelled by the teacher as it sees them
@@ -256,16 +242,17 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
     # (the training split: never the gate's test rooms)
     picks = ((base_style, np.sort(rng.choice(n_base, n_plain, replace=False)), base_data),
              (style, np.sort(rng.choice(n_base, n_styled, replace=False)), f"rooms:{style}"))
-    replay = RoomTaskData.concat([_rendered_set(_render_frames(s, rooms_seed, side, "train", idx), src)
+    replay = RoomTaskData.concat([_rendered_set(_render_frames(s, rooms_seed, hw, "train", idx), src)
                                   for s, idx, src in picks if len(idx)], base_data)
     n_replay = n_plain + n_styled
     mixed = RoomTaskData.concat([wearer_train, replay],
                                 f"wearer({len(tr_idx)} frames{' + mirrored' if mirror else ''}, teacher labels)+"
                                 f"replay({n_plain} of {base_data}, {n_styled} of rooms:{style})")
     n_style = max(2, style_frames or STYLE_FRAMES)
-    style_set = _rendered_set(room_frames(n_style, style, rooms_seed, side, STYLE_SPLIT),
-                              f"rooms:{n_style}:{style} ({STYLE_SPLIT} split)")
-    base_set = _rendered_set(load_rooms(base_val_data, "val", side, rooms_seed), f"{base_val_data} (held-out split)")
+    style_set = _rendered_set(room_frames(n_style, style, rooms_seed, hw, STYLE_SPLIT),
+                              f"rooms:{n_style}:{style} ({STYLE_SPLIT} split, {hw[1]}x{hw[0]})")
+    base_set = _rendered_set(load_rooms(base_val_data, "val", hw, rooms_seed),
+                             f"{base_val_data} (held-out split, {hw[1]}x{hw[0]})")
     log(f"personalise room: {len(wearer_train)} wearer frames (+{n_replay} replay), {len(wearer_val)} later "
         f"frames held out; gate on {len(style_set)} {style} rooms and {len(base_set)} base frames")
 
@@ -285,9 +272,12 @@ def personalise_room(base_run: str | Path, wearer_frames: np.ndarray, out_dir: s
     if metrics["stopped"] or not metrics["history"]:
         return PersonaliseResult(False, "stopped before an epoch finished", out, {}, time.perf_counter() - t0)
     cand, cand_ck = load_model(out)
-    hw = export_hw or ck.get("export_size")
-    if hw:  # the candidate is exported as its parent was (the camera's aspect)
-        save_checkpoint(out / "checkpoint.pt", dict(cand_ck, export_size=[int(hw[0]), int(hw[1])]))
+    # the candidate trained at the headset's size; it keeps its parent's training side (the next
+    # personalisation decodes frames as this one did) and is exported as its parent was
+    cand_ck = dict(cand_ck, input_size=list(ck["input_size"]))
+    if export_hw or ck.get("export_size"):
+        cand_ck["export_size"] = [hw[0], hw[1]]
+    save_checkpoint(out / "checkpoint.pt", cand_ck)
     accepted, reason, evaluation = judge(base_model, cand, style_set, base_set, tolerance, style)
     evaluation.update({
         "wearer_teacher_agreement": {"before": evaluate_room(base_model, wearer_val),

@@ -126,8 +126,11 @@ def test_the_cloud_job_on_a_room_manifest_produces_a_room_manifest(tiny_room_run
     import models.room_personalise as rp
     import models.room_tasks as rt
 
-    for module, name in ((rp, "STYLE_FRAMES"), (rp, "STYLE_REFERENCE_FRAMES"), (rt, "EXPORT_FRAMES")):
+    import models.room_style as rs
+
+    for module, name in ((rp, "STYLE_FRAMES"), (rs, "DATASET_FRAMES"), (rt, "EXPORT_FRAMES")):
         monkeypatch.setattr(module, name, 4)  # fewer rendered rooms: the flow is tested, not the figures
+    monkeypatch.setattr(rs, "TRAIN_WALKS", range(1000, 1001))
     base = tmp_path / "base"
     base.mkdir()
     ck = read_checkpoint(tiny_room_runs["base"])
@@ -148,6 +151,8 @@ def test_the_cloud_job_on_a_room_manifest_produces_a_room_manifest(tiny_room_run
         assert job["state"] == "accepted", job.get("reason")
         ev = job["evaluation"]
         assert ev["task_set"] == "room" and ev["style"]["frames"] == 4 and ev["teacher"] == str(tiny_room_runs["teacher"])
+        # trained and judged at the size the headset runs it (its export size), not the square side
+        assert "32x24" in ev["style"]["source"] and "32x24" in ev["base"]["source"]
         m = Manifest.from_bytes(c.get(f"/v1/models/{job['result_version']}/manifest", headers=head).content)
     assert m.task_set == "room" and (m.input.height, m.input.width) == (24, 32)
     assert [o.task for o in m.outputs] == ["depth", "normals", "keypoints"]
@@ -181,3 +186,28 @@ def test_a_room_fine_tune_keeps_batchnorm_statistics_and_the_layers_it_does_not_
     with pytest.raises(UserError, match="style replay 1.5 must be in"):
         personalise_room(tiny_room_runs["base"], _walk(10), tmp_path / "bad", teacher_run=tiny_room_runs["teacher"],
                          style="living", style_replay=1.5)
+
+
+def test_style_inference_names_the_style_of_frames_like_its_training_frames(monkeypatch):
+    """The style classifier (a small one here: 24 dataset views and 3 walks per style) names each
+    style from frames of its own rooms, and the log-likelihoods rank that style first."""
+    import models.room_style as rs
+    from shared.rooms import STYLES, room_frames
+
+    monkeypatch.setattr(rs, "DATASET_FRAMES", 24)
+    monkeypatch.setattr(rs, "TRAIN_WALKS", range(1000, 1003))
+    for style in STYLES:
+        frames = room_frames(8, style, 0, rs.SIDE, "train").rgb
+        ll = rs.style_log_likelihoods(frames)
+        assert set(ll) == set(STYLES) and rs.infer_style(frames) == style == max(ll, key=ll.get)
+
+
+def test_logistic_regression_fits_separable_classes():
+    import models.room_style as rs
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    y = np.repeat(np.arange(3), 50)
+    x = centres[y] + rng.normal(0, 0.5, (150, 2))
+    mu, sd, w, b = rs.fit_logistic(x, y, 3)
+    assert ((((x - mu) / sd) @ w + b).argmax(1) == y).mean() > 0.97
