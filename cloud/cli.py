@@ -10,6 +10,7 @@ import argparse
 import datetime
 import errno
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -290,6 +291,11 @@ def serve(args: argparse.Namespace) -> int:
     if not server.started:
         print("hmd cloud: error: the service did not start (see the log above)", file=sys.stderr)
         return 1
+    if signal.SIGINT in getattr(server, "_captured_signals", ()):
+        # uvicorn re-raises a captured Ctrl+C after its graceful shutdown, which ends up as
+        # KeyboardInterrupt ("interrupted", 130) unless SIGINT was ignored when this process
+        # started (a parent that ignores it, e.g. a test runner's worker): say the same then
+        raise KeyboardInterrupt
     return 0
 
 
