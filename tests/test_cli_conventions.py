@@ -237,3 +237,28 @@ def test_a_truncated_mp4_as_training_data_gives_only_our_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("hmd train: error: "), proc.stderr
     assert "moov" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_ends_serve_as_interrupted_even_when_its_parent_ignored_sigint(tmp_path):
+    """A process started with SIGINT ignored (a test runner's worker, nohup) still stops on Ctrl+C
+    as `hmd cloud: interrupted`, exit 130: uvicorn's re-raised signal would otherwise be dropped."""
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "hmd", "cloud", "serve", "--data-dir", str(tmp_path / "data"),
+                               "--port", str(port), "--no-worker"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stdout=log, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        def up():
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_for(up, timeout=120, interval=0.2, what="hmd cloud serve")
+    finally:
+        server.send_signal(signal.SIGINT)
+        code = server.wait(20)
+        log.close()
+    assert code == 130
+    assert (tmp_path / "serve.log").read_text().splitlines()[-1] == "hmd cloud: interrupted"
