@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import queue
-import tarfile
 import tempfile
 import threading
 from pathlib import Path
@@ -39,6 +38,7 @@ from pydantic import ValidationError
 from cloud.blobs import BlobStore
 from cloud.limits import ReceivingSlots, ingest_memory_bound
 from cloud.storage import FrameRow, Storage, Upload
+from cloud.ustar import ExtendedHeaderTooLarge, TarError, TarReader
 from shared.errors import UserError
 from shared.wire import FRAME_PATH, INDEX_NAME, UploadIndex
 
@@ -175,50 +175,7 @@ def check_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int,
 
 
 # -- streaming parser -----------------------------------------------------------------------------
-EXTENDED_HEADER_LIMIT = 64 * 1024  # a PAX or GNU long-name header is read whole by tarfile: bound it
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile reads a PAX extended header or a GNU long name into memory whole, before any member
-    is seen; one of 60 MB (inside the upload limit) would be held three times over. Refused
-    above :data:`EXTENDED_HEADER_LIMIT`, from the size its own header block declares."""
-
-    def _proc_member(self, tarfile_):  # noqa: D401 - tarfile's hook, called for every header block
-        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                    tarfile.GNUTYPE_LONGLINK)
-        if self.type in extended and self.size > EXTENDED_HEADER_LIMIT:
-            raise _bad(f"an extended tar header of {self.size} bytes; the limit is {EXTENDED_HEADER_LIMIT}")
-        return super()._proc_member(tarfile_)
-
-
-class _Feed:
-    """A blocking file-like view of the body chunks the event loop puts in a queue (None: the end)."""
-
-    def __init__(self, q: "queue.Queue[bytes | None]"):
-        self.q = q
-        self.buf = bytearray()
-        self.eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self.buf) < n) and not self.eof:
-            item = self.q.get()
-            if item is None:
-                self.eof = True
-            else:
-                self.buf += item
-        if n < 0 or n >= len(self.buf):
-            out = bytes(self.buf)
-            self.buf.clear()
-        else:
-            out = bytes(self.buf[:n])
-            del self.buf[:n]
-        return out
-
-    def drain(self) -> None:
-        while not self.eof:
-            if self.q.get() is None:
-                self.eof = True
-        self.buf.clear()
+EXTENDED_HEADER_LIMIT = 64 * 1024  # a PAX or GNU long-name header is read whole: bound it (cloud/ustar.py)
 
 
 def _check_batch(frames: list[bytes], max_pixels: int) -> list[tuple[int, int] | UploadRejected]:
@@ -270,7 +227,7 @@ class _Parser:
     def __init__(self, q: "queue.Queue[bytes | None]", blobs: BlobStore, spool_dir: Path, *, max_frames: int,
                  max_frame_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_meta_bytes: int = DEFAULT_MAX_META_BYTES):
-        self.feed = _Feed(q)
+        self.tar = TarReader(q.get, EXTENDED_HEADER_LIMIT)
         self.blobs, self.spool_dir = blobs, spool_dir
         self.max_frames, self.max_frame_bytes = max_frames, max_frame_bytes
         self.max_pixels, self.max_meta_bytes = max_pixels, max_meta_bytes
@@ -332,7 +289,7 @@ class _Parser:
             self.cleanup()
             self.result.set_exception(exc)
         finally:
-            self.feed.drain()  # never leave the event loop blocked on a full queue
+            self.tar.drain()  # never leave the event loop blocked on a full queue
 
     def cleanup(self) -> None:
         if self._pack_fh is not None:
@@ -341,11 +298,7 @@ class _Parser:
             path.unlink(missing_ok=True)
 
     def _parse(self) -> Received:
-        try:
-            tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024,  # uncompressed only
-                               tarinfo=_BoundedTarInfo)
-        except (tarfile.TarError, OSError, EOFError):
-            raise _bad("not an uncompressed tar archive") from None
+        tar = self.tar
         members: dict[str, _Member] = {}
         pending: collections.deque = collections.deque()  # (batch future, bytes) submitted
         pending_bytes = 0  # submitted and not yet checked, and in the batch being filled
@@ -362,56 +315,60 @@ class _Parser:
             pending.append((fut, batch_bytes))
             batch, batch_checks, batch_bytes = [], [], 0
         try:
-            with tar:
-                for m in tar:
-                    # only plain files: no links, devices, FIFOs, and no sparse members, whose
-                    # declared (expanded) size is not what crossed the wire and the size limit
-                    if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse():
-                        kind = "a sparse file" if m.issparse() else "not a regular file"
-                        raise _bad(f"member {m.name[:100]!r} is {kind}")
-                    if m.name in members or (m.name == INDEX_NAME and index_bytes is not None):
-                        raise _bad(f"member {m.name!r} appears twice")
-                    if len(members) >= self.max_frames:
-                        raise _bad(f"more than {self.max_frames} frames in one upload")
-                    if m.name == INDEX_NAME:
-                        if m.size > INDEX_LIMIT:
-                            raise _bad(f"{INDEX_NAME} is larger than 8 MiB")
-                        index_bytes = tar.extractfile(m).read()  # type: ignore[union-attr]
-                        continue
-                    if not FRAME_PATH.match(m.name):
-                        raise _bad(f"archive member {m.name!r} is not frames/NAME.jpg")
-                    if m.size > self.max_frame_bytes:
-                        raise _bad(f"{m.name} is larger than {self.max_frame_bytes} bytes")
-                    data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                    sha = hashlib.sha256(data).hexdigest()
-                    tmp = None
-                    if self.packing:
-                        try:
-                            self._to_pack(sha, data)
-                        except OSError as exc:
-                            raise server_fault(exc) from None
-                    elif not self.lookup_each or not self.blobs.exists(sha):
-                        try:
-                            fh, tmp = self._temp()
-                            with fh:
-                                fh.write(data)
-                        except OSError as exc:  # the server's disk, not the archive
-                            raise server_fault(exc) from None
-                    check = _Check(None, len(batch))  # type: ignore[arg-type]  # its batch is set on submit
-                    batch.append(data)
-                    batch_checks.append(check)
-                    batch_bytes += len(data)
-                    members[m.name] = _Member(len(data), sha, tmp, check)
-                    pending_bytes += len(data)
-                    if batch_bytes >= _CHECK_BATCH_BYTES or pending_bytes > _PENDING_DECODE_BYTES:
-                        submit()
-                    while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
-                        done, nbytes = pending.popleft()
-                        done.exception()  # waits; a bad frame is reported by _validate, in index order
-                        pending_bytes -= nbytes
+            while (m := tar.next_member()) is not None:
+                name = m.name
+                # only plain files: no links, devices, FIFOs, and no sparse members, whose
+                # declared (expanded) size is not what crossed the wire and the size limit
+                if not m.regular:
+                    kind = "a sparse file" if m.sparse else "not a regular file"
+                    raise _bad(f"member {name[:100]!r} is {kind}")
+                if name in members or (name == INDEX_NAME and index_bytes is not None):
+                    raise _bad(f"member {name!r} appears twice")
+                if len(members) >= self.max_frames:
+                    raise _bad(f"more than {self.max_frames} frames in one upload")
+                if name == INDEX_NAME:
+                    if m.size > INDEX_LIMIT:
+                        raise _bad(f"{INDEX_NAME} is larger than 8 MiB")
+                    index_bytes = tar.read_data()
+                    continue
+                if not FRAME_PATH.match(name):
+                    raise _bad(f"archive member {name!r} is not frames/NAME.jpg")
+                if m.size > self.max_frame_bytes:
+                    raise _bad(f"{name} is larger than {self.max_frame_bytes} bytes")
+                data = tar.read_data()
+                sha = hashlib.sha256(data).hexdigest()
+                tmp = None
+                if self.packing:
+                    try:
+                        self._to_pack(sha, data)
+                    except OSError as exc:
+                        raise server_fault(exc) from None
+                elif not self.lookup_each or not self.blobs.exists(sha):
+                    try:
+                        fh, tmp = self._temp()
+                        with fh:
+                            fh.write(data)
+                    except OSError as exc:  # the server's disk, not the archive
+                        raise server_fault(exc) from None
+                check = _Check(None, len(batch))  # type: ignore[arg-type]  # its batch is set on submit
+                batch.append(data)
+                batch_checks.append(check)
+                batch_bytes += len(data)
+                members[name] = _Member(len(data), sha, tmp, check)
+                pending_bytes += len(data)
+                if batch_bytes >= _CHECK_BATCH_BYTES or pending_bytes > _PENDING_DECODE_BYTES:
+                    submit()
+                while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
+                    done, nbytes = pending.popleft()
+                    done.exception()  # waits; a bad frame is reported by _validate, in index order
+                    pending_bytes -= nbytes
             if batch:
                 submit()
-        except (tarfile.TarError, OSError, EOFError):
+        except ExtendedHeaderTooLarge as exc:
+            raise _bad(f"an extended tar header of {exc.size} bytes; the limit is {EXTENDED_HEADER_LIMIT}") from None
+        except TarError:
+            if tar.members == 0:
+                raise _bad("not an uncompressed tar archive") from None
             raise _bad("the archive is truncated or corrupt") from None
         finally:
             concurrent.futures.wait([f for f, _ in pending])
