@@ -220,7 +220,10 @@ class Received:
     temps: list[tuple[str, Path]]  # (sha256, temporary file)
     size: int = 0
     pack: Path | None = None  # an object store's upload: every frame in this one spool file...
-    pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length)
+    pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length),
+    # the index's last: the whole pack, written and closed
+    pack_synced: bool = False  # the pack is durable already (fsynced by the parser)
+    pack_sha256: str | None = None  # the pack's bytes' sha256, where the parser hashed them
 
 
 class _Parser:
@@ -245,6 +248,12 @@ class _Parser:
         self._pack_buffered = 0
         self.pack_rows: dict[str, tuple[int, int]] = {}
         self._pack_size = 0
+        self.index_row: tuple[str, int, int] | None = None  # the index's (sha256, offset, length) in the pack
+        # the folder store's pack is the stored file itself: fsynced when written; an object
+        # store's is a spool file, hashed as it is written (the object's name) and put at commit
+        self.sync_pack = self.packing and getattr(blobs, "temp_file", None) is not None
+        self._pack_digest = None if self.sync_pack else hashlib.sha256()
+        self._index: tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected | None = None
 
     def _to_pack(self, sha: str, data: bytes) -> None:
         if sha in self.pack_rows:
@@ -267,7 +276,10 @@ class _Parser:
 
     def _flush_pack(self) -> None:
         if self._pack_buf:
-            self._pack_fh.write(b"".join(self._pack_buf))  # type: ignore[union-attr]
+            data = b"".join(self._pack_buf)
+            self._pack_fh.write(data)  # type: ignore[union-attr]
+            if self._pack_digest is not None:
+                self._pack_digest.update(data)
             self._pack_buf.clear()
             self._pack_buffered = 0
 
@@ -330,6 +342,7 @@ class _Parser:
                     if m.size > INDEX_LIMIT:
                         raise _bad(f"{INDEX_NAME} is larger than 8 MiB")
                     index_bytes = tar.read_data()
+                    self._index = self._read_index(index_bytes)  # now, not after the last frame
                     continue
                 if not FRAME_PATH.match(name):
                     raise _bad(f"archive member {name!r} is not frames/NAME.jpg")
@@ -364,6 +377,7 @@ class _Parser:
                     pending_bytes -= nbytes
             if batch:
                 submit()
+            self._finish_pack(index_bytes)  # while the pool still decodes
         except ExtendedHeaderTooLarge as exc:
             raise _bad(f"an extended tar header of {exc.size} bytes; the limit is {EXTENDED_HEADER_LIMIT}") from None
         except TarError:
@@ -372,23 +386,48 @@ class _Parser:
             raise _bad("the archive is truncated or corrupt") from None
         finally:
             concurrent.futures.wait([f for f, _ in pending])
-        if self._pack_fh is not None:
-            try:
-                self._flush_pack()
-                self._pack_fh.close()
-            except OSError as exc:
-                raise server_fault(exc) from None
         return self._validate(index_bytes, members)
+
+    def _finish_pack(self, index_bytes: bytes | None) -> None:
+        """The pack's last bytes written, the index after the frames; on the folder store, made
+        durable now, while the decode pool still works (fsync releases the GIL), not at commit."""
+        if self._pack_fh is None:
+            return
+        try:
+            if index_bytes is not None:
+                self.index_row = (hashlib.sha256(index_bytes).hexdigest(), self._pack_size, len(index_bytes))
+                self._pack_buf.append(index_bytes)
+                self._pack_size += len(index_bytes)
+            self._flush_pack()
+            if self.sync_pack:
+                self._pack_fh.flush()
+                os.fsync(self._pack_fh.fileno())
+            self._pack_fh.close()
+        except OSError as exc:
+            raise server_fault(exc) from None
+
+    def _read_index(self, index_bytes: bytes) -> tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected:
+        """The index parsed and each frame's metadata encoded, as soon as the index arrives (it comes
+        first in a headset's archive): off the upload's tail. A problem is kept, and reported by
+        :meth:`_validate` in the order it always was."""
+        try:
+            index = UploadIndex.model_validate_json(index_bytes)
+        except (ValidationError, ValueError) as exc:
+            return _bad(f"{INDEX_NAME} is not a valid upload index: {validation_summary(exc)}")
+        if len(index.frames) > self.max_frames:
+            return _bad(f"{len(index.frames)} frames in one upload; the limit is {self.max_frames}")
+        metas = []
+        for f in index.frames:
+            meta = f.model_dump(exclude={"file", "sha256", "bytes", "width", "height"})
+            metas.append((meta, json.dumps(meta, separators=(",", ":"))))
+        return index, metas
 
     def _validate(self, index_bytes: bytes | None, members: dict[str, _Member]) -> Received:
         if index_bytes is None:
             raise _bad(f"the archive has no {INDEX_NAME}")
-        try:
-            index = UploadIndex.model_validate_json(index_bytes)
-        except (ValidationError, ValueError) as exc:
-            raise _bad(f"{INDEX_NAME} is not a valid upload index: {validation_summary(exc)}") from None
-        if len(index.frames) > self.max_frames:
-            raise _bad(f"{len(index.frames)} frames in one upload; the limit is {self.max_frames}")
+        if isinstance(self._index, UploadRejected):
+            raise self._index
+        index, metas = self._index  # type: ignore[misc]
         listed = [f.file for f in index.frames]
         if len(set(listed)) != len(listed):
             raise _bad("the index lists a frame file twice")
@@ -413,8 +452,7 @@ class _Parser:
                 raise _bad(f"frame {i}: {f.file} {exc.detail}") from None
             if (f.width is not None and f.width != w) or (f.height is not None and f.height != h):
                 raise _bad(f"frame {i}: {f.file} is {w}x{h}, the index says {f.width}x{f.height}")
-            meta = f.model_dump(exclude={"file", "sha256", "bytes", "width", "height"})
-            meta_json = json.dumps(meta, separators=(",", ":"))
+            meta, meta_json = metas[i]
             meta_bytes = len(meta_json)
             if meta_bytes > self.max_meta_bytes:
                 raise _bad(f"frame {i}: {meta_bytes} bytes of metadata; the limit is {self.max_meta_bytes}")
@@ -422,7 +460,11 @@ class _Parser:
             if m.tmp is not None:
                 temps.append((m.sha256, m.tmp))
         pack_rows = [(sha, offset, length) for sha, (offset, length) in self.pack_rows.items()]
-        return Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows)
+        if self.index_row is not None:
+            pack_rows.append(self.index_row)
+        return Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
+                        pack_synced=self.sync_pack, pack_sha256=self._pack_digest.hexdigest()
+                        if self._pack_digest is not None and self.pack is not None else None)
 
 
 async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
@@ -497,13 +539,10 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             return existing, False
         locations: list[tuple[str, str, int, int]] = []
         if received.pack is not None:  # a packing store: the spooled frames and the index are the pack
-            index_sha = hashlib.sha256(received.index_bytes).hexdigest()
-            with open(received.pack, "ab") as fh:
-                offset = fh.tell()
-                fh.write(received.index_bytes)
+            index_sha = received.pack_rows[-1][0]
             # durable first; where its blobs are is recorded with the upload, in one transaction
-            locations = blobs.store_pack(received.pack, [*received.pack_rows,  # type: ignore[attr-defined]
-                                                         (index_sha, offset, len(received.index_bytes))])
+            locations = blobs.store_pack(received.pack, received.pack_rows,  # type: ignore[attr-defined]
+                                         synced=received.pack_synced, sha256=received.pack_sha256)
         elif getattr(blobs, "adopt", None) is not None and hasattr(blobs, "sync"):  # the folder store, unpacked
             fh, tmp = blobs.temp_file()  # type: ignore[attr-defined]
             with fh:

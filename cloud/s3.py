@@ -123,22 +123,28 @@ class S3BlobStore:
         (sha256, offset, length) of each blob in it. Blobs packed before keep their first location."""
         self.index.add_blob_locations(self.store_pack(path, rows))  # type: ignore[union-attr]
 
-    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]], *, synced: bool = False,
+                   sha256: str | None = None) -> list[tuple[str, str, int, int]]:
         """:meth:`put_pack` without recording the locations: they are returned, for the caller to
-        record with the rows that name the blobs (one transaction)."""
+        record with the rows that name the blobs (one transaction). ``sha256``: the file's, where
+        the caller hashed it as it wrote it (else it is read once more to hash it); ``synced``
+        means nothing here (the file is a spool, the object store makes the object durable)."""
         with open(path, "rb") as fh:
-            return self._store_pack(fh, os.fstat(fh.fileno()).st_size, rows)
+            return self._store_pack(fh, os.fstat(fh.fileno()).st_size, rows, sha256)
 
     def _put_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> None:
         self.index.add_blob_locations(self._store_pack(body, size, rows))  # type: ignore[union-attr]
 
-    def _store_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+    def _store_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]],
+                    sha256: str | None = None) -> list[tuple[str, str, int, int]]:
         assert self.index is not None
-        body.seek(0)
-        digest = hashlib.sha256()
-        while block := body.read(1 << 20):
-            digest.update(block)
-        pack = digest.hexdigest()  # content-addressed, as every other object
+        if sha256 is None:
+            body.seek(0)
+            digest = hashlib.sha256()
+            while block := body.read(1 << 20):
+                digest.update(block)
+            sha256 = digest.hexdigest()
+        pack = sha256  # content-addressed, as every other object
         body.seek(0)
         self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body, ContentLength=size)
         return [(sha, pack, offset, length) for sha, offset, length in rows]
