@@ -176,38 +176,21 @@ def check_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int,
 
 # -- streaming parser -----------------------------------------------------------------------------
 EXTENDED_HEADER_LIMIT = 64 * 1024  # a PAX or GNU long-name header is read whole: bound it (cloud/ustar.py)
+_NOT_META = {"file", "sha256", "bytes", "width", "height"}  # an index entry's fields that are not its metadata
+_META_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(meta, separators=(",", ":")), one encoder
 
 
-def _check_batch(frames: list[bytes], max_pixels: int) -> list[tuple[int, int] | UploadRejected]:
-    out: list[tuple[int, int] | UploadRejected] = []
+def _check_batch(frames: list[bytes], max_pixels: int, hashed: bool) -> list[tuple[str | None, tuple[int, int] | UploadRejected]]:
+    """Each frame's sha256 (unless ``hashed``: the parser has it) and decode check, in the pool:
+    hashing here, not in the parser, keeps the parser's thread on the tar stream."""
+    out: list[tuple[str | None, tuple[int, int] | UploadRejected]] = []
     for data in frames:
+        sha = None if hashed else hashlib.sha256(data).hexdigest()
         try:
-            out.append(check_frame(data, max_pixels))
+            out.append((sha, check_frame(data, max_pixels)))
         except UploadRejected as exc:
-            out.append(exc)
+            out.append((sha, exc))
     return out
-
-
-@dataclasses.dataclass
-class _Check:
-    """One frame's answer in a batch checked by the decode pool."""
-
-    batch: concurrent.futures.Future
-    position: int
-
-    def result(self) -> tuple[int, int]:
-        answer = self.batch.result()[self.position]
-        if isinstance(answer, UploadRejected):
-            raise answer
-        return answer
-
-
-@dataclasses.dataclass
-class _Member:
-    size: int
-    sha256: str
-    tmp: Path | None  # None: the blob is in the store already
-    check: _Check
 
 
 @dataclasses.dataclass
@@ -219,7 +202,7 @@ class Received:
     rows: list[FrameRow]
     temps: list[tuple[str, Path]]  # (sha256, temporary file)
     size: int = 0
-    pack: Path | None = None  # an object store's upload: every frame in this one spool file...
+    pack: Path | None = None  # a packing store's upload: every frame in this one file...
     pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length),
     # the index's last: the whole pack, written and closed
     pack_synced: bool = False  # the pack is durable already (fsynced by the parser)
@@ -239,14 +222,14 @@ class _Parser:
         # skip frames stored already: a stat on a folder store; an object store (a request per
         # frame) skips them when it stores the upload, with one query for all (cloud/s3.py)
         self.lookup_each = getattr(blobs, "cheap_exists", True)
-        # an object store that packs: the frames go one after the other into one spool file,
-        # which becomes the pack object (one file created per upload, not one per frame)
+        # a store that packs: the frames go one after the other into one file, which becomes the
+        # pack (one file created per upload, not one per frame); they are hashed in the decode
+        # pool, so a frame sent twice in one upload is in the pack twice (located once)
         self.packing = bool(getattr(blobs, "packing", False))
         self.pack: Path | None = None
         self._pack_fh: BinaryIO | None = None
         self._pack_buf: list[bytes] = []
         self._pack_buffered = 0
-        self.pack_rows: dict[str, tuple[int, int]] = {}
         self._pack_size = 0
         self.index_row: tuple[str, int, int] | None = None  # the index's (sha256, offset, length) in the pack
         # the folder store's pack is the stored file itself: fsynced when written; an object
@@ -254,25 +237,23 @@ class _Parser:
         self.sync_pack = self.packing and getattr(blobs, "temp_file", None) is not None
         self._pack_digest = None if self.sync_pack else hashlib.sha256()
         self._index: tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected | None = None
+        # the frames, in archive order: name -> position, and by position
+        self.names: dict[str, int] = {}
+        self.sizes: list[int] = []
+        self.offsets: list[int] = []  # in the pack
+        self.shas: list[str] = []  # hashed by the parser (an unpacked store)
+        self.tmps: list[Path | None] = []  # an unpacked store's temporary files (None: stored already)
+        self.batches: list[concurrent.futures.Future] = []  # decode-pool answers, in archive order
 
-    def _to_pack(self, sha: str, data: bytes) -> None:
-        if sha in self.pack_rows:
-            return
-        if self._pack_fh is None:
-            make = getattr(self.blobs, "temp_file", None)
-            if make is not None:  # the folder store: on its filesystem, so the pack is moved in, not copied
-                self._pack_fh, self.pack = make()
-            else:
-                self.spool_dir.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
-                self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
-            self.temps.append(self.pack)
-        self._pack_buf.append(data)  # written 1 MB at a time: a write per frame showed in profiles
-        self._pack_buffered += len(data)
-        if self._pack_buffered >= _PACK_WRITE:
-            self._flush_pack()
-        self.pack_rows[sha] = (self._pack_size, len(data))
-        self._pack_size += len(data)
+    def _open_pack(self) -> None:
+        make = getattr(self.blobs, "temp_file", None)
+        if make is not None:  # the folder store: on its filesystem, so the pack is moved in, not copied
+            self._pack_fh, self.pack = make()
+        else:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
+            self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
+        self.temps.append(self.pack)
 
     def _flush_pack(self) -> None:
         if self._pack_buf:
@@ -294,6 +275,20 @@ class _Parser:
         self.temps.append(path)
         return fh, path
 
+    def _store_unpacked(self, data: bytes) -> None:
+        """An unpacked store: hashed here (to skip a frame stored already), a temporary file each."""
+        sha = hashlib.sha256(data).hexdigest()
+        tmp = None
+        if not self.lookup_each or not self.blobs.exists(sha):
+            try:
+                fh, tmp = self._temp()
+                with fh:
+                    fh.write(data)
+            except OSError as exc:  # the server's disk, not the archive
+                raise server_fault(exc) from None
+        self.shas.append(sha)
+        self.tmps.append(tmp)
+
     def run(self) -> None:
         try:
             self.result.set_result(self._parse())
@@ -310,22 +305,24 @@ class _Parser:
             path.unlink(missing_ok=True)
 
     def _parse(self) -> Received:
-        tar = self.tar
-        members: dict[str, _Member] = {}
-        pending: collections.deque = collections.deque()  # (batch future, bytes) submitted
+        tar, names, sizes, offsets = self.tar, self.names, self.sizes, self.offsets
+        pending: collections.deque = collections.deque()  # (batch future, bytes) submitted, not known done
         pending_bytes = 0  # submitted and not yet checked, and in the batch being filled
         batch: list[bytes] = []
-        batch_checks: list[_Check] = []
         batch_bytes = 0
         index_bytes: bytes | None = None
+        packing, hashed = self.packing, not self.packing
 
         def submit() -> None:
-            nonlocal batch, batch_checks, batch_bytes
-            fut = _DECODE_POOL.submit(_check_batch, batch, self.max_pixels)
-            for c in batch_checks:
-                c.batch = fut
+            nonlocal batch, batch_bytes, pending_bytes
+            fut = _DECODE_POOL.submit(_check_batch, batch, self.max_pixels, hashed)
+            self.batches.append(fut)
             pending.append((fut, batch_bytes))
-            batch, batch_checks, batch_bytes = [], [], 0
+            batch, batch_bytes = [], 0
+            while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
+                done, nbytes = pending.popleft()
+                done.exception()  # waits; a bad frame is reported by _validate, in index order
+                pending_bytes -= nbytes
         try:
             while (m := tar.next_member()) is not None:
                 name = m.name
@@ -334,9 +331,9 @@ class _Parser:
                 if not m.regular:
                     kind = "a sparse file" if m.sparse else "not a regular file"
                     raise _bad(f"member {name[:100]!r} is {kind}")
-                if name in members or (name == INDEX_NAME and index_bytes is not None):
+                if name in names or (name == INDEX_NAME and index_bytes is not None):
                     raise _bad(f"member {name!r} appears twice")
-                if len(members) >= self.max_frames:
+                if len(names) >= self.max_frames:
                     raise _bad(f"more than {self.max_frames} frames in one upload")
                 if name == INDEX_NAME:
                     if m.size > INDEX_LIMIT:
@@ -349,32 +346,30 @@ class _Parser:
                 if m.size > self.max_frame_bytes:
                     raise _bad(f"{name} is larger than {self.max_frame_bytes} bytes")
                 data = tar.read_data()
-                sha = hashlib.sha256(data).hexdigest()
-                tmp = None
-                if self.packing:
-                    try:
-                        self._to_pack(sha, data)
-                    except OSError as exc:
-                        raise server_fault(exc) from None
-                elif not self.lookup_each or not self.blobs.exists(sha):
-                    try:
-                        fh, tmp = self._temp()
-                        with fh:
-                            fh.write(data)
-                    except OSError as exc:  # the server's disk, not the archive
-                        raise server_fault(exc) from None
-                check = _Check(None, len(batch))  # type: ignore[arg-type]  # its batch is set on submit
+                names[name] = len(sizes)
+                sizes.append(len(data))
+                if packing:
+                    if self._pack_fh is None:
+                        try:
+                            self._open_pack()
+                        except OSError as exc:
+                            raise server_fault(exc) from None
+                    offsets.append(self._pack_size)
+                    self._pack_size += len(data)
+                    self._pack_buf.append(data)  # written 1 MB at a time: a write per frame showed in profiles
+                    self._pack_buffered += len(data)
+                    if self._pack_buffered >= _PACK_WRITE:
+                        try:
+                            self._flush_pack()
+                        except OSError as exc:
+                            raise server_fault(exc) from None
+                else:
+                    self._store_unpacked(data)
                 batch.append(data)
-                batch_checks.append(check)
                 batch_bytes += len(data)
-                members[name] = _Member(len(data), sha, tmp, check)
                 pending_bytes += len(data)
                 if batch_bytes >= _CHECK_BATCH_BYTES or pending_bytes > _PENDING_DECODE_BYTES:
                     submit()
-                while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
-                    done, nbytes = pending.popleft()
-                    done.exception()  # waits; a bad frame is reported by _validate, in index order
-                    pending_bytes -= nbytes
             if batch:
                 submit()
             self._finish_pack(index_bytes)  # while the pool still decodes
@@ -386,7 +381,7 @@ class _Parser:
             raise _bad("the archive is truncated or corrupt") from None
         finally:
             concurrent.futures.wait([f for f, _ in pending])
-        return self._validate(index_bytes, members)
+        return self._validate(index_bytes)
 
     def _finish_pack(self, index_bytes: bytes | None) -> None:
         """The pack's last bytes written, the index after the frames; on the folder store, made
@@ -416,13 +411,12 @@ class _Parser:
             return _bad(f"{INDEX_NAME} is not a valid upload index: {validation_summary(exc)}")
         if len(index.frames) > self.max_frames:
             return _bad(f"{len(index.frames)} frames in one upload; the limit is {self.max_frames}")
-        metas = []
-        for f in index.frames:
-            meta = f.model_dump(exclude={"file", "sha256", "bytes", "width", "height"})
-            metas.append((meta, json.dumps(meta, separators=(",", ":"))))
-        return index, metas
+        # one dump of every frame's metadata (not one call per frame), each encoded as json.dumps
+        # with separators=(",", ":") encodes it
+        metas = index.model_dump(include={"frames"}, exclude={"frames": {"__all__": _NOT_META}})["frames"]
+        return index, [(meta, _META_JSON.encode(meta)) for meta in metas]
 
-    def _validate(self, index_bytes: bytes | None, members: dict[str, _Member]) -> Received:
+    def _validate(self, index_bytes: bytes | None) -> Received:
         if index_bytes is None:
             raise _bad(f"the archive has no {INDEX_NAME}")
         if isinstance(self._index, UploadRejected):
@@ -431,25 +425,28 @@ class _Parser:
         listed = [f.file for f in index.frames]
         if len(set(listed)) != len(listed):
             raise _bad("the index lists a frame file twice")
-        extra = set(members) - set(listed)
+        names, sizes = self.names, self.sizes
+        extra = set(names) - set(listed)
         if extra:
             raise _bad(f"archive members not in the index: {sorted(extra)[:3]}")
+        answers = [answer for fut in self.batches for answer in fut.result()]  # (sha256 | None, check) by position
+        shas = [sha for sha, _ in answers] if self.packing else self.shas
         rows: list[FrameRow] = []
         temps: list[tuple[str, Path]] = []
         for i, f in enumerate(index.frames):
             if not FRAME_PATH.match(f.file):
                 raise _bad(f"frame {i}: file name {f.file!r} is not frames/NAME.jpg")
-            m = members.get(f.file)
-            if m is None:
+            at = names.get(f.file)
+            if at is None:
                 raise _bad(f"frame {i}: {f.file} is in the index but not in the archive")
-            if m.size != f.bytes:
-                raise _bad(f"frame {i}: {f.file} has {m.size} bytes, the index says {f.bytes}")
-            if m.sha256 != f.sha256:
+            if sizes[at] != f.bytes:
+                raise _bad(f"frame {i}: {f.file} has {sizes[at]} bytes, the index says {f.bytes}")
+            if shas[at] != f.sha256:
                 raise _bad(f"frame {i}: {f.file} does not match its sha256 in the index")
-            try:
-                w, h = m.check.result()
-            except UploadRejected as exc:
-                raise _bad(f"frame {i}: {f.file} {exc.detail}") from None
+            check = answers[at][1]
+            if isinstance(check, UploadRejected):
+                raise _bad(f"frame {i}: {f.file} {check.detail}")
+            w, h = check
             if (f.width is not None and f.width != w) or (f.height is not None and f.height != h):
                 raise _bad(f"frame {i}: {f.file} is {w}x{h}, the index says {f.width}x{f.height}")
             meta, meta_json = metas[i]
@@ -457,11 +454,17 @@ class _Parser:
             if meta_bytes > self.max_meta_bytes:
                 raise _bad(f"frame {i}: {meta_bytes} bytes of metadata; the limit is {self.max_meta_bytes}")
             rows.append(FrameRow(f.sha256, w, h, meta, meta_json=meta_json))
-            if m.tmp is not None:
-                temps.append((m.sha256, m.tmp))
-        pack_rows = [(sha, offset, length) for sha, (offset, length) in self.pack_rows.items()]
-        if self.index_row is not None:
-            pack_rows.append(self.index_row)
+            if not self.packing and self.tmps[at] is not None:
+                temps.append((f.sha256, self.tmps[at]))  # type: ignore[arg-type]
+        pack_rows: list[tuple[str, int, int]] = []
+        if self.pack is not None:
+            seen: set[str] = set()
+            for sha, offset, size in zip(shas, self.offsets, sizes):
+                if sha not in seen:  # a frame sent twice: located at its first copy
+                    seen.add(sha)
+                    pack_rows.append((sha, offset, size))
+            if self.index_row is not None:
+                pack_rows.append(self.index_row)
         return Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
                         pack_synced=self.sync_pack, pack_sha256=self._pack_digest.hexdigest()
                         if self._pack_digest is not None and self.pack is not None else None)
