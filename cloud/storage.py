@@ -254,8 +254,24 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
-_ADD_LOCATIONS = ("INSERT INTO blob_packs (sha256, pack, pack_offset, pack_length) VALUES (?, ?, ?, ?) "
-                  "ON CONFLICT (sha256) DO NOTHING")  # a blob located already keeps its first location
+_ADD_LOCATIONS = ("INSERT INTO blob_packs (sha256, pack, pack_offset, pack_length)",
+                  " ON CONFLICT (sha256) DO NOTHING")  # a blob located already keeps its first location
+_ADD_FRAMES = ("INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta)", "")
+ROWS_PER_INSERT = 100  # 7 columns: 700 parameters, under SQLite's oldest limit (999)
+
+
+def insert_rows(db: Any, statement: tuple[str, str], rows: list[tuple]) -> None:
+    """``INSERT ... VALUES (..), (..), ...`` of up to :data:`ROWS_PER_INSERT` rows a statement
+    (``statement``: the SQL before and after the values). One statement per row (executemany)
+    cost PostgreSQL a parse, plan and execution each: an upload's 700 frames and their 700
+    locations were half of its time on PostgreSQL + S3."""
+    if not rows:
+        return
+    head, tail = statement
+    one = f"({','.join('?' * len(rows[0]))})"
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        part = rows[i:i + ROWS_PER_INSERT]
+        db.execute(f"{head} VALUES {','.join([one] * len(part))}{tail}", [v for row in part for v in row])
 
 
 def in_canary(release: Release, device_name: str) -> bool:
@@ -377,12 +393,8 @@ class SQLStorage:
                 if f.sha256 not in seen:
                     seen.add(f.sha256)
                     new.append((up.id, device_id, i, f.sha256, f.width, f.height, f.meta_json or json.dumps(f.meta)))
-            if new:
-                db.executemany(
-                    "INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta) VALUES (?,?,?,?,?,?,?)",
-                    new)
-            if locations:
-                db.executemany(_ADD_LOCATIONS, locations)
+            insert_rows(db, _ADD_FRAMES, new)
+            insert_rows(db, _ADD_LOCATIONS, list(locations))
         return up, True
 
     def upload_count(self, device_id: int | None = None) -> int:
@@ -694,7 +706,7 @@ class SQLStorage:
         """(sha256, pack, offset, length) rows; a blob located already keeps its first location."""
         if rows:
             with self._tx() as db:
-                db.executemany(_ADD_LOCATIONS, rows)
+                insert_rows(db, _ADD_LOCATIONS, rows)
 
     def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]:
         out: dict[str, tuple[str, int, int]] = {}
