@@ -254,24 +254,8 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
-_ADD_LOCATIONS = ("INSERT INTO blob_packs (sha256, pack, pack_offset, pack_length)",
-                  " ON CONFLICT (sha256) DO NOTHING")  # a blob located already keeps its first location
-_ADD_FRAMES = ("INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta)", "")
-ROWS_PER_INSERT = 100  # 7 columns: 700 parameters, under SQLite's oldest limit (999)
-
-
-def insert_rows(db: Any, statement: tuple[str, str], rows: list[tuple]) -> None:
-    """``INSERT ... VALUES (..), (..), ...`` of up to :data:`ROWS_PER_INSERT` rows a statement
-    (``statement``: the SQL before and after the values). One statement per row (executemany)
-    cost PostgreSQL a parse, plan and execution each: an upload's 700 frames and their 700
-    locations were half of its time on PostgreSQL + S3."""
-    if not rows:
-        return
-    head, tail = statement
-    one = f"({','.join('?' * len(rows[0]))})"
-    for i in range(0, len(rows), ROWS_PER_INSERT):
-        part = rows[i:i + ROWS_PER_INSERT]
-        db.execute(f"{head} VALUES {','.join([one] * len(part))}{tail}", [v for row in part for v in row])
+_FRAME_COLUMNS = ("upload_id", "device_id", "ord", "sha256", "width", "height", "meta")
+_LOCATION_COLUMNS = ("sha256", "pack", "pack_offset", "pack_length")
 
 
 def in_canary(release: Release, device_name: str) -> bool:
@@ -393,9 +377,20 @@ class SQLStorage:
                 if f.sha256 not in seen:
                     seen.add(f.sha256)
                     new.append((up.id, device_id, i, f.sha256, f.width, f.height, f.meta_json or json.dumps(f.meta)))
-            insert_rows(db, _ADD_FRAMES, new)
-            insert_rows(db, _ADD_LOCATIONS, list(locations))
+            self._insert_many(db, "frames", _FRAME_COLUMNS, new)
+            # a blob located already keeps its first location
+            self._insert_many(db, "blob_packs", _LOCATION_COLUMNS, list(locations), keep_existing="sha256")
         return up, True
+
+    def _insert_many(self, db: Any, table: str, columns: tuple[str, ...], rows: list[tuple],
+                     keep_existing: str | None = None) -> None:
+        """``rows`` into ``table`` in the transaction ``db``; with ``keep_existing`` (a unique
+        column), a row whose key is there already is left out. SQLite runs executemany's loop in C;
+        PostgreSQL overrides this with COPY (cloud/postgres.py)."""
+        if rows:
+            conflict = f" ON CONFLICT ({keep_existing}) DO NOTHING" if keep_existing else ""
+            db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))}){conflict}",
+                           rows)
 
     def upload_count(self, device_id: int | None = None) -> int:
         if device_id is None:
@@ -706,7 +701,7 @@ class SQLStorage:
         """(sha256, pack, offset, length) rows; a blob located already keeps its first location."""
         if rows:
             with self._tx() as db:
-                insert_rows(db, _ADD_LOCATIONS, rows)
+                self._insert_many(db, "blob_packs", _LOCATION_COLUMNS, rows, keep_existing="sha256")
 
     def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]:
         out: dict[str, tuple[str, int, int]] = {}
