@@ -54,6 +54,8 @@ _CHECK_BATCH_BYTES = 256 * 1024  # frames checked by one pool task (one task per
 _DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 _DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="frame-check")
 MAX_RECEIVING = 4  # uploads parsed at once by this process, all devices together; the others wait
+# an object store's pack PUT, started when the pack is written (not after validation): one per upload
+_PUT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_RECEIVING, thread_name_prefix="pack-put")
 RECEIVING_WAIT_S = 30.0  # an upload waiting longer for a parser answers 503 (the headset retries)
 RECEIVING = ReceivingSlots(MAX_RECEIVING)
 
@@ -207,6 +209,7 @@ class Received:
     # the index's last: the whole pack, written and closed
     pack_synced: bool = False  # the pack is durable already (fsynced by the parser)
     pack_sha256: str | None = None  # the pack's bytes' sha256, where the parser hashed them
+    pack_put: concurrent.futures.Future | None = None  # an object store's PUT of the pack, started by the parser
 
 
 class _Parser:
@@ -237,6 +240,7 @@ class _Parser:
         self.sync_pack = self.packing and getattr(blobs, "temp_file", None) is not None
         self._pack_digest = None if self.sync_pack else hashlib.sha256()
         self._index: tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected | None = None
+        self.pack_put: concurrent.futures.Future | None = None
         # the frames, in archive order: name -> position, and by position
         self.names: dict[str, int] = {}
         self.sizes: list[int] = []
@@ -301,6 +305,11 @@ class _Parser:
     def cleanup(self) -> None:
         if self._pack_fh is not None:
             self._pack_fh.close()
+        put, self.pack_put = self.pack_put, None
+        if put is not None:  # refused after its pack was put: the object goes too
+            shas = [sha for fut in self.batches if not fut.exception() for sha, _ in fut.result()]
+            _discard_put(put, self.blobs, self._pack_digest.hexdigest(),  # type: ignore[union-attr]
+                         shas + [self.index_row[0]])  # type: ignore[index]
         for path in self.temps:
             path.unlink(missing_ok=True)
 
@@ -400,6 +409,10 @@ class _Parser:
             self._pack_fh.close()
         except OSError as exc:
             raise server_fault(exc) from None
+        put = getattr(self.blobs, "put_pack_file", None)
+        if put is not None and not self.sync_pack and isinstance(self._index, tuple):  # an object store
+            # the PUT while the pool still decodes; the object is deleted if the upload is refused
+            self.pack_put = _PUT_POOL.submit(put, self.pack, self._pack_digest.hexdigest())  # type: ignore[union-attr]
 
     def _read_index(self, index_bytes: bytes) -> tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected:
         """The index parsed and each frame's metadata encoded, as soon as the index arrives (it comes
@@ -465,9 +478,12 @@ class _Parser:
                     pack_rows.append((sha, offset, size))
             if self.index_row is not None:
                 pack_rows.append(self.index_row)
-        return Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
-                        pack_synced=self.sync_pack, pack_sha256=self._pack_digest.hexdigest()
-                        if self._pack_digest is not None and self.pack is not None else None)
+        received = Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
+                            pack_synced=self.sync_pack, pack_put=self.pack_put,
+                            pack_sha256=self._pack_digest.hexdigest()
+                            if self._pack_digest is not None and self.pack is not None else None)
+        self.pack_put = None  # the commit's now
+        return received
 
 
 async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
@@ -534,6 +550,7 @@ async def _receive(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path
 def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStore) -> tuple[Upload, bool]:
     """Store a validated upload's frames and commit it; (upload, created). Temporary files are removed."""
     temps = list(received.temps)
+    put, committed = received.pack_put, False
     try:
         content = received.index.content_sha256()
         existing = storage.find_upload(device_id, content)
@@ -544,8 +561,12 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
         if received.pack is not None:  # a packing store: the spooled frames and the index are the pack
             index_sha = received.pack_rows[-1][0]
             # durable first; where its blobs are is recorded with the upload, in one transaction
-            locations = blobs.store_pack(received.pack, received.pack_rows,  # type: ignore[attr-defined]
-                                         synced=received.pack_synced, sha256=received.pack_sha256)
+            if put is not None:  # an object store's PUT, which the parser started
+                put.result()
+                locations = blobs.pack_locations(received.pack_sha256, received.pack_rows)  # type: ignore[attr-defined]
+            else:
+                locations = blobs.store_pack(received.pack, received.pack_rows,  # type: ignore[attr-defined]
+                                             synced=received.pack_synced, sha256=received.pack_sha256)
         elif getattr(blobs, "adopt", None) is not None and hasattr(blobs, "sync"):  # the folder store, unpacked
             fh, tmp = blobs.temp_file()  # type: ignore[attr-defined]
             with fh:
@@ -564,14 +585,28 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             for sha, path in temps:
                 blobs.put_file(path, sha)
             index_sha = blobs.put_bytes(received.index_bytes)
-        return storage.commit_upload(device_id, content, index_sha, received.size, received.rows, locations)
+        answer = storage.commit_upload(device_id, content, index_sha, received.size, received.rows, locations)
+        committed = True
+        return answer
     except OSError as exc:
         raise server_fault(exc) from None
     finally:
+        if put is not None and not committed:  # a repeat, or a failure: the object put is not needed
+            _discard_put(put, blobs, received.pack_sha256, [sha for sha, _, _ in received.pack_rows])  # type: ignore[arg-type]
         for _, path in temps:
             path.unlink(missing_ok=True)
         if received.pack is not None:
             received.pack.unlink(missing_ok=True)
+
+
+def _discard_put(put: concurrent.futures.Future, blobs: BlobStore, pack: str, shas: list[str]) -> None:
+    """Once the PUT is over, delete the pack object of an upload that was not committed."""
+    if put.exception() is not None:
+        return  # nothing was stored
+    try:
+        blobs.discard_pack(pack, shas)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - the answer to the headset stands; an orphan object is logged
+        log.warning("the pack object %s of an upload not committed was not deleted: %s", pack, exc)
 
 
 def metadata_digest(index: UploadIndex) -> str:

@@ -132,6 +132,27 @@ class S3BlobStore:
         with open(path, "rb") as fh:
             return self._store_pack(fh, os.fstat(fh.fileno()).st_size, rows, sha256)
 
+    @staticmethod
+    def pack_locations(sha256: str, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+        """The locations to record for a pack put by :meth:`put_pack_file` (what :meth:`store_pack` returns)."""
+        return [(sha, sha256, offset, length) for sha, offset, length in rows]
+
+    def put_pack_file(self, path: str | os.PathLike, sha256: str) -> None:
+        """PUT a finished pack file as the object named by its bytes' ``sha256``. The ingest starts
+        this as soon as an upload's pack is written, while its last frames are still being
+        decoded, then records :meth:`pack_locations` once the upload is valid, or
+        :meth:`discard_pack` s it."""
+        with open(path, "rb") as fh:
+            self.client.put_object(Bucket=self.bucket, Key=self._pack_key(sha256), Body=fh,
+                                   ContentLength=os.fstat(fh.fileno()).st_size)
+
+    def discard_pack(self, sha256: str, shas: list[str]) -> None:
+        """Delete the pack object ``sha256`` (holding the blobs ``shas``), put for an upload that was
+        then refused, unless a recorded location names it (the same bytes committed by another)."""
+        assert self.index is not None
+        if not any(loc[0] == sha256 for loc in self.index.blob_locations(shas).values()):
+            self.client.delete_object(Bucket=self.bucket, Key=self._pack_key(sha256))
+
     def _put_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> None:
         self.index.add_blob_locations(self._store_pack(body, size, rows))  # type: ignore[union-attr]
 
@@ -147,7 +168,7 @@ class S3BlobStore:
         pack = sha256  # content-addressed, as every other object
         body.seek(0)
         self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body, ContentLength=size)
-        return [(sha, pack, offset, length) for sha, offset, length in rows]
+        return self.pack_locations(pack, rows)
 
     def _put_one(self, sha256: str, item: os.PathLike | bytes) -> str:
         return self.put_bytes(item) if isinstance(item, bytes) else self.put_file(item, sha256)
