@@ -1,17 +1,21 @@
 """Upload ingest, streamed: the request body is parsed as a tar archive while it arrives.
 
-A parser thread reads the body from a bounded queue (the event loop only counts bytes against the
-size limit and hands chunks over), writes each frame once, hashing it in the same pass, to a
-temporary file in the blob store, and hands its bytes to a small decode pool that checks the
-frame decodes while the rest of the body is still arriving. When the body is complete the index
-is checked against every member (names, sizes, sha256, decodability, dimensions); only then are
-the temporary files renamed into the content-addressed store, made durable with one filesystem
-sync, and the upload committed in one database transaction.
+The event loop only counts bytes against the size limit and hands the chunks to a parser thread
+through a bounded queue. The parser reads the tar stream itself (:mod:`cloud.ustar`: a member is a
+slice of the chunk that holds it), parses ``index.json`` as soon as it arrives (a headset's archive
+sends it first), appends each frame to the upload's pack (one file: on the folder store, the
+stored pack itself; for an object store, a spool file hashed as it is written) and hands the
+frames in batches to a small pool of threads that hash and decode-check them while the rest of
+the body is still arriving. When the body is complete the pack is finished while the pool works
+on: the folder store's is fsynced there, an object store's PUT is started. Then the index is
+checked against every member (names, sizes, sha256, decodability, dimensions), and the upload
+committed in one database transaction that also records where each blob is in its pack.
 
-Nothing of a rejected upload is kept: until the commit step every frame lives only in a
-temporary file, removed on any failure. A crash after some frames were renamed into the store but
-before the commit leaves only unreferenced content-addressed blobs (the same frames, if retried,
-reuse them), never a partial batch.
+Nothing of a rejected upload is kept: the pack is a temporary file until the commit step moves it
+into place (folder) or records it (object store; a pack object put for an upload that is then
+refused is deleted), and a pack is durable before the transaction that names it. A crash
+before the commit leaves at most a pack no row names, removed at the next start (embedded) or
+harmless (scaled).
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ charges for, in latency and in money. :meth:`S3BlobStore.put_files` writes them 
 ``PREFIX/packs/<sha256 of the pack>``, their bytes one after the other, and records each frame's
 (pack, offset, length) in the metadata database (table ``blob_packs``, schema v5) before the
 upload that names them is committed (in the upload's own transaction when the ingest stores it);
-reading a frame back is a ``Range`` GET of its bytes.
+reading a frame back is a ``Range`` GET of its bytes. The ingest PUTs an upload's pack
+(:meth:`S3BlobStore.put_pack_file`) as soon as its last frame is written, while the decode checks
+finish, and deletes the object if the upload is then refused (:meth:`S3BlobStore.discard_pack`).
 Blobs stored one object each (manifests, models, and frames stored before packing) are read as
 before: a blob with no pack location is looked up under its own key.
 """
