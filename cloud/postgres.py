@@ -97,6 +97,10 @@ class PostgresStorage(SQLStorage):
         with self._pool.connection() as conn, conn.transaction():
             yield _Connection(conn)
 
+    def _stored_frames(self, db: _Connection, device_id: int, shas: list[str]) -> set[str]:
+        return {r[0] for r in db.execute("SELECT sha256 FROM frames WHERE device_id=? AND sha256 = ANY(?)",
+                                         (device_id, shas)).fetchall()}
+
     def _insert_many(self, db: _Connection, table: str, columns: tuple[str, ...], rows: list[tuple],
                      keep_existing: str | None = None) -> None:
         """COPY, not a statement per row: an upload's ~700 frames and ~700 blob locations took

@@ -365,13 +365,7 @@ class SQLStorage:
             db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(up))
             # frames this device already stored (a resent batch that overlaps an earlier one) are not
             # stored twice; the upload still answers for all of them
-            have: set[str] = set()
-            shas = sorted({f.sha256 for f in frames})
-            for i in range(0, len(shas), 500):
-                part = shas[i:i + 500]
-                have.update(r[0] for r in db.execute(
-                    f"SELECT sha256 FROM frames WHERE device_id=? AND sha256 IN ({','.join('?' * len(part))})",
-                    (device_id, *part)).fetchall())
+            have = self._stored_frames(db, device_id, sorted({f.sha256 for f in frames}))
             new, seen = [], set(have)
             for i, f in enumerate(frames):
                 if f.sha256 not in seen:
@@ -381,6 +375,17 @@ class SQLStorage:
             # a blob located already keeps its first location
             self._insert_many(db, "blob_packs", _LOCATION_COLUMNS, list(locations), keep_existing="sha256")
         return up, True
+
+    def _stored_frames(self, db: Any, device_id: int, shas: list[str]) -> set[str]:
+        """Which of ``shas`` the device has stored (IN lists of 500; PostgreSQL overrides this with
+        one array parameter, a query its driver can prepare once)."""
+        have: set[str] = set()
+        for i in range(0, len(shas), 500):
+            part = shas[i:i + 500]
+            have.update(r[0] for r in db.execute(
+                f"SELECT sha256 FROM frames WHERE device_id=? AND sha256 IN ({','.join('?' * len(part))})",
+                (device_id, *part)).fetchall())
+        return have
 
     def _insert_many(self, db: Any, table: str, columns: tuple[str, ...], rows: list[tuple],
                      keep_existing: str | None = None) -> None:
