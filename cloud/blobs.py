@@ -110,12 +110,15 @@ class LocalBlobStore:
         with open(self.packs / pack, "rb") as fh:
             return os.pread(fh.fileno(), end - start, start)
 
-    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]], *, synced: bool = False,
+                   sha256: str | None = None) -> list[tuple[str, str, int, int]]:
         """Adopt ``path``, a :meth:`temp_file` holding blobs one after the other (``rows``: their
         (sha256, offset, length)), as one durable pack; returns the locations to record
         (:meth:`PackIndex.add_blob_locations` rows), which the caller records with the rows that
         name the blobs. Blobs stored before keep their place; a pack that adds nothing is dropped.
-        The file is moved, not copied."""
+        The file is moved, not copied; ``synced``: the caller fsynced it after its last write
+        (the rename is made durable here either way). ``sha256`` is not needed here (the name
+        comes from ``rows``); the object store uses it."""
         assert self.index is not None, "attach_index first"
         located = self.index.blob_locations([sha for sha, _, _ in rows])
         new = [r for r in rows if r[0] not in located]  # one stored as a file too reads from the file
@@ -123,8 +126,9 @@ class LocalBlobStore:
             Path(path).unlink(missing_ok=True)
             return []
         name = pack_name(rows)
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
+        if not synced:
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(path, self.packs / name)  # the same name is the same bytes
         fsync_dir(self.packs)
         return [(sha, name, offset, length) for sha, offset, length in new]

@@ -1,17 +1,21 @@
 """Upload ingest, streamed: the request body is parsed as a tar archive while it arrives.
 
-A parser thread reads the body from a bounded queue (the event loop only counts bytes against the
-size limit and hands chunks over), writes each frame once, hashing it in the same pass, to a
-temporary file in the blob store, and hands its bytes to a small decode pool that checks the
-frame decodes while the rest of the body is still arriving. When the body is complete the index
-is checked against every member (names, sizes, sha256, decodability, dimensions); only then are
-the temporary files renamed into the content-addressed store, made durable with one filesystem
-sync, and the upload committed in one database transaction.
+The event loop only counts bytes against the size limit and hands the chunks to a parser thread
+through a bounded queue. The parser reads the tar stream itself (:mod:`cloud.ustar`: a member is a
+slice of the chunk that holds it), parses ``index.json`` as soon as it arrives (a headset's archive
+sends it first), appends each frame to the upload's pack (one file: on the folder store, the
+stored pack itself; for an object store, a spool file hashed as it is written) and hands the
+frames in batches to a small pool of threads that hash and decode-check them while the rest of
+the body is still arriving. When the body is complete the pack is finished while the pool works
+on: the folder store's is fsynced there, an object store's PUT is started. Then the index is
+checked against every member (names, sizes, sha256, decodability, dimensions), and the upload
+committed in one database transaction that also records where each blob is in its pack.
 
-Nothing of a rejected upload is kept: until the commit step every frame lives only in a
-temporary file, removed on any failure. A crash after some frames were renamed into the store but
-before the commit leaves only unreferenced content-addressed blobs (the same frames, if retried,
-reuse them), never a partial batch.
+Nothing of a rejected upload is kept: the pack is a temporary file until the commit step moves it
+into place (folder) or records it (object store; a pack object put for an upload that is then
+refused is deleted), and a pack is durable before the transaction that names it. A crash
+before the commit leaves at most a pack no row names, removed at the next start (embedded) or
+harmless (scaled).
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ import json
 import logging
 import os
 import queue
-import tarfile
 import tempfile
 import threading
 from pathlib import Path
@@ -39,6 +42,7 @@ from pydantic import ValidationError
 from cloud.blobs import BlobStore
 from cloud.limits import ReceivingSlots, ingest_memory_bound
 from cloud.storage import FrameRow, Storage, Upload
+from cloud.ustar import ExtendedHeaderTooLarge, TarError, TarReader
 from shared.errors import UserError
 from shared.wire import FRAME_PATH, INDEX_NAME, UploadIndex
 
@@ -54,6 +58,8 @@ _CHECK_BATCH_BYTES = 256 * 1024  # frames checked by one pool task (one task per
 _DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 _DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="frame-check")
 MAX_RECEIVING = 4  # uploads parsed at once by this process, all devices together; the others wait
+# an object store's pack PUT, started when the pack is written (not after validation): one per upload
+_PUT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_RECEIVING, thread_name_prefix="pack-put")
 RECEIVING_WAIT_S = 30.0  # an upload waiting longer for a parser answers 503 (the headset retries)
 RECEIVING = ReceivingSlots(MAX_RECEIVING)
 
@@ -175,82 +181,22 @@ def check_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int,
 
 
 # -- streaming parser -----------------------------------------------------------------------------
-EXTENDED_HEADER_LIMIT = 64 * 1024  # a PAX or GNU long-name header is read whole by tarfile: bound it
+EXTENDED_HEADER_LIMIT = 64 * 1024  # a PAX or GNU long-name header is read whole: bound it (cloud/ustar.py)
+_NOT_META = {"file", "sha256", "bytes", "width", "height"}  # an index entry's fields that are not its metadata
+_META_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(meta, separators=(",", ":")), one encoder
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile reads a PAX extended header or a GNU long name into memory whole, before any member
-    is seen; one of 60 MB (inside the upload limit) would be held three times over. Refused
-    above :data:`EXTENDED_HEADER_LIMIT`, from the size its own header block declares."""
-
-    def _proc_member(self, tarfile_):  # noqa: D401 - tarfile's hook, called for every header block
-        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                    tarfile.GNUTYPE_LONGLINK)
-        if self.type in extended and self.size > EXTENDED_HEADER_LIMIT:
-            raise _bad(f"an extended tar header of {self.size} bytes; the limit is {EXTENDED_HEADER_LIMIT}")
-        return super()._proc_member(tarfile_)
-
-
-class _Feed:
-    """A blocking file-like view of the body chunks the event loop puts in a queue (None: the end)."""
-
-    def __init__(self, q: "queue.Queue[bytes | None]"):
-        self.q = q
-        self.buf = bytearray()
-        self.eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self.buf) < n) and not self.eof:
-            item = self.q.get()
-            if item is None:
-                self.eof = True
-            else:
-                self.buf += item
-        if n < 0 or n >= len(self.buf):
-            out = bytes(self.buf)
-            self.buf.clear()
-        else:
-            out = bytes(self.buf[:n])
-            del self.buf[:n]
-        return out
-
-    def drain(self) -> None:
-        while not self.eof:
-            if self.q.get() is None:
-                self.eof = True
-        self.buf.clear()
-
-
-def _check_batch(frames: list[bytes], max_pixels: int) -> list[tuple[int, int] | UploadRejected]:
-    out: list[tuple[int, int] | UploadRejected] = []
+def _check_batch(frames: list[bytes], max_pixels: int, hashed: bool) -> list[tuple[str | None, tuple[int, int] | UploadRejected]]:
+    """Each frame's sha256 (unless ``hashed``: the parser has it) and decode check, in the pool:
+    hashing here, not in the parser, keeps the parser's thread on the tar stream."""
+    out: list[tuple[str | None, tuple[int, int] | UploadRejected]] = []
     for data in frames:
+        sha = None if hashed else hashlib.sha256(data).hexdigest()
         try:
-            out.append(check_frame(data, max_pixels))
+            out.append((sha, check_frame(data, max_pixels)))
         except UploadRejected as exc:
-            out.append(exc)
+            out.append((sha, exc))
     return out
-
-
-@dataclasses.dataclass
-class _Check:
-    """One frame's answer in a batch checked by the decode pool."""
-
-    batch: concurrent.futures.Future
-    position: int
-
-    def result(self) -> tuple[int, int]:
-        answer = self.batch.result()[self.position]
-        if isinstance(answer, UploadRejected):
-            raise answer
-        return answer
-
-
-@dataclasses.dataclass
-class _Member:
-    size: int
-    sha256: str
-    tmp: Path | None  # None: the blob is in the store already
-    check: _Check
 
 
 @dataclasses.dataclass
@@ -262,15 +208,19 @@ class Received:
     rows: list[FrameRow]
     temps: list[tuple[str, Path]]  # (sha256, temporary file)
     size: int = 0
-    pack: Path | None = None  # an object store's upload: every frame in this one spool file...
-    pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length)
+    pack: Path | None = None  # a packing store's upload: every frame in this one file...
+    pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length),
+    # the index's last: the whole pack, written and closed
+    pack_synced: bool = False  # the pack is durable already (fsynced by the parser)
+    pack_sha256: str | None = None  # the pack's bytes' sha256, where the parser hashed them
+    pack_put: concurrent.futures.Future | None = None  # an object store's PUT of the pack, started by the parser
 
 
 class _Parser:
     def __init__(self, q: "queue.Queue[bytes | None]", blobs: BlobStore, spool_dir: Path, *, max_frames: int,
                  max_frame_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_meta_bytes: int = DEFAULT_MAX_META_BYTES):
-        self.feed = _Feed(q)
+        self.tar = TarReader(q.get, EXTENDED_HEADER_LIMIT)
         self.blobs, self.spool_dir = blobs, spool_dir
         self.max_frames, self.max_frame_bytes = max_frames, max_frame_bytes
         self.max_pixels, self.max_meta_bytes = max_pixels, max_meta_bytes
@@ -279,38 +229,46 @@ class _Parser:
         # skip frames stored already: a stat on a folder store; an object store (a request per
         # frame) skips them when it stores the upload, with one query for all (cloud/s3.py)
         self.lookup_each = getattr(blobs, "cheap_exists", True)
-        # an object store that packs: the frames go one after the other into one spool file,
-        # which becomes the pack object (one file created per upload, not one per frame)
+        # a store that packs: the frames go one after the other into one file, which becomes the
+        # pack (one file created per upload, not one per frame); they are hashed in the decode
+        # pool, so a frame sent twice in one upload is in the pack twice (located once)
         self.packing = bool(getattr(blobs, "packing", False))
         self.pack: Path | None = None
         self._pack_fh: BinaryIO | None = None
         self._pack_buf: list[bytes] = []
         self._pack_buffered = 0
-        self.pack_rows: dict[str, tuple[int, int]] = {}
         self._pack_size = 0
+        self.index_row: tuple[str, int, int] | None = None  # the index's (sha256, offset, length) in the pack
+        # the folder store's pack is the stored file itself: fsynced when written; an object
+        # store's is a spool file, hashed as it is written (the object's name) and put at commit
+        self.sync_pack = self.packing and getattr(blobs, "temp_file", None) is not None
+        self._pack_digest = None if self.sync_pack else hashlib.sha256()
+        self._index: tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected | None = None
+        self.pack_put: concurrent.futures.Future | None = None
+        # the frames, in archive order: name -> position, and by position
+        self.names: dict[str, int] = {}
+        self.sizes: list[int] = []
+        self.offsets: list[int] = []  # in the pack
+        self.shas: list[str] = []  # hashed by the parser (an unpacked store)
+        self.tmps: list[Path | None] = []  # an unpacked store's temporary files (None: stored already)
+        self.batches: list[concurrent.futures.Future] = []  # decode-pool answers, in archive order
 
-    def _to_pack(self, sha: str, data: bytes) -> None:
-        if sha in self.pack_rows:
-            return
-        if self._pack_fh is None:
-            make = getattr(self.blobs, "temp_file", None)
-            if make is not None:  # the folder store: on its filesystem, so the pack is moved in, not copied
-                self._pack_fh, self.pack = make()
-            else:
-                self.spool_dir.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
-                self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
-            self.temps.append(self.pack)
-        self._pack_buf.append(data)  # written 1 MB at a time: a write per frame showed in profiles
-        self._pack_buffered += len(data)
-        if self._pack_buffered >= _PACK_WRITE:
-            self._flush_pack()
-        self.pack_rows[sha] = (self._pack_size, len(data))
-        self._pack_size += len(data)
+    def _open_pack(self) -> None:
+        make = getattr(self.blobs, "temp_file", None)
+        if make is not None:  # the folder store: on its filesystem, so the pack is moved in, not copied
+            self._pack_fh, self.pack = make()
+        else:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
+            self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
+        self.temps.append(self.pack)
 
     def _flush_pack(self) -> None:
         if self._pack_buf:
-            self._pack_fh.write(b"".join(self._pack_buf))  # type: ignore[union-attr]
+            data = b"".join(self._pack_buf)
+            self._pack_fh.write(data)  # type: ignore[union-attr]
+            if self._pack_digest is not None:
+                self._pack_digest.update(data)
             self._pack_buf.clear()
             self._pack_buffered = 0
 
@@ -325,6 +283,20 @@ class _Parser:
         self.temps.append(path)
         return fh, path
 
+    def _store_unpacked(self, data: bytes) -> None:
+        """An unpacked store: hashed here (to skip a frame stored already), a temporary file each."""
+        sha = hashlib.sha256(data).hexdigest()
+        tmp = None
+        if not self.lookup_each or not self.blobs.exists(sha):
+            try:
+                fh, tmp = self._temp()
+                with fh:
+                    fh.write(data)
+            except OSError as exc:  # the server's disk, not the archive
+                raise server_fault(exc) from None
+        self.shas.append(sha)
+        self.tmps.append(tmp)
+
     def run(self) -> None:
         try:
             self.result.set_result(self._parse())
@@ -332,140 +304,190 @@ class _Parser:
             self.cleanup()
             self.result.set_exception(exc)
         finally:
-            self.feed.drain()  # never leave the event loop blocked on a full queue
+            self.tar.drain()  # never leave the event loop blocked on a full queue
 
     def cleanup(self) -> None:
         if self._pack_fh is not None:
             self._pack_fh.close()
+        put, self.pack_put = self.pack_put, None
+        if put is not None:  # refused after its pack was put: the object goes too
+            shas = [sha for fut in self.batches if not fut.exception() for sha, _ in fut.result()]
+            _discard_put(put, self.blobs, self._pack_digest.hexdigest(),  # type: ignore[union-attr]
+                         shas + [self.index_row[0]])  # type: ignore[index]
         for path in self.temps:
             path.unlink(missing_ok=True)
 
     def _parse(self) -> Received:
-        try:
-            tar = tarfile.open(fileobj=self.feed, mode="r|", bufsize=16 * 1024,  # uncompressed only
-                               tarinfo=_BoundedTarInfo)
-        except (tarfile.TarError, OSError, EOFError):
-            raise _bad("not an uncompressed tar archive") from None
-        members: dict[str, _Member] = {}
-        pending: collections.deque = collections.deque()  # (batch future, bytes) submitted
+        tar, names, sizes, offsets = self.tar, self.names, self.sizes, self.offsets
+        pending: collections.deque = collections.deque()  # (batch future, bytes) submitted, not known done
         pending_bytes = 0  # submitted and not yet checked, and in the batch being filled
         batch: list[bytes] = []
-        batch_checks: list[_Check] = []
         batch_bytes = 0
         index_bytes: bytes | None = None
+        packing, hashed = self.packing, not self.packing
 
         def submit() -> None:
-            nonlocal batch, batch_checks, batch_bytes
-            fut = _DECODE_POOL.submit(_check_batch, batch, self.max_pixels)
-            for c in batch_checks:
-                c.batch = fut
+            nonlocal batch, batch_bytes, pending_bytes
+            fut = _DECODE_POOL.submit(_check_batch, batch, self.max_pixels, hashed)
+            self.batches.append(fut)
             pending.append((fut, batch_bytes))
-            batch, batch_checks, batch_bytes = [], [], 0
+            batch, batch_bytes = [], 0
+            while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
+                done, nbytes = pending.popleft()
+                done.exception()  # waits; a bad frame is reported by _validate, in index order
+                pending_bytes -= nbytes
         try:
-            with tar:
-                for m in tar:
-                    # only plain files: no links, devices, FIFOs, and no sparse members, whose
-                    # declared (expanded) size is not what crossed the wire and the size limit
-                    if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse():
-                        kind = "a sparse file" if m.issparse() else "not a regular file"
-                        raise _bad(f"member {m.name[:100]!r} is {kind}")
-                    if m.name in members or (m.name == INDEX_NAME and index_bytes is not None):
-                        raise _bad(f"member {m.name!r} appears twice")
-                    if len(members) >= self.max_frames:
-                        raise _bad(f"more than {self.max_frames} frames in one upload")
-                    if m.name == INDEX_NAME:
-                        if m.size > INDEX_LIMIT:
-                            raise _bad(f"{INDEX_NAME} is larger than 8 MiB")
-                        index_bytes = tar.extractfile(m).read()  # type: ignore[union-attr]
-                        continue
-                    if not FRAME_PATH.match(m.name):
-                        raise _bad(f"archive member {m.name!r} is not frames/NAME.jpg")
-                    if m.size > self.max_frame_bytes:
-                        raise _bad(f"{m.name} is larger than {self.max_frame_bytes} bytes")
-                    data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                    sha = hashlib.sha256(data).hexdigest()
-                    tmp = None
-                    if self.packing:
+            while (m := tar.next_member()) is not None:
+                name = m.name
+                # only plain files: no links, devices, FIFOs, and no sparse members, whose
+                # declared (expanded) size is not what crossed the wire and the size limit
+                if not m.regular:
+                    kind = "a sparse file" if m.sparse else "not a regular file"
+                    raise _bad(f"member {name[:100]!r} is {kind}")
+                if name in names or (name == INDEX_NAME and index_bytes is not None):
+                    raise _bad(f"member {name!r} appears twice")
+                if len(names) >= self.max_frames:
+                    raise _bad(f"more than {self.max_frames} frames in one upload")
+                if name == INDEX_NAME:
+                    if m.size > INDEX_LIMIT:
+                        raise _bad(f"{INDEX_NAME} is larger than 8 MiB")
+                    index_bytes = tar.read_data()
+                    self._index = self._read_index(index_bytes)  # now, not after the last frame
+                    continue
+                if not FRAME_PATH.match(name):
+                    raise _bad(f"archive member {name!r} is not frames/NAME.jpg")
+                if m.size > self.max_frame_bytes:
+                    raise _bad(f"{name} is larger than {self.max_frame_bytes} bytes")
+                data = tar.read_data()
+                names[name] = len(sizes)
+                sizes.append(len(data))
+                if packing:
+                    if self._pack_fh is None:
                         try:
-                            self._to_pack(sha, data)
+                            self._open_pack()
                         except OSError as exc:
                             raise server_fault(exc) from None
-                    elif not self.lookup_each or not self.blobs.exists(sha):
+                    offsets.append(self._pack_size)
+                    self._pack_size += len(data)
+                    self._pack_buf.append(data)  # written 1 MB at a time: a write per frame showed in profiles
+                    self._pack_buffered += len(data)
+                    if self._pack_buffered >= _PACK_WRITE:
                         try:
-                            fh, tmp = self._temp()
-                            with fh:
-                                fh.write(data)
-                        except OSError as exc:  # the server's disk, not the archive
+                            self._flush_pack()
+                        except OSError as exc:
                             raise server_fault(exc) from None
-                    check = _Check(None, len(batch))  # type: ignore[arg-type]  # its batch is set on submit
-                    batch.append(data)
-                    batch_checks.append(check)
-                    batch_bytes += len(data)
-                    members[m.name] = _Member(len(data), sha, tmp, check)
-                    pending_bytes += len(data)
-                    if batch_bytes >= _CHECK_BATCH_BYTES or pending_bytes > _PENDING_DECODE_BYTES:
-                        submit()
-                    while pending_bytes > _PENDING_DECODE_BYTES or (pending and pending[0][0].done()):
-                        done, nbytes = pending.popleft()
-                        done.exception()  # waits; a bad frame is reported by _validate, in index order
-                        pending_bytes -= nbytes
+                else:
+                    self._store_unpacked(data)
+                batch.append(data)
+                batch_bytes += len(data)
+                pending_bytes += len(data)
+                if batch_bytes >= _CHECK_BATCH_BYTES or pending_bytes > _PENDING_DECODE_BYTES:
+                    submit()
             if batch:
                 submit()
-        except (tarfile.TarError, OSError, EOFError):
+            self._finish_pack(index_bytes)  # while the pool still decodes
+        except ExtendedHeaderTooLarge as exc:
+            raise _bad(f"an extended tar header of {exc.size} bytes; the limit is {EXTENDED_HEADER_LIMIT}") from None
+        except TarError:
+            if tar.members == 0:
+                raise _bad("not an uncompressed tar archive") from None
             raise _bad("the archive is truncated or corrupt") from None
         finally:
             concurrent.futures.wait([f for f, _ in pending])
-        if self._pack_fh is not None:
-            try:
-                self._flush_pack()
-                self._pack_fh.close()
-            except OSError as exc:
-                raise server_fault(exc) from None
-        return self._validate(index_bytes, members)
+        return self._validate(index_bytes)
 
-    def _validate(self, index_bytes: bytes | None, members: dict[str, _Member]) -> Received:
-        if index_bytes is None:
-            raise _bad(f"the archive has no {INDEX_NAME}")
+    def _finish_pack(self, index_bytes: bytes | None) -> None:
+        """The pack's last bytes written, the index after the frames; on the folder store, made
+        durable now, while the decode pool still works (fsync releases the GIL), not at commit."""
+        if self._pack_fh is None:
+            return
+        try:
+            if index_bytes is not None:
+                self.index_row = (hashlib.sha256(index_bytes).hexdigest(), self._pack_size, len(index_bytes))
+                self._pack_buf.append(index_bytes)
+                self._pack_size += len(index_bytes)
+            self._flush_pack()
+            if self.sync_pack:
+                self._pack_fh.flush()
+                os.fsync(self._pack_fh.fileno())
+            self._pack_fh.close()
+        except OSError as exc:
+            raise server_fault(exc) from None
+        put = getattr(self.blobs, "put_pack_file", None)
+        if put is not None and not self.sync_pack and isinstance(self._index, tuple):  # an object store
+            # the PUT while the pool still decodes; the object is deleted if the upload is refused
+            self.pack_put = _PUT_POOL.submit(put, self.pack, self._pack_digest.hexdigest())  # type: ignore[union-attr]
+
+    def _read_index(self, index_bytes: bytes) -> tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected:
+        """The index parsed and each frame's metadata encoded, as soon as the index arrives (it comes
+        first in a headset's archive): off the upload's tail. A problem is kept, and reported by
+        :meth:`_validate` in the order it always was."""
         try:
             index = UploadIndex.model_validate_json(index_bytes)
         except (ValidationError, ValueError) as exc:
-            raise _bad(f"{INDEX_NAME} is not a valid upload index: {validation_summary(exc)}") from None
+            return _bad(f"{INDEX_NAME} is not a valid upload index: {validation_summary(exc)}")
         if len(index.frames) > self.max_frames:
-            raise _bad(f"{len(index.frames)} frames in one upload; the limit is {self.max_frames}")
+            return _bad(f"{len(index.frames)} frames in one upload; the limit is {self.max_frames}")
+        # one dump of every frame's metadata (not one call per frame), each encoded as json.dumps
+        # with separators=(",", ":") encodes it
+        metas = index.model_dump(include={"frames"}, exclude={"frames": {"__all__": _NOT_META}})["frames"]
+        return index, [(meta, _META_JSON.encode(meta)) for meta in metas]
+
+    def _validate(self, index_bytes: bytes | None) -> Received:
+        if index_bytes is None:
+            raise _bad(f"the archive has no {INDEX_NAME}")
+        if isinstance(self._index, UploadRejected):
+            raise self._index
+        index, metas = self._index  # type: ignore[misc]
         listed = [f.file for f in index.frames]
         if len(set(listed)) != len(listed):
             raise _bad("the index lists a frame file twice")
-        extra = set(members) - set(listed)
+        names, sizes = self.names, self.sizes
+        extra = set(names) - set(listed)
         if extra:
             raise _bad(f"archive members not in the index: {sorted(extra)[:3]}")
+        answers = [answer for fut in self.batches for answer in fut.result()]  # (sha256 | None, check) by position
+        shas = [sha for sha, _ in answers] if self.packing else self.shas
         rows: list[FrameRow] = []
         temps: list[tuple[str, Path]] = []
         for i, f in enumerate(index.frames):
             if not FRAME_PATH.match(f.file):
                 raise _bad(f"frame {i}: file name {f.file!r} is not frames/NAME.jpg")
-            m = members.get(f.file)
-            if m is None:
+            at = names.get(f.file)
+            if at is None:
                 raise _bad(f"frame {i}: {f.file} is in the index but not in the archive")
-            if m.size != f.bytes:
-                raise _bad(f"frame {i}: {f.file} has {m.size} bytes, the index says {f.bytes}")
-            if m.sha256 != f.sha256:
+            if sizes[at] != f.bytes:
+                raise _bad(f"frame {i}: {f.file} has {sizes[at]} bytes, the index says {f.bytes}")
+            if shas[at] != f.sha256:
                 raise _bad(f"frame {i}: {f.file} does not match its sha256 in the index")
-            try:
-                w, h = m.check.result()
-            except UploadRejected as exc:
-                raise _bad(f"frame {i}: {f.file} {exc.detail}") from None
+            check = answers[at][1]
+            if isinstance(check, UploadRejected):
+                raise _bad(f"frame {i}: {f.file} {check.detail}")
+            w, h = check
             if (f.width is not None and f.width != w) or (f.height is not None and f.height != h):
                 raise _bad(f"frame {i}: {f.file} is {w}x{h}, the index says {f.width}x{f.height}")
-            meta = f.model_dump(exclude={"file", "sha256", "bytes", "width", "height"})
-            meta_json = json.dumps(meta, separators=(",", ":"))
+            meta, meta_json = metas[i]
             meta_bytes = len(meta_json)
             if meta_bytes > self.max_meta_bytes:
                 raise _bad(f"frame {i}: {meta_bytes} bytes of metadata; the limit is {self.max_meta_bytes}")
             rows.append(FrameRow(f.sha256, w, h, meta, meta_json=meta_json))
-            if m.tmp is not None:
-                temps.append((m.sha256, m.tmp))
-        pack_rows = [(sha, offset, length) for sha, (offset, length) in self.pack_rows.items()]
-        return Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows)
+            if not self.packing and self.tmps[at] is not None:
+                temps.append((f.sha256, self.tmps[at]))  # type: ignore[arg-type]
+        pack_rows: list[tuple[str, int, int]] = []
+        if self.pack is not None:
+            seen: set[str] = set()
+            for sha, offset, size in zip(shas, self.offsets, sizes):
+                if sha not in seen:  # a frame sent twice: located at its first copy
+                    seen.add(sha)
+                    pack_rows.append((sha, offset, size))
+            if self.index_row is not None:
+                pack_rows.append(self.index_row)
+        received = Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
+                            pack_synced=self.sync_pack, pack_put=self.pack_put,
+                            pack_sha256=self._pack_digest.hexdigest()
+                            if self._pack_digest is not None and self.pack is not None else None)
+        self.pack_put = None  # the commit's now
+        return received
 
 
 async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
@@ -532,6 +554,7 @@ async def _receive(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path
 def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStore) -> tuple[Upload, bool]:
     """Store a validated upload's frames and commit it; (upload, created). Temporary files are removed."""
     temps = list(received.temps)
+    put, committed = received.pack_put, False
     try:
         content = received.index.content_sha256()
         existing = storage.find_upload(device_id, content)
@@ -540,13 +563,14 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             return existing, False
         locations: list[tuple[str, str, int, int]] = []
         if received.pack is not None:  # a packing store: the spooled frames and the index are the pack
-            index_sha = hashlib.sha256(received.index_bytes).hexdigest()
-            with open(received.pack, "ab") as fh:
-                offset = fh.tell()
-                fh.write(received.index_bytes)
+            index_sha = received.pack_rows[-1][0]
             # durable first; where its blobs are is recorded with the upload, in one transaction
-            locations = blobs.store_pack(received.pack, [*received.pack_rows,  # type: ignore[attr-defined]
-                                                         (index_sha, offset, len(received.index_bytes))])
+            if put is not None:  # an object store's PUT, which the parser started
+                put.result()
+                locations = blobs.pack_locations(received.pack_sha256, received.pack_rows)  # type: ignore[attr-defined]
+            else:
+                locations = blobs.store_pack(received.pack, received.pack_rows,  # type: ignore[attr-defined]
+                                             synced=received.pack_synced, sha256=received.pack_sha256)
         elif getattr(blobs, "adopt", None) is not None and hasattr(blobs, "sync"):  # the folder store, unpacked
             fh, tmp = blobs.temp_file()  # type: ignore[attr-defined]
             with fh:
@@ -565,14 +589,28 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             for sha, path in temps:
                 blobs.put_file(path, sha)
             index_sha = blobs.put_bytes(received.index_bytes)
-        return storage.commit_upload(device_id, content, index_sha, received.size, received.rows, locations)
+        answer = storage.commit_upload(device_id, content, index_sha, received.size, received.rows, locations)
+        committed = True
+        return answer
     except OSError as exc:
         raise server_fault(exc) from None
     finally:
+        if put is not None and not committed:  # a repeat, or a failure: the object put is not needed
+            _discard_put(put, blobs, received.pack_sha256, [sha for sha, _, _ in received.pack_rows])  # type: ignore[arg-type]
         for _, path in temps:
             path.unlink(missing_ok=True)
         if received.pack is not None:
             received.pack.unlink(missing_ok=True)
+
+
+def _discard_put(put: concurrent.futures.Future, blobs: BlobStore, pack: str, shas: list[str]) -> None:
+    """Once the PUT is over, delete the pack object of an upload that was not committed."""
+    if put.exception() is not None:
+        return  # nothing was stored
+    try:
+        blobs.discard_pack(pack, shas)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - the answer to the headset stands; an orphan object is logged
+        log.warning("the pack object %s of an upload not committed was not deleted: %s", pack, exc)
 
 
 def metadata_digest(index: UploadIndex) -> str:

@@ -97,6 +97,29 @@ class PostgresStorage(SQLStorage):
         with self._pool.connection() as conn, conn.transaction():
             yield _Connection(conn)
 
+    def _stored_frames(self, db: _Connection, device_id: int, shas: list[str]) -> set[str]:
+        return {r[0] for r in db.execute("SELECT sha256 FROM frames WHERE device_id=? AND sha256 = ANY(?)",
+                                         (device_id, shas)).fetchall()}
+
+    def _insert_many(self, db: _Connection, table: str, columns: tuple[str, ...], rows: list[tuple],
+                     keep_existing: str | None = None) -> None:
+        """COPY, not a statement per row: an upload's ~700 frames and ~700 blob locations took
+        ~150 ms as executemany, ~15 ms so. Rows whose key may be there already are copied into a
+        temporary table of this connection (emptied at commit), then inserted in one statement."""
+        if not rows:
+            return
+        cols = ", ".join(columns)
+        target = f"hmd_stage_{table}" if keep_existing else table
+        with db.conn.cursor() as cur:
+            if keep_existing:
+                cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {target} (LIKE {table}) ON COMMIT DELETE ROWS")
+            with cur.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            if keep_existing:
+                cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {target} "
+                            f"ON CONFLICT ({keep_existing}) DO NOTHING")
+
     def _query(self, sql: str, args: tuple = ()) -> list[Row]:
         with self._pool.connection() as conn:
             return conn.execute(_pg_sql(sql), tuple(args)).fetchall()

@@ -11,7 +11,9 @@ charges for, in latency and in money. :meth:`S3BlobStore.put_files` writes them 
 ``PREFIX/packs/<sha256 of the pack>``, their bytes one after the other, and records each frame's
 (pack, offset, length) in the metadata database (table ``blob_packs``, schema v5) before the
 upload that names them is committed (in the upload's own transaction when the ingest stores it);
-reading a frame back is a ``Range`` GET of its bytes.
+reading a frame back is a ``Range`` GET of its bytes. The ingest PUTs an upload's pack
+(:meth:`S3BlobStore.put_pack_file`) as soon as its last frame is written, while the decode checks
+finish, and deletes the object if the upload is then refused (:meth:`S3BlobStore.discard_pack`).
 Blobs stored one object each (manifests, models, and frames stored before packing) are read as
 before: a blob with no pack location is looked up under its own key.
 """
@@ -123,25 +125,52 @@ class S3BlobStore:
         (sha256, offset, length) of each blob in it. Blobs packed before keep their first location."""
         self.index.add_blob_locations(self.store_pack(path, rows))  # type: ignore[union-attr]
 
-    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+    def store_pack(self, path: str | os.PathLike, rows: list[tuple[str, int, int]], *, synced: bool = False,
+                   sha256: str | None = None) -> list[tuple[str, str, int, int]]:
         """:meth:`put_pack` without recording the locations: they are returned, for the caller to
-        record with the rows that name the blobs (one transaction)."""
+        record with the rows that name the blobs (one transaction). ``sha256``: the file's, where
+        the caller hashed it as it wrote it (else it is read once more to hash it); ``synced``
+        means nothing here (the file is a spool, the object store makes the object durable)."""
         with open(path, "rb") as fh:
-            return self._store_pack(fh, os.fstat(fh.fileno()).st_size, rows)
+            return self._store_pack(fh, os.fstat(fh.fileno()).st_size, rows, sha256)
+
+    @staticmethod
+    def pack_locations(sha256: str, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+        """The locations to record for a pack put by :meth:`put_pack_file` (what :meth:`store_pack` returns)."""
+        return [(sha, sha256, offset, length) for sha, offset, length in rows]
+
+    def put_pack_file(self, path: str | os.PathLike, sha256: str) -> None:
+        """PUT a finished pack file as the object named by its bytes' ``sha256``. The ingest starts
+        this as soon as an upload's pack is written, while its last frames are still being
+        decoded, then records :meth:`pack_locations` once the upload is valid, or
+        :meth:`discard_pack` s it."""
+        with open(path, "rb") as fh:
+            self.client.put_object(Bucket=self.bucket, Key=self._pack_key(sha256), Body=fh,
+                                   ContentLength=os.fstat(fh.fileno()).st_size)
+
+    def discard_pack(self, sha256: str, shas: list[str]) -> None:
+        """Delete the pack object ``sha256`` (holding the blobs ``shas``), put for an upload that was
+        then refused, unless a recorded location names it (the same bytes committed by another)."""
+        assert self.index is not None
+        if not any(loc[0] == sha256 for loc in self.index.blob_locations(shas).values()):
+            self.client.delete_object(Bucket=self.bucket, Key=self._pack_key(sha256))
 
     def _put_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> None:
         self.index.add_blob_locations(self._store_pack(body, size, rows))  # type: ignore[union-attr]
 
-    def _store_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> list[tuple[str, str, int, int]]:
+    def _store_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]],
+                    sha256: str | None = None) -> list[tuple[str, str, int, int]]:
         assert self.index is not None
-        body.seek(0)
-        digest = hashlib.sha256()
-        while block := body.read(1 << 20):
-            digest.update(block)
-        pack = digest.hexdigest()  # content-addressed, as every other object
+        if sha256 is None:
+            body.seek(0)
+            digest = hashlib.sha256()
+            while block := body.read(1 << 20):
+                digest.update(block)
+            sha256 = digest.hexdigest()
+        pack = sha256  # content-addressed, as every other object
         body.seek(0)
         self.client.put_object(Bucket=self.bucket, Key=self._pack_key(pack), Body=body, ContentLength=size)
-        return [(sha, pack, offset, length) for sha, offset, length in rows]
+        return self.pack_locations(pack, rows)
 
     def _put_one(self, sha256: str, item: os.PathLike | bytes) -> str:
         return self.put_bytes(item) if isinstance(item, bytes) else self.put_file(item, sha256)

@@ -254,8 +254,8 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
-_ADD_LOCATIONS = ("INSERT INTO blob_packs (sha256, pack, pack_offset, pack_length) VALUES (?, ?, ?, ?) "
-                  "ON CONFLICT (sha256) DO NOTHING")  # a blob located already keeps its first location
+_FRAME_COLUMNS = ("upload_id", "device_id", "ord", "sha256", "width", "height", "meta")
+_LOCATION_COLUMNS = ("sha256", "pack", "pack_offset", "pack_length")
 
 
 def in_canary(release: Release, device_name: str) -> bool:
@@ -365,25 +365,37 @@ class SQLStorage:
             db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(up))
             # frames this device already stored (a resent batch that overlaps an earlier one) are not
             # stored twice; the upload still answers for all of them
-            have: set[str] = set()
-            shas = sorted({f.sha256 for f in frames})
-            for i in range(0, len(shas), 500):
-                part = shas[i:i + 500]
-                have.update(r[0] for r in db.execute(
-                    f"SELECT sha256 FROM frames WHERE device_id=? AND sha256 IN ({','.join('?' * len(part))})",
-                    (device_id, *part)).fetchall())
+            have = self._stored_frames(db, device_id, sorted({f.sha256 for f in frames}))
             new, seen = [], set(have)
             for i, f in enumerate(frames):
                 if f.sha256 not in seen:
                     seen.add(f.sha256)
                     new.append((up.id, device_id, i, f.sha256, f.width, f.height, f.meta_json or json.dumps(f.meta)))
-            if new:
-                db.executemany(
-                    "INSERT INTO frames (upload_id, device_id, ord, sha256, width, height, meta) VALUES (?,?,?,?,?,?,?)",
-                    new)
-            if locations:
-                db.executemany(_ADD_LOCATIONS, locations)
+            self._insert_many(db, "frames", _FRAME_COLUMNS, new)
+            # a blob located already keeps its first location
+            self._insert_many(db, "blob_packs", _LOCATION_COLUMNS, list(locations), keep_existing="sha256")
         return up, True
+
+    def _stored_frames(self, db: Any, device_id: int, shas: list[str]) -> set[str]:
+        """Which of ``shas`` the device has stored (IN lists of 500; PostgreSQL overrides this with
+        one array parameter, a query its driver can prepare once)."""
+        have: set[str] = set()
+        for i in range(0, len(shas), 500):
+            part = shas[i:i + 500]
+            have.update(r[0] for r in db.execute(
+                f"SELECT sha256 FROM frames WHERE device_id=? AND sha256 IN ({','.join('?' * len(part))})",
+                (device_id, *part)).fetchall())
+        return have
+
+    def _insert_many(self, db: Any, table: str, columns: tuple[str, ...], rows: list[tuple],
+                     keep_existing: str | None = None) -> None:
+        """``rows`` into ``table`` in the transaction ``db``; with ``keep_existing`` (a unique
+        column), a row whose key is there already is left out. SQLite runs executemany's loop in C;
+        PostgreSQL overrides this with COPY (cloud/postgres.py)."""
+        if rows:
+            conflict = f" ON CONFLICT ({keep_existing}) DO NOTHING" if keep_existing else ""
+            db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))}){conflict}",
+                           rows)
 
     def upload_count(self, device_id: int | None = None) -> int:
         if device_id is None:
@@ -694,7 +706,7 @@ class SQLStorage:
         """(sha256, pack, offset, length) rows; a blob located already keeps its first location."""
         if rows:
             with self._tx() as db:
-                db.executemany(_ADD_LOCATIONS, rows)
+                self._insert_many(db, "blob_packs", _LOCATION_COLUMNS, rows, keep_existing="sha256")
 
     def blob_locations(self, shas: list[str]) -> dict[str, tuple[str, int, int]]:
         out: dict[str, tuple[str, int, int]] = {}

@@ -56,6 +56,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cpu_s(pid: int, tree: bool = False) -> float:
+    """CPU seconds (user + system) a process has used; ``tree``: with its children's, alive ones
+    (PostgreSQL's backends are children of its postmaster)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if tree:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            total += sum(_cpu_s(int(c), tree=True) for c in children)
+    return total
+
+
 def _rss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -163,7 +181,9 @@ def _scene_frames(n: int, start: int, size: int = 64) -> list[tuple[dict, bytes]
 
 
 def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: float, repeats: int,
-                 kind: str = "camera") -> dict:
+                 kind: str = "camera", neighbours: dict[str, int] | None = None) -> dict:
+    """``neighbours``: other processes the upload makes work (name -> pid: the S3 server,
+    PostgreSQL's postmaster), whose CPU seconds per upload are reported with the server's."""
     import statistics
 
     import httpx
@@ -175,6 +195,8 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
     make = {"camera": _camera_frames, "noise": _noise_frames}[kind]
     uploads, copies, ratios, rss_peak = [], [], [], 0
     decodes, decode_ratios = [], []
+    procs = {"api server": (pid, False), **{name: (p, True) for name, p in (neighbours or {}).items()}}
+    cpu: dict[str, list[float]] = {name: [] for name in procs}
     rss_before = _rss_kb(pid)
     archive_size = n_frames = 0
     headers = {"Authorization": f"Bearer {token}", "Content-Type": UPLOAD_CONTENT_TYPE}
@@ -217,10 +239,13 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
                 with open(src, "rb") as fh:
                     while block := fh.read(1 << 20):
                         yield block
+            cpu0 = {name: _cpu_s(p, tree) for name, (p, tree) in procs.items()}
             t0 = time.perf_counter()
             resp = http.post(f"{url}/v1/uploads", content=stream(),
                              headers={**headers, "Content-Length": str(archive_size)})
             elapsed = time.perf_counter() - t0
+            for name, (p, tree) in procs.items():
+                cpu[name].append(_cpu_s(p, tree) - cpu0[name])
             stop.set()
             sampler.join()
             if resp.status_code != 201:
@@ -240,6 +265,8 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
             "decode_only_s": round(statistics.median(decodes), 3),
             "decode_only_mb_per_s": round(archive_size / 1e6 / statistics.median(decodes), 1),
             "ceiling_decode_only/copy": round(statistics.median(decode_ratios), 3),
+            # CPU seconds during one upload (median; 10 ms ticks), against decode_only_s on one core
+            "cpu_s_per_upload": {name: round(statistics.median(v), 3) for name, v in cpu.items()},
             "server_rss_mb": {"before": round(rss_before / 1024, 1), "peak_during_upload": round(rss_peak / 1024, 1),
                               "growth": round((rss_peak - rss_before) / 1024, 1)},
             "ratio": statistics.median(ratios)}

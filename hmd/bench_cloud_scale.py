@@ -89,7 +89,7 @@ def run_scale(work: Path, base_run: Path, args, bench) -> dict:
             server = server_cls(data, "--auto-job-frames", "0", "--max-upload-bytes", limit, "--no-worker", env=env)
             try:
                 upload = add_upload_bench(server.url, tokens["headset"], server.proc.pid, data, args.upload_mb,
-                                          args.repeats, "camera")
+                                          args.repeats, "camera", {"s3 (moto)": s3.proc.pid, "postgresql": pg.proc.pid})
             finally:
                 server.stop()
 

@@ -106,8 +106,64 @@ def test_the_folder_store_packs_an_upload_and_recovery_removes_only_dead_packs(t
     blobs.put_pack(orphan.pack, orphan.pack_rows)
     assert len(list((tmp_path / "blobs" / "packs").iterdir())) == 3
     removed = blobs.remove_unreferenced(storage.referenced_blobs())
-    assert removed == 2 and [p.name for p in (tmp_path / "blobs" / "packs").iterdir()] == [pack.name]
+    # the orphan's two frames and its index (the parser writes the index into the pack, after the frames)
+    assert removed == 3 and [p.name for p in (tmp_path / "blobs" / "packs").iterdir()] == [pack.name]
     assert not storage.blob_locations([sha for sha, _, _ in orphan.pack_rows])
     with blobs.open(shas[1]) as fh:  # what was committed is untouched
         assert fh.read() == frames[1][1]
     storage.close()
+
+
+def test_an_object_store_pack_put_early_is_deleted_when_the_upload_is_refused_or_a_repeat(s3_server, tmp_path):
+    """The ingest PUTs an object store's pack as soon as it is written (while the last frames
+    decode): committed, it is the upload's; refused at validation, or a repeat of a stored upload,
+    the object is deleted."""
+    from cloud.ingest import UploadRejected, _Parser, commit
+    from cloud.keys import new_token, token_sha256
+    from shared.wire import build_upload_archive
+
+    storage = SQLiteStorage(tmp_path / "cloud.sqlite3")
+    device = storage.add_device("wearer1", token_sha256(new_token("wearer1")))
+    blobs = S3BlobStore(f"s3://hmd-early-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint)
+    blobs.attach_index(storage)
+
+    def packs():
+        return sorted(k for k in blobs.objects() if k.startswith("b/packs/"))
+    puts: list[str] = []
+    put = blobs.put_pack_file
+    blobs.put_pack_file = lambda path, sha: (puts.append(sha), put(path, sha))[1]  # type: ignore[method-assign]
+
+    frames = jpeg_frames(3)
+    received = _ingest(build_upload_archive(frames), blobs, tmp_path)
+    assert received.pack_put is not None and received.pack_put.result() is None
+    upload, created = commit(received, device.id, storage, blobs)
+    assert created and packs() == [f"b/packs/{received.pack_sha256}"]
+    for _, jpg in frames:
+        with blobs.open(hashlib.sha256(jpg).hexdigest()) as fh:
+            assert fh.read() == jpg
+
+    repeat = _ingest(build_upload_archive(frames, first_seq=0), blobs, tmp_path)  # the same frames, another index
+    assert repeat.pack_sha256 != received.pack_sha256
+    assert commit(repeat, device.id, storage, blobs) == (upload, False)
+    assert puts == [received.pack_sha256, repeat.pack_sha256]
+    assert packs() == [f"b/packs/{received.pack_sha256}"]  # the repeat's object is gone
+
+    bad = build_upload_archive(jpeg_frames(2, start=10))  # refused at validation: a frame's sha256 is wrong
+    at = bad.index(b'"sha256": "') + len(b'"sha256": "')
+    bad = bad[:at] + (b"1" if bad[at:at + 1] == b"0" else b"0") + bad[at + 1:]  # the tar sizes unchanged
+    parser = _Parser(_queue(bad), blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20)
+    parser.run()
+    assert isinstance(parser.result.exception(), UploadRejected) and parser.result.exception().status == 400
+    assert len(puts) == 3 and packs() == [f"b/packs/{received.pack_sha256}"]  # put, then deleted
+    assert not list((tmp_path / "spool").iterdir())
+    storage.close()
+
+
+def _queue(body: bytes):
+    import queue
+
+    q: queue.Queue = queue.Queue()
+    for i in range(0, len(body), 4096):
+        q.put(body[i:i + 4096])
+    q.put(None)
+    return q
