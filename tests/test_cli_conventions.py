@@ -130,6 +130,30 @@ def test_serve_on_a_port_in_use_fails_first_and_creates_nothing(tmp_path):
     assert proc.stderr.splitlines() == [f"hmd cloud: error: --data-dir {tmp_path / 'file'} is a file, not a folder"]
 
 
+def _serve(tmp_path, data, port, **popen) -> tuple[subprocess.Popen, object]:
+    """`hmd cloud serve --no-worker` in its own process, logging to tmp_path/serve.log, once it
+    answers /healthz: (the process, the open log file)."""
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "hmd", "cloud", "serve", "--data-dir", str(data), "--port",
+                               str(port), "--no-worker"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+
+    def up():
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+    try:
+        wait_for(up, timeout=120, interval=0.2, what="hmd cloud serve")
+    except BaseException:
+        server.kill()
+        server.wait(20)
+        log.close()
+        raise
+    return server, log
+
+
 def test_devices_and_rotate_token_over_http(tmp_path):
     data = tmp_path / "data"
     missing = _hmd("cloud", "devices", "--data-dir", data)
@@ -145,20 +169,9 @@ def test_devices_and_rotate_token_over_http(tmp_path):
     old = add("headset-1")
     add("headset-2")
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "hmd", "cloud", "serve", "--data-dir", str(data), "--port",
-                               str(port), "--no-worker"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    server, log = _serve(tmp_path, data, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        def up():
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_for(up, timeout=120, interval=0.2, what="hmd cloud serve")
-
         def status(token):
             return httpx.get(f"{url}/v1/models/current", headers={"Authorization": f"Bearer {token}"},
                              timeout=5).status_code
@@ -242,23 +255,10 @@ def test_a_truncated_mp4_as_training_data_gives_only_our_line(tmp_path):
 def test_ctrl_c_ends_serve_as_interrupted_even_when_its_parent_ignored_sigint(tmp_path):
     """A process started with SIGINT ignored (a test runner's worker, nohup) still stops on Ctrl+C
     as `hmd cloud: interrupted`, exit 130: uvicorn's re-raised signal would otherwise be dropped."""
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "hmd", "cloud", "serve", "--data-dir", str(tmp_path / "data"),
-                               "--port", str(port), "--no-worker"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                              stdout=log, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    try:
-        def up():
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_for(up, timeout=120, interval=0.2, what="hmd cloud serve")
-    finally:
-        server.send_signal(signal.SIGINT)
-        code = server.wait(20)
-        log.close()
+    server, log = _serve(tmp_path, tmp_path / "data", free_port(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    server.send_signal(signal.SIGINT)
+    code = server.wait(20)
+    log.close()
     assert code == 130
     assert (tmp_path / "serve.log").read_text().splitlines()[-1] == "hmd cloud: interrupted"
