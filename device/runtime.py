@@ -329,6 +329,8 @@ class HeadsetRuntime:
         figures = f"inference p50 {inf:.2f} ms, preprocess+overlay+output {rest:.2f} ms"
         if cores < 2:
             return "sequential", f"one CPU core ({figures})"
+        if inf <= 0:  # a failed inference is timed as 0: nothing to overlap
+            return "sequential", f"{figures}: the model failed on most probe frames"
         if inf >= AUTO_INFERENCE_SHARE * rest:
             return "pipelined", f"{figures}: inference >= {AUTO_INFERENCE_SHARE:g}x the rest"
         return "sequential", f"{figures}: inference < {AUTO_INFERENCE_SHARE:g}x the rest"

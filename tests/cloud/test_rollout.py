@@ -119,6 +119,15 @@ def test_canary_personalisation_on_top_auto_halt_and_promote(fleet):
     assert client.get("/healthz").json()["base_version"] == "base-v3"
 
 
+def test_a_report_at_tens_of_thousands_of_fps_is_taken_with_its_errors(fleet):
+    """A model failing at once is shown with no inference at all, far above any camera's frame
+    rate; its report must still count (a 422 made the headset drop it: its errors never counted)."""
+    client, services, tokens = fleet
+    token = next(iter(tokens.values()))
+    health(client, token, "base-v1", frames=1400, fps=25_000.0, latency_ms=0.0, inference_errors=1400)
+    assert services.storage.health_summary(["base-v1"])["errors"] == 1400
+
+
 def test_release_refuses_what_it_cannot_do(fleet):
     _, services, _ = fleet
     storage = services.storage

@@ -163,6 +163,22 @@ def test_the_default_loop_probes_then_goes_on_through_the_one_the_timings_pick(t
     assert summary["latency_ms"].get("handoff", {}).get("n", 0) == (len(LEVELS) - 10 if expect == "pipelined" else 0)
 
 
+def test_a_model_failing_on_every_probe_frame_stays_sequential(tmp_path, monkeypatch):
+    """A failed inference is timed as 0 ms: with nothing to overlap, pipelining would only let the
+    inference thread run ahead of the frames shown (errors reported before their frames)."""
+    import device.runtime as runtime
+    from tests.device.conftest import make_toy_model
+    monkeypatch.setattr(runtime, "AUTO_PROBE_FRAMES", 5)
+    monkeypatch.setattr(runtime, "AUTO_INFERENCE_SHARE", 0.0)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    folder = make_toy_model(tmp_path / "toy", "failing", nan_above=0.6)
+    summary = HeadsetRuntime(ArraySource(gray_frames([220] * 12)), folder,
+                             RuntimeConfig(headless=True, lockstep=True)).run()
+    assert summary["inference_errors"] == summary["frames_shown"] == 12
+    assert summary["loop"] == "sequential"
+    assert summary["loop_choice"]["reason"].endswith("the model failed on most probe frames")
+
+
 def test_one_core_or_an_explicit_flag_never_switches(toy, monkeypatch):
     import device.runtime as runtime
     monkeypatch.setattr(runtime, "AUTO_PROBE_FRAMES", 5)
