@@ -32,7 +32,7 @@ import queue
 import tempfile
 import threading
 from pathlib import Path
-from typing import AsyncIterator, BinaryIO
+from typing import Any, AsyncIterator, BinaryIO, Callable
 
 import cv2
 import numpy as np
@@ -214,13 +214,21 @@ class Received:
     pack_synced: bool = False  # the pack is durable already (fsynced by the parser)
     pack_sha256: str | None = None  # the pack's bytes' sha256, where the parser hashed them
     pack_put: concurrent.futures.Future | None = None  # an object store's PUT of the pack, started by the parser
+    prepared: Any = None  # the upload's transaction, opened early by the parser (cloud.postgres.PreparedUpload)
+
+
+# (content sha256, index sha256, the frames' rows as the index declares them) -> an open
+# transaction holding them (cloud.postgres.PreparedUpload), or None; see _Parser._prepare
+Prepare = Callable[[str, str, list[FrameRow]], Any]
 
 
 class _Parser:
     def __init__(self, q: "queue.Queue[bytes | None]", blobs: BlobStore, spool_dir: Path, *, max_frames: int,
                  max_frame_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_meta_bytes: int = DEFAULT_MAX_META_BYTES):
+                 max_meta_bytes: int = DEFAULT_MAX_META_BYTES, prepare: Prepare | None = None):
         self.tar = TarReader(q.get, EXTENDED_HEADER_LIMIT)
+        self.prepare = prepare
+        self.prepared: Any = None  # the upload's early transaction, until the Received holds it
         self.blobs, self.spool_dir = blobs, spool_dir
         self.max_frames, self.max_frame_bytes = max_frames, max_frame_bytes
         self.max_pixels, self.max_meta_bytes = max_pixels, max_meta_bytes
@@ -309,6 +317,9 @@ class _Parser:
     def cleanup(self) -> None:
         if self._pack_fh is not None:
             self._pack_fh.close()
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None:  # refused: nothing of its transaction is committed
+            prepared.abandon()
         put, self.pack_put = self.pack_put, None
         if put is not None:  # refused after its pack was put: the object goes too
             shas = [sha for fut in self.batches if not fut.exception() for sha, _ in fut.result()]
@@ -416,7 +427,21 @@ class _Parser:
         put = getattr(self.blobs, "put_pack_file", None)
         if put is not None and not self.sync_pack and isinstance(self._index, tuple):  # an object store
             # the PUT while the pool still decodes; the object is deleted if the upload is refused
-            self.pack_put = _PUT_POOL.submit(put, self.pack, self._pack_digest.hexdigest())  # type: ignore[union-attr]
+            pack_sha = self._pack_digest.hexdigest()  # type: ignore[union-attr]
+            self.pack_put = _PUT_POOL.submit(put, self.pack, pack_sha)
+            if self.prepared is not None:  # the locations, as the index declares the frames, inserted now
+                declared = {f.file: f.sha256 for f in self._index[0].frames}
+                by_position = sorted(self.names, key=self.names.__getitem__)
+                if all(name in declared for name in by_position):
+                    rows, seen = [], set()
+                    for name, offset, size in zip(by_position, self.offsets, self.sizes):
+                        sha = declared[name]
+                        if sha not in seen:
+                            seen.add(sha)
+                            rows.append((sha, offset, size))
+                    if self.index_row is not None:
+                        rows.append(self.index_row)
+                    self.prepared.add_locations(self.blobs.pack_locations(pack_sha, rows))  # type: ignore[attr-defined]
 
     def _read_index(self, index_bytes: bytes) -> tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected:
         """The index parsed and each frame's metadata encoded, as soon as the index arrives (it comes
@@ -431,7 +456,19 @@ class _Parser:
         # one dump of every frame's metadata (not one call per frame), each encoded as json.dumps
         # with separators=(",", ":") encodes it
         metas = index.model_dump(include={"frames"}, exclude={"frames": {"__all__": _NOT_META}})["frames"]
-        return index, [(meta, _META_JSON.encode(meta)) for meta in metas]
+        encoded = [(meta, _META_JSON.encode(meta)) for meta in metas]
+        self._prepare(index, index_bytes, encoded)
+        return index, encoded
+
+    def _prepare(self, index: UploadIndex, index_bytes: bytes, metas: list[tuple[dict, str]]) -> None:
+        """Open the upload's transaction now (a database that can, :data:`Prepare`), with the
+        frames' rows as the index declares them: the rows a valid upload stores, when the index
+        gives every frame's size (the check then requires the decoded size to match it)."""
+        if self.prepare is None or any(f.width is None or f.height is None for f in index.frames):
+            return
+        rows = [FrameRow(f.sha256, f.width, f.height, meta, meta_json=meta_json)
+                for f, (meta, meta_json) in zip(index.frames, metas)]
+        self.prepared = self.prepare(index.content_sha256(), hashlib.sha256(index_bytes).hexdigest(), rows)
 
     def _validate(self, index_bytes: bytes | None) -> Received:
         if index_bytes is None:
@@ -483,18 +520,19 @@ class _Parser:
             if self.index_row is not None:
                 pack_rows.append(self.index_row)
         received = Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
-                            pack_synced=self.sync_pack, pack_put=self.pack_put,
+                            pack_synced=self.sync_pack, pack_put=self.pack_put, prepared=self.prepared,
                             pack_sha256=self._pack_digest.hexdigest()
                             if self._pack_digest is not None and self.pack is not None else None)
-        self.pack_put = None  # the commit's now
+        self.pack_put = self.prepared = None  # the commit's now
         return received
 
 
 async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int,
                          max_frames: int, max_frame_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                         max_meta_bytes: int = DEFAULT_MAX_META_BYTES) -> Received:
+                         max_meta_bytes: int = DEFAULT_MAX_META_BYTES, prepare: Prepare | None = None) -> Received:
     """Stream, parse and validate an upload as it arrives; 413 past ``limit`` bytes, 400 if invalid,
-    5xx if the server cannot store it.
+    5xx if the server cannot store it. ``prepare``: open the upload's database transaction as
+    soon as its index arrives (:data:`Prepare`; PostgreSQL's ``prepare_upload`` for a device).
 
     At most ``MAX_RECEIVING`` uploads are parsed at once (the others wait, unread, for a slot),
     which with the limits above bounds the memory any uploads can make the server hold. The
@@ -504,14 +542,15 @@ async def receive_upload(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir
         if not slot:
             raise UploadRejected(503, "busy", f"{RECEIVING.limit} uploads are being received; retry later")
         return await _receive(body, blobs, spool_dir, limit=limit, max_frames=max_frames,
-                              max_frame_bytes=max_frame_bytes, max_pixels=max_pixels, max_meta_bytes=max_meta_bytes)
+                              max_frame_bytes=max_frame_bytes, max_pixels=max_pixels, max_meta_bytes=max_meta_bytes,
+                              prepare=prepare)
 
 
 async def _receive(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path, *, limit: int, max_frames: int,
-                   max_frame_bytes: int, max_pixels: int, max_meta_bytes: int) -> Received:
+                   max_frame_bytes: int, max_pixels: int, max_meta_bytes: int, prepare: Prepare | None) -> Received:
     q: "queue.Queue[bytes | None]" = queue.Queue(maxsize=_QUEUE_CHUNKS)
     parser = _Parser(q, blobs, spool_dir, max_frames=max_frames, max_frame_bytes=max_frame_bytes,
-                     max_pixels=max_pixels, max_meta_bytes=max_meta_bytes)
+                     max_pixels=max_pixels, max_meta_bytes=max_meta_bytes, prepare=prepare)
     thread = threading.Thread(target=parser.run, name="upload-parser", daemon=True)
     thread.start()
     size = 0
@@ -552,15 +591,23 @@ async def _receive(body: AsyncIterator[bytes], blobs: BlobStore, spool_dir: Path
 
 
 def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStore) -> tuple[Upload, bool]:
-    """Store a validated upload's frames and commit it; (upload, created). Temporary files are removed."""
+    """Store a validated upload's frames and commit it; (upload, created). Temporary files are removed.
+
+    An upload whose transaction the parser opened early (``received.prepared``) is committed by
+    it, unless what it inserted differs from the checked upload or it failed: then, as every other
+    upload, in one transaction here."""
     temps = list(received.temps)
     put, committed = received.pack_put, False
+    prepared, received.prepared = received.prepared, None
     try:
         content = received.index.content_sha256()
-        existing = storage.find_upload(device_id, content)
-        if existing is not None:
-            _check_same_metadata(received.index, existing, blobs)
-            return existing, False
+        # an early transaction that holds the upload's new row: no upload with this content was
+        # there when it inserted it, and none can be committed while it holds that key
+        if prepared is None or not prepared.started():
+            existing = storage.find_upload(device_id, content)
+            if existing is not None:
+                _check_same_metadata(received.index, existing, blobs)
+                return existing, False
         locations: list[tuple[str, str, int, int]] = []
         if received.pack is not None:  # a packing store: the spooled frames and the index are the pack
             index_sha = received.pack_rows[-1][0]
@@ -589,12 +636,21 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             for sha, path in temps:
                 blobs.put_file(path, sha)
             index_sha = blobs.put_bytes(received.index_bytes)
-        answer = storage.commit_upload(device_id, content, index_sha, received.size, received.rows, locations)
+        answer = prepared.commit(received.size, received.rows, locations) if prepared is not None else None
+        if answer is None:
+            if prepared is not None:  # not committed early: as every other upload (a repeat meanwhile?)
+                existing = storage.find_upload(device_id, content)
+                if existing is not None:
+                    _check_same_metadata(received.index, existing, blobs)
+                    return existing, False
+            answer = storage.commit_upload(device_id, content, index_sha, received.size, received.rows, locations)
         committed = True
         return answer
     except OSError as exc:
         raise server_fault(exc) from None
     finally:
+        if prepared is not None:  # committed (then this does nothing) or not: its connection back
+            prepared.abandon()
         if put is not None and not committed:  # a repeat, or a failure: the object put is not needed
             _discard_put(put, blobs, received.pack_sha256, [sha for sha, _, _ in received.pack_rows])  # type: ignore[arg-type]
         for _, path in temps:

@@ -9,20 +9,25 @@ psycopg is imported only when a ``postgresql://`` URL is opened (the ``scale`` e
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import threading
+import time
 from typing import Any, Callable, Iterator
 
-from cloud.storage import SQLStorage
+from cloud.storage import FrameRow, SQLStorage, Upload
 from shared.errors import UserError
 
 log = logging.getLogger("hmd.cloud.postgres")
 MIGRATION_LOCK = 0x48_4D_44  # pg_advisory_xact_lock key: one process migrates at a time ("HMD")
 EVENT_CHANNEL = "hmd_events"
 POOL_SIZE = 8
+PREPARED_UPLOADS = POOL_SIZE // 2  # transactions opened ahead of their commit at once, per process
+PREPARE_CONNECTION_WAIT_S = 1.0  # no idle connection this soon: the upload commits the usual way
 
 
 def _psycopg():
@@ -90,7 +95,16 @@ class PostgresStorage(SQLStorage):
             self._pool.wait(timeout=15)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise UserError(f"cannot reach the database {self.where}: {exc}") from None
+        self._prepared = threading.BoundedSemaphore(PREPARED_UPLOADS)
         self._migrate()
+
+    def prepare_upload(self, device_id: int, content_sha256: str, index_sha256: str,
+                       frames: list[FrameRow]) -> "PreparedUpload | None":
+        """Start an upload's transaction now, while its frames are still being received and checked
+        (see :class:`PreparedUpload`); None when :data:`PREPARED_UPLOADS` are open already."""
+        if not self._prepared.acquire(blocking=False):
+            return None
+        return PreparedUpload(self, device_id, content_sha256, index_sha256, frames)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[_Connection]:
@@ -116,9 +130,9 @@ class PostgresStorage(SQLStorage):
             with cur.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
-            if keep_existing:
+            if keep_existing:  # in key order: two transactions inserting the same keys wait, never deadlock
                 cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {target} "
-                            f"ON CONFLICT ({keep_existing}) DO NOTHING")
+                            f"ORDER BY {keep_existing} ON CONFLICT ({keep_existing}) DO NOTHING")
 
     def _query(self, sql: str, args: tuple = ()) -> list[Row]:
         with self._pool.connection() as conn:
@@ -133,6 +147,115 @@ class PostgresStorage(SQLStorage):
 
     def close(self) -> None:
         self._pool.close()
+
+
+class PreparedUpload:
+    """An upload's transaction, opened as soon as its index has arrived: the upload's row, its frames'
+    rows (from what the index declares: sha256, width, height, metadata) and, once its pack is
+    written, the pack's locations are inserted while the rest of the body is received and its
+    frames are decode-checked. When the upload is valid, :meth:`commit` compares what the index
+    declared with what the checks found and commits (the commit is all that is left on the
+    upload's path); otherwise nothing is committed and the caller stores the upload the usual way
+    (:meth:`SQLStorage.commit_upload`). Nothing of a refused upload is committed (:meth:`abandon`).
+
+    Its statements run in order on one thread and one pooled connection of its own, so the
+    connection is never used by two threads at once. The transaction holds what the usual one
+    holds, for longer: the upload's unique key (a concurrent repeat of the same upload waits for
+    it, then is a repeat), its blobs' location keys (inserted in key order: never a deadlock) and
+    a key-share lock on the device's row (a job for the device is created after it, as before)."""
+
+    def __init__(self, storage: PostgresStorage, device_id: int, content_sha256: str, index_sha256: str,
+                 frames: list[FrameRow]):
+        self.storage, self.device_id, self.frames = storage, device_id, frames
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-tx")
+        self._conn: Any = None
+        self._upload: Upload | None = None
+        self._locations: list[tuple[str, str, int, int]] | None = None
+        self._located: concurrent.futures.Future | None = None
+        self._done = False
+        self._begun = self._thread.submit(self._begin, content_sha256, index_sha256)
+
+    def _begin(self, content_sha256: str, index_sha256: str) -> bool:
+        self._conn = self.storage._pool.getconn(timeout=PREPARE_CONNECTION_WAIT_S)
+        self._conn.execute("BEGIN")
+        up, created = self.storage._insert_upload(_Connection(self._conn), self.device_id, content_sha256,
+                                                  index_sha256, 0, self.frames)
+        self._upload = up if created else None
+        return created
+
+    def add_locations(self, locations: list[tuple[str, str, int, int]]) -> None:
+        """Where the upload's blobs are in its pack (as the index declares them), inserted now."""
+        def locate() -> None:
+            if self._begun.result():
+                self.storage._insert_locations(_Connection(self._conn), locations)
+                self._locations = locations
+        self._located = self._thread.submit(locate)
+
+    def started(self) -> bool:
+        """Whether the transaction holds the upload's new row (else: an upload with the same
+        content was there, or the transaction could not start)."""
+        try:
+            return bool(self._begun.result())
+        except Exception as exc:  # noqa: BLE001 - the usual commit path answers for the database
+            log.warning("an upload's early transaction did not start: %s: %s", type(exc).__name__, exc)
+            return False
+
+    def commit(self, size: int, frames: list[FrameRow],
+               locations: list[tuple[str, str, int, int]]) -> tuple[Upload, bool] | None:
+        """Commit, if what was inserted early is what the checked upload stores: ``frames`` (the
+        validated rows) and ``locations``; (upload, True). None: nothing was committed."""
+        if not self.started():
+            self.abandon()
+            return None
+        try:
+            if self._located is not None:
+                self._located.result()
+            same = [(f.sha256, f.width, f.height, f.meta_json) for f in frames] == \
+                   [(f.sha256, f.width, f.height, f.meta_json) for f in self.frames]
+            if not same or (self._locations is not None and self._locations != locations):
+                log.warning("an upload's early transaction differs from the upload; stored the usual way")
+                self.abandon()
+                return None
+            return self._thread.submit(self._commit, size, locations).result()
+        except Exception as exc:  # noqa: BLE001 - rolled back: the usual commit path tries again
+            log.warning("an upload's early transaction failed: %s: %s", type(exc).__name__, exc)
+            self.abandon()
+            return None
+
+    def _commit(self, size: int, locations: list[tuple[str, str, int, int]]) -> tuple[Upload, bool]:
+        db = _Connection(self._conn)
+        if self._locations is None:
+            self.storage._insert_locations(db, locations)
+        assert self._upload is not None
+        up = dataclasses.replace(self._upload, bytes=size, created=time.time())
+        db.execute("UPDATE uploads SET bytes=?, created=? WHERE id=?", (up.bytes, up.created, up.id))
+        self._conn.execute("COMMIT")
+        self._release()
+        return up, True
+
+    def abandon(self) -> None:
+        """Roll back whatever was inserted (nothing of it was committed) and hand the connection back."""
+        if not self._done:
+            try:
+                self._thread.submit(self._release)
+            except RuntimeError:  # released meanwhile (its thread is shut down)
+                pass
+
+    def _release(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            if self._conn is not None:
+                try:
+                    if not self._conn.closed and self._conn.info.transaction_status != 0:  # not IDLE
+                        self._conn.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - a broken connection: the pool replaces it
+                    pass
+                self.storage._pool.putconn(self._conn)
+        finally:
+            self._thread.shutdown(wait=False)
+            self.storage._prepared.release()
 
 
 def _redact(url: str) -> str:

@@ -357,24 +357,36 @@ class SQLStorage:
     def _commit_upload(self, device_id: int, content_sha256: str, index_sha256: str, size: int,
                        frames: list[FrameRow], locations: list[tuple[str, str, int, int]]) -> tuple[Upload, bool]:
         with self._tx() as db:
-            row = db.execute("SELECT * FROM uploads WHERE device_id=? AND content_sha256=?",
-                             (device_id, content_sha256)).fetchone()
-            if row is not None:  # a concurrent retry won the race: same answer as a repeat
-                return Upload(**dict(row)), False
-            up = Upload(new_id("u"), device_id, content_sha256, len(frames), size, index_sha256, time.time())
-            db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(up))
-            # frames this device already stored (a resent batch that overlaps an earlier one) are not
-            # stored twice; the upload still answers for all of them
-            have = self._stored_frames(db, device_id, sorted({f.sha256 for f in frames}))
-            new, seen = [], set(have)
-            for i, f in enumerate(frames):
-                if f.sha256 not in seen:
-                    seen.add(f.sha256)
-                    new.append((up.id, device_id, i, f.sha256, f.width, f.height, f.meta_json or json.dumps(f.meta)))
-            self._insert_many(db, "frames", _FRAME_COLUMNS, new)
-            # a blob located already keeps its first location
-            self._insert_many(db, "blob_packs", _LOCATION_COLUMNS, list(locations), keep_existing="sha256")
+            up, created = self._insert_upload(db, device_id, content_sha256, index_sha256, size, frames)
+            if created:
+                self._insert_locations(db, locations)
+        return up, created
+
+    def _insert_upload(self, db: Any, device_id: int, content_sha256: str, index_sha256: str, size: int,
+                       frames: list[FrameRow]) -> tuple[Upload, bool]:
+        """In the transaction ``db``: the upload's row and its frames' rows; (upload, created), or
+        the upload stored already and False."""
+        row = db.execute("SELECT * FROM uploads WHERE device_id=? AND content_sha256=?",
+                         (device_id, content_sha256)).fetchone()
+        if row is not None:  # a concurrent retry won the race: same answer as a repeat
+            return Upload(**dict(row)), False
+        up = Upload(new_id("u"), device_id, content_sha256, len(frames), size, index_sha256, time.time())
+        db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(up))
+        # frames this device already stored (a resent batch that overlaps an earlier one) are not
+        # stored twice; the upload still answers for all of them
+        have = self._stored_frames(db, device_id, sorted({f.sha256 for f in frames}))
+        new, seen = [], set(have)
+        for i, f in enumerate(frames):
+            if f.sha256 not in seen:
+                seen.add(f.sha256)
+                new.append((up.id, device_id, i, f.sha256, f.width, f.height, f.meta_json or json.dumps(f.meta)))
+        self._insert_many(db, "frames", _FRAME_COLUMNS, new)
         return up, True
+
+    def _insert_locations(self, db: Any, locations: list[tuple[str, str, int, int]] | tuple) -> None:
+        """In the transaction ``db``: where a packing store put blobs; a blob located already keeps
+        its first location."""
+        self._insert_many(db, "blob_packs", _LOCATION_COLUMNS, list(locations), keep_existing="sha256")
 
     def _stored_frames(self, db: Any, device_id: int, shas: list[str]) -> set[str]:
         """Which of ``shas`` the device has stored (IN lists of 500; PostgreSQL overrides this with

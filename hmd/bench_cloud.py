@@ -262,6 +262,8 @@ def bench_upload(url: str, token: str, pid: int, data_dir: Path, upload_mb: floa
             "upload_s": round(up, 3), "copy_s": round(cp, 4),
             "upload_mb_per_s": round(archive_size / 1e6 / up, 1), "copy_mb_per_s": round(archive_size / 1e6 / cp, 1),
             "ratio_per_repeat": [round(x, 3) for x in ratios],
+            "upload_s_per_repeat": [round(x, 3) for x in uploads],
+            "decode_only_s_per_repeat": [round(x, 3) for x in decodes],
             "decode_only_s": round(statistics.median(decodes), 3),
             "decode_only_mb_per_s": round(archive_size / 1e6 / statistics.median(decodes), 1),
             "ceiling_decode_only/copy": round(statistics.median(decode_ratios), 3),

@@ -5,6 +5,7 @@ stored (507, retried later). Server-side storage faults answer 507/503 (retried)
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 from fastapi import APIRouter, Request, Response
@@ -40,7 +41,7 @@ async def create_upload(request: Request, response: Response, device: DeviceDep,
         received = await receive_upload(request.stream(), services.blobs, s.data_dir / "spool",
                                         limit=s.max_upload_bytes, max_frames=s.max_frames_per_upload,
                                         max_frame_bytes=s.max_frame_bytes, max_pixels=s.max_frame_pixels,
-                                        max_meta_bytes=s.max_frame_meta_bytes)
+                                        max_meta_bytes=s.max_frame_meta_bytes, prepare=_prepare(services, device.id))
         upload, created = await run_in_threadpool(commit, received, device.id, services.storage, services.blobs)
     except UploadRejected as exc:
         log.info("upload from %s refused: %d %s: %s", device.name, exc.status, exc.code, exc.detail)
@@ -60,6 +61,12 @@ async def create_upload(request: Request, response: Response, device: DeviceDep,
         response.status_code = 200
     return UploadReceipt(upload_id=upload.id, frames=upload.frames, bytes=upload.bytes, duplicate=not created,
                          job_id=job_id)
+
+
+def _prepare(services, device_id: int):
+    """The database's early upload transaction for this device (PostgreSQL), or None."""
+    prepare = getattr(services.storage, "prepare_upload", None)
+    return None if prepare is None else functools.partial(prepare, device_id)
 
 
 @router.get("/{upload_id}", response_model=UploadReceipt)
