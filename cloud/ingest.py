@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from pydantic import ValidationError
 
 from cloud.blobs import BlobStore
 from cloud.limits import ReceivingSlots, ingest_memory_bound
+from cloud.s3 import PART_BYTES
 from cloud.storage import FrameRow, Storage, Upload
 from cloud.ustar import ExtendedHeaderTooLarge, TarError, TarReader
 from shared.errors import UserError
@@ -58,7 +60,8 @@ _CHECK_BATCH_BYTES = 256 * 1024  # frames checked by one pool task (one task per
 _DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 _DECODE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="frame-check")
 MAX_RECEIVING = 4  # uploads parsed at once by this process, all devices together; the others wait
-# an object store's pack PUT, started when the pack is written (not after validation): one per upload
+# an object store's pack requests: its parts while it arrives (at most this many parts in memory at once),
+# the rest when it is written (not after validation)
 _PUT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_RECEIVING, thread_name_prefix="pack-put")
 RECEIVING_WAIT_S = 30.0  # an upload waiting longer for a parser answers 503 (the headset retries)
 RECEIVING = ReceivingSlots(MAX_RECEIVING)
@@ -69,7 +72,8 @@ def memory_bound(max_frame_bytes: int, max_frame_pixels: int, connections: int =
     return ingest_memory_bound(receiving=RECEIVING.limit, queue_bytes=_QUEUE_CHUNKS * _PIECE,
                                pending_decode_bytes=_PENDING_DECODE_BYTES, max_frame_bytes=max_frame_bytes,
                                index_bytes=INDEX_LIMIT, decode_workers=_DECODE_WORKERS,
-                               max_frame_pixels=max_frame_pixels, connections=connections)
+                               max_frame_pixels=max_frame_pixels, connections=connections,
+                               pack_part_requests=MAX_RECEIVING, pack_part_bytes=PART_BYTES)  # the PUT pool's threads
 
 
 class UploadRejected(Exception):
@@ -212,8 +216,8 @@ class Received:
     pack_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # ...(sha256, offset, length),
     # the index's last: the whole pack, written and closed
     pack_synced: bool = False  # the pack is durable already (fsynced by the parser)
-    pack_sha256: str | None = None  # the pack's bytes' sha256, where the parser hashed them
-    pack_put: concurrent.futures.Future | None = None  # an object store's PUT of the pack, started by the parser
+    pack_upload: Any = None  # an object store's pack, put while it arrived (cloud.s3.PackUpload)
+    pack_put: concurrent.futures.Future | None = None  # ...done once the object is stored
     prepared: Any = None  # the upload's transaction, opened early by the parser (cloud.postgres.PreparedUpload)
 
 
@@ -248,9 +252,9 @@ class _Parser:
         self._pack_size = 0
         self.index_row: tuple[str, int, int] | None = None  # the index's (sha256, offset, length) in the pack
         # the folder store's pack is the stored file itself: fsynced when written; an object
-        # store's is a spool file, hashed as it is written (the object's name) and put at commit
+        # store's is a spool file, put while it is written (PackUpload: in parts as they fill)
         self.sync_pack = self.packing and getattr(blobs, "temp_file", None) is not None
-        self._pack_digest = None if self.sync_pack else hashlib.sha256()
+        self.pack_upload: Any = None  # cloud.s3.PackUpload
         self._index: tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected | None = None
         self.pack_put: concurrent.futures.Future | None = None
         # the frames, in archive order: name -> position, and by position
@@ -269,16 +273,24 @@ class _Parser:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".pack")
             self._pack_fh, self.pack = os.fdopen(fd, "wb"), Path(name)
+            make_upload = getattr(self.blobs, "pack_upload", None)
+            if make_upload is not None:  # an object store: put while it is written
+                self.pack_upload = make_upload(self.pack, _PUT_POOL.submit)
         self.temps.append(self.pack)
 
     def _flush_pack(self) -> None:
         if self._pack_buf:
-            data = b"".join(self._pack_buf)
-            self._pack_fh.write(data)  # type: ignore[union-attr]
-            if self._pack_digest is not None:
-                self._pack_digest.update(data)
+            self._pack_fh.write(b"".join(self._pack_buf))  # type: ignore[union-attr]
             self._pack_buf.clear()
             self._pack_buffered = 0
+            if self.pack_upload is not None:  # a part full: it goes up now
+                self._pack_fh.flush()  # type: ignore[union-attr]
+                try:
+                    self.pack_upload.written(self._pack_size)
+                except Exception as exc:  # noqa: BLE001 - the object store, not the archive: retried later
+                    log.warning("starting a pack upload failed: %s: %s", type(exc).__name__, exc)
+                    raise UploadRejected(503, "storage_unavailable", "the server could not store the upload; "
+                                                                     "retry later") from None
 
     def _temp(self):
         make = getattr(self.blobs, "temp_file", None)
@@ -320,11 +332,10 @@ class _Parser:
         prepared, self.prepared = self.prepared, None
         if prepared is not None:  # refused: nothing of its transaction is committed
             prepared.abandon()
-        put, self.pack_put = self.pack_put, None
-        if put is not None:  # refused after its pack was put: the object goes too
-            shas = [sha for fut in self.batches if not fut.exception() for sha, _ in fut.result()]
-            _discard_put(put, self.blobs, self._pack_digest.hexdigest(),  # type: ignore[union-attr]
-                         shas + [self.index_row[0]])  # type: ignore[index]
+        upload, self.pack_upload, self.pack_put = self.pack_upload, None, None
+        if upload is not None:  # refused after (some of) its pack was put: that goes too
+            shas = [sha for fut in self.batches if not fut.exception() for sha, _ in fut.result() if sha]
+            _discard_pack(upload, shas + ([self.index_row[0]] if self.index_row is not None else []))
         for path in self.temps:
             path.unlink(missing_ok=True)
 
@@ -424,24 +435,15 @@ class _Parser:
             self._pack_fh.close()
         except OSError as exc:
             raise server_fault(exc) from None
-        put = getattr(self.blobs, "put_pack_file", None)
-        if put is not None and not self.sync_pack and isinstance(self._index, tuple):  # an object store
-            # the PUT while the pool still decodes; the object is deleted if the upload is refused
-            pack_sha = self._pack_digest.hexdigest()  # type: ignore[union-attr]
-            self.pack_put = _PUT_POOL.submit(put, self.pack, pack_sha)
+        if self.pack_upload is not None and isinstance(self._index, tuple):  # an object store
+            # the rest put while the pool still decodes; the object is deleted if the upload is refused
+            self.pack_put = self.pack_upload.finish(self._pack_size)
+            pack_name = self.pack_upload.name
             if self.prepared is not None:  # the locations, as the index declares the frames, inserted now
-                declared = {f.file: f.sha256 for f in self._index[0].frames}
-                by_position = sorted(self.names, key=self.names.__getitem__)
-                if all(name in declared for name in by_position):
-                    rows, seen = [], set()
-                    for name, offset, size in zip(by_position, self.offsets, self.sizes):
-                        sha = declared[name]
-                        if sha not in seen:
-                            seen.add(sha)
-                            rows.append((sha, offset, size))
-                    if self.index_row is not None:
-                        rows.append(self.index_row)
-                    self.prepared.add_locations(self.blobs.pack_locations(pack_sha, rows))  # type: ignore[attr-defined]
+                # (worked out on the transaction's thread: off the parser's, which the upload waits for)
+                self.prepared.add_locations(functools.partial(
+                    _declared_locations, self.blobs, pack_name, self._index[0], dict(self.names), list(self.offsets),
+                    list(self.sizes), self.index_row))
 
     def _read_index(self, index_bytes: bytes) -> tuple[UploadIndex, list[tuple[dict, str]]] | UploadRejected:
         """The index parsed and each frame's metadata encoded, as soon as the index arrives (it comes
@@ -521,9 +523,8 @@ class _Parser:
                 pack_rows.append(self.index_row)
         received = Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
                             pack_synced=self.sync_pack, pack_put=self.pack_put, prepared=self.prepared,
-                            pack_sha256=self._pack_digest.hexdigest()
-                            if self._pack_digest is not None and self.pack is not None else None)
-        self.pack_put = self.prepared = None  # the commit's now
+                            pack_upload=self.pack_upload)
+        self.pack_put = self.prepared = self.pack_upload = None  # the commit's now
         return received
 
 
@@ -612,12 +613,17 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
         if received.pack is not None:  # a packing store: the spooled frames and the index are the pack
             index_sha = received.pack_rows[-1][0]
             # durable first; where its blobs are is recorded with the upload, in one transaction
-            if put is not None:  # an object store's PUT, which the parser started
-                put.result()
-                locations = blobs.pack_locations(received.pack_sha256, received.pack_rows)  # type: ignore[attr-defined]
+            if put is not None:  # an object store's pack, which the parser put while it arrived
+                try:
+                    put.result()
+                except Exception as exc:  # noqa: BLE001 - the object store, not the upload: retried later
+                    log.warning("storing an upload's pack failed: %s: %s", type(exc).__name__, exc)
+                    raise UploadRejected(503, "storage_unavailable", "the server could not store the upload; "
+                                                                     "retry later") from None
+                locations = blobs.pack_locations(received.pack_upload.name, received.pack_rows)  # type: ignore[attr-defined]
             else:
                 locations = blobs.store_pack(received.pack, received.pack_rows,  # type: ignore[attr-defined]
-                                             synced=received.pack_synced, sha256=received.pack_sha256)
+                                             synced=received.pack_synced)
         elif getattr(blobs, "adopt", None) is not None and hasattr(blobs, "sync"):  # the folder store, unpacked
             fh, tmp = blobs.temp_file()  # type: ignore[attr-defined]
             with fh:
@@ -652,21 +658,39 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
         if prepared is not None:  # committed (then this does nothing) or not: its connection back
             prepared.abandon()
         if put is not None and not committed:  # a repeat, or a failure: the object put is not needed
-            _discard_put(put, blobs, received.pack_sha256, [sha for sha, _, _ in received.pack_rows])  # type: ignore[arg-type]
+            _discard_pack(received.pack_upload, [sha for sha, _, _ in received.pack_rows])
         for _, path in temps:
             path.unlink(missing_ok=True)
         if received.pack is not None:
             received.pack.unlink(missing_ok=True)
 
 
-def _discard_put(put: concurrent.futures.Future, blobs: BlobStore, pack: str, shas: list[str]) -> None:
-    """Once the PUT is over, delete the pack object of an upload that was not committed."""
-    if put.exception() is not None:
-        return  # nothing was stored
+def _declared_locations(blobs: BlobStore, pack: str, index: UploadIndex, names: dict[str, int], offsets: list[int],
+                        sizes: list[int], index_row: tuple[str, int, int] | None) -> list[tuple[str, str, int, int]] | None:
+    """Where a pack holds each blob, by the sha256 the index declares for each member (what
+    :meth:`_Parser._validate` finds for a valid upload); None if a member is not in the index."""
+    declared = {f.file: f.sha256 for f in index.frames}
+    by_position = sorted(names, key=names.__getitem__)
+    if not all(name in declared for name in by_position):
+        return None
+    rows, seen = [], set()
+    for name, offset, size in zip(by_position, offsets, sizes):
+        sha = declared[name]
+        if sha not in seen:
+            seen.add(sha)
+            rows.append((sha, offset, size))
+    if index_row is not None:
+        rows.append(index_row)
+    return blobs.pack_locations(pack, rows)  # type: ignore[attr-defined]
+
+
+def _discard_pack(upload: Any, shas: list[str]) -> None:
+    """Once its requests are over, remove the pack object (or the parts) of an upload that was not
+    committed (cloud.s3.PackUpload.discard)."""
     try:
-        blobs.discard_pack(pack, shas)  # type: ignore[attr-defined]
+        upload.discard(shas)
     except Exception as exc:  # noqa: BLE001 - the answer to the headset stands; an orphan object is logged
-        log.warning("the pack object %s of an upload not committed was not deleted: %s", pack, exc)
+        log.warning("the pack object %s of an upload not committed was not deleted: %s", upload.name, exc)
 
 
 def metadata_digest(index: UploadIndex) -> str:

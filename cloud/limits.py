@@ -97,7 +97,7 @@ CONNECTION_BUFFER_BYTES = 64 * 1024 + 256 * 1024
 
 def ingest_memory_bound(*, receiving: int, queue_bytes: int, pending_decode_bytes: int, max_frame_bytes: int,
                         index_bytes: int, decode_workers: int, max_frame_pixels: int,
-                        connections: int = 0) -> dict[str, int]:
+                        connections: int = 0, pack_part_requests: int = 0, pack_part_bytes: int = 0) -> dict[str, int]:
     """The most memory the upload path can hold, in bytes, whatever the uploads say, by term.
 
     Per upload being received: the body queue between the event loop and the parser
@@ -106,12 +106,14 @@ def ingest_memory_bound(*, receiving: int, queue_bytes: int, pending_decode_byte
     the decode pool and not yet checked (``pending_decode_bytes`` plus the one that crossed it);
     the index (its bytes, and the parsed models: counted as four times its size). Per decode
     worker: one full BGR decode of the largest frame allowed (an EXIF frame gets OpenCV's full
-    decode; the others are decoded gray at 1/8 scale). Per open connection: its socket buffer."""
+    decode; the others are decoded gray at 1/8 scale). Per open connection: its socket buffer. Per
+    request putting a part of an object store's pack (``pack_part_requests`` at once): the part."""
     per_upload = queue_bytes + 3 * max_frame_bytes + pending_decode_bytes + max_frame_bytes + 5 * index_bytes
     terms = {
         "uploads_being_received": receiving * per_upload,
         "decode_workers": decode_workers * 3 * max_frame_pixels,
         "connections": connections * CONNECTION_BUFFER_BYTES,
+        "pack_parts": pack_part_requests * pack_part_bytes,
     }
     terms["total"] = sum(terms.values())
     return terms

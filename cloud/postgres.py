@@ -183,12 +183,14 @@ class PreparedUpload:
         self._upload = up if created else None
         return created
 
-    def add_locations(self, locations: list[tuple[str, str, int, int]]) -> None:
-        """Where the upload's blobs are in its pack (as the index declares them), inserted now."""
+    def add_locations(self, locations: Callable[[], list[tuple[str, str, int, int]] | None]) -> None:
+        """Where the upload's blobs are in its pack (as the index declares them: ``locations()``,
+        called on this transaction's thread; None: not known), inserted now."""
         def locate() -> None:
-            if self._begun.result():
-                self.storage._insert_locations(_Connection(self._conn), locations)
-                self._locations = locations
+            rows = locations()
+            if rows is not None and self._begun.result():
+                self.storage._insert_locations(_Connection(self._conn), rows)
+                self._locations = rows
         self._located = self._thread.submit(locate)
 
     def started(self) -> bool:

@@ -11,11 +11,14 @@ charges for, in latency and in money. :meth:`S3BlobStore.put_files` writes them 
 ``PREFIX/packs/<sha256 of the pack>``, their bytes one after the other, and records each frame's
 (pack, offset, length) in the metadata database (table ``blob_packs``, schema v5) before the
 upload that names them is committed (in the upload's own transaction when the ingest stores it);
-reading a frame back is a ``Range`` GET of its bytes. The ingest PUTs an upload's pack
-(:meth:`S3BlobStore.put_pack_file`) as soon as its last frame is written, while the decode checks
-finish, and deletes the object if the upload is then refused (:meth:`S3BlobStore.discard_pack`).
-Blobs stored one object each (manifests, models, and frames stored before packing) are read as
-before: a blob with no pack location is looked up under its own key.
+reading a frame back is a ``Range`` GET of its bytes. The ingest puts an upload's pack while it
+is still arriving (:meth:`S3BlobStore.pack_upload`, :class:`PackUpload`): a pack is named when
+its first frame arrives (``PREFIX/packs/<64 random hex digits>``: its bytes are not hashed as a
+whole, each frame in it is, against the upload's index), a pack larger than
+:data:`PART_BYTES` goes up in parts of that size as they fill (a multipart upload), the rest when
+the last frame has arrived, and the object is deleted (or the multipart upload aborted) if the
+upload is then refused. Blobs stored one object each (manifests, models, and frames stored
+before packing) are read as before: a blob with no pack location is looked up under its own key.
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ import concurrent.futures
 import hashlib
 import io
 import os
+import secrets
 import tempfile
+import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from cloud.blobs import PackIndex, read_packed
 from shared.errors import UserError
@@ -33,6 +38,7 @@ from shared.hashing import sha256_file
 
 PUT_THREADS = 8  # one request per object: several in flight hide the round trips
 PACK_IN_MEMORY = 8 * 1024 * 1024  # a larger pack is put from a temporary file
+PART_BYTES = 8 * 1024 * 1024  # a pack larger than this is put in parts of this size while it arrives (S3: >= 5 MiB)
 
 
 class S3BlobStore:
@@ -50,8 +56,13 @@ class S3BlobStore:
             raise UserError(f"blob store {url!r}: expected s3://BUCKET[/PREFIX]")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self._errors = botocore.exceptions
-        config = botocore.config.Config(max_pool_connections=PUT_THREADS * 2, retries={"max_attempts": 5,
-                                                                                       "mode": "standard"})
+        # request_checksum_calculation "when_required": no CRC32 of every body the store does not ask
+        # for (botocore's default since 1.36 computes one per PUT, and the store checks it again). A
+        # PUT's body is still signed (SHA-256 over HTTP) or carried by TLS, and every frame and index
+        # is hashed and checked by the ingest. It is also what many S3-compatible stores accept.
+        config = botocore.config.Config(max_pool_connections=PUT_THREADS * 2,
+                                        retries={"max_attempts": 5, "mode": "standard"},
+                                        request_checksum_calculation="when_required")
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url,
                                                      region_name=region or os.environ.get("AWS_DEFAULT_REGION")
                                                      or "us-east-1", config=config)
@@ -139,21 +150,25 @@ class S3BlobStore:
         """The locations to record for a pack put by :meth:`put_pack_file` (what :meth:`store_pack` returns)."""
         return [(sha, sha256, offset, length) for sha, offset, length in rows]
 
-    def put_pack_file(self, path: str | os.PathLike, sha256: str) -> None:
-        """PUT a finished pack file as the object named by its bytes' ``sha256``. The ingest starts
-        this as soon as an upload's pack is written, while its last frames are still being
-        decoded, then records :meth:`pack_locations` once the upload is valid, or
-        :meth:`discard_pack` s it."""
+    def pack_upload(self, path: str | os.PathLike,
+                    submit: Callable[..., concurrent.futures.Future]) -> "PackUpload":
+        """Put the pack being written to ``path`` while it is written (see :class:`PackUpload`);
+        ``submit``: an executor's, which runs its requests. The ingest records
+        :meth:`pack_locations` under its name once the upload is valid, or discards it."""
+        return PackUpload(self, Path(path), submit)
+
+    def put_pack_file(self, path: str | os.PathLike, name: str) -> None:
+        """PUT a finished pack file as the pack object ``name``."""
         with open(path, "rb") as fh:
-            self.client.put_object(Bucket=self.bucket, Key=self._pack_key(sha256), Body=fh,
+            self.client.put_object(Bucket=self.bucket, Key=self._pack_key(name), Body=fh,
                                    ContentLength=os.fstat(fh.fileno()).st_size)
 
-    def discard_pack(self, sha256: str, shas: list[str]) -> None:
-        """Delete the pack object ``sha256`` (holding the blobs ``shas``), put for an upload that was
-        then refused, unless a recorded location names it (the same bytes committed by another)."""
+    def discard_pack(self, name: str, shas: list[str]) -> None:
+        """Delete the pack object ``name`` (holding the blobs ``shas``), put for an upload that was
+        then refused, unless a recorded location names it."""
         assert self.index is not None
-        if not any(loc[0] == sha256 for loc in self.index.blob_locations(shas).values()):
-            self.client.delete_object(Bucket=self.bucket, Key=self._pack_key(sha256))
+        if not any(loc[0] == name for loc in self.index.blob_locations(shas).values()):
+            self.client.delete_object(Bucket=self.bucket, Key=self._pack_key(name))
 
     def _put_pack(self, body: BinaryIO, size: int, rows: list[tuple[str, int, int]]) -> None:
         self.index.add_blob_locations(self._store_pack(body, size, rows))  # type: ignore[union-attr]
@@ -240,3 +255,110 @@ class S3BlobStore:
         packs = f"{self.prefix}/packs/" if self.prefix else "packs/"
         single = [key.rsplit("/", 1)[-1] for key in self.objects() if not key.startswith(packs)]
         return sorted(set(single) | (self.index.packed_blobs() if self.index is not None else set()))
+
+
+class PackUpload:
+    """An upload's pack, put while the ingest writes it to a spool file: every :data:`PART_BYTES`
+    written go up as one part of a multipart upload at once (``written``), the rest when the pack
+    is complete (``finish``; ``done`` is set when the object is stored); a pack no larger than
+    one part is one PUT at ``finish``. ``discard`` removes whatever was put (an upload refused, or
+    a repeat). The requests run on the caller's executor; the multipart upload is completed from
+    the last part's callback, so no executor thread ever waits for another."""
+
+    def __init__(self, store: S3BlobStore, path: Path, submit: Callable[..., concurrent.futures.Future]):
+        self.store, self.path, self._submit = store, path, submit
+        self.name = secrets.token_hex(32)  # unique: no two uploads' packs share an object
+        self.key = store._pack_key(self.name)
+        self.done: concurrent.futures.Future = concurrent.futures.Future()
+        self._lock = threading.Lock()
+        self._upload_id: str | None = None  # the multipart upload, once a first part is full
+        self._parts: list[concurrent.futures.Future] = []
+        self._etags: dict[int, str] = {}
+        self._sent = 0  # bytes handed to part requests
+        self._closed = False  # no part is added any more (finished or discarded)
+        self._finished = False  # finish() was called: ``done`` will be settled
+        self._complete = False  # the multipart upload is to be completed (once)
+
+    @property
+    def parts(self) -> int:
+        """Parts started so far (0: the pack is, or will be, one PUT)."""
+        return len(self._parts)
+
+    def written(self, size: int) -> None:
+        """The spool file holds ``size`` bytes (flushed): start a part for each full one."""
+        while size - self._sent >= PART_BYTES and not self._closed:
+            if self._upload_id is None:
+                self._upload_id = self.store.client.create_multipart_upload(Bucket=self.store.bucket,
+                                                                            Key=self.key)["UploadId"]
+            self._start_part(self._sent, PART_BYTES)
+
+    def _start_part(self, start: int, length: int) -> None:
+        number = len(self._parts) + 1
+        fut = self._submit(self._put_part, number, start, length)
+        self._parts.append(fut)
+        self._sent = start + length
+        fut.add_done_callback(self._part_done)
+
+    def _put_part(self, number: int, start: int, length: int) -> None:
+        with open(self.path, "rb") as fh:
+            data = os.pread(fh.fileno(), length, start)  # at most PART_BYTES in memory per request
+        if len(data) != length:
+            raise OSError(f"pack spool {self.path} holds {start + len(data)} bytes, not {start + length}")
+        answer = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, PartNumber=number,
+                                               UploadId=self._upload_id, Body=data, ContentLength=length)
+        self._etags[number] = answer["ETag"]
+
+    def finish(self, size: int) -> concurrent.futures.Future:
+        """The pack is complete at ``size`` bytes: put the rest; returns ``done``."""
+        if self._upload_id is None:  # one PUT
+            self._closed = self._finished = True
+            self._submit(self.store.put_pack_file, self.path, self.name).add_done_callback(
+                lambda f: _settle(self.done, f.exception()))
+            return self.done
+        if size > self._sent:
+            self._start_part(self._sent, size - self._sent)
+        with self._lock:
+            self._closed = self._finished = self._complete = True
+        self._part_done(None)  # completes now if every part is done already
+        return self.done
+
+    def _part_done(self, _fut: concurrent.futures.Future | None) -> None:
+        with self._lock:
+            if not self._complete or self.done.done() or not all(p.done() for p in self._parts):
+                return
+            errors = [p.exception() for p in self._parts if p.exception() is not None]
+            if errors:
+                _settle(self.done, errors[0])
+                return
+            self._complete = False  # once
+        # every part is stored: complete the object (on the executor, off this callback's thread)
+        self._submit(self._finish_parts).add_done_callback(lambda f: _settle(self.done, f.exception()))
+
+    def _finish_parts(self) -> None:
+        parts = [{"ETag": self._etags[n], "PartNumber": n} for n in range(1, len(self._parts) + 1)]
+        self.store.client.complete_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload_id,
+                                                    MultipartUpload={"Parts": parts})
+
+    def discard(self, shas: list[str]) -> None:
+        """Once its requests are over, remove what was put of this pack (the object, unless a
+        recorded location names it; an unfinished multipart upload is aborted)."""
+        with self._lock:
+            self._closed = True  # no part is added after this
+            finishing = self._finished  # else never completed: finish() is not called after discard
+        concurrent.futures.wait(self._parts)
+        if finishing:
+            concurrent.futures.wait([self.done])
+        if self.done.done() and self.done.exception() is None:
+            self.store.discard_pack(self.name, shas)
+        elif self._upload_id is not None:
+            self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload_id)
+
+
+def _settle(fut: concurrent.futures.Future, exc: BaseException | None) -> None:
+    """Set ``fut``'s outcome unless it has one."""
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)

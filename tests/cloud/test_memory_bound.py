@@ -74,4 +74,5 @@ def test_the_bound_adds_up_from_the_limits():
     # each upload being parsed may hold four more copies of a frame; every connection its buffer
     assert large["uploads_being_received"] - small["uploads_being_received"] == ingest.MAX_RECEIVING * 4 * (1 << 20)
     assert large["connections"] == 10 * (64 + 256) * 1024
+    assert small["pack_parts"] == ingest.MAX_RECEIVING * 8 * 1024 * 1024  # an object store's parts being put
     assert small["total"] == sum(v for k, v in small.items() if k != "total")

@@ -131,22 +131,22 @@ def test_an_object_store_pack_put_early_is_deleted_when_the_upload_is_refused_or
         return sorted(k for k in blobs.objects() if k.startswith("b/packs/"))
     puts: list[str] = []
     put = blobs.put_pack_file
-    blobs.put_pack_file = lambda path, sha: (puts.append(sha), put(path, sha))[1]  # type: ignore[method-assign]
+    blobs.put_pack_file = lambda path, name: (puts.append(name), put(path, name))[1]  # type: ignore[method-assign]
 
     frames = jpeg_frames(3)
     received = _ingest(build_upload_archive(frames), blobs, tmp_path)
     assert received.pack_put is not None and received.pack_put.result() is None
     upload, created = commit(received, device.id, storage, blobs)
-    assert created and packs() == [f"b/packs/{received.pack_sha256}"]
+    assert created and packs() == [f"b/packs/{received.pack_upload.name}"]
     for _, jpg in frames:
         with blobs.open(hashlib.sha256(jpg).hexdigest()) as fh:
             assert fh.read() == jpg
 
     repeat = _ingest(build_upload_archive(frames, first_seq=0), blobs, tmp_path)  # the same frames, another index
-    assert repeat.pack_sha256 != received.pack_sha256
+    assert repeat.pack_upload.name != received.pack_upload.name
     assert commit(repeat, device.id, storage, blobs) == (upload, False)
-    assert puts == [received.pack_sha256, repeat.pack_sha256]
-    assert packs() == [f"b/packs/{received.pack_sha256}"]  # the repeat's object is gone
+    assert puts == [received.pack_upload.name, repeat.pack_upload.name]
+    assert packs() == [f"b/packs/{received.pack_upload.name}"]  # the repeat's object is gone
 
     bad = build_upload_archive(jpeg_frames(2, start=10))  # refused at validation: a frame's sha256 is wrong
     at = bad.index(b'"sha256": "') + len(b'"sha256": "')
@@ -154,7 +154,7 @@ def test_an_object_store_pack_put_early_is_deleted_when_the_upload_is_refused_or
     parser = _Parser(_queue(bad), blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20)
     parser.run()
     assert isinstance(parser.result.exception(), UploadRejected) and parser.result.exception().status == 400
-    assert len(puts) == 3 and packs() == [f"b/packs/{received.pack_sha256}"]  # put, then deleted
+    assert len(puts) == 3 and packs() == [f"b/packs/{received.pack_upload.name}"]  # put, then deleted
     assert not list((tmp_path / "spool").iterdir())
     storage.close()
 
@@ -167,3 +167,68 @@ def _queue(body: bytes):
         q.put(body[i:i + 4096])
     q.put(None)
     return q
+
+
+def _noise_frames(n: int, seed: int = 0) -> list[tuple[dict, bytes]]:
+    """Frames that do not compress: ~0.4 MB each at 480x640."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        ok, jpg = cv2.imencode(".jpg", rng.integers(0, 256, (480, 640, 3), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        out.append(({"seq": i, "width": 640, "height": 480}, jpg.tobytes()))
+    return out
+
+
+def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves_nothing(s3_server, tmp_path,
+                                                                                          monkeypatch):
+    """A pack larger than PART_BYTES is put as a multipart upload, a part as soon as it is written:
+    committed, its frames read back; an upload refused half-way (parts already up) leaves no object
+    and no unfinished multipart upload; one refused after its last part is deleted."""
+    import cloud.s3
+    from cloud.ingest import UploadRejected, _Parser, commit
+    from cloud.keys import new_token, token_sha256
+    from shared.wire import build_upload_archive
+
+    monkeypatch.setattr(cloud.s3, "PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part
+    storage = SQLiteStorage(tmp_path / "cloud.sqlite3")
+    device = storage.add_device("wearer1", token_sha256(new_token("wearer1")))
+    blobs = S3BlobStore(f"s3://hmd-parts-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint)
+    blobs.attach_index(storage)
+
+    def stored():
+        unfinished = blobs.client.list_multipart_uploads(Bucket=blobs.bucket).get("Uploads", [])
+        return sorted(k for k in blobs.objects() if k.startswith("b/packs/")), len(unfinished)
+
+    frames = _noise_frames(32)
+    body = build_upload_archive(frames)
+    assert len(body) > 11 * 1024 * 1024
+    received = _ingest(body, blobs, tmp_path)
+    pack_bytes = sum(len(jpg) for _, jpg in frames) + len(received.index_bytes)
+    assert received.pack_upload.parts == -(-pack_bytes // (5 * 1024 * 1024))  # full parts, then the rest
+    upload, created = commit(received, device.id, storage, blobs)
+    assert created and stored() == ([f"b/packs/{received.pack_upload.name}"], 0)
+    pack = blobs.client.get_object(Bucket=blobs.bucket, Key=f"b/packs/{received.pack_upload.name}")["Body"].read()
+    assert pack == b"".join(jpg for _, jpg in frames) + received.index_bytes
+    for _, jpg in frames[::7]:
+        with blobs.open(hashlib.sha256(jpg).hexdigest()) as fh:
+            assert fh.read() == jpg
+
+    truncated = build_upload_archive(_noise_frames(32, seed=1))[:9 * 1024 * 1024]  # a part is up, then it ends
+    parser = _Parser(_queue(truncated), blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20)
+    parser.run()
+    exc = parser.result.exception()
+    assert isinstance(exc, UploadRejected) and exc.status == 400 and "truncated" in exc.detail
+    assert stored() == ([f"b/packs/{received.pack_upload.name}"], 0)
+
+    bad = build_upload_archive(_noise_frames(32, seed=2))  # refused at validation: a frame's sha256 is wrong
+    at = bad.index(b'"sha256": "') + len(b'"sha256": "')
+    bad = bad[:at] + (b"1" if bad[at:at + 1] == b"0" else b"0") + bad[at + 1:]
+    parser = _Parser(_queue(bad), blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20)
+    parser.run()
+    assert isinstance(parser.result.exception(), UploadRejected)
+    assert stored() == ([f"b/packs/{received.pack_upload.name}"], 0)
+    assert not list((tmp_path / "spool").iterdir())
+    storage.close()

@@ -76,12 +76,16 @@ def test_the_early_transaction_commits_what_the_usual_one_stores(scaled, tmp_pat
     commit(usual, other.id, storage, blobs)
 
     received = _receive(body, storage, blobs, device, tmp_path)
-    assert received.prepared is not None
+    prepared = received.prepared
+    assert prepared is not None
     calls = []
     monkeypatch.setattr(type(storage), "commit_upload", lambda *a, **k: calls.append(a))  # must not be needed
     upload, created = commit(received, device.id, storage, blobs)
     assert created and calls == []
     assert (upload.frames, upload.bytes) == (4, len(body))
+    # the pack's locations were inserted early too, as the index declared them
+    assert [loc[0] for loc in prepared._locations] == [hashlib.sha256(jpg).hexdigest() for _, jpg in frames] + \
+        [hashlib.sha256(received.index_bytes).hexdigest()]
 
     uploads, rows, located = _stored(storage, device.id)
     assert uploads == [(upload.id, 4, len(body), upload.content_sha256)]
