@@ -67,13 +67,16 @@ RECEIVING_WAIT_S = 30.0  # an upload waiting longer for a parser answers 503 (th
 RECEIVING = ReceivingSlots(MAX_RECEIVING)
 
 
-def memory_bound(max_frame_bytes: int, max_frame_pixels: int, connections: int = 0) -> dict[str, int]:
-    """The ingest's memory bound in bytes, by term, for these limits (see ``ingest_memory_bound``)."""
+def memory_bound(max_frame_bytes: int, max_frame_pixels: int, connections: int = 0,
+                 object_store: bool = False) -> dict[str, int]:
+    """The ingest's memory bound in bytes, by term, for these limits (see ``ingest_memory_bound``);
+    ``object_store``: packs are put to one in parts, a part in memory per request."""
     return ingest_memory_bound(receiving=RECEIVING.limit, queue_bytes=_QUEUE_CHUNKS * _PIECE,
                                pending_decode_bytes=_PENDING_DECODE_BYTES, max_frame_bytes=max_frame_bytes,
                                index_bytes=INDEX_LIMIT, decode_workers=_DECODE_WORKERS,
                                max_frame_pixels=max_frame_pixels, connections=connections,
-                               pack_part_requests=MAX_RECEIVING, pack_part_bytes=PART_BYTES)  # the PUT pool's threads
+                               pack_part_requests=MAX_RECEIVING if object_store else 0,  # the PUT pool's threads
+                               pack_part_bytes=PART_BYTES)
 
 
 class UploadRejected(Exception):

@@ -14,9 +14,9 @@ upload that names them is committed (in the upload's own transaction when the in
 reading a frame back is a ``Range`` GET of its bytes. The ingest puts an upload's pack while it
 is still arriving (:meth:`S3BlobStore.pack_upload`, :class:`PackUpload`): a pack is named when
 its first frame arrives (``PREFIX/packs/<64 random hex digits>``: its bytes are not hashed as a
-whole, each frame in it is, against the upload's index), a pack larger than
-:data:`PART_BYTES` goes up in parts of that size as they fill (a multipart upload), the rest when
-the last frame has arrived, and the object is deleted (or the multipart upload aborted) if the
+whole, each frame in it is, against the upload's index), a pack that reaches
+:data:`MULTIPART_BYTES` goes up in parts of :data:`PART_BYTES` as they fill (a multipart upload),
+the rest when the last frame has arrived (a smaller pack: one PUT then), and the object is deleted (or the multipart upload aborted) if the
 upload is then refused. Blobs stored one object each (manifests, models, and frames stored
 before packing) are read as before: a blob with no pack location is looked up under its own key.
 """
@@ -38,7 +38,12 @@ from shared.hashing import sha256_file
 
 PUT_THREADS = 8  # one request per object: several in flight hide the round trips
 PACK_IN_MEMORY = 8 * 1024 * 1024  # a larger pack is put from a temporary file
-PART_BYTES = 8 * 1024 * 1024  # a pack larger than this is put in parts of this size while it arrives (S3: >= 5 MiB)
+# a pack that reaches MULTIPART_BYTES is put in parts of PART_BYTES while it arrives (S3: parts >= 5 MiB);
+# a smaller one in one PUT when complete. Not smaller: with the S3 server on the same two cores, parts
+# cost it more CPU than one PUT (a copy of the whole object when it is completed), and `hmd bench
+# cloud` at 48 MB fell from 0.536 to 0.499 with 8 MiB parts (README, "Running at scale")
+MULTIPART_BYTES = 64 * 1024 * 1024
+PART_BYTES = 8 * 1024 * 1024
 
 
 class S3BlobStore:
@@ -258,10 +263,10 @@ class S3BlobStore:
 
 
 class PackUpload:
-    """An upload's pack, put while the ingest writes it to a spool file: every :data:`PART_BYTES`
-    written go up as one part of a multipart upload at once (``written``), the rest when the pack
-    is complete (``finish``; ``done`` is set when the object is stored); a pack no larger than
-    one part is one PUT at ``finish``. ``discard`` removes whatever was put (an upload refused, or
+    """An upload's pack, put while the ingest writes it to a spool file: once it reaches
+    :data:`MULTIPART_BYTES`, every :data:`PART_BYTES` written go up as one part of a multipart
+    upload at once (``written``), the rest when the pack is complete (``finish``; ``done`` is set
+    when the object is stored); a smaller pack is one PUT at ``finish``. ``discard`` removes whatever was put (an upload refused, or
     a repeat). The requests run on the caller's executor; the multipart upload is completed from
     the last part's callback, so no executor thread ever waits for another."""
 
@@ -285,7 +290,10 @@ class PackUpload:
         return len(self._parts)
 
     def written(self, size: int) -> None:
-        """The spool file holds ``size`` bytes (flushed): start a part for each full one."""
+        """The spool file holds ``size`` bytes (flushed): once it reaches MULTIPART_BYTES, start a
+        part for each full one."""
+        if self._upload_id is None and size < MULTIPART_BYTES:
+            return
         while size - self._sent >= PART_BYTES and not self._closed:
             if self._upload_id is None:
                 self._upload_id = self.store.client.create_multipart_upload(Bucket=self.store.bucket,

@@ -74,5 +74,8 @@ def test_the_bound_adds_up_from_the_limits():
     # each upload being parsed may hold four more copies of a frame; every connection its buffer
     assert large["uploads_being_received"] - small["uploads_being_received"] == ingest.MAX_RECEIVING * 4 * (1 << 20)
     assert large["connections"] == 10 * (64 + 256) * 1024
-    assert small["pack_parts"] == ingest.MAX_RECEIVING * 8 * 1024 * 1024  # an object store's parts being put
+    assert small["pack_parts"] == 0  # the folder store: no parts
+    in_parts = ingest.memory_bound(max_frame_bytes=1 << 20, max_frame_pixels=1 << 20, object_store=True)
+    assert in_parts["pack_parts"] == ingest.MAX_RECEIVING * 8 * 1024 * 1024  # an object store's parts being put
+    assert in_parts["total"] - small["total"] == in_parts["pack_parts"]
     assert small["total"] == sum(v for k, v in small.items() if k != "total")

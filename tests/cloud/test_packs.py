@@ -184,7 +184,7 @@ def _noise_frames(n: int, seed: int = 0) -> list[tuple[dict, bytes]]:
 
 def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves_nothing(s3_server, tmp_path,
                                                                                           monkeypatch):
-    """A pack larger than PART_BYTES is put as a multipart upload, a part as soon as it is written:
+    """A pack that reaches MULTIPART_BYTES is put as a multipart upload, a part as soon as it is written:
     committed, its frames read back; an upload refused half-way (parts already up) leaves no object
     and no unfinished multipart upload; one refused after its last part is deleted."""
     import cloud.s3
@@ -193,6 +193,7 @@ def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves
     from shared.wire import build_upload_archive
 
     monkeypatch.setattr(cloud.s3, "PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part
+    monkeypatch.setattr(cloud.s3, "MULTIPART_BYTES", 5 * 1024 * 1024)
     storage = SQLiteStorage(tmp_path / "cloud.sqlite3")
     device = storage.add_device("wearer1", token_sha256(new_token("wearer1")))
     blobs = S3BlobStore(f"s3://hmd-parts-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint)
@@ -232,3 +233,36 @@ def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves
     assert stored() == ([f"b/packs/{received.pack_upload.name}"], 0)
     assert not list((tmp_path / "spool").iterdir())
     storage.close()
+
+
+def test_a_pack_goes_up_in_parts_only_once_it_reaches_the_multipart_size(s3_server, tmp_path, monkeypatch):
+    """Under MULTIPART_BYTES a pack is one PUT when it is complete; past it, the parts for what was
+    written so far start at once, then one per PART_BYTES."""
+    import concurrent.futures
+
+    import cloud.s3
+
+    monkeypatch.setattr(cloud.s3, "PART_BYTES", 5 * 1024 * 1024)
+    monkeypatch.setattr(cloud.s3, "MULTIPART_BYTES", 12 * 1024 * 1024)
+    blobs = S3BlobStore(f"s3://hmd-mpu-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint)
+    data = secrets.token_bytes(16 * 1024 * 1024)
+    path = tmp_path / "pack"
+    path.write_bytes(data)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        small = blobs.pack_upload(path, pool.submit)
+        small.written(11 * 1024 * 1024)  # under the multipart size: nothing yet
+        assert small.parts == 0
+        big = blobs.pack_upload(path, pool.submit)
+        big.written(13 * 1024 * 1024)  # past it: the two full parts written so far
+        assert big.parts == 2
+        big.written(14 * 1024 * 1024)  # the third part is not full yet
+        assert big.parts == 2
+        big.written(16 * 1024 * 1024)  # now it is
+        assert big.parts == 3
+        big.finish(len(data)).result(timeout=60)
+        assert big.parts == 4
+        small.finish(len(data)).result(timeout=60)  # one PUT
+        assert small.parts == 0
+    for upload in (small, big):
+        got = blobs.client.get_object(Bucket=blobs.bucket, Key=upload.key)["Body"].read()
+        assert got == data
