@@ -21,13 +21,14 @@ def open_storage(url: str) -> Storage:
     raise UserError(f"database {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
 
 
-def open_blob_store(url: str, s3_endpoint_url: str | None = None) -> BlobStore:
+def open_blob_store(url: str, s3_endpoint_url: str | None = None, s3_multipart_mb: int | None = None) -> BlobStore:
     """``file://PATH`` (the embedded default) or ``s3://BUCKET[/PREFIX]`` (at ``s3_endpoint_url``,
-    else AWS)."""
+    else AWS; packs from ``s3_multipart_mb`` MiB put in parts)."""
     if url.startswith("file://"):
         return LocalBlobStore(url[len("file://"):])
     if url.startswith("s3://"):
         from cloud.s3 import S3BlobStore
 
-        return S3BlobStore(url, endpoint_url=s3_endpoint_url)
+        return S3BlobStore(url, endpoint_url=s3_endpoint_url,
+                           multipart_bytes=None if s3_multipart_mb is None else s3_multipart_mb * 1024 * 1024)
     raise UserError(f"blob store {url!r}: use file://PATH or s3://BUCKET[/PREFIX]")

@@ -38,8 +38,8 @@ from shared.hashing import sha256_file
 
 PUT_THREADS = 8  # one request per object: several in flight hide the round trips
 PACK_IN_MEMORY = 8 * 1024 * 1024  # a larger pack is put from a temporary file
-# a pack that reaches MULTIPART_BYTES is put in parts of PART_BYTES while it arrives (S3: parts >= 5 MiB);
-# a smaller one in one PUT when complete. Not smaller: with the S3 server on the same two cores, parts
+# a pack that reaches MULTIPART_BYTES (the default of setting s3_multipart_mb) is put in parts of
+# PART_BYTES while it arrives (S3: parts >= 5 MiB); a smaller one in one PUT when complete. Not smaller: with the S3 server on the same two cores, parts
 # cost it more CPU than one PUT (a copy of the whole object when it is completed), and `hmd bench
 # cloud` at 48 MB fell from 0.536 to 0.499 with 8 MiB parts (README, "Running at scale")
 MULTIPART_BYTES = 64 * 1024 * 1024
@@ -49,7 +49,8 @@ PART_BYTES = 8 * 1024 * 1024
 class S3BlobStore:
     cheap_exists = False  # a request each: the ingest does not ask per frame (put_files skips what is stored)
 
-    def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None):
+    def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
+                 multipart_bytes: int | None = None):
         try:
             import boto3
             import botocore.config
@@ -60,6 +61,7 @@ class S3BlobStore:
         if not bucket:
             raise UserError(f"blob store {url!r}: expected s3://BUCKET[/PREFIX]")
         self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.multipart_bytes = MULTIPART_BYTES if multipart_bytes is None else multipart_bytes
         self._errors = botocore.exceptions
         # request_checksum_calculation "when_required": no CRC32 of every body the store does not ask
         # for (botocore's default since 1.36 computes one per PUT, and the store checks it again). A
@@ -263,8 +265,8 @@ class S3BlobStore:
 
 
 class PackUpload:
-    """An upload's pack, put while the ingest writes it to a spool file: once it reaches
-    :data:`MULTIPART_BYTES`, every :data:`PART_BYTES` written go up as one part of a multipart
+    """An upload's pack, put while the ingest writes it to a spool file: once it reaches the
+    store's ``multipart_bytes`` (:data:`MULTIPART_BYTES`; setting ``s3_multipart_mb``), every :data:`PART_BYTES` written go up as one part of a multipart
     upload at once (``written``), the rest when the pack is complete (``finish``; ``done`` is set
     when the object is stored); a smaller pack is one PUT at ``finish``. ``discard`` removes whatever was put (an upload refused, or
     a repeat). The requests run on the caller's executor; the multipart upload is completed from
@@ -292,7 +294,7 @@ class PackUpload:
     def written(self, size: int) -> None:
         """The spool file holds ``size`` bytes (flushed): once it reaches MULTIPART_BYTES, start a
         part for each full one."""
-        if self._upload_id is None and size < MULTIPART_BYTES:
+        if self._upload_id is None and size < self.store.multipart_bytes:
             return
         while size - self._sent >= PART_BYTES and not self._closed:
             if self._upload_id is None:

@@ -56,7 +56,7 @@ class Services:
     def open(cls, settings: Settings, runner: JobRunner | None = None) -> "Services":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(settings.db_url)
-        blobs = open_blob_store(settings.blobs_url, settings.s3_endpoint_url)
+        blobs = open_blob_store(settings.blobs_url, settings.s3_endpoint_url, settings.s3_multipart_mb)
         if hasattr(blobs, "attach_index"):  # an object store packs uploads, located in the database
             blobs.attach_index(storage)
         key = SigningKey(settings.data_dir, settings.signing_key)

@@ -24,6 +24,9 @@ class Settings:
     database_url: str | None = None  # default sqlite:///DATA/cloud.sqlite3
     blob_url: str | None = None  # default file://DATA/blobs
     s3_endpoint_url: str | None = None  # an S3-compatible server for s3:// blob URLs (default: AWS)
+    s3_multipart_mb: int = 64  # an upload's pack that reaches this many MiB goes up in 8 MiB parts while
+    # it arrives (0: from its first part); a smaller one in one PUT when complete (README "Running at scale")
+    early_transaction: bool = True  # PostgreSQL: an upload's transaction opens when its index arrives
     job_lease_s: float = 30.0  # a worker holds a job this long past its last heartbeat (shared queue)
     queue_url: str = "db:"  # jobs are rows of the metadata database
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -123,6 +126,8 @@ class Settings:
                      "max_job_attempts"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1")
+        if self.s3_multipart_mb < 0:
+            raise UserError("s3_multipart_mb must be >= 0")
         if self.max_device_bytes < 0:
             raise UserError("max_device_bytes must be >= 0 (0: no quota)")
 

@@ -8,7 +8,8 @@ body of camera frames (as `hmd bench cloud` makes them), then the commit, on the
 One line per repeat, seconds: the parser's tar loop (hashing, pack writes, frames handed to the
 decode pool), finishing the pack (its last write and fsync, or the start of its PUT, while the
 pool decodes), waiting for the pool after that, validating the index, the commit (on an object
-store: waiting for the pack's PUT, then the database transaction), and decode-only."""
+store: waiting for the pack's PUT, then the database transaction, or only its COMMIT where it was
+opened early: "committed_early"), and decode-only."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--backend", choices=("embedded", "scale"), default="embedded",
                         help="embedded: SQLite + folder; scale: PostgreSQL + S3 (moto's server)")
+    parser.add_argument("--no-early-transaction", dest="early", action="store_false",
+                        help="PostgreSQL: commit in one transaction at the end (HMD_CLOUD_EARLY_TRANSACTION=0)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hmd-profile-ingest-"))
     with _backend(args.backend, work) as (storage, blobs):
@@ -86,7 +89,7 @@ def main() -> None:
             for i in range(0, len(body), 65536):
                 q.put(body[i:i + 65536])
             q.put(None)
-            prepare = getattr(storage, "prepare_upload", None)  # PostgreSQL: the transaction opened early
+            prepare = getattr(storage, "prepare_upload", None) if args.early else None  # PostgreSQL: opened early
             p = ingest._Parser(q, blobs, work / "spool", max_frames=100_000, max_frame_bytes=10 ** 7,
                                prepare=None if prepare is None else functools.partial(prepare, device.id))
             p._finish_pack = timed("finish_pack", p._finish_pack)  # the loop's end: the pack's last write and fsync

@@ -64,8 +64,9 @@ async def create_upload(request: Request, response: Response, device: DeviceDep,
 
 
 def _prepare(services, device_id: int):
-    """The database's early upload transaction for this device (PostgreSQL), or None."""
-    prepare = getattr(services.storage, "prepare_upload", None)
+    """The database's early upload transaction for this device (PostgreSQL, unless the setting
+    ``early_transaction`` is off), or None."""
+    prepare = getattr(services.storage, "prepare_upload", None) if services.settings.early_transaction else None
     return None if prepare is None else functools.partial(prepare, device_id)
 
 

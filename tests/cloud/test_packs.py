@@ -184,7 +184,7 @@ def _noise_frames(n: int, seed: int = 0) -> list[tuple[dict, bytes]]:
 
 def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves_nothing(s3_server, tmp_path,
                                                                                           monkeypatch):
-    """A pack that reaches MULTIPART_BYTES is put as a multipart upload, a part as soon as it is written:
+    """A pack that reaches the multipart size is put as a multipart upload, a part as soon as it is written:
     committed, its frames read back; an upload refused half-way (parts already up) leaves no object
     and no unfinished multipart upload; one refused after its last part is deleted."""
     import cloud.s3
@@ -193,10 +193,10 @@ def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves
     from shared.wire import build_upload_archive
 
     monkeypatch.setattr(cloud.s3, "PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part
-    monkeypatch.setattr(cloud.s3, "MULTIPART_BYTES", 5 * 1024 * 1024)
     storage = SQLiteStorage(tmp_path / "cloud.sqlite3")
     device = storage.add_device("wearer1", token_sha256(new_token("wearer1")))
-    blobs = S3BlobStore(f"s3://hmd-parts-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint)
+    blobs = S3BlobStore(f"s3://hmd-parts-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint,
+                        multipart_bytes=0)  # parts from the first one
     blobs.attach_index(storage)
 
     def stored():
@@ -236,15 +236,15 @@ def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves
 
 
 def test_a_pack_goes_up_in_parts_only_once_it_reaches_the_multipart_size(s3_server, tmp_path, monkeypatch):
-    """Under MULTIPART_BYTES a pack is one PUT when it is complete; past it, the parts for what was
+    """Under the store's multipart size a pack is one PUT when it is complete; past it, the parts for what was
     written so far start at once, then one per PART_BYTES."""
     import concurrent.futures
 
     import cloud.s3
 
     monkeypatch.setattr(cloud.s3, "PART_BYTES", 5 * 1024 * 1024)
-    monkeypatch.setattr(cloud.s3, "MULTIPART_BYTES", 12 * 1024 * 1024)
-    blobs = S3BlobStore(f"s3://hmd-mpu-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint)
+    blobs = S3BlobStore(f"s3://hmd-mpu-{secrets.token_hex(4)}/b", endpoint_url=s3_server.endpoint,
+                        multipart_bytes=12 * 1024 * 1024)
     data = secrets.token_bytes(16 * 1024 * 1024)
     path = tmp_path / "pack"
     path.write_bytes(data)

@@ -160,3 +160,22 @@ def test_an_index_without_frame_sizes_commits_the_usual_way(scaled, tmp_path):
     assert received.prepared is None  # the rows' sizes come from decoding: nothing to insert early
     upload, created = commit(received, device.id, storage, blobs)
     assert created and [r[3:5] for r in _stored(storage, device.id)[1]] == [(32, 32), (32, 32)]
+
+
+def test_the_settings_turn_the_early_transaction_off_and_set_the_multipart_size(scaled, s3_server):
+    import types
+
+    from cloud.backends import open_blob_store
+    from cloud.routers.uploads import _prepare
+    from cloud.settings import Settings
+
+    storage, _, device = scaled
+    on = types.SimpleNamespace(storage=storage, settings=Settings(data_dir="x"))
+    off = types.SimpleNamespace(storage=storage, settings=Settings.from_sources(
+        {"data_dir": "x"}, env={"HMD_CLOUD_EARLY_TRANSACTION": "0", "HMD_CLOUD_S3_MULTIPART_MB": "16"}))
+    assert _prepare(on, device.id) is not None and _prepare(off, device.id) is None
+    assert off.settings.s3_multipart_mb == 16
+    blobs = open_blob_store(f"s3://hmd-set-{secrets.token_hex(4)}/b", s3_server.endpoint, off.settings.s3_multipart_mb)
+    assert blobs.multipart_bytes == 16 * 1024 * 1024
+    with pytest.raises(Exception, match="s3_multipart_mb must be >= 0"):
+        Settings.from_sources({"data_dir": "x"}, env={"HMD_CLOUD_S3_MULTIPART_MB": "-1"})
