@@ -322,10 +322,17 @@ class _Parser:
 
     def run(self) -> None:
         try:
-            self.result.set_result(self._parse())
-        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
-            self.cleanup()
-            self.result.set_exception(exc)
+            try:
+                received = self._parse()
+            except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+                self.cleanup()
+                if not self.result.cancelled():
+                    self.result.set_exception(exc)
+                return
+            try:
+                self.result.set_result(received)
+            except concurrent.futures.InvalidStateError:  # the request was cancelled meanwhile: nobody
+                release(received)  # will commit it, so its transaction, pack and files are given back
         finally:
             self.tar.drain()  # never leave the event loop blocked on a full queue
 
@@ -662,10 +669,28 @@ def commit(received: Received, device_id: int, storage: Storage, blobs: BlobStor
             prepared.abandon()
         if put is not None and not committed:  # a repeat, or a failure: the object put is not needed
             _discard_pack(received.pack_upload, [sha for sha, _, _ in received.pack_rows])
+        received.pack_upload = None  # stored, or discarded: nothing left for release()
         for _, path in temps:
             path.unlink(missing_ok=True)
         if received.pack is not None:
             received.pack.unlink(missing_ok=True)
+
+
+def release(received: Received) -> None:
+    """Give back what a received upload holds when :func:`commit` will not run (the request was
+    cancelled between the two): its early transaction (rolled back, its connection back in the
+    pool), what was put of its pack (deleted, or the multipart upload aborted), its temporary
+    files. After :func:`commit` there is nothing left, and this does nothing."""
+    prepared, received.prepared = received.prepared, None
+    if prepared is not None:
+        prepared.abandon()
+    upload, received.pack_upload = received.pack_upload, None
+    if upload is not None:
+        _discard_pack(upload, [sha for sha, _, _ in received.pack_rows])
+    for _, path in received.temps:
+        path.unlink(missing_ok=True)
+    if received.pack is not None:
+        received.pack.unlink(missing_ok=True)
 
 
 def _declared_locations(blobs: BlobStore, pack: str, index: UploadIndex, names: dict[str, int], offsets: list[int],

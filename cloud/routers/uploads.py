@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from cloud.deps import ApiError, DeviceDep, ServicesDep
-from cloud.ingest import UploadRejected, commit, receive_upload
+from cloud.ingest import UploadRejected, commit, receive_upload, release
 from shared.wire import ErrorBody, UploadReceipt
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
@@ -42,7 +43,11 @@ async def create_upload(request: Request, response: Response, device: DeviceDep,
                                         limit=s.max_upload_bytes, max_frames=s.max_frames_per_upload,
                                         max_frame_bytes=s.max_frame_bytes, max_pixels=s.max_frame_pixels,
                                         max_meta_bytes=s.max_frame_meta_bytes, prepare=_prepare(services, device.id))
-        upload, created = await run_in_threadpool(commit, received, device.id, services.storage, services.blobs)
+        try:
+            upload, created = await run_in_threadpool(commit, received, device.id, services.storage, services.blobs)
+        except BaseException:  # commit cleans up after itself; if it never ran (cancelled), this does
+            threading.Thread(target=release, args=(received,), name="upload-release", daemon=True).start()
+            raise
     except UploadRejected as exc:
         log.info("upload from %s refused: %d %s: %s", device.name, exc.status, exc.code, exc.detail)
         retry = {"Retry-After": "30"} if exc.status >= 500 else None

@@ -179,3 +179,45 @@ def test_the_settings_turn_the_early_transaction_off_and_set_the_multipart_size(
     assert blobs.multipart_bytes == 16 * 1024 * 1024
     with pytest.raises(Exception, match="s3_multipart_mb must be >= 0"):
         Settings.from_sources({"data_dir": "x"}, env={"HMD_CLOUD_S3_MULTIPART_MB": "-1"})
+
+
+def test_an_upload_received_but_never_committed_gives_everything_back(scaled, tmp_path):
+    """A request cancelled between receiving and committing: release() rolls the early transaction
+    back (its connection and its slot back), deletes the pack object and the spool file."""
+    from cloud.ingest import release
+
+    storage, blobs, device = scaled
+    received = _receive(build_upload_archive(jpeg_frames(3)), storage, blobs, device, tmp_path)
+    assert received.prepared is not None and received.pack_put.result(timeout=30) is None
+    assert [k for k in blobs.objects() if "/packs/" in k]  # put while it arrived
+    release(received)
+    deadline = time.monotonic() + 10  # the rollback runs on the transaction's own thread
+    while not _idle(storage) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _idle(storage)
+    assert _stored(storage, device.id) == ([], [], [])
+    assert not [k for k in blobs.objects() if "/packs/" in k]
+    assert not received.pack.exists()
+    release(received)  # twice: nothing left to give back
+
+
+def test_a_request_cancelled_while_its_upload_is_checked_gives_everything_back(scaled, tmp_path):
+    """The answer's future is cancelled (the client went away) before the parser finishes: the
+    parser gives back what the finished upload would have held, as release() does."""
+    storage, blobs, device = scaled
+    body = build_upload_archive(jpeg_frames(3))
+    q: queue.Queue = queue.Queue()
+    for i in range(0, len(body), 4096):
+        q.put(body[i:i + 4096])
+    q.put(None)
+    parser = _Parser(q, blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20,
+                     prepare=functools.partial(storage.prepare_upload, device.id))
+    assert parser.result.cancel()  # as asyncio.wrap_future does when the awaiting request is cancelled
+    parser.run()
+    deadline = time.monotonic() + 10
+    while not _idle(storage) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _idle(storage)
+    assert _stored(storage, device.id) == ([], [], [])
+    assert not [k for k in blobs.objects() if "/packs/" in k]
+    assert not list((tmp_path / "spool").iterdir())
