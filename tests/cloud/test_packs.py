@@ -136,17 +136,20 @@ def test_an_object_store_pack_put_early_is_deleted_when_the_upload_is_refused_or
     frames = jpeg_frames(3)
     received = _ingest(build_upload_archive(frames), blobs, tmp_path)
     assert received.pack_put is not None and received.pack_put.result() is None
+    name = received.pack_upload.name
     upload, created = commit(received, device.id, storage, blobs)
-    assert created and packs() == [f"b/packs/{received.pack_upload.name}"]
+    assert received.pack_upload is None  # the commit's now
+    assert created and packs() == [f"b/packs/{name}"]
     for _, jpg in frames:
         with blobs.open(hashlib.sha256(jpg).hexdigest()) as fh:
             assert fh.read() == jpg
 
     repeat = _ingest(build_upload_archive(frames, first_seq=0), blobs, tmp_path)  # the same frames, another index
-    assert repeat.pack_upload.name != received.pack_upload.name
+    repeat_name = repeat.pack_upload.name
+    assert repeat_name != name
     assert commit(repeat, device.id, storage, blobs) == (upload, False)
-    assert puts == [received.pack_upload.name, repeat.pack_upload.name]
-    assert packs() == [f"b/packs/{received.pack_upload.name}"]  # the repeat's object is gone
+    assert puts == [name, repeat_name]
+    assert packs() == [f"b/packs/{name}"]  # the repeat's object is gone
 
     bad = build_upload_archive(jpeg_frames(2, start=10))  # refused at validation: a frame's sha256 is wrong
     at = bad.index(b'"sha256": "') + len(b'"sha256": "')
@@ -154,7 +157,7 @@ def test_an_object_store_pack_put_early_is_deleted_when_the_upload_is_refused_or
     parser = _Parser(_queue(bad), blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20)
     parser.run()
     assert isinstance(parser.result.exception(), UploadRejected) and parser.result.exception().status == 400
-    assert len(puts) == 3 and packs() == [f"b/packs/{received.pack_upload.name}"]  # put, then deleted
+    assert len(puts) == 3 and packs() == [f"b/packs/{name}"]  # put, then deleted
     assert not list((tmp_path / "spool").iterdir())
     storage.close()
 
@@ -209,9 +212,10 @@ def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves
     received = _ingest(body, blobs, tmp_path)
     pack_bytes = sum(len(jpg) for _, jpg in frames) + len(received.index_bytes)
     assert received.pack_upload.parts == -(-pack_bytes // (5 * 1024 * 1024))  # full parts, then the rest
+    name = received.pack_upload.name
     upload, created = commit(received, device.id, storage, blobs)
-    assert created and stored() == ([f"b/packs/{received.pack_upload.name}"], 0)
-    pack = blobs.client.get_object(Bucket=blobs.bucket, Key=f"b/packs/{received.pack_upload.name}")["Body"].read()
+    assert created and stored() == ([f"b/packs/{name}"], 0)
+    pack = blobs.client.get_object(Bucket=blobs.bucket, Key=f"b/packs/{name}")["Body"].read()
     assert pack == b"".join(jpg for _, jpg in frames) + received.index_bytes
     for _, jpg in frames[::7]:
         with blobs.open(hashlib.sha256(jpg).hexdigest()) as fh:
@@ -222,7 +226,7 @@ def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves
     parser.run()
     exc = parser.result.exception()
     assert isinstance(exc, UploadRejected) and exc.status == 400 and "truncated" in exc.detail
-    assert stored() == ([f"b/packs/{received.pack_upload.name}"], 0)
+    assert stored() == ([f"b/packs/{name}"], 0)
 
     bad = build_upload_archive(_noise_frames(32, seed=2))  # refused at validation: a frame's sha256 is wrong
     at = bad.index(b'"sha256": "') + len(b'"sha256": "')
@@ -230,7 +234,7 @@ def test_a_large_pack_goes_up_in_parts_while_it_arrives_and_a_refused_one_leaves
     parser = _Parser(_queue(bad), blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20)
     parser.run()
     assert isinstance(parser.result.exception(), UploadRejected)
-    assert stored() == ([f"b/packs/{received.pack_upload.name}"], 0)
+    assert stored() == ([f"b/packs/{name}"], 0)
     assert not list((tmp_path / "spool").iterdir())
     storage.close()
 
