@@ -32,13 +32,18 @@ def scaled(pg_server, s3_server, tmp_path):
     storage.close()
 
 
-def _receive(body: bytes, storage, blobs, device, tmp_path, prepare=True):
+def _parser(body: bytes, storage, blobs, device, tmp_path, prepare=True) -> _Parser:
+    """The service's parser over an upload body, not run yet."""
     q: queue.Queue = queue.Queue()
     for i in range(0, len(body), 4096):
         q.put(body[i:i + 4096])
     q.put(None)
-    parser = _Parser(q, blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20,
-                     prepare=functools.partial(storage.prepare_upload, device.id) if prepare else None)
+    return _Parser(q, blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20,
+                   prepare=functools.partial(storage.prepare_upload, device.id) if prepare else None)
+
+
+def _receive(body: bytes, storage, blobs, device, tmp_path, prepare=True):
+    parser = _parser(body, storage, blobs, device, tmp_path, prepare)
     parser.run()
     received = parser.result.result()
     received.size = len(body)
@@ -63,6 +68,14 @@ def _idle(storage) -> bool:
         if ok:
             sem.release()
     return all(got) and storage._pool.get_stats().get("requests_waiting", 0) == 0
+
+
+def _wait_idle(storage) -> None:
+    """Until every early transaction has ended (a rollback runs on the transaction's own thread)."""
+    deadline = time.monotonic() + 10
+    while not _idle(storage) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _idle(storage)
 
 
 def test_the_early_transaction_commits_what_the_usual_one_stores(scaled, tmp_path, monkeypatch):
@@ -105,19 +118,11 @@ def test_a_refused_upload_leaves_nothing_of_its_early_transaction(scaled, tmp_pa
     at = bad.index(b'"width": 32')
     bad = bad[:at] + b'"width": 33' + bad[at + len(b'"width": 32'):]  # the same length: tar sizes unchanged
     # ...which the index-declared rows carry, so the early transaction inserted a row with width 33
-    q: queue.Queue = queue.Queue()
-    for i in range(0, len(bad), 4096):
-        q.put(bad[i:i + 4096])
-    q.put(None)
-    parser = _Parser(q, blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20,
-                     prepare=functools.partial(storage.prepare_upload, device.id))
+    parser = _parser(bad, storage, blobs, device, tmp_path)
     parser.run()
     exc = parser.result.exception()
     assert isinstance(exc, UploadRejected) and exc.status == 400 and "is 32x32, the index says 33x32" in exc.detail
-    deadline = time.monotonic() + 10  # the rollback runs on the transaction's own thread
-    while not _idle(storage) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _idle(storage)
+    _wait_idle(storage)
     assert _stored(storage, device.id) == ([], [], [])
     assert not [k for k in blobs.objects() if "/packs/" in k]  # the early PUT deleted too
 
@@ -191,10 +196,7 @@ def test_an_upload_received_but_never_committed_gives_everything_back(scaled, tm
     assert received.prepared is not None and received.pack_put.result(timeout=30) is None
     assert [k for k in blobs.objects() if "/packs/" in k]  # put while it arrived
     release(received)
-    deadline = time.monotonic() + 10  # the rollback runs on the transaction's own thread
-    while not _idle(storage) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _idle(storage)
+    _wait_idle(storage)
     assert _stored(storage, device.id) == ([], [], [])
     assert not [k for k in blobs.objects() if "/packs/" in k]
     assert not received.pack.exists()
@@ -205,19 +207,10 @@ def test_a_request_cancelled_while_its_upload_is_checked_gives_everything_back(s
     """The answer's future is cancelled (the client went away) before the parser finishes: the
     parser gives back what the finished upload would have held, as release() does."""
     storage, blobs, device = scaled
-    body = build_upload_archive(jpeg_frames(3))
-    q: queue.Queue = queue.Queue()
-    for i in range(0, len(body), 4096):
-        q.put(body[i:i + 4096])
-    q.put(None)
-    parser = _Parser(q, blobs, tmp_path / "spool", max_frames=64, max_frame_bytes=1 << 20,
-                     prepare=functools.partial(storage.prepare_upload, device.id))
+    parser = _parser(build_upload_archive(jpeg_frames(3)), storage, blobs, device, tmp_path)
     assert parser.result.cancel()  # as asyncio.wrap_future does when the awaiting request is cancelled
     parser.run()
-    deadline = time.monotonic() + 10
-    while not _idle(storage) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _idle(storage)
+    _wait_idle(storage)
     assert _stored(storage, device.id) == ([], [], [])
     assert not [k for k in blobs.objects() if "/packs/" in k]
     assert not list((tmp_path / "spool").iterdir())
