@@ -1,6 +1,7 @@
 """The window path, under a virtual X server (Debian's xvfb): read the screen's pixels back."""
 import json
 import os
+import select
 import shutil
 import signal
 import struct
@@ -37,32 +38,51 @@ def read_xwd(path) -> np.ndarray:
     return np.stack(out, axis=-1)
 
 
+def _start_xvfb(fbdir) -> tuple[subprocess.Popen, str]:
+    """Xvfb on a display number it picks free itself (-displayfd), never one another X server on
+    this machine has: a fixed number could land the window on someone else's screen."""
+    read_end, write_end = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "320x240x24", "-fbdir", str(fbdir),
+                             "-nolisten", "tcp"], pass_fds=(write_end,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    number = b""
+    deadline = time.time() + 30
+    try:
+        while not number.endswith(b"\n") and time.time() < deadline:
+            if select.select([read_end], [], [], 0.5)[0]:
+                chunk = os.read(read_end, 16)
+                if not chunk:
+                    break
+                number += chunk
+    finally:
+        os.close(read_end)
+    if not number.strip().isdigit():
+        xvfb.kill()
+        pytest.fail(f"Xvfb did not start (it said {number!r})")
+    return xvfb, f":{number.strip().decode()}"
+
+
 def test_window_shows_the_overlay_on_a_display(toy, tmp_path):
-    display = f":{90 + os.getpid() % 9}"
     fbdir = tmp_path / "fb"
     fbdir.mkdir()
-    xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "320x240x24", "-fbdir", str(fbdir), "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    xvfb, display = _start_xvfb(fbdir)
     device = None
     try:
         screen = fbdir / "Xvfb_screen0"
-        for _ in range(100):
-            if screen.exists():
-                break
-            time.sleep(0.05)
-        assert screen.exists(), "Xvfb did not start"
+        assert screen.exists(), "Xvfb did not write its screen file"
         images = tmp_path / "images"
         images.mkdir()
         cv2.imwrite(str(images / "gray.png"), np.full((120, 160, 3), 64, np.uint8))
         env = dict(os.environ, PYTHONPATH=str(ROOT), DISPLAY=display, QT_QPA_PLATFORM="xcb")
         device = subprocess.Popen([sys.executable, "-m", "hmd", "device", "--model", str(toy("win")), "--source",
                                    f"images:{images}", "--loop", "--fps", "20", "--mode", "colour",
-                                   "--duration", "60", "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   "--duration", "120", "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         # toy colour of gray 64 = RGB (64, 191, 128): wait until the window shows it
         target = np.array([64, 191, 128])
         found = 0
-        deadline = time.time() + 30
+        deadline = time.time() + 60  # a loaded machine: the headset process imports for a while
         while time.time() < deadline and device.poll() is None:
             pixels = read_xwd(screen).astype(int)
             found = int((np.abs(pixels - target).max(axis=2) <= 2).sum())
