@@ -522,15 +522,7 @@ class _Parser:
             rows.append(FrameRow(f.sha256, w, h, meta, meta_json=meta_json))
             if not self.packing and self.tmps[at] is not None:
                 temps.append((f.sha256, self.tmps[at]))  # type: ignore[arg-type]
-        pack_rows: list[tuple[str, int, int]] = []
-        if self.pack is not None:
-            seen: set[str] = set()
-            for sha, offset, size in zip(shas, self.offsets, sizes):
-                if sha not in seen:  # a frame sent twice: located at its first copy
-                    seen.add(sha)
-                    pack_rows.append((sha, offset, size))
-            if self.index_row is not None:
-                pack_rows.append(self.index_row)
+        pack_rows = _pack_rows(shas, self.offsets, sizes, self.index_row) if self.pack is not None else []
         received = Received(index, index_bytes, rows, temps, pack=self.pack, pack_rows=pack_rows,
                             pack_synced=self.sync_pack, pack_put=self.pack_put, prepared=self.prepared,
                             pack_upload=self.pack_upload)
@@ -693,22 +685,30 @@ def release(received: Received) -> None:
         received.pack.unlink(missing_ok=True)
 
 
-def _declared_locations(blobs: BlobStore, pack: str, index: UploadIndex, names: dict[str, int], offsets: list[int],
-                        sizes: list[int], index_row: tuple[str, int, int] | None) -> list[tuple[str, str, int, int]] | None:
+def _pack_rows(shas: list[str], offsets: list[int], sizes: list[int],
+               index_row: tuple[str, int, int] | None) -> list[tuple[str, int, int]]:
+    """(sha256, offset, length) of each blob in a pack, members in archive order (a frame sent
+    twice is located at its first copy), the index last."""
+    rows, seen = [], set()
+    for sha, offset, size in zip(shas, offsets, sizes):
+        if sha not in seen:
+            seen.add(sha)
+            rows.append((sha, offset, size))
+    if index_row is not None:
+        rows.append(index_row)
+    return rows
+
+
+def _declared_locations(blobs: BlobStore, pack: str, index: UploadIndex, names: dict[str, int],
+                        offsets: list[int], sizes: list[int],
+                        index_row: tuple[str, int, int] | None) -> list[tuple[str, str, int, int]] | None:
     """Where a pack holds each blob, by the sha256 the index declares for each member (what
     :meth:`_Parser._validate` finds for a valid upload); None if a member is not in the index."""
     declared = {f.file: f.sha256 for f in index.frames}
     by_position = sorted(names, key=names.__getitem__)
     if not all(name in declared for name in by_position):
         return None
-    rows, seen = [], set()
-    for name, offset, size in zip(by_position, offsets, sizes):
-        sha = declared[name]
-        if sha not in seen:
-            seen.add(sha)
-            rows.append((sha, offset, size))
-    if index_row is not None:
-        rows.append(index_row)
+    rows = _pack_rows([declared[name] for name in by_position], offsets, sizes, index_row)
     return blobs.pack_locations(pack, rows)  # type: ignore[attr-defined]
 
 

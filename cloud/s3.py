@@ -16,8 +16,8 @@ is still arriving (:meth:`S3BlobStore.pack_upload`, :class:`PackUpload`): a pack
 its first frame arrives (``PREFIX/packs/<64 random hex digits>``: its bytes are not hashed as a
 whole, each frame in it is, against the upload's index), a pack that reaches
 :data:`MULTIPART_BYTES` goes up in parts of :data:`PART_BYTES` as they fill (a multipart upload),
-the rest when the last frame has arrived (a smaller pack: one PUT then), and the object is deleted (or the multipart upload aborted) if the
-upload is then refused. Blobs stored one object each (manifests, models, and frames stored
+the rest when the last frame has arrived (a smaller pack: one PUT then), and the object is
+deleted (or the multipart upload aborted) if the upload is then refused. Blobs stored one object each (manifests, models, and frames stored
 before packing) are read as before: a blob with no pack location is looked up under its own key.
 """
 from __future__ import annotations
@@ -39,9 +39,10 @@ from shared.hashing import sha256_file
 PUT_THREADS = 8  # one request per object: several in flight hide the round trips
 PACK_IN_MEMORY = 8 * 1024 * 1024  # a larger pack is put from a temporary file
 # a pack that reaches MULTIPART_BYTES (the default of setting s3_multipart_mb) is put in parts of
-# PART_BYTES while it arrives (S3: parts >= 5 MiB); a smaller one in one PUT when complete. Not smaller: with the S3 server on the same two cores, parts
-# cost it more CPU than one PUT (a copy of the whole object when it is completed), and `hmd bench
-# cloud` at 48 MB fell from 0.536 to 0.499 with 8 MiB parts (README, "Running at scale")
+# PART_BYTES while it arrives (S3: parts >= 5 MiB); a smaller one in one PUT when complete. Not
+# smaller: with the S3 server on the same two cores, parts cost it more CPU than one PUT (a copy of
+# the whole object when it is completed); at 48 MB the upload ratio fell from 0.557 to 0.517 with
+# parts from the first 8 MiB (scripts/ab_upload.py; README, "Running at scale")
 MULTIPART_BYTES = 64 * 1024 * 1024
 PART_BYTES = 8 * 1024 * 1024
 
@@ -266,10 +267,11 @@ class S3BlobStore:
 
 class PackUpload:
     """An upload's pack, put while the ingest writes it to a spool file: once it reaches the
-    store's ``multipart_bytes`` (:data:`MULTIPART_BYTES`; setting ``s3_multipart_mb``), every :data:`PART_BYTES` written go up as one part of a multipart
-    upload at once (``written``), the rest when the pack is complete (``finish``; ``done`` is set
-    when the object is stored); a smaller pack is one PUT at ``finish``. ``discard`` removes whatever was put (an upload refused, or
-    a repeat). The requests run on the caller's executor; the multipart upload is completed from
+    store's ``multipart_bytes`` (:data:`MULTIPART_BYTES`; setting ``s3_multipart_mb``), every
+    :data:`PART_BYTES` written go up as one part of a multipart upload at once (``written``), the
+    rest when the pack is complete (``finish``; ``done`` is set when the object is stored); a
+    smaller pack is one PUT at ``finish``. ``discard`` removes whatever was put (an upload refused,
+    or a repeat). The requests run on the caller's executor; the multipart upload is completed from
     the last part's callback, so no executor thread ever waits for another."""
 
     def __init__(self, store: S3BlobStore, path: Path, submit: Callable[..., concurrent.futures.Future]):
@@ -292,8 +294,8 @@ class PackUpload:
         return len(self._parts)
 
     def written(self, size: int) -> None:
-        """The spool file holds ``size`` bytes (flushed): once it reaches MULTIPART_BYTES, start a
-        part for each full one."""
+        """The spool file holds ``size`` bytes (flushed): once it reaches the multipart size, start
+        a part for each full one."""
         if self._upload_id is None and size < self.store.multipart_bytes:
             return
         while size - self._sent >= PART_BYTES and not self._closed:

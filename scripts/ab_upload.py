@@ -86,9 +86,9 @@ def main() -> None:
     summary = {}
     for name, rs in runs.items():
         ratios = [r["upload/decode-ceiling"] for r in rs]
+        cpu = {k: [r["cpu_s_per_upload"][k] for r in rs] for k in rs[0]["cpu_s_per_upload"]}
         summary[name] = {"setting": variants[name], "upload/decode-ceiling": ratios,
-                         "mean": round(statistics.mean(ratios), 3),
-                         "cpu_s_per_upload": {k: [r["cpu_s_per_upload"][k] for r in rs] for k in rs[0]["cpu_s_per_upload"]}}
+                         "mean": round(statistics.mean(ratios), 3), "cpu_s_per_upload": cpu}
     print(json.dumps({"mb": args.mb, "uploads": args.uploads, "pairs": args.pairs, **summary}))
 
 
