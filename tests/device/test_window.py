@@ -90,7 +90,12 @@ def test_window_shows_the_overlay_on_a_display(toy, tmp_path):
                 break
             time.sleep(0.2)
         assert device.poll() is None, device.stderr.read()
-        assert found >= 100 * 140, f"only {found} pixels of the overlay colour on screen"
+        if found < 100 * 140:  # say what the headset saw: its summary and log
+            device.send_signal(signal.SIGTERM)
+            out, err = device.communicate(timeout=20)
+            colours = np.unique(read_xwd(screen).reshape(-1, 3), axis=0)[:8].tolist()
+            pytest.fail(f"only {found} pixels of the overlay colour on screen (screen colours {colours}); "
+                        f"headset stdout {out[-1500:]!r}, stderr {err[-1500:]!r}")
         device.send_signal(signal.SIGTERM)  # ends the run cleanly: summary, exit 0
         out, err = device.communicate(timeout=20)
         assert device.returncode == 0, err
